@@ -1,0 +1,3 @@
+from mergecli.cli import main
+
+main()

@@ -1,0 +1,65 @@
+"""Artifacts that hold several task models at once (FlexMerge, EMR, TALL masks).
+
+Each kind registers an opener; ``open_artifact`` finds the kind of a folder, and every kind
+answers the same questions, so ``export`` and serving never branch on the kind.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from mergecli.errors import MergeError, did_you_mean
+
+
+class Artifact(Protocol):
+    """A folder that reconstructs a standard checkpoint per task."""
+
+    path: Path
+
+    def task_names(self) -> list[str]: ...
+    def tensor_names(self) -> list[str]: ...
+    def tensor_spec(self, name: str) -> tuple[tuple[int, ...], torch.dtype]: ...
+    def task_tensor(self, task: str, name: str) -> torch.Tensor: ...
+    def model_files(self) -> Path:
+        """The folder holding config and tokenizer files to copy into an export."""
+        ...
+
+
+Opener = Callable[[Path], "Artifact | None"]
+_OPENERS: list[Opener] = []
+
+
+def register_artifact(opener: Opener) -> Opener:
+    """Register a function that opens a folder of its kind, or returns None."""
+    _OPENERS.append(opener)
+    return opener
+
+
+def open_artifact(path: str | Path) -> Artifact:
+    path = Path(path)
+    if not path.is_dir():
+        raise MergeError(f"artifact '{path}' is not a folder")
+    for opener in _OPENERS:
+        artifact = opener(path)
+        if artifact is not None:
+            return artifact
+    raise MergeError(f"'{path}' is not a mergecli artifact (no flex.json or artifact.json)")
+
+
+def check_task(artifact: Artifact, task: str) -> None:
+    names = artifact.task_names()
+    if task not in names:
+        raise MergeError(
+            f"--task: '{task}' is not a task of {artifact.path}{did_you_mean(task, names)}; "
+            f"tasks: {', '.join(names)}"
+        )
+
+
+def task_state_dict(artifact: Artifact, task: str) -> dict[str, torch.Tensor]:
+    """One task's full state dict, in memory."""
+    check_task(artifact, task)
+    return {name: artifact.task_tensor(task, name) for name in artifact.tensor_names()}

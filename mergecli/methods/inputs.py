@@ -1,0 +1,76 @@
+"""What a merging method sees for one tensor: the base, the experts and their task vectors."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+def seed_for(seed: int, expert: int, tensor_name: str) -> int:
+    """A 63-bit seed depending only on the recipe seed, the expert's index and the tensor name."""
+    digest = hashlib.sha256(f"{seed}\x00{expert}\x00{tensor_name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+@dataclass
+class TensorInputs:
+    """The inputs of one tensor, in the compute dtype on the compute device.
+
+    Experts arrive either as full weights (checkpoints) or as task vectors (adapters); the
+    accessors convert on demand and cache. The engine owns these tensors: a method may read
+    them but must not modify the tensors the accessors return.
+    """
+
+    name: str
+    base: torch.Tensor | None
+    expert_weights: list[torch.Tensor | None]
+    expert_deltas: list[torch.Tensor | None]
+    seed: int = 0
+    layer: int | None = None
+    num_layers: int = 0
+    stats: dict[str, Any] = field(default_factory=dict)
+    kept: list[float | None] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.kept:
+            self.kept = [None] * len(self.expert_weights)
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.expert_weights)
+
+    def task_vectors(self) -> list[torch.Tensor]:
+        """τt = θt − θ0 for every expert (computed in place from the expert weights once)."""
+        if self.base is None:
+            raise ValueError(f"{self.name}: task vectors need a base model")
+        for t, delta in enumerate(self.expert_deltas):
+            if delta is None:
+                weight = self.expert_weights[t]
+                assert weight is not None
+                self.expert_deltas[t] = weight.sub_(self.base)
+                self.expert_weights[t] = None
+        return [d for d in self.expert_deltas if d is not None]
+
+    def weights(self) -> list[torch.Tensor]:
+        """θt for every expert (recomputed as θ0 + τt where only the task vector is held)."""
+        for t, weight in enumerate(self.expert_weights):
+            if weight is None:
+                delta = self.expert_deltas[t]
+                assert delta is not None and self.base is not None
+                self.expert_weights[t] = self.base + delta
+        return [w for w in self.expert_weights if w is not None]
+
+    def generator(self, expert: int) -> torch.Generator:
+        """A CPU generator seeded by (recipe seed, expert index, tensor name)."""
+        return torch.Generator(device="cpu").manual_seed(seed_for(self.seed, expert, self.name))
+
+    def bernoulli_mask(self, expert: int, keep: float | torch.Tensor) -> torch.Tensor:
+        """A keep-mask drawn on the CPU (device independent), on the inputs' device."""
+        ref = self.base if self.base is not None else self.weights()[0]
+        uniform = torch.rand(ref.shape, generator=self.generator(expert), dtype=torch.float64)
+        if isinstance(keep, torch.Tensor):
+            keep = keep.to("cpu", torch.float64)
+        return (uniform < keep).to(ref.device)

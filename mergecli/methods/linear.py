@@ -1,0 +1,72 @@
+"""Weight averaging and task arithmetic, with their DARE variant."""
+
+from __future__ import annotations
+
+import torch
+
+from mergecli.errors import MergeError
+from mergecli.methods.inputs import TensorInputs
+from mergecli.methods.registry import Param, Params, merge_method
+from mergecli.methods.sparsify import dare_drop
+
+WEIGHT = Param("weight", 1.0, help="per-model weight wt", per_model=True)
+LAMBDA = Param("lambda", 1.0, help="scaling λ of the merged task vector")
+
+
+def weighted_sum(
+    tensors: list[torch.Tensor], weights: list[float], normalize: bool, name: str
+) -> torch.Tensor:
+    """Σ wt xt, divided by Σ wt when normalize (an error when that sum is 0)."""
+    out = torch.zeros_like(tensors[0])
+    for x, w in zip(tensors, weights, strict=True):
+        out.add_(x, alpha=w)
+    if normalize:
+        total = sum(weights)
+        if total == 0:
+            raise MergeError(f"{name}: the weights sum to 0, cannot normalize")
+        out /= total
+    return out
+
+
+@merge_method(
+    "linear",
+    "θ = Σ wt θt / Σ wt (weight averaging, model soup); normalize: false drops the division",
+    params=(WEIGHT, Param("normalize", True, bool, "divide by Σ wt")),
+    base="unused",
+    convention="A base model, if given, only supplies config, tokenizer and non-float tensors.",
+)
+def linear(inputs: TensorInputs, p: Params) -> torch.Tensor:
+    return weighted_sum(inputs.weights(), p["weight"], p["normalize"], inputs.name)
+
+
+@merge_method(
+    "task_arithmetic",
+    "θ = θ0 + λ Σ wt τt; normalize: true divides the sum by Σ wt",
+    params=(WEIGHT, LAMBDA, Param("normalize", False, bool, "divide the sum by Σ wt")),
+)
+def task_arithmetic(inputs: TensorInputs, p: Params) -> torch.Tensor:
+    merged = weighted_sum(inputs.task_vectors(), p["weight"], p["normalize"], inputs.name)
+    assert inputs.base is not None
+    return inputs.base + p["lambda"] * merged
+
+
+@merge_method(
+    "dare_linear",
+    "DARE: τ̃t = mt ⊙ τt / density with mt ~ Bernoulli(density), then task arithmetic on τ̃",
+    params=(
+        WEIGHT,
+        LAMBDA,
+        Param("density", 0.5, help="keep probability", per_model=True),
+        Param("normalize", False, bool, "divide the sum by Σ wt"),
+        Param("rescale", True, bool, "divide kept entries by density (mergekit's option)"),
+    ),
+    convention="Masks depend only on (seed, expert index, tensor name); drawn on the CPU.",
+)
+def dare_linear(inputs: TensorInputs, p: Params) -> torch.Tensor:
+    dropped = [
+        dare_drop(inputs, t, tv, p["density"][t], p["rescale"])
+        for t, tv in enumerate(inputs.task_vectors())
+    ]
+    merged = weighted_sum(dropped, p["weight"], p["normalize"], inputs.name)
+    assert inputs.base is not None
+    return inputs.base + p["lambda"] * merged

@@ -1,0 +1,119 @@
+"""One registry of merging methods: typed parameter specs and pure tensor functions."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+from mergecli.errors import MergeError, did_you_mean
+
+if TYPE_CHECKING:
+    from mergecli.methods.statistics import Statistic
+
+REQUIRED: Any = object()
+"""Default of a parameter the recipe must give."""
+
+Params = dict[str, Any]
+"""Resolved parameters for one tensor: per-model parameters are lists with one value per expert."""
+
+
+@dataclass(frozen=True)
+class Param:
+    """A recipe parameter of a method."""
+
+    name: str
+    default: Any
+    kind: type = float
+    help: str = ""
+    per_model: bool = False
+    choices: tuple[str, ...] | None = None
+
+    @property
+    def required(self) -> bool:
+        return self.default is REQUIRED
+
+    def coerce(self, value: Any, key: str) -> Any:
+        """Check and convert one resolved scalar value; key names it in the recipe."""
+        if self.choices is not None:
+            if value not in self.choices:
+                raise MergeError(
+                    f"{key}: '{value}' is not one of {', '.join(self.choices)}"
+                    + did_you_mean(str(value), self.choices)
+                )
+            return value
+        if self.kind is bool:
+            if not isinstance(value, bool):
+                raise MergeError(f"{key}: expected true or false, got {value!r}")
+            return value
+        if self.kind in (int, float):
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise MergeError(f"{key}: expected a number, got {value!r}")
+            if self.kind is int and float(value) != int(value):
+                raise MergeError(f"{key}: expected a whole number, got {value!r}")
+            return self.kind(value)
+        if not isinstance(value, self.kind):
+            raise MergeError(f"{key}: expected a {self.kind.__name__}, got {value!r}")
+        return value
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A merging method: its function, parameters and requirements."""
+
+    name: str
+    fn: Callable[..., Any]
+    summary: str
+    params: tuple[Param, ...] = ()
+    base: Literal["required", "optional", "unused"] = "required"
+    """Whether the method needs a base model; "unused": a base only supplies layout and config."""
+    min_models: int = 1
+    max_models: int | None = None
+    convention: str = ""
+    statistics: Callable[[dict[str, Params]], list[Statistic]] | None = None
+    """Builds the whole-model statistics the method needs from every merged tensor's params."""
+    ignored: dict[str, str] = field(default_factory=dict)
+    """Parameters accepted for compatibility and ignored, with the reason shown to the user."""
+
+    def param(self, name: str) -> Param | None:
+        return next((p for p in self.params if p.name == name), None)
+
+    @property
+    def param_names(self) -> list[str]:
+        return [p.name for p in self.params]
+
+
+_REGISTRY: dict[str, MethodSpec] = {}
+
+
+def merge_method(
+    name: str,
+    summary: str,
+    params: tuple[Param, ...] = (),
+    **options: Any,
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Register ``fn(inputs, params) -> merged weights`` as a merging method."""
+
+    def register(fn: Callable[..., Any]) -> Callable[..., Any]:
+        if name in _REGISTRY:
+            raise ValueError(f"merging method {name!r} registered twice")
+        _REGISTRY[name] = MethodSpec(name=name, fn=fn, summary=summary, params=params, **options)
+        return fn
+
+    return register
+
+
+def get_method(name: str) -> MethodSpec:
+    """The registered method called ``name``; MergeError with a suggestion otherwise."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise MergeError(
+            f"merge_method: unknown method '{name}'{did_you_mean(name, _REGISTRY)}; "
+            "'mergecli methods' lists them"
+        ) from None
+
+
+def list_methods() -> list[MethodSpec]:
+    """Every registered method, in registration order."""
+    return list(_REGISTRY.values())

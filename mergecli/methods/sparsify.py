@@ -1,0 +1,74 @@
+"""Shared pieces of the sparsifying methods: magnitude trim, DARE drop, TIES election."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from mergecli.methods.inputs import TensorInputs
+from mergecli.methods.statistics import kth_rank
+
+
+def tensor_threshold(tv: torch.Tensor, density: float) -> float:
+    """k-th largest ``abs(tv)`` with k = ceil(density · n); +inf when k = 0."""
+    n = tv.numel()
+    k = kth_rank(density, n)
+    if k == 0:
+        return float("inf")
+    return float(torch.kthvalue(tv.abs().reshape(-1).cpu(), n - k + 1).values)
+
+
+def magnitude_trim(tv: torch.Tensor, threshold: float) -> torch.Tensor:
+    """τ ⊙ [abs(τ) ≥ κ]: entries tied with the threshold are kept."""
+    return tv * (tv.abs() >= threshold)
+
+
+def dare_drop(
+    inputs: TensorInputs, t: int, tv: torch.Tensor, density: float, rescale: bool = True
+) -> torch.Tensor:
+    """m ⊙ τ / density with m ~ Bernoulli(density), seeded per (seed, expert, tensor).
+
+    Records the fraction of entries the mask keeps in ``inputs.kept``.
+    """
+    mask = inputs.bernoulli_mask(t, density)
+    inputs.kept[t] = float(mask.sum()) / max(mask.numel(), 1)
+    kept = tv * mask
+    return kept / density if rescale and density > 0 else kept
+
+
+def elect_sign(trimmed: Sequence[torch.Tensor], sign: str) -> torch.Tensor:
+    """γ = sign(Σ τ̂t) (``mass``) or sign(Σ sign(τ̂t)) (``count``); zeros elect +1."""
+    total = torch.zeros_like(trimmed[0])
+    for tv in trimmed:
+        total += tv if sign == "mass" else torch.sign(tv)
+    return torch.where(total >= 0, 1.0, -1.0).to(total.dtype)
+
+
+def disjoint_merge(
+    inputs: TensorInputs,
+    trimmed: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    gamma: torch.Tensor,
+    merge_func: str,
+) -> torch.Tensor:
+    """Combine the entries that agree with γ: weighted mean, weighted sum or signed max.
+
+    Records, per expert, the fraction of entries that contribute in ``inputs.kept``.
+    """
+    out = torch.zeros_like(gamma)
+    norm = torch.zeros_like(gamma) if merge_func == "mean" else None
+    for t, (tv, w) in enumerate(zip(trimmed, weights, strict=True)):
+        agree = (tv != 0) & (torch.sign(tv) == gamma)
+        inputs.kept[t] = float(agree.sum()) / max(tv.numel(), 1)
+        if merge_func == "max":
+            torch.maximum(out, tv.abs() * agree, out=out)
+            continue
+        out += tv * agree * w
+        if norm is not None:
+            norm += agree * w
+    if merge_func == "max":
+        return out * gamma
+    if norm is not None:
+        out = torch.where(norm != 0, out / torch.where(norm != 0, norm, 1.0), 0.0)
+    return out

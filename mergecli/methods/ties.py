@@ -1,0 +1,105 @@
+"""TIES-merging (trim, elect sign, disjoint merge) and DARE-TIES."""
+
+from __future__ import annotations
+
+import torch
+
+from mergecli.errors import MergeError
+from mergecli.methods.inputs import TensorInputs
+from mergecli.methods.linear import LAMBDA, WEIGHT
+from mergecli.methods.registry import Param, Params, merge_method
+from mergecli.methods.sparsify import (
+    dare_drop,
+    disjoint_merge,
+    elect_sign,
+    magnitude_trim,
+    tensor_threshold,
+)
+from mergecli.methods.statistics import KthLargestMagnitude, Statistic
+
+THRESHOLDS = "ties.thresholds"
+
+MERGE_FUNC = Param("merge_func", "mean", str, "disjoint merge", choices=("mean", "sum", "max"))
+SIGN = Param("sign", "mass", str, "sign election: Σ τ̂t or Σ sign(τ̂t)", choices=("mass", "count"))
+NORMALIZE = Param(
+    "normalize", True, bool, "mergekit compatibility: false turns merge_func mean into sum"
+)
+MERGEKIT_IGNORED = {"int8_mask": "a mergekit memory option that mergecli does not need"}
+
+
+def elect_and_merge(inputs: TensorInputs, trimmed: list[torch.Tensor], p: Params) -> torch.Tensor:
+    """θ0 + λ · disjoint merge of the trimmed task vectors around the elected sign."""
+    merge_func = "sum" if p["merge_func"] == "mean" and not p["normalize"] else p["merge_func"]
+    gamma = elect_sign(trimmed, p["sign"])
+    merged = disjoint_merge(inputs, trimmed, p["weight"], gamma, merge_func)
+    assert inputs.base is not None
+    return inputs.base + p["lambda"] * merged
+
+
+def model_scope_thresholds(params_by_tensor: dict[str, Params]) -> list[Statistic]:
+    """The exact model-scope top-k thresholds, when any tensor uses scope: model."""
+    scoped = {name: p for name, p in params_by_tensor.items() if p["scope"] == "model"}
+    if not scoped:
+        return []
+    densities = {tuple(p["density"]) for p in scoped.values()}
+    if len(densities) > 1:
+        raise MergeError(
+            "parameters.density: scope: model needs one density per expert for the whole model, "
+            "but it varies across tensors (use scope: tensor for per-layer densities)"
+        )
+    return [KthLargestMagnitude(THRESHOLDS, list(densities.pop()))]
+
+
+@merge_method(
+    "ties",
+    "TIES: keep the top density of abs(τt), elect γ = sign(Σ τ̂t), average the entries that "
+    "agree with γ; θ = θ0 + λ τm",
+    params=(
+        WEIGHT,
+        Param("density", 0.2, help="fraction of entries kept by magnitude", per_model=True),
+        LAMBDA,
+        Param("scope", "model", str, "where the top-k is taken", choices=("model", "tensor")),
+        MERGE_FUNC,
+        SIGN,
+        NORMALIZE,
+    ),
+    statistics=model_scope_thresholds,
+    ignored=MERGEKIT_IGNORED,
+    convention=(
+        "scope: model (original TIES code) is the default; mergekit and peft trim per tensor "
+        "(scope: tensor). k = ceil(density·n); entries equal to the k-th magnitude are kept; "
+        "the election uses unweighted trimmed vectors; a zero sum elects +1."
+    ),
+)
+def ties(inputs: TensorInputs, p: Params) -> torch.Tensor:
+    tvs = inputs.task_vectors()
+    if p["scope"] == "model":
+        thresholds = inputs.stats[THRESHOLDS]
+    else:
+        thresholds = [tensor_threshold(tv, d) for tv, d in zip(tvs, p["density"], strict=True)]
+    trimmed = [magnitude_trim(tv, k) for tv, k in zip(tvs, thresholds, strict=True)]
+    return elect_and_merge(inputs, trimmed, p)
+
+
+@merge_method(
+    "dare_ties",
+    "DARE masks (keep with probability density, rescale by 1/density), then TIES election and "
+    "disjoint merge on τ̃ (no magnitude trim)",
+    params=(
+        WEIGHT,
+        Param("density", 0.5, help="keep probability", per_model=True),
+        LAMBDA,
+        MERGE_FUNC,
+        SIGN,
+        NORMALIZE,
+        Param("rescale", True, bool, "divide kept entries by density (mergekit's option)"),
+    ),
+    ignored=MERGEKIT_IGNORED,
+    convention="Masks depend only on (seed, expert index, tensor name); drawn on the CPU.",
+)
+def dare_ties(inputs: TensorInputs, p: Params) -> torch.Tensor:
+    dropped = [
+        dare_drop(inputs, t, tv, p["density"][t], p["rescale"])
+        for t, tv in enumerate(inputs.task_vectors())
+    ]
+    return elect_and_merge(inputs, dropped, p)

@@ -1,0 +1,133 @@
+"""The YAML recipe: a superset of mergekit's basic schema, validated before any tensor is read."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from mergecli.errors import MergeError, did_you_mean
+from mergecli.params import check_value
+
+DTYPES = ("float32", "float64", "bfloat16", "float16")
+DTYPE_ALIASES = {
+    "fp32": "float32",
+    "fp16": "float16",
+    "bf16": "bfloat16",
+    "fp64": "float64",
+    "half": "float16",
+    "float": "float32",
+    "double": "float64",
+}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class ModelEntry(_Strict):
+    """One expert: a checkpoint folder, its name and per-model parameters."""
+
+    model: str
+    name: str | None = None
+    parameters: dict[str, Any] = Field(default_factory=dict)
+
+
+class Recipe(_Strict):
+    """A merge recipe. Relative paths are resolved against the recipe's folder (then the cwd)."""
+
+    merge_method: str
+    models: list[ModelEntry] = Field(min_length=1)
+    base_model: str | None = None
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    dtype: str = "float32"
+    out_dtype: str | None = None
+    tokenizer_source: str | None = None
+    seed: int = 0
+    output: str | None = None
+    on_missing: Literal["error", "base"] = "error"
+    allow_bin: bool = False
+    folder: Path = Field(default_factory=Path.cwd, exclude=True)
+
+    def resolve_path(self, value: str) -> Path:
+        """A recipe path: relative to the recipe's folder, else to the cwd, else as given."""
+        path = Path(value).expanduser()
+        if path.is_absolute():
+            return path
+        for root in (self.folder, Path.cwd()):
+            if (root / path).exists():
+                return (root / path).resolve()
+        return self.folder / path
+
+    def model_name(self, index: int) -> str:
+        """The expert's task name: ``models[i].name`` or the folder's name."""
+        entry = self.models[index]
+        return entry.name or Path(entry.model.rstrip("/")).name
+
+
+def _location(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _fields_at(loc: tuple[Any, ...]) -> list[str]:
+    model: type[BaseModel] = Recipe
+    for part in loc:
+        if part == "models":
+            model = ModelEntry
+    return [n for n in model.model_fields if n != "folder"]
+
+
+def recipe_from_dict(data: Any, folder: Path | None = None, source: str = "recipe") -> Recipe:
+    """Validate a recipe mapping; one-line MergeError naming the key on any problem."""
+    if not isinstance(data, dict):
+        raise MergeError(f"{source}: a recipe is a mapping of keys (merge_method, models, ...)")
+    if "slices" in data:
+        raise MergeError(f"{source}: 'slices' (layer-stacking merges) are not supported")
+    try:
+        recipe = Recipe.model_validate({**data, "folder": folder or Path.cwd()})
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = tuple(err["loc"])
+        where = _location(loc)
+        if err["type"] == "extra_forbidden":
+            key = str(loc[-1])
+            hint = did_you_mean(key, _fields_at(loc[:-1]))
+            raise MergeError(f"{source}: unknown key '{where}'{hint}") from None
+        if err["type"] == "missing":
+            raise MergeError(f"{source}: missing required key '{where}'") from None
+        raise MergeError(f"{source}: {where}: {err['msg']}") from None
+    for key, value in recipe.parameters.items():
+        check_value(value, f"{source}: parameters.{key}")
+    for i, entry in enumerate(recipe.models):
+        for key, value in entry.parameters.items():
+            check_value(value, f"{source}: models[{i}].parameters.{key}")
+    for key in ("dtype", "out_dtype"):
+        value = getattr(recipe, key)
+        if value is None:
+            continue
+        value = DTYPE_ALIASES.get(value, value)
+        if value not in DTYPES:
+            raise MergeError(
+                f"{source}: {key}: unknown dtype '{value}'{did_you_mean(value, DTYPES)}"
+            )
+        setattr(recipe, key, value)
+    return recipe
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read and validate a YAML recipe file."""
+    path = Path(path)
+    if not path.is_file():
+        raise MergeError(f"recipe '{path}' does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise MergeError(f"{path}: invalid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    return recipe_from_dict(data, path.parent.resolve(), str(path))

@@ -1,0 +1,96 @@
+"""Merge reports (JSON and Markdown) and the output's model card."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+if TYPE_CHECKING:
+    from mergecli.engine.plan import MergePlan
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    raise AssertionError("unreachable")
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "–"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def markdown_report(report: dict[str, Any]) -> str:
+    """The human-readable merge report."""
+    timing, totals = report["timing"], report["totals"]
+    lines = [
+        f"# Merge report: `{report['method']}`",
+        "",
+        "| input | path | size | fingerprint |",
+        "|---|---|---|---|",
+        *(
+            f"| {i['role']} | `{i['path']}` | {human_bytes(i['bytes'])} | `{i['fingerprint']}` |"
+            for i in report["inputs"]
+        ),
+        "",
+        f"Wall time {timing['wall_s']:.2f} s (busy: read {timing['read_s']:.2f} s, compute "
+        f"{timing['compute_s']:.2f} s, write {timing['write_s']:.2f} s); read "
+        f"{human_bytes(report['bytes_read'])}, wrote {human_bytes(report['bytes_written'])}, "
+        f"peak resident memory {human_bytes(report['peak_rss_bytes'])}, device "
+        f"{report['device']}.",
+        "",
+    ]
+    experts = [i["role"] for i in report["inputs"] if i["role"] != "base"]
+    if "task_vector_norm" in totals:
+        lines += [
+            "| expert | ‖τ‖ | cos(τ, Δ) | kept | sign agreement |",
+            "|---|---|---|---|---|",
+            *(
+                f"| {name} | {_fmt(totals['task_vector_norm'][t])} | "
+                f"{_fmt(totals['cosine_to_delta'][t])} | {_fmt(totals['kept'][t])} | "
+                f"{_fmt(totals['sign_agreement'][t])} |"
+                for t, name in enumerate(experts)
+            ),
+            "",
+            f"‖Δ‖ of the merged delta: {_fmt(totals['delta_norm'])} over "
+            f"{totals['merged_parameters']} parameters in {totals['merged_tensors']} tensors.",
+            "",
+        ]
+    if report["plan"]["warnings"]:
+        lines += ["## Warnings", "", *(f"- {w}" for w in report["plan"]["warnings"]), ""]
+    lines += [
+        "## Recipe",
+        "",
+        "```yaml",
+        yaml.safe_dump(report["recipe"], sort_keys=False).strip(),
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_reports(folder: Path, report: dict[str, Any]) -> None:
+    (folder / "merge_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (folder / "merge_report.md").write_text(markdown_report(report))
+
+
+def model_card(plan: MergePlan) -> str:
+    """README.md with Hugging Face metadata: base_model, tags and the recipe."""
+    recipe = plan.recipe.model_dump(mode="json", exclude={"folder"}, exclude_none=True)
+    meta: dict[str, Any] = {"library_name": "transformers", "tags": ["merge", "mergecli"]}
+    if plan.recipe.base_model:
+        meta["base_model"] = plan.recipe.base_model
+    models = "\n".join(f"- `{m.model}`" for m in plan.recipe.models)
+    return (
+        f"---\n{yaml.safe_dump(meta, sort_keys=False)}---\n\n"
+        f"# Merged model\n\nThis model was merged with mergecli "
+        f"using `{plan.method.name}`: {plan.method.summary}.\n\n"
+        f"Base model: `{plan.recipe.base_model or 'none'}`\n\nExperts:\n{models}\n\n"
+        f"## Recipe\n\n```yaml\n{yaml.safe_dump(recipe, sort_keys=False)}```\n"
+    )

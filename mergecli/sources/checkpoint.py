@@ -1,0 +1,163 @@
+"""Lazy access to a local Hugging Face checkpoint folder, tensor by tensor."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from mergecli.errors import MergeError
+
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+DTYPE_CODES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+
+CONFIG_FILES = ("config.json", "generation_config.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+)
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """What a header says of one tensor."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    file: Path
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+
+class Checkpoint:
+    """A folder with ``*.safetensors`` shards (optionally indexed), read lazily.
+
+    Only headers are read on construction; ``read`` returns one tensor. ``.bin`` (pickle)
+    shards are refused unless ``allow_bin``, and then loaded with ``weights_only=True`` and mmap.
+    """
+
+    delta = False
+    """Whether ``read`` returns task vectors (adapters) rather than weights."""
+
+    def __init__(self, path: Path, label: str, allow_bin: bool = False) -> None:
+        self.path = path
+        self.label = label
+        if not path.is_dir():
+            raise MergeError(f"{label}: '{path}' is not a folder")
+        self.files = self._weight_files(allow_bin)
+        self._handles: dict[Path, Any] = {}
+        self._infos: dict[str, TensorInfo] = {}
+        for file in self.files:
+            self._read_header(file)
+
+    def _weight_files(self, allow_bin: bool) -> list[Path]:
+        index = self.path / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = [self.path / f for f in dict.fromkeys(weight_map.values())]
+            missing = [f.name for f in files if not f.is_file()]
+            if missing:
+                raise MergeError(f"{self.label}: {index} names missing shard {missing[0]}")
+            return files
+        files = sorted(self.path.glob("*.safetensors"))
+        if files:
+            return files
+        bins = sorted(self.path.glob("*.bin"))
+        if bins and not allow_bin:
+            raise MergeError(
+                f"{self.label}: '{self.path}' holds only pickle (.bin) weights; convert them to "
+                "safetensors or opt in with allow_bin: true (loaded with weights_only=True)"
+            )
+        if bins:
+            return bins
+        raise MergeError(f"{self.label}: no *.safetensors weights in '{self.path}'")
+
+    def _read_header(self, file: Path) -> None:
+        if file.suffix == ".bin":
+            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            self._handles[file] = state
+            for name, t in state.items():
+                self._infos[name] = TensorInfo(tuple(t.shape), t.dtype, file)
+            return
+        try:
+            handle = safe_open(str(file), framework="pt", device="cpu")
+        except Exception as exc:  # safetensors raises its own error types
+            raise MergeError(f"{self.label}: cannot read '{file}': {exc}") from None
+        self._handles[file] = handle
+        for name in handle:
+            piece = handle.get_slice(name)
+            code = piece.get_dtype()
+            if code not in SAFETENSORS_DTYPES:
+                raise MergeError(f"{self.label}: tensor '{name}' in {file} has dtype {code}")
+            self._infos[name] = TensorInfo(tuple(piece.get_shape()), SAFETENSORS_DTYPES[code], file)
+
+    def tensor_names(self) -> list[str]:
+        return list(self._infos)
+
+    def info(self, name: str) -> TensorInfo:
+        return self._infos[name]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._infos
+
+    def read(self, name: str) -> torch.Tensor:
+        """One tensor, on the CPU, in its stored dtype."""
+        handle = self._handles[self._infos[name].file]
+        return handle[name] if isinstance(handle, dict) else handle.get_tensor(name)
+
+    def config(self) -> dict[str, Any] | None:
+        file = self.path / "config.json"
+        if not file.is_file():
+            return None
+        try:
+            return json.loads(file.read_text())
+        except json.JSONDecodeError as exc:
+            raise MergeError(f"{self.label}: {file} is not valid JSON: {exc}") from None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(f.stat().st_size for f in self.files)
+
+    def fingerprint(self) -> str:
+        """A SHA-256 over the shards' names, sizes and headers (cheap; not the whole data)."""
+        digest = hashlib.sha256()
+        for file in self.files:
+            digest.update(file.name.encode())
+            digest.update(str(file.stat().st_size).encode())
+            with file.open("rb") as fh:
+                digest.update(fh.read(1 << 16))
+        return digest.hexdigest()[:16]
