@@ -118,7 +118,7 @@ class Checkpoint:
         except Exception as exc:  # safetensors raises its own error types
             raise MergeError(f"{self.label}: cannot read '{file}': {exc}") from None
         self._handles[file] = handle
-        for name in handle:
+        for name in handle.keys():  # noqa: SIM118  (safe_open is not iterable)
             piece = handle.get_slice(name)
             code = piece.get_dtype()
             if code not in SAFETENSORS_DTYPES:
