@@ -91,7 +91,8 @@ def recipe_from_dict(data: Any, folder: Path | None = None, source: str = "recip
     try:
         recipe = Recipe.model_validate({**data, "folder": folder or Path.cwd()})
     except ValidationError as exc:
-        err = exc.errors()[0]
+        # a misspelt key also makes the right one "missing": report the misspelling first
+        err = min(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")
         loc = tuple(err["loc"])
         where = _location(loc)
         if err["type"] == "extra_forbidden":

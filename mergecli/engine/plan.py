@@ -293,7 +293,7 @@ def plan_merge(recipe: Recipe, device: str = "cpu", shard_size: str | int = "5GB
         notes.append(f"{len(extra)} tensors only in experts are not written (e.g. {extra[0]})")
 
     statistics = (
-        method.statistics({t.name: t.params for t in tensors if t.merge})
+        method.statistics({t.name: t.params for t in tensors if t.merge}, notes.append)
         if method.statistics
         else []
     )

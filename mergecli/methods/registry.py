@@ -70,8 +70,9 @@ class MethodSpec:
     min_models: int = 1
     max_models: int | None = None
     convention: str = ""
-    statistics: Callable[[dict[str, Params]], list[Statistic]] | None = None
-    """Builds the whole-model statistics the method needs from every merged tensor's params."""
+    statistics: Callable[[dict[str, Params], Callable[[str], None]], list[Statistic]] | None = None
+    """Builds the whole-model statistics the method needs from every merged tensor's params
+    (it may adjust those params, and report why through the warning callback)."""
     ignored: dict[str, str] = field(default_factory=dict)
     """Parameters accepted for compatibility and ignored, with the reason shown to the user."""
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
-from mergecli.errors import MergeError
 from mergecli.methods.inputs import TensorInputs
 from mergecli.methods.linear import LAMBDA, WEIGHT
 from mergecli.methods.registry import Param, Params, merge_method
@@ -36,17 +37,23 @@ def elect_and_merge(inputs: TensorInputs, trimmed: list[torch.Tensor], p: Params
     return inputs.base + p["lambda"] * merged
 
 
-def model_scope_thresholds(params_by_tensor: dict[str, Params]) -> list[Statistic]:
-    """The exact model-scope top-k thresholds, when any tensor uses scope: model."""
+def model_scope_thresholds(
+    params_by_tensor: dict[str, Params], warn: Callable[[str], None]
+) -> list[Statistic]:
+    """The exact model-scope top-k thresholds, when any tensor uses scope: model.
+
+    A model-wide top-k needs one density per expert; where densities vary across tensors
+    (mergekit-style gradients or filters) those tensors fall back to scope: tensor, with a warning.
+    """
     scoped = {name: p for name, p in params_by_tensor.items() if p["scope"] == "model"}
-    if not scoped:
-        return []
     densities = {tuple(p["density"]) for p in scoped.values()}
     if len(densities) > 1:
-        raise MergeError(
-            "parameters.density: scope: model needs one density per expert for the whole model, "
-            "but it varies across tensors (use scope: tensor for per-layer densities)"
-        )
+        warn("density varies across tensors, so TIES trims each tensor alone (scope: tensor)")
+        for p in scoped.values():
+            p["scope"] = "tensor"
+        return []
+    if not scoped:
+        return []
     return [KthLargestMagnitude(THRESHOLDS, list(densities.pop()))]
 
 
@@ -68,7 +75,8 @@ def model_scope_thresholds(params_by_tensor: dict[str, Params]) -> list[Statisti
     convention=(
         "scope: model (original TIES code) is the default; mergekit and peft trim per tensor "
         "(scope: tensor). k = ceil(density·n); entries equal to the k-th magnitude are kept; "
-        "the election uses unweighted trimmed vectors; a zero sum elects +1."
+        "the election uses unweighted trimmed vectors; a zero sum elects +1. Densities that vary "
+        "across tensors (gradients, filters) imply scope: tensor."
     ),
 )
 def ties(inputs: TensorInputs, p: Params) -> torch.Tensor:

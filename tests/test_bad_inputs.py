@@ -1,0 +1,230 @@
+"""Every bad input: one clear line naming the key/file/tensor, non-zero exit, no traceback, no
+output left behind."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from tests.conftest import EXPERTS
+from tests.helpers import load_state, run_cli, write_recipe
+
+
+def base_recipe(zoo: Path, out: Path, **changes: object) -> dict:
+    recipe: dict = {
+        "merge_method": "ties",
+        "base_model": str(zoo / "base"),
+        "models": [{"model": str(zoo / n), "parameters": {"density": 0.5}} for n in EXPERTS],
+        "parameters": {"lambda": 1.0},
+        "output": str(out),
+    }
+    recipe.update(changes)
+    return recipe
+
+
+def copy_model(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def rewrite_tensor(folder: Path, name: str, value: torch.Tensor | None) -> None:
+    """Replace (or drop, when value is None) one tensor in whichever shard holds it."""
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    shard = folder / index["weight_map"][name]
+    state = load_state_file(shard)
+    if value is None:
+        del state[name]
+        del index["weight_map"][name]
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    else:
+        state[name] = value
+    save_file(state, shard, metadata={"format": "pt"})
+
+
+def load_state_file(file: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return dict(load_file(file))
+
+
+def assert_clean_failure(result, out: Path, *needles: str) -> None:
+    assert result.exit_code != 0
+    text = result.output
+    assert "Traceback" not in text
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, text
+    for needle in needles:
+        assert needle in text, text
+    assert not out.exists()
+    leftovers = [p for p in out.parent.iterdir() if "mergecli-tmp" in p.name]
+    assert not leftovers
+
+
+CASES = {
+    "unknown key": ({"merge_methd": "ties"}, ["merge_methd", "did you mean 'merge_method'"]),
+    "unknown method": ({"merge_method": "tise"}, ["tise", "did you mean 'ties'"]),
+    "unknown parameter": ({"parameters": {"lamda": 1.0}}, ["lamda", "did you mean 'lambda'"]),
+    "bad choice": ({"parameters": {"scope": "modle"}}, ["scope", "did you mean 'model'"]),
+    "bad value type": ({"parameters": {"lambda": "big"}}, ["parameters.lambda", "number"]),
+    "global param per model": (
+        {"models": [{"model": "x", "parameters": {"lambda": 1}}]},
+        ["models[0].parameters.lambda", "whole merge"],
+    ),
+    "missing path": (
+        {"base_model": "does/not/exist"},
+        ["base_model", "does/not/exist", "does not exist"],
+    ),
+    "bad dtype": ({"dtype": "flaot16"}, ["dtype", "did you mean 'float16'"]),
+    "missing models": ({"models": None}, ["models"]),
+    "needs base": ({"base_model": None}, ["base_model", "needs a base model"]),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_recipe_errors(zoo: Path, tmp_path: Path, case: str) -> None:
+    changes, needles = CASES[case]
+    recipe = base_recipe(zoo, tmp_path / "out", **changes)
+    if recipe["models"] is None:
+        del recipe["models"]
+    if case == "global param per model":
+        recipe["models"][0]["model"] = str(zoo / "math")
+    if "merge_methd" in changes:
+        del recipe["merge_method"]
+    path = write_recipe(tmp_path, recipe)
+    assert_clean_failure(run_cli("merge", path), tmp_path / "out", *needles)
+
+
+def test_invalid_yaml(tmp_path: Path) -> None:
+    path = tmp_path / "recipe.yaml"
+    path.write_text("merge_method: ties\nmodels: [\n")
+    assert_clean_failure(run_cli("merge", path), tmp_path / "out", "invalid YAML", "line")
+
+
+def test_missing_recipe_file(tmp_path: Path) -> None:
+    result = run_cli("merge", tmp_path / "nope.yaml")
+    assert_clean_failure(result, tmp_path / "out", "nope.yaml", "does not exist")
+
+
+def test_architecture_mismatch(zoo: Path, tmp_path: Path) -> None:
+    other = copy_model(zoo / "code", tmp_path / "other")
+    config = json.loads((other / "config.json").read_text())
+    config["model_type"] = "mistral"
+    config["architectures"] = ["MistralForCausalLM"]
+    (other / "config.json").write_text(json.dumps(config))
+    recipe = base_recipe(zoo, tmp_path / "out")
+    recipe["models"][1]["model"] = str(other)
+    result = run_cli("merge", write_recipe(tmp_path, recipe))
+    assert_clean_failure(result, tmp_path / "out", "models[1].model", "mistral", "config.json")
+
+
+def test_tensor_missing_from_expert(zoo: Path, tmp_path: Path) -> None:
+    other = copy_model(zoo / "code", tmp_path / "other")
+    name = "model.layers.1.mlp.up_proj.weight"
+    rewrite_tensor(other, name, None)
+    recipe = base_recipe(zoo, tmp_path / "out")
+    recipe["models"][2]["model"] = str(other)
+    result = run_cli("merge", write_recipe(tmp_path, recipe))
+    assert_clean_failure(result, tmp_path / "out", "models[2].model", name, "missing", "on_missing")
+    recipe["on_missing"] = "base"
+    result = run_cli("merge", write_recipe(tmp_path, recipe), "--quiet")
+    assert result.exit_code == 0, result.output
+    assert "kept from the base" in result.output
+    merged, base = load_state(tmp_path / "out"), load_state(zoo / "base")
+    assert torch.equal(merged[name], base[name])
+
+
+def test_shape_mismatch(zoo: Path, tmp_path: Path) -> None:
+    other = copy_model(zoo / "code", tmp_path / "other")
+    name = "model.layers.0.self_attn.q_proj.weight"
+    rewrite_tensor(other, name, torch.zeros(8, 8))
+    recipe = base_recipe(zoo, tmp_path / "out")
+    recipe["models"][0]["model"] = str(other)
+    result = run_cli("merge", write_recipe(tmp_path, recipe))
+    assert_clean_failure(result, tmp_path / "out", "models[0].model", name, "[8, 8]", "[32, 32]")
+
+
+def test_non_floating_tensor_dtype_family(zoo: Path, tmp_path: Path) -> None:
+    other = copy_model(zoo / "code", tmp_path / "other")
+    name = "model.norm.weight"
+    rewrite_tensor(other, name, torch.ones(32, dtype=torch.int64))
+    recipe = base_recipe(zoo, tmp_path / "out")
+    recipe["models"][1]["model"] = str(other)
+    result = run_cli("merge", write_recipe(tmp_path, recipe))
+    assert_clean_failure(result, tmp_path / "out", "models[1].model", name, "torch.int64")
+
+
+def test_differing_integer_buffers_warn_and_keep_base(zoo: Path, tmp_path: Path) -> None:
+    name = "model.position_ids"
+    models = {}
+    for n, value in (("base", 0), ("math", 0), ("code", 1), ("chat", 0)):
+        models[n] = copy_model(zoo / n, tmp_path / n)
+        rewrite_tensor(models[n], "model.norm.weight", load_state(zoo / n)["model.norm.weight"])
+        index_file = models[n] / "model.safetensors.index.json"
+        index = json.loads(index_file.read_text())
+        shard = models[n] / next(iter(index["weight_map"].values()))
+        state = load_state_file(shard)
+        state[name] = torch.arange(8) + value
+        save_file(state, shard, metadata={"format": "pt"})
+        index["weight_map"][name] = shard.name
+        index_file.write_text(json.dumps(index))
+    recipe = base_recipe(tmp_path, tmp_path / "out")
+    result = run_cli("merge", write_recipe(tmp_path, recipe), "--quiet")
+    assert result.exit_code == 0, result.output
+    assert name in result.output and "models[1].model" in result.output
+    merged = load_state(tmp_path / "out")
+    assert torch.equal(merged[name], torch.arange(8))
+
+
+def test_existing_output_needs_force(zoo: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    path = write_recipe(tmp_path, base_recipe(zoo, out))
+    result = run_cli("merge", path)
+    assert result.exit_code != 0 and "--force" in result.output
+    assert (out / "keep.txt").read_text() == "precious"
+    assert run_cli("merge", path, "--force", "--quiet").exit_code == 0
+    assert not (out / "keep.txt").exists() and (out / "config.json").exists()
+
+
+def test_failure_mid_merge_leaves_nothing(zoo: Path, tmp_path: Path, monkeypatch) -> None:
+    from mergecli.engine import writer
+
+    calls = {"n": 0}
+    original = writer.ShardWriter.write
+
+    def failing(self, name, tensor):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise OSError("disk full")
+        original(self, name, tensor)
+
+    monkeypatch.setattr(writer.ShardWriter, "write", failing)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    path = write_recipe(tmp_path, base_recipe(zoo, out))
+    result = run_cli("merge", path, "--force")
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "disk full" in result.output
+    assert (out / "old.txt").read_text() == "old"
+    assert [p.name for p in out.iterdir()] == ["old.txt"]
+    assert not [p for p in tmp_path.iterdir() if "mergecli-tmp" in p.name]
+
+
+def test_bin_weights_refused_unless_opted_in(zoo: Path, tmp_path: Path) -> None:
+    other = tmp_path / "binmodel"
+    other.mkdir()
+    shutil.copy(zoo / "code" / "config.json", other)
+    torch.save(load_state(zoo / "code"), other / "pytorch_model.bin")
+    recipe = base_recipe(zoo, tmp_path / "out")
+    recipe["models"][1]["model"] = str(other)
+    path = write_recipe(tmp_path, recipe)
+    assert_clean_failure(run_cli("merge", path), tmp_path / "out", "models[1].model", "allow_bin")
+    result = run_cli("merge", path, "--allow-bin", "--quiet")
+    assert result.exit_code == 0, result.output
