@@ -37,3 +37,9 @@ def layer_position(name: str, num_layers: int) -> float:
     if index is None:
         return 0.0 if is_before_layers(name) else 1.0
     return index / (num_layers - 1) if num_layers > 1 else 0.0
+
+
+def layer_prefix(name: str) -> str | None:
+    """The name up to and including its layer index ('model.layers.3'); None outside layers."""
+    match = _LAYER.search(name)
+    return name[: match.end() - 1] if match else None

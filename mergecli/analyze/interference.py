@@ -1,0 +1,121 @@
+"""`analyze interference`: how much a recipe's experts interfere, streamed like a merge.
+
+The recipe's base and experts are planned as for a merge (same validation, sources and
+streaming; its merge method and parameters play no part). Passes: the exact model-scope top-k
+thresholds (``KthLargestMagnitude``, two passes in float32), then one pass that adds every
+tensor's sums to the whole model, its layer and its block. Memory stays that of a merge: a few
+tensors at a time plus M×M sums per layer and block.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from typing import Any
+
+from mergecli.analyze.counts import Counts, tensor_counts
+from mergecli.analyze.metrics import figures
+from mergecli.analyze.runs import run_checkpoints
+from mergecli.blocks import block_of
+from mergecli.engine.merge import gather_statistics
+from mergecli.engine.plan import MergePlan, plan_merge
+from mergecli.engine.stream import Timer, stream_inputs
+from mergecli.errors import MergeError
+from mergecli.layers import layer_index, layer_prefix
+from mergecli.methods import TensorInputs
+from mergecli.methods.statistics import KthLargestMagnitude
+from mergecli.progress import NullProgress, Progress
+from mergecli.recipe import Recipe
+
+THRESHOLDS = "analyze.thresholds"
+TOP_K = 0.2
+TALL_LAMBDA = 0.6
+
+
+def analysis_plan(recipe: Recipe, device: str = "cpu") -> MergePlan:
+    """A merge plan over the recipe's base and experts, whatever its merge method."""
+    if not recipe.base_model:
+        raise MergeError("base_model: analyze interference measures task vectors from a base")
+    if len(recipe.models) < 2:
+        raise MergeError("models: analyze interference needs at least two experts, got 1")
+    for i, entry in enumerate(recipe.models):
+        path = recipe.resolve_path(entry.model)
+        steps = run_checkpoints(path)
+        if steps and not any(path.glob("*.safetensors")):
+            raise MergeError(
+                f"models[{i}].model: '{path}' is a training run (checkpoint-{min(steps)} … "
+                f"checkpoint-{max(steps)}); use --over-checkpoints or name one checkpoint"
+            )
+    bare = recipe.model_copy(
+        update={
+            "merge_method": "task_arithmetic",
+            "parameters": {},
+            "models": [
+                m.model_copy(update={"parameters": {}, "name": recipe.model_name(i)})
+                for i, m in enumerate(recipe.models)
+            ],
+        }
+    )
+    return plan_merge(bare, device=device)
+
+
+def analyze_interference(
+    recipe: Recipe,
+    top_k: float = TOP_K,
+    tall_lambda: float = TALL_LAMBDA,
+    device: str = "cpu",
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Interference figures of the whole model, per layer and per block (``metrics.figures``).
+
+    ``top_k`` is the fraction of each task vector kept by magnitude, model scope (k = ceil(top_k ·
+    n) over all merged tensors, entries tied with the k-th magnitude kept); ``tall_lambda`` is
+    the TALL mask threshold λ. ``progress`` sees one phase per pass; the caller stops it.
+    """
+    if not 0 < top_k <= 1:
+        raise MergeError(f"--top-k: {top_k} is not in (0, 1]")
+    if tall_lambda < 0:
+        raise MergeError(f"--tall-lambda: {tall_lambda} is negative")
+    progress = progress or NullProgress()
+    started = time.perf_counter()
+    plan = analysis_plan(recipe, device)
+    experts = len(plan.experts)
+    merged = [t for t in plan.tensors if t.merge]
+    plan.statistics = [KthLargestMagnitude(THRESHOLDS, [top_k] * experts)]
+    timer = Timer()
+    thresholds = gather_statistics(plan, timer, progress)[THRESHOLDS]
+    model = Counts(experts)
+    layers: dict[str, Counts] = {}
+    blocks: dict[str, Counts] = {}
+    sizes = {t.name: sum(s.info(t.name).nbytes for s in plan.read_sources(t)) for t in merged}
+    progress.start("interference", len(merged), sum(sizes.values()))
+    for tensor, inputs in stream_inputs(plan, merged, timer):
+        assert isinstance(inputs, TensorInputs)
+        counts = tensor_counts(inputs.task_vectors(), thresholds, tall_lambda)
+        model.add(counts)
+        prefix = layer_prefix(tensor.name)
+        if prefix is not None:
+            layers.setdefault(prefix, Counts(experts)).add(counts)
+        blocks.setdefault(block_of(tensor.name), Counts(experts)).add(counts)
+        progress.advance(1, sizes[tensor.name])
+    assert plan.base is not None
+    return {
+        "experts": plan.expert_names,
+        "base": str(plan.base.path),
+        "paths": [str(e.path) for e in plan.experts],
+        "top_k": top_k,
+        "tall_lambda": tall_lambda,
+        "thresholds": thresholds,
+        "model": figures(model),
+        "layers": [
+            {"layer": name, "index": layer_index(name + "."), **figures(c)}
+            for name, c in layers.items()
+        ],
+        "blocks": [{"block": name, **figures(c)} for name, c in blocks.items()],
+        "warnings": plan.warnings,
+        "passes": 1 + plan.statistics[0].passes(plan.compute_dtype),
+        "bytes_read": timer.bytes_read,
+        "wall_s": time.perf_counter() - started,
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "device": str(plan.device),
+    }
