@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 CHUNK = 1 << 18
-"""Entries per chunk: temporaries take about 25 bytes per entry and expert (6 MiB per expert)."""
+"""Entries per chunk: temporaries take 2 bytes per entry and expert plus about 30 per entry."""
 
 
 def _matrix(experts: int) -> torch.Tensor:
@@ -77,44 +77,48 @@ def tensor_counts(tvs: list[torch.Tensor], thresholds: list[float], tall_lambda:
     experts = len(tvs)
     flats = [tv.reshape(-1) for tv in tvs]
     device = flats[0].device
-    kappa = torch.tensor(thresholds, dtype=flats[0].dtype, device=device).unsqueeze(1)
     both = torch.zeros(experts, experts, dtype=torch.int64, device=device)
     conflict = torch.zeros_like(both)
     ratio_sum = torch.zeros(experts, experts, dtype=torch.float64, device=device)
     gram = torch.zeros_like(ratio_sum)
     scalars = torch.zeros(5, dtype=torch.float64, device=device)
     for start in range(0, flats[0].numel(), CHUNK):
-        x = torch.stack([f[start : start + CHUNK] for f in flats])
-        mag = x.abs()
-        act = (mag >= kappa) & (x != 0)
-        pos = act & (x > 0)
-        x64 = x.double()
-        gram += x64 @ x64.T
-        scalars[0] += x64.square_().mul_(act).sum()
-        del x64
+        x = [f[start : start + CHUNK] for f in flats]  # views: no copy of the chunk
+        act = [(v.abs() >= k) & (v != 0) for v, k in zip(x, thresholds, strict=True)]
+        pos = [a & (v > 0) for a, v in zip(act, x, strict=True)]
+        mtl = x[0].clone()
         for s in range(experts):
+            xs = x[s].double()  # one expert at a time: float64 temporaries stay small
+            gram[s, s] += torch.dot(xs, xs)
             both[s, s] += act[s].sum()
             for t in range(s + 1, experts):
+                gram[s, t] += torch.dot(xs, x[t].double())
                 shared = act[s] & act[t]
                 both[s, t] += shared.sum()
                 conflict[s, t] += (shared & (pos[s] ^ pos[t])).sum()  # both non-zero
-                a, b = mag[s][shared].double(), mag[t][shared].double()
+                a, b = x[s][shared].abs().double(), x[t][shared].abs().double()
                 ratio_sum[s, t] += (torch.maximum(a, b) / torch.minimum(a, b)).sum()
-        scalars[1] += act.any(0).sum()
-        scalars[2] += (pos.any(0) & (act & ~pos).any(0)).sum()
-        mtl = x[0].clone()
-        for t in range(1, experts):
-            mtl += x[t]
-        on = (mag > (mtl - x).abs_().mul_(tall_lambda)).sum(0)
+            xs.mul_(act[s])
+            scalars[0] += torch.dot(xs, xs)
+            if s:
+                mtl += x[s]
+        any_act, any_pos, any_neg = act[0].clone(), pos[0].clone(), act[0] & ~pos[0]
+        on = torch.zeros_like(act[0], dtype=torch.int32)
+        for a, p, v in zip(act, pos, x, strict=True):
+            any_act |= a
+            any_pos |= p
+            any_neg |= a & ~p
+            on += v.abs() > (mtl - v).abs_().mul_(tall_lambda)
+        scalars[1] += any_act.sum()
+        scalars[2] += (any_pos & any_neg).sum()
         scalars[3] += (on == 1).sum()
         scalars[4] += (on == 0).sum()
     counts = Counts(experts, flats[0].numel())
-    upper = [both, conflict, ratio_sum]
-    counts.both, counts.conflict, counts.ratio_sum = (
+    upper = [both, conflict, ratio_sum, gram]  # filled on and above the diagonal
+    counts.both, counts.conflict, counts.ratio_sum, counts.gram = (
         (m + m.triu(1).T).to("cpu", torch.float64) for m in upper
     )
     counts.support = counts.both.diagonal().clone()
-    counts.gram = gram.cpu()
     trimmed_sq, active, ties, selfish, catastrophic = scalars.tolist()
     counts.trimmed_sq = trimmed_sq
     counts.active, counts.ties_conflict = int(active), int(ties)

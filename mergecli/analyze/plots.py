@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from matplotlib import colormaps
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
@@ -43,9 +44,8 @@ def heatmap(figures: dict[str, Any], metric: str, experts: list[str], title: str
     fig = Figure(figsize=(size + 1.2, size), dpi=DPI, layout="constrained")
     ax = fig.add_subplot()
     limits = {"vmin": -1.0, "vmax": 1.0} if metric == "cosine" else {}
-    cmap = "coolwarm" if metric == "cosine" else "viridis"
+    cmap = colormaps["coolwarm" if metric == "cosine" else "viridis"].with_extremes(bad="white")
     image = ax.imshow(np.ma.masked_invalid(matrix), cmap=cmap, **limits)
-    image.cmap.set_bad("lightgrey")
     fig.colorbar(image, ax=ax, label=LABELS[metric])
     ticks = range(len(experts))
     ax.set_xticks(ticks, experts, rotation=45, ha="right")
@@ -54,7 +54,9 @@ def heatmap(figures: dict[str, Any], metric: str, experts: list[str], title: str
         ax.set_xlabel("expert t")
         ax.set_ylabel("expert s   (cell: |Ms ∩ Mt| / |Ms|)")
     for (s, t), value in np.ndenumerate(matrix):
-        if not math.isnan(value):
+        if math.isnan(value):
+            ax.text(t, s, "n/a", ha="center", va="center", fontsize=8)
+        else:
             red, green, blue, _ = image.cmap(image.norm(value))
             dark = 0.299 * red + 0.587 * green + 0.114 * blue < 0.5
             color = "white" if dark else "black"
@@ -108,7 +110,8 @@ def write_plots(result: dict[str, Any], folder: Path) -> list[Path]:
     scope = f"top {result['top_k']:.0%} by magnitude, whole model"
     for metric in PAIRWISE:
         path = folder / f"{metric}.png"
-        heatmap(result["model"], metric, experts, f"{LABELS[metric]}\n{scope}").savefig(path)
+        subtitle = "full task vectors, whole model" if metric == "cosine" else scope
+        heatmap(result["model"], metric, experts, f"{LABELS[metric]}\n{subtitle}").savefig(path)
         written.append(path)
     if result["layers"]:
         layers = result["layers"]

@@ -172,7 +172,7 @@ def group_table(title: str, key: str, groups: list[dict[str, Any]]) -> Table:
     from mergecli.analyze.plots import summary_value
 
     table = Table(title=title)
-    table.add_column(key)
+    table.add_column(key, no_wrap=True)
     for label in COLUMNS.values():
         table.add_column(label, justify="right")
     for group in groups:

@@ -1,0 +1,103 @@
+"""Model-scope top-k analysis: exact thresholds with the peak memory of a (TIES) merge.
+
+Each job runs in its own process; a thread samples the process's anonymous resident memory
+(RssAnon: tensors, not the memory-mapped checkpoint files). glibc's adaptive mmap threshold is
+pinned so freed tensors go back to the system and the samples show what is live.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from tests.helpers import ROOT, load_state
+
+TENSORS, SHAPE, EXPERTS = 24, (256, 1024), 3
+MIB = 1 << 20
+
+JOB = """
+import json, re, sys, threading, time
+import mergecli
+from mergecli.analyze import analyze_interference
+
+def anon():
+    with open("/proc/self/status") as f:
+        return int(re.search(r"RssAnon:\\s+(\\d+)", f.read()).group(1)) * 1024
+
+recipe = mergecli.recipe.recipe_from_dict(json.loads(sys.argv[2]))
+peak, done = [0], threading.Event()
+
+def sample():
+    while not done.is_set():
+        peak[0] = max(peak[0], anon())
+        time.sleep(0.001)
+
+start = anon()
+thread = threading.Thread(target=sample)
+thread.start()
+if sys.argv[1] == "merge":
+    mergecli.run_merge(mergecli.plan_merge(recipe), sys.argv[3])
+    out = {}
+else:
+    out = analyze_interference(recipe)
+done.set()
+thread.join()
+print(json.dumps({"peak": peak[0] - start, "thresholds": out.get("thresholds")}))
+"""
+
+
+def run_job(kind: str, recipe: dict, output: Path) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MALLOC_MMAP_THRESHOLD_": "65536"}
+    proc = subprocess.run(
+        [sys.executable, "-c", JOB, kind, json.dumps(recipe), str(output)],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="needs Linux /proc")
+def test_exact_thresholds_with_the_memory_of_a_merge(tmp_path: Path) -> None:
+    gen = torch.Generator().manual_seed(3)
+    names = [f"model.layers.{i}.mlp.up_proj.weight" for i in range(TENSORS)]
+    base = {n: torch.randn(SHAPE, generator=gen) for n in names}
+    (tmp_path / "base").mkdir()
+    save_file(base, tmp_path / "base" / "model.safetensors")
+    for t in range(EXPERTS):
+        (tmp_path / f"e{t}").mkdir()
+        scales = torch.rand(TENSORS, generator=gen)  # tensors differ: model and tensor scope too
+        state = {
+            n: b + s * torch.randn(SHAPE, generator=gen)
+            for (n, b), s in zip(base.items(), scales, strict=True)
+        }
+        save_file(state, tmp_path / f"e{t}" / "model.safetensors")
+    recipe = {
+        "merge_method": "ties",
+        "base_model": str(tmp_path / "base"),
+        "models": [{"model": str(tmp_path / f"e{t}")} for t in range(EXPERTS)],
+        "parameters": {"density": 0.2},  # scope: model, the same statistics passes
+    }
+    merge = run_job("merge", recipe, tmp_path / "merged")
+    analysis = run_job("analyze", recipe, tmp_path / "unused")
+
+    task_vector_bytes = EXPERTS * TENSORS * math.prod(SHAPE) * 4
+    assert analysis["peak"] <= merge["peak"] + 2 * MIB, (analysis, merge)
+    assert analysis["peak"] < task_vector_bytes / 2  # a few tensors at a time, not the model
+
+    base_state = load_state(tmp_path / "base")
+    for t, threshold in enumerate(analysis["thresholds"]):
+        state = load_state(tmp_path / f"e{t}")
+        flat = torch.cat([(state[n] - base_state[n]).flatten() for n in sorted(names)])
+        k = math.ceil(0.2 * flat.numel())
+        assert threshold == torch.kthvalue(flat.abs(), flat.numel() - k + 1).values.item()
