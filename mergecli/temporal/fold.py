@@ -267,6 +267,7 @@ def fold(
 
 
 def expert_fingerprint(expert: Path, label: str, allow_bin: bool) -> str:
+    """The fingerprint recorded for an expert; MergeError naming ``label`` if it is none."""
     if not expert.is_dir():
         raise MergeError(f"{label}: '{expert}' does not exist or is not a folder")
     return Checkpoint(expert, label, allow_bin=allow_bin).fingerprint()
