@@ -113,7 +113,7 @@ def analyze_interference(
         ],
         "blocks": [{"block": name, **figures(c)} for name, c in blocks.items()],
         "warnings": plan.warnings,
-        "passes": 1 + plan.statistics[0].passes(plan.compute_dtype),
+        "passes": plan.passes,
         "bytes_read": timer.bytes_read,
         "wall_s": time.perf_counter() - started,
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,

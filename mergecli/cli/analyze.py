@@ -104,15 +104,16 @@ def interference(
     if plot is not None:
         plots = [write_sweep_plot(result, plot)] if over_checkpoints else write_plots(result, plot)
         result["plots"] = [str(p) for p in plots]
+    points = result["points"] if over_checkpoints else [result]
+    print_warnings(list(dict.fromkeys(w for point in points for w in point["warnings"])))
     if json_out:
         print_json(result)
         return
+    if quiet:
+        return
     if over_checkpoints:
-        for point in result["points"]:
-            print_warnings(point["warnings"])
         print_sweep(result)
     else:
-        print_warnings(result["warnings"])
         print_analysis(result, blocks)
     for path in plots:
         out.print(f"wrote {path}", highlight=False)
