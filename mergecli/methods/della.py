@@ -9,7 +9,7 @@ from mergecli.methods.inputs import TensorInputs
 from mergecli.methods.linear import LAMBDA, WEIGHT
 from mergecli.methods.registry import Param, Params, merge_method
 from mergecli.methods.sparsify import disjoint_merge, elect_sign
-from mergecli.methods.ties import MERGEKIT_IGNORED
+from mergecli.methods.ties import MERGEKIT_IGNORED, NORMALIZE
 
 
 def keep_probabilities(tv: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
@@ -56,6 +56,7 @@ def check_della(p: Params, name: str) -> None:
         Param("density", 0.5, help="mean keep probability", per_model=True),
         Param("epsilon", 0.1, help="spread ε of the keep probabilities", per_model=True),
         LAMBDA,
+        NORMALIZE,
     ),
     check=check_della,
     ignored=MERGEKIT_IGNORED,
@@ -63,8 +64,10 @@ def check_della(p: Params, name: str) -> None:
         "Rows are the first dimension of a tensor (a 1-D tensor is one row), rank 0 is the "
         "smallest magnitude and equal magnitudes rank by position (mergekit's sort leaves "
         "their order unspecified); a one-entry row keeps with probability density. Masks "
-        "depend only on (seed, expert index, tensor name), drawn on the CPU. Election on the "
-        "unweighted rescaled vectors, zero sum → +1; mean over agreeing experts weighted by wt."
+        "depend only on (seed, expert index, tensor name), drawn on the CPU. Kept entries are "
+        "divided by their own p (mergekit rescales to the tensor's L1 norm instead). Election "
+        "on the unweighted rescaled vectors, zero sum → +1; mean over the agreeing experts "
+        "weighted by wt (normalize: false sums them)."
     ),
 )
 def della(inputs: TensorInputs, p: Params) -> torch.Tensor:
@@ -72,6 +75,7 @@ def della(inputs: TensorInputs, p: Params) -> torch.Tensor:
         della_drop(inputs, t, tv, p["density"][t], p["epsilon"][t])
         for t, tv in enumerate(inputs.task_vectors())
     ]
-    merged = disjoint_merge(inputs, dropped, p["weight"], elect_sign(dropped, "mass"), "mean")
+    merge_func = "mean" if p["normalize"] else "sum"
+    merged = disjoint_merge(inputs, dropped, p["weight"], elect_sign(dropped, "mass"), merge_func)
     assert inputs.base is not None
     return inputs.base + p["lambda"] * merged

@@ -20,8 +20,3 @@ class TaskMasks:
     """Boolean, shaped like ``unified``."""
     scales: list[float] | None = None
     """Per-task rescalers (None: 1 for every task)."""
-
-    def task_delta(self, t: int) -> torch.Tensor:
-        """Task t's reconstructed task vector ``scale_t · (mask_t ⊙ unified)``."""
-        delta = self.unified * self.masks[t]
-        return delta if self.scales is None else delta * self.scales[t]
