@@ -34,3 +34,10 @@ def test_methods_lists_every_registered_method() -> None:
 def test_unknown_command_is_a_usage_error() -> None:
     result = run_cli("mrege")
     assert result.exit_code == 2
+
+
+def test_readme_methods_table_matches_the_registry() -> None:
+    from scripts.methods_table import methods_table, readme_table
+    from tests.helpers import ROOT
+
+    assert readme_table((ROOT / "README.md").read_text()) == methods_table()
