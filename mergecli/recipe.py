@@ -35,6 +35,20 @@ class ModelEntry(_Strict):
     parameters: dict[str, Any] = Field(default_factory=dict)
 
 
+class TemporalSection(_Strict):
+    """The ``temporal:`` section of a recipe: experts arrive one at a time, in ``models`` order.
+
+    ``init`` picks the model the next expert trains from, ``deploy`` the model served after each
+    step; ``ema_weight`` is w in EMA_t = f(θ0, [EMA_{t−1}, θt], weights [1 − w, w]), EMA_0 = θ0
+    (see ``mergecli.temporal``).
+    """
+
+    init: Literal["base", "latest", "ema"] = "ema"
+    deploy: Literal["latest", "ema", "all"] = "ema"
+    ema_weight: float = Field(0.5, gt=0, le=1)
+    keep_steps: bool = False
+
+
 class Recipe(_Strict):
     """A merge recipe. Relative paths are resolved against the recipe's folder (then the cwd)."""
 
@@ -49,6 +63,7 @@ class Recipe(_Strict):
     output: str | None = None
     on_missing: Literal["error", "base"] = "error"
     allow_bin: bool = False
+    temporal: TemporalSection | None = None
     folder: Path = Field(default_factory=Path.cwd, exclude=True)
 
     def resolve_path(self, value: str) -> Path:
@@ -79,6 +94,8 @@ def _fields_at(loc: tuple[Any, ...]) -> list[str]:
     for part in loc:
         if part == "models":
             model = ModelEntry
+        elif part == "temporal":
+            model = TemporalSection
     return [n for n in model.model_fields if n != "folder"]
 
 

@@ -247,6 +247,8 @@ def check_tensor(plan_ref: Checkpoint, expert: Checkpoint, name: str, on_missing
 
 def plan_merge(recipe: Recipe, device: str = "cpu", shard_size: str | int = "5GB") -> MergePlan:
     """Validate a recipe against the checkpoints' headers and decide the whole merge."""
+    if recipe.temporal is not None:
+        raise MergeError("temporal: this recipe folds experts over time; run 'mergecli temporal'")
     method = get_method(recipe.merge_method).resolve(recipe.parameters)
     notes = check_parameter_names(recipe, method)
     n = len(recipe.models)
