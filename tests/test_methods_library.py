@@ -492,3 +492,14 @@ def test_methods_listing_is_complete() -> None:
         "choices": None,
         "help": "scale α of the first layer and the embeddings",
     }
+
+
+def test_temporal_folds_composite_methods_and_refuses_artifact_methods(
+    zoo: Path, tmp_path: Path
+) -> None:
+    init = ["temporal", "init", tmp_path / "s", "--base", zoo / "base", "--method"]
+    result = run_cli(*init, "emr")
+    assert result.exit_code == 2 and "task-mask artifact" in result.output, result.output
+    lines = [*init, "lines", "--param", "alpha=0.5", "--param", "beta=0.5"]
+    assert run_cli(*lines).exit_code == 0  # lines' weight comes from its base method
+    assert run_cli("temporal", "add", tmp_path / "s", zoo / "math", "--quiet").exit_code == 0
