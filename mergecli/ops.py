@@ -28,3 +28,8 @@ def cosine64(a: torch.Tensor, b: torch.Tensor) -> float:
     """Cosine similarity in float64; 0 when either vector is zero."""
     denom = (sumsq64(a) * sumsq64(b)) ** 0.5
     return dot64(a, b) / denom if denom > 0 else 0.0
+
+
+def abs_sum64(a: torch.Tensor) -> float:
+    """Σ abs(a) accumulated in float64."""
+    return float(sum(x.abs().sum() for (x,) in _chunks(a)) if a.numel() else 0.0)

@@ -62,6 +62,17 @@ def markdown_report(report: dict[str, Any]) -> str:
             f"{totals['merged_parameters']} parameters in {totals['merged_tensors']} tensors.",
             "",
         ]
+    if "artifact" in report:
+        artifact = report["artifact"]
+        lines += [
+            "## Task-mask artifact",
+            "",
+            f"Tasks: {', '.join(artifact['tasks'])}. Size on disk: "
+            f"{human_bytes(artifact['bytes'])} = {artifact['size_in_models']:.3f} models of "
+            f"{human_bytes(artifact['model_bytes'])}. The cosine above is taken with the unified "
+            "task vector.",
+            "",
+        ]
     if report["plan"]["warnings"]:
         lines += ["## Warnings", "", *(f"- {w}" for w in report["plan"]["warnings"]), ""]
     lines += [
@@ -87,9 +98,18 @@ def model_card(plan: MergePlan) -> str:
     if plan.recipe.base_model:
         meta["base_model"] = plan.recipe.base_model
     models = "\n".join(f"- `{m.model}`" for m in plan.recipe.models)
+    title, what = "Merged model", "This model was merged"
+    if plan.artifact is not None:
+        tasks = ", ".join(plan.artifact.tasks)
+        title = "Task-mask artifact"
+        what = (
+            "This folder is not one model: it holds the base, a unified task vector and one-bit "
+            f"masks per task (tasks: {tasks}); `mergecli export FOLDER --task NAME --output DIR` "
+            "writes one task's model. It was made"
+        )
     return (
         f"---\n{yaml.safe_dump(meta, sort_keys=False)}---\n\n"
-        f"# Merged model\n\nThis model was merged with mergecli "
+        f"# {title}\n\n{what} with mergecli "
         f"using `{plan.method.name}`: {plan.method.summary}.\n\n"
         f"Base model: `{plan.recipe.base_model or 'none'}`\n\nExperts:\n{models}\n\n"
         f"## Recipe\n\n```yaml\n{yaml.safe_dump(recipe, sort_keys=False)}```\n"

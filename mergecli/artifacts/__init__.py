@@ -63,3 +63,6 @@ def task_state_dict(artifact: Artifact, task: str) -> dict[str, torch.Tensor]:
     """One task's full state dict, in memory."""
     check_task(artifact, task)
     return {name: artifact.task_tensor(task, name) for name in artifact.tensor_names()}
+
+
+from mergecli.artifacts import task_masks  # noqa: E402,F401  (registration)

@@ -77,7 +77,9 @@ def merge(
             "bytes_written",
             "peak_rss_bytes",
             "device",
+            "artifact",
         )
+        if key in report
     }
     if json_out:
         print_json(summary)
@@ -91,6 +93,14 @@ def merge(
             f"{human_bytes(report['peak_rss_bytes'])})",
             highlight=False,
         )
+        if "artifact" in report:
+            artifact = report["artifact"]
+            out.print(
+                f"task-mask artifact of {len(artifact['tasks'])} tasks "
+                f"({', '.join(artifact['tasks'])}): {artifact['size_in_models']:.3f} models on "
+                f"disk; 'mergecli export {report['output']} --task NAME --output DIR' rebuilds one",
+                highlight=False,
+            )
 
 
 def print_plan(summary: dict[str, Any]) -> None:
@@ -117,6 +127,9 @@ def methods(json_out: JsonOpt = False) -> None:
                 "name": spec.name,
                 "summary": spec.summary,
                 "base": spec.base,
+                "output": spec.output,
+                "min_models": spec.min_models,
+                "max_models": spec.max_models,
                 "parameters": [
                     {
                         "name": p.name,

@@ -104,3 +104,8 @@ def parse_size(text: str | int) -> int:
     if size <= 0:
         raise ValueError(f"size must be positive: {text!r}")
     return size
+
+
+def files_bytes(shards: list[Shard], metadata: dict[str, str] | None = None) -> int:
+    """Bytes on disk of the shards' files, headers included (the index file excluded)."""
+    return sum(len(s.header(metadata)) + s.nbytes for s in shards)

@@ -13,11 +13,12 @@ from typing import Any
 import torch
 
 from mergecli.engine.output import atomic_folder, check_output, copy_model_files
-from mergecli.engine.plan import MergePlan
+from mergecli.engine.plan import MergePlan, TensorPlan
 from mergecli.engine.stream import Timer, stream_inputs
+from mergecli.engine.task_artifact import StoredTaskTensor, TaskArtifactWriter
 from mergecli.engine.writer import ShardWriter
 from mergecli.errors import MergeError
-from mergecli.methods import TensorInputs
+from mergecli.methods import TaskMasks, TensorInputs
 from mergecli.ops import dot64, sumsq64
 from mergecli.progress import NullProgress, Progress
 from mergecli.report import model_card, write_reports
@@ -56,12 +57,13 @@ def _read_bytes(plan: MergePlan, tensors: list) -> int:
     return sum(src.info(t.name).nbytes for t in tensors for src in plan.read_sources(t))
 
 
-def tensor_report(inputs: TensorInputs, merged: torch.Tensor) -> dict[str, Any]:
-    """Norms of the task vectors, their cosine with the merged delta, kept and sign agreement."""
+def tensor_report(inputs: TensorInputs, merged: torch.Tensor | TaskMasks) -> dict[str, Any]:
+    """Norms of the task vectors, their cosine with the merged delta (an artifact's unified
+    task vector), kept and sign agreement."""
     if inputs.base is None:
         return {"kept": inputs.kept}
     tvs = inputs.task_vectors()
-    delta = merged - inputs.base
+    delta = merged.unified if isinstance(merged, TaskMasks) else merged - inputs.base
     delta_sq = sumsq64(delta)
     norms, cosines, agreement = [], [], []
     for tv in tvs:
@@ -102,24 +104,20 @@ def run_merge(
     stats = gather_statistics(plan, timer, progress)
     per_tensor: dict[str, Any] = {}
     with atomic_folder(output, force) as folder:
-        writer = ShardWriter(folder, plan.shards, {"mergecli_method": plan.method.name})
+        writer: ShardWriter | TaskArtifactWriter = (
+            TaskArtifactWriter(folder, plan.artifact, plan.method.name)
+            if plan.artifact
+            else ShardWriter(folder, plan.shards, {"mergecli_method": plan.method.name})
+        )
         progress.start("merging", len(plan.tensors), _read_bytes(plan, plan.tensors))
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergecli-write") as pool:
             pending: deque[Future[None]] = deque()
             for tensor, inputs in stream_inputs(plan, plan.tensors, timer):
                 if isinstance(inputs, TensorInputs):
                     start = time.perf_counter()
-                    inputs.stats = stats
-                    try:
-                        merged = plan.method.fn(inputs, tensor.params)
-                    except MergeError:
-                        raise
-                    except Exception as exc:
-                        raise MergeError(
-                            f"{plan.method.name} failed on '{tensor.name}': {exc}"
-                        ) from exc
+                    merged = merge_tensor(plan, tensor, inputs, stats)
                     per_tensor[tensor.name] = tensor_report(inputs, merged)
-                    result = merged.to(tensor.out_dtype)
+                    result = stored(tensor, inputs, merged)
                     timer.compute += time.perf_counter() - start
                 else:
                     result = inputs
@@ -139,13 +137,43 @@ def run_merge(
         copy_model_files(ref, tok, folder, plan.out_dtype)
         wall = time.perf_counter() - started
         report = build_report(plan, output, per_tensor, timer, writer.bytes_written, wall)
+        if isinstance(writer, TaskArtifactWriter):
+            report["artifact"] = writer.summary()
         write_reports(folder, report)
         (folder / "README.md").write_text(model_card(plan))
     progress.stop()
     return MergeResult(output, report)
 
 
-def _write(writer: ShardWriter, name: str, tensor: torch.Tensor, timer: Timer) -> None:
+def merge_tensor(
+    plan: MergePlan, tensor: TensorPlan, inputs: TensorInputs, stats: dict[str, Any]
+) -> torch.Tensor | TaskMasks:
+    """The method's result for one tensor; an unexpected failure names the tensor."""
+    inputs.stats = stats
+    try:
+        return plan.method.fn(inputs, tensor.params)
+    except MergeError:
+        raise
+    except Exception as exc:
+        raise MergeError(f"{plan.method.name} failed on '{tensor.name}': {exc}") from exc
+
+
+def stored(
+    tensor: TensorPlan, inputs: TensorInputs, merged: torch.Tensor | TaskMasks
+) -> torch.Tensor | StoredTaskTensor:
+    """What the writer stores: the merged tensor, or the artifact's parts, in the output dtype."""
+    if isinstance(merged, TaskMasks):
+        assert inputs.base is not None
+        return StoredTaskTensor.of(inputs.base, merged, tensor.out_dtype)
+    return merged.to(tensor.out_dtype)
+
+
+def _write(
+    writer: ShardWriter | TaskArtifactWriter,
+    name: str,
+    tensor: torch.Tensor | StoredTaskTensor,
+    timer: Timer,
+) -> None:
     start = time.perf_counter()
     writer.write(name, tensor)
     timer.write += time.perf_counter() - start

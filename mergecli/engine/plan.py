@@ -9,7 +9,8 @@ from typing import Any
 import psutil
 import torch
 
-from mergecli.engine.layout import Shard, parse_size, plan_shards
+from mergecli.engine.layout import Shard, files_bytes, parse_size, plan_shards
+from mergecli.engine.task_artifact import TaskArtifactLayout, plan_task_artifact
 from mergecli.errors import MergeError, did_you_mean
 from mergecli.layers import count_layers, layer_index, layer_position
 from mergecli.methods import REQUIRED, MethodSpec, Param, Params, get_method
@@ -54,6 +55,9 @@ class MergePlan:
     num_layers: int
     statistics: list[Statistic]
     warnings: list[str]
+    artifact: TaskArtifactLayout | None = None
+    """The artifact's layout when the method writes a task-conditional artifact (emr,
+    tall_masks) rather than one model (``shards``)."""
 
     @property
     def reference(self) -> Checkpoint:
@@ -90,6 +94,8 @@ class MergePlan:
 
     @property
     def bytes_to_write(self) -> int:
+        if self.artifact is not None:
+            return self.artifact.nbytes
         return sum(s.nbytes for s in self.shards)
 
     @property
@@ -103,8 +109,17 @@ class MergePlan:
         return psutil.Process().memory_info().rss + working + 2 * stored
 
     def summary(self) -> dict[str, Any]:
+        artifact = (
+            {
+                "artifact_tasks": self.artifact.tasks,
+                "artifact_size_in_models": self.artifact.size_in_models,
+            }
+            if self.artifact
+            else {}
+        )
         return {
             "method": self.method.name,
+            "output": self.method.output,
             "base": str(self.base.path) if self.base else None,
             "experts": [str(e.path) for e in self.experts],
             "tensors": len(self.tensors),
@@ -118,6 +133,7 @@ class MergePlan:
             "device": str(self.device),
             "compute_dtype": str(self.compute_dtype).removeprefix("torch."),
             "out_dtype": str(self.out_dtype).removeprefix("torch."),
+            **artifact,
             "warnings": self.warnings,
         }
 
@@ -233,7 +249,7 @@ def plan_merge(recipe: Recipe, device: str = "cpu", shard_size: str | int = "5GB
     """Validate a recipe against the checkpoints' headers and decide the whole merge."""
     if recipe.temporal is not None:
         raise MergeError("temporal: this recipe folds experts over time; run 'mergecli temporal'")
-    method = get_method(recipe.merge_method)
+    method = get_method(recipe.merge_method).resolve(recipe.parameters)
     notes = check_parameter_names(recipe, method)
     n = len(recipe.models)
     if n < method.min_models or (method.max_models and n > method.max_models):
@@ -289,6 +305,8 @@ def plan_merge(recipe: Recipe, device: str = "cpu", shard_size: str | int = "5GB
             tensors.append(TensorPlan(name, info.shape, out_dtype, merge=False))
             continue
         params = resolve_params(recipe, method, name, layer_position(name, num_layers))
+        if method.check:
+            method.check(params, name)
         tensors.append(TensorPlan(name, info.shape, out_dtype, True, params, layer_index(name)))
     extra = sorted({x for e in experts for x in e.tensor_names()} - set(names))
     if extra:
@@ -299,7 +317,20 @@ def plan_merge(recipe: Recipe, device: str = "cpu", shard_size: str | int = "5GB
         if method.statistics
         else []
     )
-    shards = plan_shards([(t.name, t.shape, t.out_dtype) for t in tensors], shard_bytes)
+    specs = [(t.name, t.shape, t.out_dtype) for t in tensors]
+    shards = plan_shards(specs, shard_bytes)
+    artifact = None
+    if method.output == "task_masks":
+        check_task_names(recipe)
+        metadata = {"mergecli_method": method.name}
+        artifact = plan_task_artifact(
+            specs,
+            [(t.name, t.shape, t.out_dtype) for t in tensors if t.merge],
+            [recipe.model_name(i) for i in range(n)],
+            shard_bytes,
+            files_bytes(shards, metadata),
+            metadata,
+        )
     return MergePlan(
         recipe,
         method,
@@ -313,7 +344,21 @@ def plan_merge(recipe: Recipe, device: str = "cpu", shard_size: str | int = "5GB
         num_layers,
         statistics,
         notes,
+        artifact,
     )
+
+
+def check_task_names(recipe: Recipe) -> None:
+    """Task names of an artifact must be unique: ``export --task NAME`` picks one."""
+    seen: dict[str, int] = {}
+    for i in range(len(recipe.models)):
+        name = recipe.model_name(i)
+        if name in seen:
+            raise MergeError(
+                f"models[{i}]: task name '{name}' is also the name of models[{seen[name]}]; "
+                "set models[].name to tell the tasks apart"
+            )
+        seen[name] = i
 
 
 def differing_buffer(name: str, reference: Checkpoint, experts: list[Checkpoint]) -> list[str]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Literal
 
 from mergecli.errors import MergeError, did_you_mean
@@ -75,9 +75,53 @@ class MethodSpec:
     (it may adjust those params, and report why through the warning callback)."""
     ignored: dict[str, str] = field(default_factory=dict)
     """Parameters accepted for compatibility and ignored, with the reason shown to the user."""
+    check: Callable[[Params, str], None] | None = None
+    """Raises MergeError when one tensor's resolved parameters are invalid (called while
+    planning, with the tensor's name)."""
+    output: Literal["model", "task_masks"] = "model"
+    """What ``fn`` returns per tensor: merged weights ("model"), or a ``TaskMasks`` that the
+    engine writes into a task-conditional artifact ("task_masks")."""
+    composes: str | None = None
+    """The parameter naming another method that this one wraps (``lines``' base_method): the
+    recipe then also takes that method's parameters, and its statistics and checks apply."""
 
     def param(self, name: str) -> Param | None:
         return next((p for p in self.params if p.name == name), None)
+
+    def resolve(self, parameters: dict[str, Any]) -> MethodSpec:
+        """The method as a recipe with these global ``parameters`` runs it.
+
+        A composite method gains the parameters, statistics, checks and ignored keys of the
+        method it wraps; any other method is returned unchanged.
+        """
+        if self.composes is None:
+            return self
+        own = self.param(self.composes)
+        assert own is not None and self.statistics is None and self.check is None
+        key = f"parameters.{self.composes}"
+        name = parameters.get(self.composes, own.default)
+        if not isinstance(name, str):
+            raise MergeError(f"{key}: expected one method name for the whole merge, got {name!r}")
+        inner = get_method(name, key)
+        if inner.composes or inner.output != "model" or inner.base == "unused":
+            raise MergeError(
+                f"{key}: '{name}' cannot be wrapped by '{self.name}', which needs a method that "
+                "merges task vectors into one model (task_arithmetic, ties, dare_ties, ...)"
+            )
+        clash = next((p.name for p in inner.params if self.param(p.name)), None)
+        if clash:
+            raise MergeError(
+                f"{key}: '{name}' has a parameter '{clash}' of its own, which '{self.name}' "
+                "also takes; choose another base method"
+            )
+        return replace(
+            self,
+            params=self.params + inner.params,
+            statistics=inner.statistics,
+            check=inner.check,
+            ignored={**inner.ignored, **self.ignored},
+            base="required",
+        )
 
     @property
     def param_names(self) -> list[str]:
@@ -104,13 +148,14 @@ def merge_method(
     return register
 
 
-def get_method(name: str) -> MethodSpec:
-    """The registered method called ``name``; MergeError with a suggestion otherwise."""
+def get_method(name: str, key: str = "merge_method") -> MethodSpec:
+    """The registered method called ``name``; MergeError (naming the recipe ``key``) with a
+    suggestion otherwise."""
     try:
         return _REGISTRY[name]
     except KeyError:
         raise MergeError(
-            f"merge_method: unknown method '{name}'{did_you_mean(name, _REGISTRY)}; "
+            f"{key}: unknown method '{name}'{did_you_mean(name, _REGISTRY)}; "
             "'mergecli methods' lists them"
         ) from None
 

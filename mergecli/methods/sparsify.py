@@ -2,21 +2,50 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
 from mergecli.methods.inputs import TensorInputs
+from mergecli.methods.registry import Params
 from mergecli.methods.statistics import kth_rank
+
+
+def kth_largest(tv: torch.Tensor, rank: int) -> float:
+    """The ``rank``-th largest ``abs(tv)`` (1-based); +inf when rank = 0."""
+    if rank == 0:
+        return float("inf")
+    return float(torch.kthvalue(tv.abs().reshape(-1).cpu(), tv.numel() - rank + 1).values)
 
 
 def tensor_threshold(tv: torch.Tensor, density: float) -> float:
     """k-th largest ``abs(tv)`` with k = ceil(density · n); +inf when k = 0."""
-    n = tv.numel()
-    k = kth_rank(density, n)
-    if k == 0:
-        return float("inf")
-    return float(torch.kthvalue(tv.abs().reshape(-1).cpu(), n - k + 1).values)
+    return kth_largest(tv, kth_rank(density, tv.numel()))
+
+
+def model_scope_values(
+    params_by_tensor: dict[str, Params], warn: Callable[[str], None], names: tuple[str, ...]
+) -> list[tuple[float, ...]] | None:
+    """Per expert, the per-model parameters ``names`` shared by every tensor with scope: model.
+
+    None when no tensor has scope: model, or when the values vary across tensors (gradients,
+    filters): a whole-model rank needs one value per expert, so those tensors then fall back to
+    scope: tensor, with a warning.
+    """
+    scoped = [p for p in params_by_tensor.values() if p["scope"] == "model"]
+    if not scoped:
+        return None
+    values = {tuple(zip(*(p[k] for k in names), strict=True)) for p in scoped}
+    if len(values) > 1:
+        verb = "varies" if len(names) == 1 else "vary"
+        warn(
+            f"{' and '.join(names)} {verb} across tensors, so each tensor is trimmed alone "
+            "(scope: tensor)"
+        )
+        for p in scoped:
+            p["scope"] = "tensor"
+        return None
+    return list(values.pop())
 
 
 def magnitude_trim(tv: torch.Tensor, threshold: float) -> torch.Tensor:

@@ -7,7 +7,10 @@ no statistic wants another pass, then hands the values to the method in ``inputs
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
@@ -16,6 +19,8 @@ from mergecli.methods.inputs import TensorInputs
 
 _BITS = {torch.float32: (torch.int32, 32), torch.float64: (torch.int64, 64)}
 _DIGIT = 16
+BINS = 1 << _DIGIT
+"""Bins of one histogram of the magnitude statistics."""
 
 
 class Statistic(Protocol):
@@ -29,24 +34,34 @@ class Statistic(Protocol):
     def value(self) -> Any: ...
 
 
-class KthLargestMagnitude:
-    """Exact k-th largest ``abs(τt)`` over all tensors of each expert, k = ceil(density · n).
+@dataclass
+class _Target:
+    """One wanted rank: the bit prefix found so far and the rank left inside that prefix."""
 
-    Non-negative IEEE floats order like their bit patterns, so the threshold is found digit by
+    prefix: int
+    rank: int
+
+
+class LargestMagnitudes:
+    """Exact r-th largest ``abs(τt)`` over all tensors of each expert, for a few ranks r.
+
+    Non-negative IEEE floats order like their bit patterns, so each value is found digit by
     digit (16 bits a pass) from histograms of the bit patterns: two passes for float32, four for
-    float64. Memory is one 65,536-bin histogram per expert. The result equals ``torch.kthvalue``
-    on the concatenated task vector, since both see the same float bit patterns.
+    float64. Memory is at most one 65,536-bin histogram per (expert, rank), whatever the model's
+    size. Each value equals ``torch.kthvalue`` on the concatenated task vector, since both see
+    the same float bit patterns.
     """
 
-    def __init__(self, key: str, densities: list[float]) -> None:
+    def __init__(self, key: str, ranks: Sequence[Callable[[int], Sequence[int]]]) -> None:
+        """``ranks[t]`` maps expert t's number of entries n to 1-based ranks from the top
+        (a rank 0 selects nothing: its value is +inf)."""
         self.key = key
-        self.densities = densities
-        self.counts = [0] * len(densities)
-        self.prefix = [0] * len(densities)
-        self.rank = [0] * len(densities)
+        self.rank_fns = list(ranks)
+        self.counts = [0] * len(self.rank_fns)
+        self.targets: list[list[_Target]] | None = None
         self.bits: int | None = None
         self.shift: int | None = None
-        self.hist: list[torch.Tensor] | None = None
+        self.hist: dict[tuple[int, int | None], torch.Tensor] = {}
         self.done = False
 
     def passes(self, compute_dtype: torch.dtype) -> int:
@@ -55,50 +70,90 @@ class KthLargestMagnitude:
     def wants_pass(self) -> bool:
         return not self.done
 
+    def _prefixes(self, t: int) -> set[int | None]:
+        """Prefixes histogrammed for expert t this pass (None: the first pass, no prefix)."""
+        if self.targets is None:
+            return {None}
+        return {target.prefix for target in self.targets[t] if target.rank}
+
     def observe(self, inputs: TensorInputs) -> None:
         for t, tv in enumerate(inputs.task_vectors()):
             int_dtype, bits = _BITS[tv.dtype]
             if self.shift is None:
                 self.bits, self.shift = bits, bits - _DIGIT
-            if self.hist is None:
-                self.hist = [torch.zeros(1 << _DIGIT, dtype=torch.int64) for _ in self.densities]
-            pattern = tv.abs().view(int_dtype).reshape(-1)
-            if self.shift + _DIGIT < bits:  # keep only entries under the prefix found so far
-                pattern = pattern[(pattern >> (self.shift + _DIGIT)) == self.prefix[t]]
-            digit = (pattern >> self.shift) & ((1 << _DIGIT) - 1)
-            self.hist[t] += torch.bincount(digit, minlength=1 << _DIGIT).cpu()
-            if self.shift + _DIGIT == bits:
+            if self.targets is None:
                 self.counts[t] += tv.numel()
+            pattern = tv.abs().view(int_dtype).reshape(-1)
+            for prefix in self._prefixes(t):
+                # keep only the entries under the prefix found so far
+                selected = pattern
+                if prefix is not None:
+                    selected = pattern[(pattern >> (self.shift + _DIGIT)) == prefix]
+                digit = (selected >> self.shift) & (BINS - 1)
+                counts = torch.bincount(digit, minlength=BINS).cpu()
+                if (t, prefix) in self.hist:
+                    self.hist[t, prefix] += counts
+                else:
+                    self.hist[t, prefix] = counts
 
     def end_pass(self) -> None:
-        assert self.hist is not None and self.shift is not None and self.bits is not None
-        first = self.shift + _DIGIT == self.bits
-        for t, hist in enumerate(self.hist):
-            if first:
-                k = kth_rank(self.densities[t], self.counts[t])
-                self.rank[t] = k  # 1-based rank from the top among entries under the prefix
-            if self.rank[t] == 0:
-                continue
-            from_top = torch.cumsum(hist.flip(0), 0)
-            index = int(torch.searchsorted(from_top, torch.tensor(self.rank[t])))
-            above = int(from_top[index - 1]) if index > 0 else 0
-            self.rank[t] -= above
-            self.prefix[t] = (self.prefix[t] << _DIGIT) | ((1 << _DIGIT) - 1 - index)
-        self.hist = None
+        assert self.shift is not None
+        first = self.targets is None
+        if self.targets is None:
+            self.targets = [
+                [_Target(0, rank) for rank in fn(n)]
+                for fn, n in zip(self.rank_fns, self.counts, strict=True)
+            ]
+        for t, targets in enumerate(self.targets):
+            for target in targets:
+                if target.rank == 0:
+                    continue
+                hist = self.hist[t, None if first else target.prefix]
+                from_top = torch.cumsum(hist.flip(0), 0)
+                index = int(torch.searchsorted(from_top, torch.tensor(target.rank)))
+                target.rank -= int(from_top[index - 1]) if index > 0 else 0
+                target.prefix = (target.prefix << _DIGIT) | (BINS - 1 - index)
+        self.hist = {}
         if self.shift == 0:
             self.done = True
         else:
             self.shift = max(self.shift - _DIGIT, 0)
 
-    def value(self) -> list[float]:
-        """Thresholds per expert (+inf where k = 0: nothing is kept)."""
-        assert self.done and self.bits is not None
+    def state_bytes(self) -> int:
+        """Bytes held by the histograms now (bounded by experts × ranks × 65,536 × 8)."""
+        return sum(h.nbytes for h in self.hist.values())
+
+    def value(self) -> list[list[float]]:
+        """Per expert, the magnitude at each rank (+inf for a rank 0)."""
+        assert self.done and self.targets is not None and self.bits is not None
         int_dtype = torch.int32 if self.bits == 32 else torch.int64
         float_dtype = torch.float32 if self.bits == 32 else torch.float64
         return [
-            float(torch.tensor(p, dtype=int_dtype).view(float_dtype)) if r else float("inf")
-            for p, r in zip(self.prefix, self.rank, strict=True)
+            [
+                float(torch.tensor(x.prefix, dtype=int_dtype).view(float_dtype))
+                if x.rank
+                else float("inf")
+                for x in targets
+            ]
+            for targets in self.targets
         ]
+
+
+class KthLargestMagnitude(LargestMagnitudes):
+    """The TIES threshold: k-th largest ``abs(τt)`` of each expert's whole task vector,
+    k = ceil(density · n)."""
+
+    def __init__(self, key: str, densities: list[float]) -> None:
+        super().__init__(key, [functools.partial(_top_k, d) for d in densities])
+        self.densities = densities
+
+    def value(self) -> list[float]:  # type: ignore[override]
+        """Thresholds per expert (+inf where k = 0: nothing is kept)."""
+        return [values[0] for values in super().value()]
+
+
+def _top_k(density: float, n: int) -> list[int]:
+    return [kth_rank(density, n)]
 
 
 def kth_rank(density: float, n: int) -> int:
@@ -107,3 +162,8 @@ def kth_rank(density: float, n: int) -> int:
     Convention: the product is rounded to 9 decimals first, so that 0.3 · 10 keeps 3, not 4.
     """
     return min(n, max(0, math.ceil(round(density * n, 9))))
+
+
+def floor_rank(fraction: float, n: int) -> int:
+    """floor(fraction · n) clipped to [0, n], the product rounded to 9 decimals first."""
+    return min(n, max(0, math.floor(round(fraction * n, 9))))

@@ -14,6 +14,7 @@ from mergecli.methods.sparsify import (
     disjoint_merge,
     elect_sign,
     magnitude_trim,
+    model_scope_values,
     tensor_threshold,
 )
 from mergecli.methods.statistics import KthLargestMagnitude, Statistic
@@ -25,36 +26,39 @@ SIGN = Param("sign", "mass", str, "sign election: Σ τ̂t or Σ sign(τ̂t)", c
 NORMALIZE = Param(
     "normalize", True, bool, "mergekit compatibility: false turns merge_func mean into sum"
 )
+SCOPE = Param("scope", "model", str, "where the top-k is taken", choices=("model", "tensor"))
 MERGEKIT_IGNORED = {"int8_mask": "a mergekit memory option that mergecli does not need"}
+
+
+def ties_vector(inputs: TensorInputs, trimmed: list[torch.Tensor], p: Params) -> torch.Tensor:
+    """τm: the disjoint merge of the trimmed task vectors around the elected sign."""
+    merge_func = "sum" if p["merge_func"] == "mean" and not p["normalize"] else p["merge_func"]
+    gamma = elect_sign(trimmed, p["sign"])
+    return disjoint_merge(inputs, trimmed, p["weight"], gamma, merge_func)
 
 
 def elect_and_merge(inputs: TensorInputs, trimmed: list[torch.Tensor], p: Params) -> torch.Tensor:
     """θ0 + λ · disjoint merge of the trimmed task vectors around the elected sign."""
-    merge_func = "sum" if p["merge_func"] == "mean" and not p["normalize"] else p["merge_func"]
-    gamma = elect_sign(trimmed, p["sign"])
-    merged = disjoint_merge(inputs, trimmed, p["weight"], gamma, merge_func)
     assert inputs.base is not None
-    return inputs.base + p["lambda"] * merged
+    return inputs.base + p["lambda"] * ties_vector(inputs, trimmed, p)
+
+
+def trimmed_task_vectors(inputs: TensorInputs, p: Params) -> list[torch.Tensor]:
+    """τ̂t: each task vector keeps its top ``density`` by magnitude, within ``scope``."""
+    tvs = inputs.task_vectors()
+    if p["scope"] == "model":
+        thresholds = inputs.stats[THRESHOLDS]
+    else:
+        thresholds = [tensor_threshold(tv, d) for tv, d in zip(tvs, p["density"], strict=True)]
+    return [magnitude_trim(tv, k) for tv, k in zip(tvs, thresholds, strict=True)]
 
 
 def model_scope_thresholds(
     params_by_tensor: dict[str, Params], warn: Callable[[str], None]
 ) -> list[Statistic]:
-    """The exact model-scope top-k thresholds, when any tensor uses scope: model.
-
-    A model-wide top-k needs one density per expert; where densities vary across tensors
-    (mergekit-style gradients or filters) those tensors fall back to scope: tensor, with a warning.
-    """
-    scoped = {name: p for name, p in params_by_tensor.items() if p["scope"] == "model"}
-    densities = {tuple(p["density"]) for p in scoped.values()}
-    if len(densities) > 1:
-        warn("density varies across tensors, so TIES trims each tensor alone (scope: tensor)")
-        for p in scoped.values():
-            p["scope"] = "tensor"
-        return []
-    if not scoped:
-        return []
-    return [KthLargestMagnitude(THRESHOLDS, list(densities.pop()))]
+    """The exact model-scope top-k thresholds, when any tensor uses scope: model."""
+    shared = model_scope_values(params_by_tensor, warn, ("density",))
+    return [] if shared is None else [KthLargestMagnitude(THRESHOLDS, [d for (d,) in shared])]
 
 
 @merge_method(
@@ -65,7 +69,7 @@ def model_scope_thresholds(
         WEIGHT,
         Param("density", 0.2, help="fraction of entries kept by magnitude", per_model=True),
         LAMBDA,
-        Param("scope", "model", str, "where the top-k is taken", choices=("model", "tensor")),
+        SCOPE,
         MERGE_FUNC,
         SIGN,
         NORMALIZE,
@@ -74,19 +78,15 @@ def model_scope_thresholds(
     ignored=MERGEKIT_IGNORED,
     convention=(
         "scope: model (original TIES code) is the default; mergekit and peft trim per tensor "
-        "(scope: tensor). k = ceil(density·n); entries equal to the k-th magnitude are kept; "
-        "the election uses unweighted trimmed vectors; a zero sum elects +1. Densities that vary "
-        "across tensors (gradients, filters) imply scope: tensor."
+        "(scope: tensor). k = ceil(density·n) (peft: floor); entries equal to the k-th "
+        "magnitude are kept; the election uses unweighted trimmed vectors; a zero sum elects "
+        "+1; merge_func mean divides by Σ wt over the agreeing experts (peft divides the "
+        "weighted sum by their count). Densities that vary across tensors (gradients, filters) "
+        "imply scope: tensor."
     ),
 )
 def ties(inputs: TensorInputs, p: Params) -> torch.Tensor:
-    tvs = inputs.task_vectors()
-    if p["scope"] == "model":
-        thresholds = inputs.stats[THRESHOLDS]
-    else:
-        thresholds = [tensor_threshold(tv, d) for tv, d in zip(tvs, p["density"], strict=True)]
-    trimmed = [magnitude_trim(tv, k) for tv, k in zip(tvs, thresholds, strict=True)]
-    return elect_and_merge(inputs, trimmed, p)
+    return elect_and_merge(inputs, trimmed_task_vectors(inputs, p), p)
 
 
 @merge_method(

@@ -100,7 +100,12 @@ def check_settings(
             f"{source}: parameters.weight: set by temporal merging (the EMA weighs 1 − w and w, "
             "deploy: all weighs experts equally)"
         )
-    method = get_method(recipe.merge_method)
+    method = get_method(recipe.merge_method).resolve(recipe.parameters)
+    if method.output != "model":
+        raise MergeError(
+            f"{source}: '{method.name}' writes a task-mask artifact, not a model, so it cannot "
+            "be folded over time"
+        )
     uses_ema = "ema" in (temporal.init, temporal.deploy)
     weight = method.param("weight")
     if uses_ema and (weight is None or not weight.per_model):

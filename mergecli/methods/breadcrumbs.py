@@ -1,0 +1,120 @@
+"""Model breadcrumbs: drop the largest and the smallest magnitudes of each task vector."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import torch
+
+from mergecli.errors import MergeError
+from mergecli.methods.inputs import TensorInputs
+from mergecli.methods.linear import LAMBDA, WEIGHT, weighted_sum
+from mergecli.methods.registry import Param, Params, merge_method
+from mergecli.methods.sparsify import kth_largest, model_scope_values
+from mergecli.methods.statistics import LargestMagnitudes, Statistic, floor_rank
+from mergecli.methods.ties import (
+    MERGE_FUNC,
+    MERGEKIT_IGNORED,
+    NORMALIZE,
+    SCOPE,
+    SIGN,
+    elect_and_merge,
+)
+
+THRESHOLDS = "breadcrumbs.thresholds"
+
+DENSITY = Param("density", 0.9, help="fraction of entries kept", per_model=True)
+GAMMA = Param("gamma", 0.01, help="fraction of the largest magnitudes dropped", per_model=True)
+CONVENTION = (
+    "Entries of magnitude rank r (1 = largest) are kept when ⌊γn⌋ < r ≤ ⌊(γ+density)n⌋ "
+    "(products rounded to 9 decimals; mergekit keeps ⌊density·n⌋ below the top ⌊γn⌋). "
+    "As thresholds: entries tied with the ⌊γn⌋-th magnitude are dropped, entries tied with "
+    "the ⌊(γ+density)n⌋-th kept. scope: model ranks each expert's whole task vector (exact, "
+    "two statistics passes); densities or gammas that vary across tensors imply scope: tensor."
+)
+
+
+def breadcrumb_ranks(density: float, gamma: float, n: int) -> list[int]:
+    """The ranks of the two thresholds: the last dropped at the top, the last kept."""
+    return [floor_rank(gamma, n), floor_rank(gamma + density, n)]
+
+
+def breadcrumb_trim(tv: torch.Tensor, top: float, low: float) -> torch.Tensor:
+    """τ ⊙ [low ≤ abs(τ) < top]."""
+    magnitude = tv.abs()
+    return tv * ((magnitude < top) & (magnitude >= low))
+
+
+def breadcrumbs_trimmed(inputs: TensorInputs, p: Params) -> list[torch.Tensor]:
+    """Every task vector without its top γ and its bottom magnitudes, within ``scope``."""
+    tvs = inputs.task_vectors()
+    if p["scope"] == "model":
+        thresholds = inputs.stats[THRESHOLDS]
+    else:
+        thresholds = [
+            [kth_largest(tv, r) for r in breadcrumb_ranks(d, g, tv.numel())]
+            for tv, d, g in zip(tvs, p["density"], p["gamma"], strict=True)
+        ]
+    trimmed = [
+        breadcrumb_trim(tv, top, low) for tv, (top, low) in zip(tvs, thresholds, strict=True)
+    ]
+    for t, x in enumerate(trimmed):
+        inputs.kept[t] = float((x != 0).sum()) / max(x.numel(), 1)
+    return trimmed
+
+
+def model_scope_thresholds(
+    params_by_tensor: dict[str, Params], warn: Callable[[str], None]
+) -> list[Statistic]:
+    """Both rank thresholds of each expert's whole task vector, when scope is model."""
+    shared = model_scope_values(params_by_tensor, warn, ("density", "gamma"))
+    if shared is None:
+        return []
+    ranks = [functools.partial(breadcrumb_ranks, d, g) for d, g in shared]
+    return [LargestMagnitudes(THRESHOLDS, ranks)]
+
+
+def check_fractions(p: Params, name: str) -> None:
+    for t, (d, g) in enumerate(zip(p["density"], p["gamma"], strict=True)):
+        if not (0 <= d <= 1 and 0 <= g <= 1 and d + g <= 1):
+            raise MergeError(
+                f"models[{t}]: breadcrumbs needs 0 ≤ density, 0 ≤ gamma and density + gamma ≤ 1 "
+                f"(got density {d}, gamma {g} for '{name}')"
+            )
+
+
+@merge_method(
+    "breadcrumbs",
+    "Model breadcrumbs: per scope drop the largest gamma fraction of abs(τt) and the smallest, "
+    "keeping a density fraction; then task arithmetic θ = θ0 + λ Σ wt τ̂t",
+    params=(
+        WEIGHT,
+        DENSITY,
+        GAMMA,
+        LAMBDA,
+        SCOPE,
+        Param("normalize", False, bool, "divide by Σ wt"),
+    ),
+    statistics=model_scope_thresholds,
+    check=check_fractions,
+    ignored=MERGEKIT_IGNORED,
+    convention=CONVENTION,
+)
+def breadcrumbs(inputs: TensorInputs, p: Params) -> torch.Tensor:
+    merged = weighted_sum(breadcrumbs_trimmed(inputs, p), p["weight"], p["normalize"], inputs.name)
+    assert inputs.base is not None
+    return inputs.base + p["lambda"] * merged
+
+
+@merge_method(
+    "breadcrumbs_ties",
+    "Breadcrumbs masks, then TIES election γ = sign(Σ τ̂t) and disjoint merge; θ = θ0 + λ τm",
+    params=(WEIGHT, DENSITY, GAMMA, LAMBDA, SCOPE, MERGE_FUNC, SIGN, NORMALIZE),
+    statistics=model_scope_thresholds,
+    check=check_fractions,
+    ignored=MERGEKIT_IGNORED,
+    convention=CONVENTION + " Election and disjoint merge as in ties.",
+)
+def breadcrumbs_ties(inputs: TensorInputs, p: Params) -> torch.Tensor:
+    return elect_and_merge(inputs, breadcrumbs_trimmed(inputs, p), p)

@@ -1,0 +1,24 @@
+"""MagMax: per entry, the task vector entry of largest magnitude."""
+
+from __future__ import annotations
+
+import torch
+
+from mergecli.methods.inputs import TensorInputs
+from mergecli.methods.linear import LAMBDA
+from mergecli.methods.registry import Params, merge_method
+
+
+@merge_method(
+    "magmax",
+    "MagMax: per entry take the τt of largest magnitude; θ = θ0 + λ τmax",
+    params=(LAMBDA,),
+    convention="Equal magnitudes take the expert listed first (lowest t).",
+)
+def magmax(inputs: TensorInputs, p: Params) -> torch.Tensor:
+    stacked = torch.stack(inputs.task_vectors())
+    choice = stacked.abs().argmax(0, keepdim=True)  # the first maximum on ties
+    for t in range(stacked.shape[0]):
+        inputs.kept[t] = float((choice == t).sum()) / max(choice.numel(), 1)
+    assert inputs.base is not None
+    return inputs.base + p["lambda"] * stacked.gather(0, choice).squeeze(0)
