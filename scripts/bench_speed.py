@@ -150,8 +150,9 @@ def commands(
             path.write_text(yaml.safe_dump(body, sort_keys=False))
             argv = [py, "-m", "mergecli", "merge", str(path), "--output", str(out_dir / tag)]
             argv += ["--quiet", "--device", args.device, "--shard-size", str(shard_bytes)]
-            cmds.append(Command(f"mergecli {method}{suffix}", "mergecli", method, argv,
-                                out_dir / tag))  # fmt: skip
+            cmds.append(
+                Command(f"mergecli {method}{suffix}", "mergecli", method, argv, out_dir / tag)
+            )
         if args.mergekit:
             path = recipes / f"mergekit-{method}.yaml"
             path.write_text(yaml.safe_dump(spec, sort_keys=False))
@@ -160,8 +161,11 @@ def commands(
             argv += ["--out-shard-size", str(shard_bytes // 2)]
             if args.device == "cuda":
                 argv.append("--cuda")
-            cmds.append(Command(f"mergekit {method}", "mergekit", method, argv,
-                                out_dir / f"mergekit-{method}"))  # fmt: skip
+            cmds.append(
+                Command(
+                    f"mergekit {method}", "mergekit", method, argv, out_dir / f"mergekit-{method}"
+                )
+            )
     return cmds
 
 
@@ -189,16 +193,32 @@ def max_abs_diff(a: Path, b: Path) -> tuple[float, float]:
 def embedding_check(args: argparse.Namespace, env: dict[str, str]) -> dict[str, Any]:
     """Peak memory of mergecli merging one ``rows × cols`` embedding (a 150k × 4k vocabulary)."""
     shape = LlamaShape(args.embedding_cols, 256, layers=0, vocab=args.embedding_rows, tied=True)
-    base, experts = write_models(BENCH / f"embedding-{shape.vocab}x{shape.hidden}", shape,
-                                 args.experts, shards=1)  # fmt: skip
+    base, experts = write_models(
+        BENCH / f"embedding-{shape.vocab}x{shape.hidden}", shape, args.experts, shards=1
+    )
     rows = {}
     for method in ("task_arithmetic", "ties"):
         path = BENCH / "recipes" / f"embedding-{method}.yaml"
         path.write_text(yaml.safe_dump(recipe(method, base, experts), sort_keys=False))
         out = BENCH / "out" / f"embedding-{method}"
-        cmd = Command(f"mergecli {method}", "mergecli", method,
-                      [sys.executable, "-m", "mergecli", "merge", str(path), "--output", str(out),
-                       "--quiet", "--device", args.device], out)  # fmt: skip
+        cmd = Command(
+            f"mergecli {method}",
+            "mergecli",
+            method,
+            [
+                sys.executable,
+                "-m",
+                "mergecli",
+                "merge",
+                str(path),
+                "--output",
+                str(out),
+                "--quiet",
+                "--device",
+                args.device,
+            ],
+            out,
+        )
         cmd.run(env)
         shutil.rmtree(out, ignore_errors=True)
         rows[method] = {"wall_s": cmd.wall, "peak_rss_bytes": cmd.peak}
@@ -285,18 +305,27 @@ def table(result: dict[str, Any]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--size-mb", type=float, default=1000.0, help="size of each checkpoint")
     parser.add_argument("--experts", type=int, default=3)
     parser.add_argument("--shards", type=int, default=4)
     parser.add_argument("--runs", type=int, default=3, help="alternating rounds (medians)")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--no-mergekit", dest="mergekit", action="store_false",
-                        help="measure the floor and mergecli only")  # fmt: skip
-    parser.add_argument("--embedding-rows", type=int, default=150_000,
-                        help="rows of the embedding-only memory check (0 skips it)")  # fmt: skip
+    parser.add_argument(
+        "--no-mergekit",
+        dest="mergekit",
+        action="store_false",
+        help="measure the floor and mergecli only",
+    )
+    parser.add_argument(
+        "--embedding-rows",
+        type=int,
+        default=150_000,
+        help="rows of the embedding-only memory check (0 skips it)",
+    )
     parser.add_argument("--embedding-cols", type=int, default=4096)
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     args = parser.parse_args()

@@ -59,11 +59,12 @@ def write_model(folder: Path, base: dict[str, torch.Tensor] | None, seed: int) -
     return state
 
 
-def start_measured_merge(recipe: dict, out: Path) -> subprocess.Popen[str]:
-    """A fresh process that merges and prints the growth of its anonymous resident memory."""
+def start_measured_merge(recipe: dict, out: Path, setup: str = "") -> subprocess.Popen[str]:
+    """A fresh process that merges and prints the growth of its anonymous resident memory
+    (``setup``: Python run first)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(
-        [sys.executable, "-c", MEASURE, json.dumps(recipe), str(out)],
+        [sys.executable, "-c", setup + MEASURE, json.dumps(recipe), str(out)],
         stdout=subprocess.PIPE,
         text=True,
         env=env,

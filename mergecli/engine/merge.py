@@ -13,18 +13,19 @@ from typing import Any
 import torch
 
 from mergecli.engine.output import atomic_folder, check_output, copy_model_files
-from mergecli.engine.plan import MergePlan, TensorPlan
-from mergecli.engine.stream import Timer, stream_inputs
+from mergecli.engine.plan import MergePlan, Rows, TensorPlan
+from mergecli.engine.stream import Timer, stream_pieces
 from mergecli.engine.task_artifact import StoredTaskTensor, TaskArtifactWriter
 from mergecli.engine.writer import ShardWriter
 from mergecli.errors import MergeError
 from mergecli.methods import TaskMasks, TensorInputs
-from mergecli.ops import dot64, sumsq64
 from mergecli.progress import NullProgress, Progress
 from mergecli.report import model_card, write_reports
 
 WRITE_QUEUE = 2
-"""Merged tensors waiting to be written, at most."""
+"""Merged pieces (tensors or row chunks) waiting to be written, at most."""
+BLOCK = 1 << 20
+"""Entries per block of the report's float64 sums (bounds their scratch memory)."""
 
 
 @dataclass
@@ -43,11 +44,11 @@ def gather_statistics(plan: MergePlan, timer: Timer, progress: Progress) -> dict
         passes += 1
         progress.start(f"statistics pass {passes}", len(merged), _read_bytes(plan, merged))
         active = [s for s in plan.statistics if s.wants_pass()]
-        for tensor, inputs in stream_inputs(plan, merged, timer):
+        for tensor, rows, inputs in stream_pieces(plan, merged, timer):
             assert isinstance(inputs, TensorInputs)
             for statistic in active:
                 statistic.observe(inputs)
-            progress.advance(1, _read_bytes(plan, [tensor]))
+            progress.advance(*_piece_progress(plan, tensor, rows))
         for statistic in active:
             statistic.end_pass()
     return {s.key: s.value() for s in plan.statistics}
@@ -57,36 +58,105 @@ def _read_bytes(plan: MergePlan, tensors: list) -> int:
     return sum(src.info(t.name).nbytes for t in tensors for src in plan.read_sources(t))
 
 
-def tensor_report(inputs: TensorInputs, merged: torch.Tensor | TaskMasks) -> dict[str, Any]:
-    """Norms of the task vectors, their cosine with the merged delta (an artifact's unified
-    task vector), kept and sign agreement."""
-    if inputs.base is None:
-        return {"kept": inputs.kept}
-    tvs = inputs.task_vectors()
-    delta = merged.unified if isinstance(merged, TaskMasks) else merged - inputs.base
-    delta_sq = sumsq64(delta)
-    norms, cosines, agreement = [], [], []
-    for tv in tvs:
-        tv_sq = sumsq64(tv)
-        norms.append(tv_sq**0.5)
-        denom = (tv_sq * delta_sq) ** 0.5
-        cosines.append(dot64(tv, delta) / denom if denom > 0 else 0.0)
-        both = (tv != 0) & (delta != 0)
-        count = int(both.sum())
-        same = int((both & (torch.sign(tv) == torch.sign(delta))).sum())
-        agreement.append(same / count if count else None)
-    kept = [
-        k if k is not None else float((tv != 0).sum()) / max(tv.numel(), 1)
-        for k, tv in zip(inputs.kept, tvs, strict=True)
-    ]
+def _piece_progress(plan: MergePlan, tensor: TensorPlan, rows: Rows) -> tuple[int, int]:
+    """Tensors finished and bytes read by one piece, for the progress bar."""
+    nbytes = _read_bytes(plan, [tensor])
+    if rows is None:
+        return 1, nbytes
+    return int(rows[1] == tensor.shape[0]), nbytes * (rows[1] - rows[0]) // tensor.shape[0]
+
+
+class PieceFigures:
+    """The sums behind the tensor report, piece by piece, with float64 scratch buffers reused
+    from one piece to the next."""
+
+    def __init__(self) -> None:
+        self._scratch: torch.Tensor | None = None
+
+    def __call__(self, inputs: TensorInputs, merged: torch.Tensor | TaskMasks) -> dict[str, Any]:
+        """Over one piece: squared norms of the task vectors and of the merged delta (an
+        artifact's unified task vector) and their dot products, accumulated in float64; the
+        entries where both are non-zero and where their signs also agree; the kept fractions."""
+        size = (merged.unified if isinstance(merged, TaskMasks) else merged).numel()
+        if inputs.base is None:
+            return {"kept": list(inputs.kept), "size": size}
+        tvs = [tv.reshape(-1) for tv in inputs.task_vectors()]
+        delta = merged.unified if isinstance(merged, TaskMasks) else merged - inputs.base
+        delta = delta.reshape(-1)
+        m = len(tvs)
+        sums = {key: [0.0] * m for key in ("tv_sq", "dot", "nonzero", "both", "signs")}
+        delta_sq = 0.0
+        for start in range(0, size, BLOCK):
+            stop = min(start + BLOCK, size)
+            d64, t64 = self._buffers(stop - start, delta.device)
+            d64.copy_(delta[start:stop])
+            delta_sq += float(d64.dot(d64))
+            d_sign = torch.sign(delta[start:stop])
+            for t, tv in enumerate(tvs):
+                t64.copy_(tv[start:stop])
+                sums["tv_sq"][t] += float(t64.dot(t64))
+                sums["dot"][t] += float(t64.dot(d64))
+                sign = torch.sign(tv[start:stop])
+                sums["nonzero"][t] += float(sign.abs().sum())
+                sign *= d_sign  # +1 where the signs agree, -1 where they differ, 0 elsewhere
+                sums["signs"][t] += float(sign.sum())
+                sums["both"][t] += float(sign.abs_().sum())
+        both = [round(b) for b in sums["both"]]
+        return {
+            "size": size,
+            "delta_sq": delta_sq,
+            "tv_sq": sums["tv_sq"],
+            "dot": sums["dot"],
+            "both": both,
+            "same": [(b + round(x)) // 2 for b, x in zip(both, sums["signs"], strict=True)],
+            "kept": [
+                k if k is not None else round(n) / max(size, 1)
+                for k, n in zip(inputs.kept, sums["nonzero"], strict=True)
+            ],
+        }
+
+    def _buffers(self, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._scratch is None or self._scratch.shape[1] < n or self._scratch.device != device:
+            self._scratch = torch.empty((2, n), dtype=torch.float64, device=device)
+        return self._scratch[0, :n], self._scratch[1, :n]
+
+
+def tensor_report(pieces: list[dict[str, Any]]) -> dict[str, Any]:
+    """Norms of the task vectors, their cosine with the merged delta, kept and sign agreement,
+    from the ``piece_figures`` of a tensor's pieces."""
+    kept = _kept(pieces)
+    if "tv_sq" not in pieces[0]:
+        return {"kept": kept}
+    delta_sq = sum(p["delta_sq"] for p in pieces)
+    experts = range(len(pieces[0]["tv_sq"]))
+    tv_sq = [sum(p["tv_sq"][t] for p in pieces) for t in experts]
+    dots = [sum(p["dot"][t] for p in pieces) for t in experts]
+    counts = [sum(p["both"][t] for p in pieces) for t in experts]
+    same = [sum(p["same"][t] for p in pieces) for t in experts]
     return {
-        "task_vector_norm": norms,
+        "task_vector_norm": [x**0.5 for x in tv_sq],
         "delta_norm": delta_sq**0.5,
-        "cosine_to_delta": cosines,
+        "cosine_to_delta": [
+            d / (x * delta_sq) ** 0.5 if x * delta_sq > 0 else 0.0
+            for d, x in zip(dots, tv_sq, strict=True)
+        ],
         "kept": kept,
-        "sign_agreement": agreement,
-        "numel": delta.numel(),
+        "sign_agreement": [s / c if c else None for s, c in zip(same, counts, strict=True)],
+        "numel": sum(p["size"] for p in pieces),
     }
+
+
+def _kept(pieces: list[dict[str, Any]]) -> list[float | None]:
+    """Kept fractions of the whole tensor: the pieces' fractions weighted by their sizes."""
+    if len(pieces) == 1:
+        return pieces[0]["kept"]
+    sizes = [p["size"] for p in pieces]
+    return [
+        None
+        if any(p["kept"][t] is None for p in pieces)
+        else sum(p["kept"][t] * n for p, n in zip(pieces, sizes, strict=True)) / sum(sizes)
+        for t in range(len(pieces[0]["kept"]))
+    ]
 
 
 def run_merge(
@@ -102,7 +172,8 @@ def run_merge(
     timer = Timer()
     started = time.perf_counter()
     stats = gather_statistics(plan, timer, progress)
-    per_tensor: dict[str, Any] = {}
+    figures: dict[str, list[dict[str, Any]]] = {}
+    piece_figures = PieceFigures()
     with atomic_folder(output, force) as folder:
         writer: ShardWriter | TaskArtifactWriter = (
             TaskArtifactWriter(folder, plan.artifact, plan.method.name)
@@ -112,11 +183,11 @@ def run_merge(
         progress.start("merging", len(plan.tensors), _read_bytes(plan, plan.tensors))
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergecli-write") as pool:
             pending: deque[Future[None]] = deque()
-            for tensor, inputs in stream_inputs(plan, plan.tensors, timer):
+            for tensor, rows, inputs in stream_pieces(plan, plan.tensors, timer):
                 if isinstance(inputs, TensorInputs):
                     start = time.perf_counter()
                     merged = merge_tensor(plan, tensor, inputs, stats)
-                    per_tensor[tensor.name] = tensor_report(inputs, merged)
+                    figures.setdefault(tensor.name, []).append(piece_figures(inputs, merged))
                     result = stored(tensor, inputs, merged)
                     timer.compute += time.perf_counter() - start
                 else:
@@ -124,7 +195,7 @@ def run_merge(
                 pending.append(pool.submit(_write, writer, tensor.name, result, timer))
                 while len(pending) > WRITE_QUEUE:
                     pending.popleft().result()
-                progress.advance(1, _read_bytes(plan, [tensor]))
+                progress.advance(*_piece_progress(plan, tensor, rows))
             for future in pending:
                 future.result()
         writer.finish()
@@ -136,6 +207,7 @@ def run_merge(
         )
         copy_model_files(ref, tok, folder, plan.out_dtype)
         wall = time.perf_counter() - started
+        per_tensor = {name: tensor_report(pieces) for name, pieces in figures.items()}
         report = build_report(plan, output, per_tensor, timer, writer.bytes_written, wall)
         if isinstance(writer, TaskArtifactWriter):
             report["artifact"] = writer.summary()

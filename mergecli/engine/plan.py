@@ -20,7 +20,13 @@ from mergecli.recipe import Recipe
 from mergecli.sources import Checkpoint
 
 LOOKAHEAD = 2
-"""Tensors read ahead of the one being merged."""
+"""Pieces (tensors or row chunks) read ahead of the one being merged."""
+CHUNK_ELEMENTS = 1 << 20
+"""Entries of one row chunk: tensors merged elementwise, and copied tensors, are read, merged
+and written in chunks of about this size, so memory does not grow with the largest tensor."""
+
+Rows = tuple[int, int] | None
+"""Rows ``start:stop`` of a tensor, or None for the whole tensor."""
 
 
 @dataclass
@@ -72,6 +78,16 @@ class MergePlan:
     def expert_names(self) -> list[str]:
         return [self.recipe.model_name(i) for i in range(len(self.experts))]
 
+    def pieces(self, tensor: TensorPlan) -> list[Rows]:
+        """The row chunks in which a tensor streams: several when it is copied or merged
+        elementwise and larger than CHUNK_ELEMENTS, else the whole tensor."""
+        chunked = not tensor.merge or self.method.is_elementwise(tensor.params)
+        if not chunked or len(tensor.shape) < 2 or tensor.numel <= CHUNK_ELEMENTS:
+            return [None]
+        rows = tensor.shape[0]
+        step = max(1, CHUNK_ELEMENTS * rows // tensor.numel)
+        return [(r, min(r + step, rows)) for r in range(0, rows, step)]
+
     def read_sources(self, tensor: TensorPlan) -> list[Checkpoint]:
         if not tensor.merge:
             return [self.reference]
@@ -101,7 +117,7 @@ class MergePlan:
     @property
     def peak_memory_estimate(self) -> int:
         """Process baseline + prefetched inputs + method temporaries + queued writes (bytes)."""
-        largest = max((t.numel for t in self.tensors), default=0)
+        largest = max((_numel(t, rows) for t in self.tensors for rows in self.pieces(t)), default=0)
         inputs = 1 + len(self.experts)
         compute = largest * self.compute_dtype.itemsize
         stored = largest * max(self.out_dtype.itemsize, 4)
@@ -136,6 +152,10 @@ class MergePlan:
             **artifact,
             "warnings": self.warnings,
         }
+
+
+def _numel(tensor: TensorPlan, rows: Rows) -> int:
+    return tensor.numel if rows is None else tensor.numel // tensor.shape[0] * (rows[1] - rows[0])
 
 
 def natural_key(name: str) -> list[Any]:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mergecli.engine.plan import LOOKAHEAD, MergePlan, TensorPlan
+from mergecli.engine.plan import LOOKAHEAD, MergePlan, Rows, TensorPlan
 from mergecli.methods import TensorInputs
 
 
@@ -24,19 +24,16 @@ class Timer:
     bytes_read: int = 0
 
 
-def _read(plan: MergePlan, tensor: TensorPlan, timer: Timer) -> list[torch.Tensor]:
-    """Read one tensor from each source into private memory (safetensors tensors share the
-    file's copy-on-write mapping between reads, so they must never be modified in place)."""
+def _read(plan: MergePlan, tensor: TensorPlan, rows: Rows, timer: Timer) -> list[torch.Tensor]:
+    """Read one piece from each source into private memory: in the compute dtype when merged
+    on the CPU (converted once, in place of a copy), page-locked as stored for a GPU."""
     start = time.perf_counter()
+    cuda = plan.device.type == "cuda"
     out = []
     for source in plan.read_sources(tensor):
-        t = source.read(tensor.name)
+        t = source.read(tensor.name, rows, pin=cuda)
         timer.bytes_read += t.nbytes
-        if plan.device.type == "cuda":
-            t = t.pin_memory()
-        elif tensor.merge:
-            t = t.to(plan.compute_dtype, copy=True)
-        out.append(t)
+        out.append(t.to(plan.compute_dtype) if tensor.merge and not cuda else t)
     timer.read += time.perf_counter() - start
     return out
 
@@ -44,25 +41,36 @@ def _read(plan: MergePlan, tensor: TensorPlan, timer: Timer) -> list[torch.Tenso
 def stream_inputs(
     plan: MergePlan, tensors: list[TensorPlan], timer: Timer
 ) -> Iterator[tuple[TensorPlan, TensorInputs | torch.Tensor]]:
-    """Yield each tensor's inputs in compute dtype on the plan's device.
+    """Yield each whole tensor's inputs in compute dtype on the plan's device, reading ahead.
 
     Merged tensors give TensorInputs; copied tensors give the reference's tensor as stored.
     """
+    for tensor, _, inputs in stream_pieces(plan, tensors, timer, chunked=False):
+        yield tensor, inputs
+
+
+def stream_pieces(
+    plan: MergePlan, tensors: list[TensorPlan], timer: Timer, chunked: bool = True
+) -> Iterator[tuple[TensorPlan, Rows, TensorInputs | torch.Tensor]]:
+    """Like ``stream_inputs``, but a tensor comes in the row chunks of ``plan.pieces`` (in
+    order; the chunks of a tensor share its random generators) when ``chunked``."""
+    pieces = [(t, rows) for t in tensors for rows in (plan.pieces(t) if chunked else [None])]
+    generators: dict[str, dict[int, torch.Generator]] = {}
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergecli-read") as pool:
-        pending: deque[tuple[TensorPlan, Future[list[torch.Tensor]]]] = deque()
-        queue = iter(tensors)
-        for tensor in queue:
-            pending.append((tensor, pool.submit(_read, plan, tensor, timer)))
+        pending: deque[tuple[TensorPlan, Rows, Future[list[torch.Tensor]]]] = deque()
+        queue = iter(pieces)
+        for tensor, rows in queue:
+            pending.append((tensor, rows, pool.submit(_read, plan, tensor, rows, timer)))
             if len(pending) > LOOKAHEAD:
                 break
         while pending:
-            tensor, future = pending.popleft()
+            tensor, rows, future = pending.popleft()
             raw = future.result()
             nxt = next(queue, None)
             if nxt is not None:
-                pending.append((nxt, pool.submit(_read, plan, nxt, timer)))
+                pending.append((*nxt, pool.submit(_read, plan, *nxt, timer)))
             if not tensor.merge:
-                yield tensor, raw[0]
+                yield tensor, rows, raw[0]
                 continue
             start = time.perf_counter()
             moved = [t.to(plan.device, non_blocking=True).to(plan.compute_dtype) for t in raw]
@@ -70,9 +78,12 @@ def stream_inputs(
             base = moved.pop(0) if plan.uses_base else None
             experts = [None if e.delta else w for e, w in zip(plan.experts, moved, strict=True)]
             deltas = [w if e.delta else None for e, w in zip(plan.experts, moved, strict=True)]
+            if tensor.name not in generators:
+                generators = {tensor.name: {}}
             timer.compute += time.perf_counter() - start
             yield (
                 tensor,
+                rows,
                 TensorInputs(
                     name=tensor.name,
                     base=base,
@@ -81,5 +92,6 @@ def stream_inputs(
                     seed=plan.recipe.seed,
                     layer=tensor.layer,
                     num_layers=plan.num_layers,
+                    generators=generators[tensor.name],
                 ),
             )

@@ -14,7 +14,7 @@ class ShardWriter:
     """Writes tensors, in layout order, into the shards of ``folder``.
 
     Each shard's header is written when its first tensor arrives; tensors must come in the
-    layout's order with the layout's shape and dtype.
+    layout's order with the layout's shape and dtype, whole or as consecutive row chunks.
     """
 
     def __init__(self, folder: Path, shards: list[Shard], metadata: dict[str, str] | None = None):
@@ -23,19 +23,26 @@ class ShardWriter:
         self.metadata = metadata
         self._order = [(s, i) for s in shards for i in range(len(s.names))]
         self._next = 0
+        self._rows = 0
         self._file: BinaryIO | None = None
         self.bytes_written = 0
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Append a tensor, or the next rows of it."""
         shard, i = self._order[self._next]
         if shard.names[i] != name:
             raise RuntimeError(f"writer expected {shard.names[i]!r}, got {name!r}")
-        if tuple(tensor.shape) != shard.shapes[i] or tensor.dtype != shard.dtypes[i]:
+        shape = shard.shapes[i]
+        got = tuple(tensor.shape)
+        whole = got == shape and self._rows == 0
+        rows = got[0] if got and not whole else 0
+        piece = bool(shape) and got[1:] == shape[1:] and self._rows + rows <= shape[0]
+        if tensor.dtype != shard.dtypes[i] or not (whole or piece):
             raise RuntimeError(
-                f"{name}: layout says {shard.shapes[i]} {shard.dtypes[i]}, "
-                f"got {tuple(tensor.shape)} {tensor.dtype}"
+                f"{name}: layout says {shape} {shard.dtypes[i]}, got {got} {tensor.dtype}"
+                + (f" after {self._rows} rows" if self._rows else "")
             )
-        if i == 0:
+        if i == 0 and self._rows == 0:
             self._close()
             self._file = (self.folder / shard.file).open("wb")
             header = shard.header(self.metadata)
@@ -45,7 +52,10 @@ class ShardWriter:
         data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
         self._file.write(memoryview(data))
         self.bytes_written += data.nbytes
-        self._next += 1
+        self._rows += rows
+        if whole or self._rows == shape[0]:
+            self._next += 1
+            self._rows = 0
 
     def _close(self) -> None:
         if self._file is not None:

@@ -33,6 +33,9 @@ class TensorInputs:
     num_layers: int = 0
     stats: dict[str, Any] = field(default_factory=dict)
     kept: list[float | None] = field(default_factory=list)
+    generators: dict[int, torch.Generator] = field(default_factory=dict)
+    """The experts' generators, shared by the row chunks of one tensor: chunk after chunk
+    continues the whole tensor's random stream."""
 
     def __post_init__(self) -> None:
         if not self.kept:
@@ -64,8 +67,11 @@ class TensorInputs:
         return [w for w in self.expert_weights if w is not None]
 
     def generator(self, expert: int) -> torch.Generator:
-        """A CPU generator seeded by (recipe seed, expert index, tensor name)."""
-        return torch.Generator(device="cpu").manual_seed(seed_for(self.seed, expert, self.name))
+        """The CPU generator seeded by (recipe seed, expert index, tensor name)."""
+        if expert not in self.generators:
+            seed = seed_for(self.seed, expert, self.name)
+            self.generators[expert] = torch.Generator(device="cpu").manual_seed(seed)
+        return self.generators[expert]
 
     def bernoulli_mask(self, expert: int, keep: float | torch.Tensor) -> torch.Tensor:
         """A keep-mask drawn on the CPU (device independent), on the inputs' device."""

@@ -34,6 +34,7 @@ def weighted_sum(
     params=(WEIGHT, Param("normalize", True, bool, "divide by Σ wt")),
     base="unused",
     convention="A base model, if given, only supplies config, tokenizer and non-float tensors.",
+    elementwise=True,
 )
 def linear(inputs: TensorInputs, p: Params) -> torch.Tensor:
     return weighted_sum(inputs.weights(), p["weight"], p["normalize"], inputs.name)
@@ -43,6 +44,7 @@ def linear(inputs: TensorInputs, p: Params) -> torch.Tensor:
     "task_arithmetic",
     "θ = θ0 + λ Σ wt τt; normalize: true divides the sum by Σ wt",
     params=(WEIGHT, LAMBDA, Param("normalize", False, bool, "divide the sum by Σ wt")),
+    elementwise=True,
 )
 def task_arithmetic(inputs: TensorInputs, p: Params) -> torch.Tensor:
     merged = weighted_sum(inputs.task_vectors(), p["weight"], p["normalize"], inputs.name)
@@ -61,6 +63,7 @@ def task_arithmetic(inputs: TensorInputs, p: Params) -> torch.Tensor:
         Param("rescale", True, bool, "divide kept entries by density (mergekit's option)"),
     ),
     convention="Masks depend only on (seed, expert index, tensor name); drawn on the CPU.",
+    elementwise=True,
 )
 def dare_linear(inputs: TensorInputs, p: Params) -> torch.Tensor:
     dropped = [

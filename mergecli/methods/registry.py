@@ -81,9 +81,16 @@ class MethodSpec:
     output: Literal["model", "task_masks"] = "model"
     """What ``fn`` returns per tensor: merged weights ("model"), or a ``TaskMasks`` that the
     engine writes into a task-conditional artifact ("task_masks")."""
+    elementwise: bool | Callable[[Params], bool] = False
+    """Whether each merged entry depends only on the same entry of the inputs (and whole-model
+    statistics), given a tensor's params: the engine may then merge that tensor in row chunks,
+    with results equal to the whole tensor's bit for bit."""
     composes: str | None = None
     """The parameter naming another method that this one wraps (``lines``' base_method): the
     recipe then also takes that method's parameters, and its statistics and checks apply."""
+
+    def is_elementwise(self, params: Params) -> bool:
+        return self.elementwise(params) if callable(self.elementwise) else self.elementwise
 
     def param(self, name: str) -> Param | None:
         return next((p for p in self.params if p.name == name), None)

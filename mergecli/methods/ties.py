@@ -76,6 +76,7 @@ def model_scope_thresholds(
     ),
     statistics=model_scope_thresholds,
     ignored=MERGEKIT_IGNORED,
+    elementwise=lambda p: p["scope"] == "model",
     convention=(
         "scope: model (original TIES code) is the default; mergekit and peft trim per tensor "
         "(scope: tensor). k = ceil(density·n) (peft: floor); entries equal to the k-th "
@@ -104,6 +105,7 @@ def ties(inputs: TensorInputs, p: Params) -> torch.Tensor:
     ),
     ignored=MERGEKIT_IGNORED,
     convention="Masks depend only on (seed, expert index, tensor name); drawn on the CPU.",
+    elementwise=True,
 )
 def dare_ties(inputs: TensorInputs, p: Params) -> torch.Tensor:
     dropped = [

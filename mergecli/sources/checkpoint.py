@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,6 +52,8 @@ class TensorInfo:
     shape: tuple[int, ...]
     dtype: torch.dtype
     file: Path
+    offset: int = -1
+    """Where the tensor's bytes start in a safetensors ``file`` (-1: a pickle ``.bin``)."""
 
     @property
     def numel(self) -> int:
@@ -61,6 +65,28 @@ class TensorInfo:
     @property
     def nbytes(self) -> int:
         return self.numel * self.dtype.itemsize
+
+    @property
+    def rows(self) -> int:
+        """Length of the first dimension (1 for a scalar)."""
+        return self.shape[0] if self.shape else 1
+
+
+def read_into(fd: int, out: torch.Tensor, offset: int) -> None:
+    """Fill the contiguous CPU tensor ``out`` with the file's bytes from ``offset`` (positional
+    reads: safe from several threads, no shared file position, no memory map)."""
+    view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
+    done = 0
+    while done < len(view):
+        got = os.preadv(fd, [view[done:]], offset + done)
+        if got == 0:
+            raise OSError(f"unexpected end of file at byte {offset + done}")
+        done += got
+
+
+def _close_all(fds: dict[Path, int]) -> None:
+    for fd in fds.values():
+        os.close(fd)
 
 
 class Checkpoint:
@@ -80,6 +106,8 @@ class Checkpoint:
             raise MergeError(f"{label}: '{path}' is not a folder")
         self.files = self._weight_files(allow_bin)
         self._handles: dict[Path, Any] = {}
+        self._fds: dict[Path, int] = {}
+        weakref.finalize(self, _close_all, self._fds)
         self._infos: dict[str, TensorInfo] = {}
         for file in self.files:
             self._read_header(file)
@@ -118,12 +146,17 @@ class Checkpoint:
         except Exception as exc:  # safetensors raises its own error types
             raise MergeError(f"{self.label}: cannot read '{file}': {exc}") from None
         self._handles[file] = handle
+        with file.open("rb") as fh:  # safe_open validated the header; it does not give offsets
+            size = int.from_bytes(fh.read(8), "little")
+            entries = json.loads(fh.read(size))
         for name in handle.keys():  # noqa: SIM118  (safe_open is not iterable)
             piece = handle.get_slice(name)
             code = piece.get_dtype()
             if code not in SAFETENSORS_DTYPES:
                 raise MergeError(f"{self.label}: tensor '{name}' in {file} has dtype {code}")
-            self._infos[name] = TensorInfo(tuple(piece.get_shape()), SAFETENSORS_DTYPES[code], file)
+            offset = 8 + size + entries[name]["data_offsets"][0]
+            dtype = SAFETENSORS_DTYPES[code]
+            self._infos[name] = TensorInfo(tuple(piece.get_shape()), dtype, file, offset)
 
     def tensor_names(self) -> list[str]:
         return list(self._infos)
@@ -134,10 +167,31 @@ class Checkpoint:
     def __contains__(self, name: str) -> bool:
         return name in self._infos
 
-    def read(self, name: str) -> torch.Tensor:
-        """One tensor, on the CPU, in its stored dtype."""
-        handle = self._handles[self._infos[name].file]
-        return handle[name] if isinstance(handle, dict) else handle.get_tensor(name)
+    def read(
+        self, name: str, rows: tuple[int, int] | None = None, pin: bool = False
+    ) -> torch.Tensor:
+        """One tensor (or its rows ``start:stop``), on the CPU, in its stored dtype.
+
+        Safetensors data is read straight from the file into private memory (page-locked when
+        ``pin``), so the result may be modified in place and the process keeps no mapping of
+        the file resident.
+        """
+        info = self._infos[name]
+        if info.offset < 0:
+            tensor = self._handles[info.file][name]
+            return tensor if rows is None else tensor[rows[0] : rows[1]]
+        start, stop = rows or (0, info.rows)
+        shape = (stop - start, *info.shape[1:]) if info.shape else ()
+        out = torch.empty(shape, dtype=info.dtype, pin_memory=pin)
+        if out.numel():
+            row_bytes = info.nbytes // max(info.rows, 1)
+            read_into(self._fd(info.file), out, info.offset + start * row_bytes)
+        return out
+
+    def _fd(self, file: Path) -> int:
+        if file not in self._fds:
+            self._fds[file] = os.open(file, os.O_RDONLY)
+        return self._fds[file]
 
     def config(self) -> dict[str, Any] | None:
         file = self.path / "config.json"
