@@ -58,10 +58,11 @@ class Command:
     argv: list[str]
     output: Path
     walls: list[float] = field(default_factory=list)
+    cpus: list[float] = field(default_factory=list)
     peaks: list[int] = field(default_factory=list)
 
     def run(self, env: dict[str, str]) -> None:
-        """Run once; ``wait4`` gives the process's own peak resident memory."""
+        """Run once; ``wait4`` gives the process's own CPU time and peak resident memory."""
         shutil.rmtree(self.output, ignore_errors=True)
         with tempfile.TemporaryFile() as log:
             start = time.perf_counter()
@@ -74,11 +75,16 @@ class Command:
                 tail = log.read().decode(errors="replace")[-3000:]
                 sys.exit(f"{self.label} failed ({proc.returncode}): {' '.join(self.argv)}\n{tail}")
         self.walls.append(wall)
+        self.cpus.append(usage.ru_utime + usage.ru_stime)
         self.peaks.append(usage.ru_maxrss * 1024)
 
     @property
     def wall(self) -> float:
         return statistics.median(self.walls)
+
+    @property
+    def cpu(self) -> float:
+        return statistics.median(self.cpus)
 
     @property
     def peak(self) -> int:
@@ -261,9 +267,9 @@ def table(result: dict[str, Any]) -> str:
     floor = next(r for r in rows if r["tool"] == "floor")
     mergecli = {r["label"].removeprefix("mergecli "): r for r in rows if r["tool"] == "mergecli"}
     lines = [
-        "| command | wall s (median) | peak RSS GB | input GB/s | mergecli / floor "
+        "| command | wall s | CPU s | peak RSS GB | input GB/s | mergecli / floor "
         "| mergekit / mergecli | mergecli peak / mergekit peak |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         ratio_floor = ratio_kit = ratio_mem = ""
@@ -274,7 +280,7 @@ def table(result: dict[str, Any]) -> str:
             ratio_kit = " / ".join(f"{r['wall_s'] / o['wall_s']:.1f}" for o in ours)
             ratio_mem = " / ".join(f"{o['peak_rss_bytes'] / r['peak_rss_bytes']:.2f}" for o in ours)
         lines.append(
-            f"| {r['label']} | {r['wall_s']:.2f} | {gb(r['peak_rss_bytes'])} "
+            f"| {r['label']} | {r['wall_s']:.2f} | {r['cpu_s']:.1f} | {gb(r['peak_rss_bytes'])} "
             f"| {r['input_bytes'] / r['wall_s'] / 1e9:.2f} | {ratio_floor} | {ratio_kit} "
             f"| {ratio_mem} |"
         )
@@ -367,6 +373,7 @@ def main() -> None:
                 "method": c.method,
                 "wall_s": c.wall,
                 "walls_s": c.walls,
+                "cpu_s": c.cpu,
                 "peak_rss_bytes": c.peak,
                 "input_bytes": model_bytes * (len(experts) + (c.method != "linear")),
             }

@@ -49,7 +49,7 @@ def linear(inputs: TensorInputs, p: Params) -> torch.Tensor:
 def task_arithmetic(inputs: TensorInputs, p: Params) -> torch.Tensor:
     merged = weighted_sum(inputs.task_vectors(), p["weight"], p["normalize"], inputs.name)
     assert inputs.base is not None
-    return inputs.base + p["lambda"] * merged
+    return merged.mul_(p["lambda"]).add_(inputs.base)
 
 
 @merge_method(
@@ -72,4 +72,4 @@ def dare_linear(inputs: TensorInputs, p: Params) -> torch.Tensor:
     ]
     merged = weighted_sum(dropped, p["weight"], p["normalize"], inputs.name)
     assert inputs.base is not None
-    return inputs.base + p["lambda"] * merged
+    return merged.mul_(p["lambda"]).add_(inputs.base)

@@ -49,8 +49,14 @@ def model_scope_values(
 
 
 def magnitude_trim(tv: torch.Tensor, threshold: float) -> torch.Tensor:
-    """τ ⊙ [abs(τ) ≥ κ]: entries tied with the threshold are kept."""
-    return tv * (tv.abs() >= threshold)
+    """τ ⊙ [abs(τ) ≥ κ]: entries tied with the threshold are kept.
+
+    Computed as a hard shrink at the float just below κ (abs(τ) > that ⇔ abs(τ) ≥ κ), one
+    vectorised pass instead of a comparison, a boolean mask and a product.
+    """
+    kappa = torch.tensor(threshold, dtype=tv.dtype)
+    below = float(torch.nextafter(kappa, torch.zeros_like(kappa)))
+    return torch.nn.functional.hardshrink(tv, below)
 
 
 def dare_drop(
@@ -61,9 +67,9 @@ def dare_drop(
     Records the fraction of entries the mask keeps in ``inputs.kept``.
     """
     mask = inputs.bernoulli_mask(t, density)
-    inputs.kept[t] = float(mask.sum()) / max(mask.numel(), 1)
+    inputs.kept[t] = int(torch.count_nonzero(mask)) / max(mask.numel(), 1)
     kept = tv * mask
-    return kept / density if rescale and density > 0 else kept
+    return kept.div_(density) if rescale and density > 0 else kept
 
 
 def elect_sign(trimmed: Sequence[torch.Tensor], sign: str) -> torch.Tensor:
@@ -71,7 +77,8 @@ def elect_sign(trimmed: Sequence[torch.Tensor], sign: str) -> torch.Tensor:
     total = torch.zeros_like(trimmed[0])
     for tv in trimmed:
         total += tv if sign == "mass" else torch.sign(tv)
-    return torch.where(total >= 0, 1.0, -1.0).to(total.dtype)
+    # the sum starts at +0 and IEEE sums are -0 only when every term is, so a zero is +0
+    return torch.ones_like(total).copysign_(total)
 
 
 def disjoint_merge(
@@ -83,21 +90,24 @@ def disjoint_merge(
 ) -> torch.Tensor:
     """Combine the entries that agree with γ: weighted mean, weighted sum or signed max.
 
-    Records, per expert, the fraction of entries that contribute in ``inputs.kept``.
+    Records, per expert, the fraction of entries that contribute in ``inputs.kept``. Only
+    arithmetic passes (no boolean masks): γ is ±1, so τ̂t·γ > 0 exactly where τ̂t agrees.
     """
     out = torch.zeros_like(gamma)
     norm = torch.zeros_like(gamma) if merge_func == "mean" else None
     for t, (tv, w) in enumerate(zip(trimmed, weights, strict=True)):
-        agree = (tv != 0) & (torch.sign(tv) == gamma)
-        inputs.kept[t] = float(agree.sum()) / max(tv.numel(), 1)
+        aligned = (tv * gamma).clamp_(min=0)  # abs(τ̂t) where it agrees with γ, else 0
+        inputs.kept[t] = int(torch.count_nonzero(aligned)) / max(tv.numel(), 1)
         if merge_func == "max":
-            torch.maximum(out, tv.abs() * agree, out=out)
+            torch.maximum(out, aligned, out=out)
             continue
-        out += tv * agree * w
         if norm is not None:
-            norm += agree * w
+            norm += torch.sign(aligned).mul_(w)  # w where τ̂t agrees, else 0
+        out += aligned.mul_(gamma).mul_(w)  # τ̂t·w where it agrees
     if merge_func == "max":
-        return out * gamma
+        return out.mul_(gamma)
     if norm is not None:
-        out = torch.where(norm != 0, out / torch.where(norm != 0, norm, 1.0), 0.0)
+        nonzero = torch.sign(norm).abs_()  # 1 where Σ w over the agreeing experts ≠ 0
+        norm += nonzero.neg().add_(1)  # a 0 becomes 1, any other value is unchanged
+        out.div_(norm).mul_(nonzero)
     return out

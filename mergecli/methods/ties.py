@@ -40,7 +40,7 @@ def ties_vector(inputs: TensorInputs, trimmed: list[torch.Tensor], p: Params) ->
 def elect_and_merge(inputs: TensorInputs, trimmed: list[torch.Tensor], p: Params) -> torch.Tensor:
     """θ0 + λ · disjoint merge of the trimmed task vectors around the elected sign."""
     assert inputs.base is not None
-    return inputs.base + p["lambda"] * ties_vector(inputs, trimmed, p)
+    return ties_vector(inputs, trimmed, p).mul_(p["lambda"]).add_(inputs.base)
 
 
 def trimmed_task_vectors(inputs: TensorInputs, p: Params) -> list[torch.Tensor]:
