@@ -16,6 +16,7 @@ from mergecli.engine.output import atomic_folder, check_output, copy_model_files
 from mergecli.engine.plan import MergePlan, Rows, TensorPlan
 from mergecli.engine.stream import Timer, stream_pieces
 from mergecli.engine.task_artifact import StoredTaskTensor, TaskArtifactWriter
+from mergecli.engine.threads import compute_threads
 from mergecli.engine.writer import ShardWriter
 from mergecli.errors import MergeError
 from mergecli.methods import TaskMasks, TensorInputs
@@ -166,8 +167,11 @@ def run_merge(
     progress: Progress | None = None,
 ) -> MergeResult:
     """Execute a plan into ``output`` (atomically) and return the report."""
-    progress = progress or NullProgress()
-    output = Path(output).resolve()
+    with compute_threads():
+        return _run_merge(plan, Path(output).resolve(), force, progress or NullProgress())
+
+
+def _run_merge(plan: MergePlan, output: Path, force: bool, progress: Progress) -> MergeResult:
     check_output(output, force)
     timer = Timer()
     started = time.perf_counter()
@@ -292,6 +296,7 @@ def build_report(
         "bytes_written": bytes_written,
         "throughput_bytes_per_s": timer.bytes_read / wall if wall > 0 else None,
         "peak_rss_bytes": peak,
+        "threads": torch.get_num_threads(),
         "device": str(plan.device),
     }
 

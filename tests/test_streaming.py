@@ -1,5 +1,6 @@
-"""Row chunks: elementwise methods merged chunk by chunk give the whole tensor's result bit for
-bit, the writer assembles the chunks, and memory does not grow with the largest tensor."""
+"""Streaming mechanics: elementwise methods merged in row chunks give the whole tensor's result
+bit for bit, the writer assembles chunks, memory does not grow with the largest tensor, and
+compute threads follow the cores the process may use."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from safetensors.torch import save_file
 
 import mergecli
 import mergecli.engine.plan as plan_module
+from mergecli.engine import threads
 from mergecli.engine.layout import plan_shards
 from mergecli.engine.writer import ShardWriter
 from mergecli.recipe import recipe_from_dict
@@ -128,3 +130,20 @@ def test_peak_memory_does_not_grow_with_the_largest_tensor(tmp_path: Path) -> No
     assert run.returncode == 0
     # the whole-tensor path holds four float32 copies and more; chunks stay under one
     assert int(stdout.split()[-1]) < tensor_bytes, stdout
+
+
+def test_compute_threads_follow_the_cgroup_quota(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    quota = tmp_path / "cpu.max"
+    monkeypatch.setattr(threads, "CGROUP_CPU_MAX", quota)
+    monkeypatch.setattr(threads.os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    quota.write_text("max 100000\n")
+    assert threads.available_cores() == 8
+    quota.write_text("150000 100000\n")
+    assert threads.available_cores() == 2
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    before = torch.get_num_threads()
+    with threads.compute_threads() as n:
+        assert n == 2 == torch.get_num_threads()
+    assert torch.get_num_threads() == before
