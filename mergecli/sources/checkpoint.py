@@ -72,6 +72,8 @@ class Checkpoint:
 
     delta = False
     """Whether ``read`` returns task vectors (adapters) rather than weights."""
+    origin: str | None = None
+    """What the recipe (or an adapter's config) named: a path or a Hub id."""
 
     def __init__(self, path: Path, label: str, allow_bin: bool = False) -> None:
         self.path = path

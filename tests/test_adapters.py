@@ -1,0 +1,187 @@
+"""PEFT adapters as experts: merges equal the same merge of peft's merge_and_unload models."""
+
+from __future__ import annotations
+
+import json
+import weakref
+from pathlib import Path
+
+import pytest
+import torch
+from peft import IA3Config, LoraConfig, PeftModel, PromptTuningConfig
+from safetensors.torch import save_file
+from transformers import LlamaForCausalLM
+
+from mergecli.sources import Adapter
+from scripts.fixtures import make_adapter
+from tests.helpers import load_state, run_cli, write_recipe
+
+ADAPTERS = {
+    "lora8": LoraConfig(
+        r=8,
+        lora_alpha=16,
+        target_modules=["q_proj", "v_proj", "down_proj"],
+        rank_pattern={"v_proj": 4},
+        alpha_pattern={r"layers\.1\.mlp\.down_proj": 3},
+        modules_to_save=["lm_head"],
+    ),
+    "rslora16": LoraConfig(
+        r=16,
+        lora_alpha=8,
+        use_rslora=True,
+        target_modules=["q_proj", "k_proj", "o_proj", "up_proj", "embed_tokens"],
+    ),
+    "ia3": IA3Config(
+        target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]
+    ),
+}
+WEIGHTS = (1.0, 0.5, 2.0)
+
+
+def merged_full(base: Path, adapter: Path, folder: Path) -> Path:
+    """peft's own answer: the base in float32 with the adapter merged in."""
+    model = LlamaForCausalLM.from_pretrained(base, dtype=torch.float32)
+    PeftModel.from_pretrained(model, adapter).merge_and_unload().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def adapters(
+    zoo: Path, zoo_bf16: Path, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Path]:
+    """The adapters above on the float32 base (and lora8 on the bfloat16 base), with peft's
+    merged full models beside them (``<name>_full``)."""
+    root = tmp_path_factory.mktemp("adapters")
+    out: dict[str, Path] = {}
+    for i, (name, config) in enumerate(ADAPTERS.items()):
+        out[name] = make_adapter(zoo / "base", root / name, config, seed=30 + i)
+        out[f"{name}_full"] = merged_full(zoo / "base", out[name], root / f"{name}_full")
+    out["lora8_bf16"] = make_adapter(zoo_bf16 / "base", root / "bf16", ADAPTERS["lora8"], 40)
+    out["lora8_bf16_full"] = merged_full(zoo_bf16 / "base", out["lora8_bf16"], root / "bf16_full")
+    return out
+
+
+def merge(tmp: Path, name: str, method: str, models: list[Path], base: Path | None) -> dict:
+    recipe = {
+        "merge_method": method,
+        **({"base_model": str(base)} if base else {}),
+        "models": [
+            {"model": str(m), "parameters": {"weight": w}}
+            for m, w in zip(models, WEIGHTS, strict=False)
+        ],
+        "out_dtype": "float32",
+        "output": str(tmp / name),
+    }
+    result = run_cli("merge", write_recipe(tmp, recipe, f"{name}.yaml"), "--quiet")
+    assert result.exit_code == 0, result.output
+    return load_state(tmp / name)
+
+
+def assert_same(got: dict, want: dict) -> None:
+    assert got.keys() == want.keys()
+    for key, value in want.items():
+        err = (got[key] - value).abs().max().item()
+        assert err <= 1e-6, f"{key}: max abs error {err}"
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "linear", "dare_linear"])
+def test_lora_and_ia3_experts_equal_merged_full_models(
+    zoo: Path, adapters: dict[str, Path], tmp_path: Path, method: str
+) -> None:
+    names = list(ADAPTERS)
+    got = merge(tmp_path, "a", method, [adapters[n] for n in names], zoo / "base")
+    want = merge(tmp_path, "f", method, [adapters[f"{n}_full"] for n in names], zoo / "base")
+    assert_same(got, want)
+
+
+def test_each_adapter_task_vector_is_peft_delta(
+    zoo: Path, adapters: dict[str, Path], tmp_path: Path
+) -> None:
+    base = load_state(zoo / "base")
+    for name in ADAPTERS:
+        full = load_state(adapters[f"{name}_full"])
+        got = merge(tmp_path, name, "task_arithmetic", [adapters[name]], None)
+        assert_same(got, full)
+        changed = {k for k in base if not torch.equal(full[k], base[k])}
+        assert changed, name  # the adapter really changes the model
+        untouched = [k for k in base if k not in changed]
+        assert all(torch.equal(got[k], base[k]) for k in untouched)
+
+
+def test_bfloat16_base_uses_adapter_base_and_equals_peft(
+    zoo_bf16: Path, adapters: dict[str, Path], tmp_path: Path
+) -> None:
+    got = merge(tmp_path, "bf16", "task_arithmetic", [adapters["lora8_bf16"]], None)
+    assert_same(got, load_state(adapters["lora8_bf16_full"]))
+    base = load_state(zoo_bf16 / "base")
+    assert next(iter(base.values())).dtype == torch.bfloat16
+
+
+def test_adapter_holds_one_task_vector_at_a_time(
+    zoo: Path, adapters: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each task vector is computed when its tensor is read and freed before the next one."""
+    alive: set[int] = set()
+    peak = [0]
+    reads: list[str] = []
+    original = Adapter.read
+
+    def tracked(self: Adapter, name: str) -> torch.Tensor:
+        out = original(self, name)
+        reads.append(name)
+        alive.add(id(out))
+        peak[0] = max(peak[0], len(alive))
+        weakref.finalize(out, alive.discard, id(out))
+        return out
+
+    monkeypatch.setattr(Adapter, "read", tracked)
+    merge(tmp_path, "m", "task_arithmetic", [adapters[n] for n in ADAPTERS], zoo / "base")
+    base = load_state(zoo / "base")
+    assert sorted(reads) == sorted(list(base) * len(ADAPTERS))
+    assert peak[0] == 1
+
+
+def test_different_bases_are_an_error(adapters: dict[str, Path], tmp_path: Path) -> None:
+    recipe = {
+        "merge_method": "task_arithmetic",
+        "models": [{"model": str(adapters["lora8"])}, {"model": str(adapters["lora8_bf16"])}],
+        "output": str(tmp_path / "out"),
+    }
+    result = run_cli("merge", write_recipe(tmp_path, recipe))
+    assert result.exit_code == 2
+    assert "must share their base" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_dora_and_prompt_tuning_are_refused(zoo: Path, tmp_path: Path) -> None:
+    config = LoraConfig(r=4, target_modules=["q_proj"], use_dora=True)
+    dora = make_adapter(zoo / "base", tmp_path / "dora", config, 1)
+    prompt = tmp_path / "prompt"
+    PromptTuningConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=4, base_model_name_or_path=str(zoo / "base")
+    ).save_pretrained(prompt)
+    save_file({"prompt_embeddings": torch.zeros(4, 32)}, prompt / "adapter_model.safetensors")
+    for folder, words in ((dora, "use_dora: DoRA"), (prompt, "PROMPT_TUNING adapters")):
+        recipe = {"merge_method": "task_arithmetic", "models": [{"model": str(folder)}]}
+        result = run_cli("merge", write_recipe(tmp_path, recipe), "-o", tmp_path / "out")
+        assert result.exit_code == 2
+        assert words in result.output and "Traceback" not in result.output
+        assert not (tmp_path / "out").exists()
+
+
+def test_adapter_not_matching_base_names_the_tensor(
+    zoo: Path, adapters: dict[str, Path], tmp_path: Path
+) -> None:
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    config = json.loads((adapters["lora8"] / "adapter_config.json").read_text())
+    (broken / "adapter_config.json").write_text(json.dumps(config))
+    key = "base_model.model.model.layers.9.self_attn.q_proj.lora_A.weight"
+    save_file(
+        {key: torch.zeros(8, 32), key.replace("_A", "_B"): torch.zeros(32, 8)},
+        broken / "adapter_model.safetensors",
+    )
+    recipe = {"merge_method": "task_arithmetic", "models": [{"model": str(broken)}]}
+    result = run_cli("merge", write_recipe(tmp_path, recipe), "-o", tmp_path / "out")
+    assert result.exit_code == 2
+    assert "model.layers.9.self_attn.q_proj.weight" in result.output
