@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 from pathlib import Path
 
 import torch
@@ -93,6 +94,7 @@ def make_adapter(
     LoRA B starts at zero and (IA)³ vectors at one in peft; both are moved off their
     initialisation so that the adapter changes the model.
     """
+    config = copy.deepcopy(config)  # peft records the base in the config it is given
     model = get_peft_model(LlamaForCausalLM.from_pretrained(base, dtype=torch.float32), config)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():

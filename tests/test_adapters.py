@@ -8,57 +8,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft import IA3Config, LoraConfig, PeftModel, PromptTuningConfig
+from peft import LoraConfig, PromptTuningConfig
 from safetensors.torch import save_file
-from transformers import LlamaForCausalLM
 
 from mergecli.sources import Adapter
 from scripts.fixtures import make_adapter
+from tests.conftest import ADAPTERS
 from tests.helpers import load_state, run_cli, write_recipe
 
-ADAPTERS = {
-    "lora8": LoraConfig(
-        r=8,
-        lora_alpha=16,
-        target_modules=["q_proj", "v_proj", "down_proj"],
-        rank_pattern={"v_proj": 4},
-        alpha_pattern={r"layers\.1\.mlp\.down_proj": 3},
-        modules_to_save=["lm_head"],
-    ),
-    "rslora16": LoraConfig(
-        r=16,
-        lora_alpha=8,
-        use_rslora=True,
-        target_modules=["q_proj", "k_proj", "o_proj", "up_proj", "embed_tokens"],
-    ),
-    "ia3": IA3Config(
-        target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]
-    ),
-}
 WEIGHTS = (1.0, 0.5, 2.0)
-
-
-def merged_full(base: Path, adapter: Path, folder: Path) -> Path:
-    """peft's own answer: the base in float32 with the adapter merged in."""
-    model = LlamaForCausalLM.from_pretrained(base, dtype=torch.float32)
-    PeftModel.from_pretrained(model, adapter).merge_and_unload().save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="session")
-def adapters(
-    zoo: Path, zoo_bf16: Path, tmp_path_factory: pytest.TempPathFactory
-) -> dict[str, Path]:
-    """The adapters above on the float32 base (and lora8 on the bfloat16 base), with peft's
-    merged full models beside them (``<name>_full``)."""
-    root = tmp_path_factory.mktemp("adapters")
-    out: dict[str, Path] = {}
-    for i, (name, config) in enumerate(ADAPTERS.items()):
-        out[name] = make_adapter(zoo / "base", root / name, config, seed=30 + i)
-        out[f"{name}_full"] = merged_full(zoo / "base", out[name], root / f"{name}_full")
-    out["lora8_bf16"] = make_adapter(zoo_bf16 / "base", root / "bf16", ADAPTERS["lora8"], 40)
-    out["lora8_bf16_full"] = merged_full(zoo_bf16 / "base", out["lora8_bf16"], root / "bf16_full")
-    return out
 
 
 def merge(tmp: Path, name: str, method: str, models: list[Path], base: Path | None) -> dict:
@@ -185,3 +143,34 @@ def test_adapter_not_matching_base_names_the_tensor(
     result = run_cli("merge", write_recipe(tmp_path, recipe), "-o", tmp_path / "out")
     assert result.exit_code == 2
     assert "model.layers.9.self_attn.q_proj.weight" in result.output
+
+
+def test_analyze_interference_on_lora_experts(
+    zoo: Path, adapters: dict[str, Path], tmp_path: Path
+) -> None:
+    """The adapters' base is found without base_model; the figures are those of the
+    merged full models."""
+    names = ("lora8", "rslora16")
+    lora = {"merge_method": "ties", "models": [{"model": str(adapters[n])} for n in names]}
+    full = {
+        "merge_method": "ties",
+        "base_model": str(zoo / "base"),
+        "models": [{"model": str(adapters[f"{n}_full"]), "name": n} for n in names],
+    }
+    got, want = (
+        run_cli("analyze", "interference", write_recipe(tmp_path, r, f"{k}.yaml"), "--json")
+        for k, r in (("lora", lora), ("full", full))
+    )
+    assert got.exit_code == 0, got.output
+    a, b = (numbers(json.loads(r.stdout)["model"]) for r in (got, want))
+    assert len(a) == len(b) > 0
+    assert a == pytest.approx(b, rel=1e-5, abs=1e-6)
+
+
+def numbers(value: object) -> list[float]:
+    """Every number in a JSON value, in order (None as nan)."""
+    if isinstance(value, dict):
+        return [x for k in sorted(value) for x in numbers(value[k])]
+    if isinstance(value, list):
+        return [x for v in value for x in numbers(v)]
+    return [float("nan") if value is None else float(value)]

@@ -10,7 +10,6 @@ from peft import PeftModel
 from transformers import LlamaForCausalLM
 
 from tests.helpers import load_state, read_json, run_cli, write_recipe
-from tests.test_adapters import adapters  # noqa: F401  (session fixture)
 
 RANK = 3
 
@@ -43,7 +42,7 @@ def test_linear_merge_of_loras_is_an_exact_lora(
     zoo: Path,
     adapters: dict[str, Path],
     tmp_path: Path,
-    method: str,  # noqa: F811
+    method: str,
 ) -> None:
     experts = [adapters["lora8"], adapters["rslora16"]]
     model = merge(tmp_path, "model", zoo / "base", experts, merge_method=method)
@@ -67,7 +66,7 @@ def test_linear_merge_of_loras_is_an_exact_lora(
 def test_other_methods_truncate_with_reported_energy(
     zoo: Path,
     adapters: dict[str, Path],
-    tmp_path: Path,  # noqa: F811
+    tmp_path: Path,
 ) -> None:
     experts = [adapters["lora8"], adapters["rslora16"], adapters["ia3"]]
     options = {"merge_method": "ties", "parameters": {"density": 0.5}}
@@ -95,7 +94,7 @@ def test_other_methods_truncate_with_reported_energy(
 def test_truncation_without_rank_is_an_error(
     zoo: Path,
     adapters: dict[str, Path],
-    tmp_path: Path,  # noqa: F811
+    tmp_path: Path,
 ) -> None:
     recipe = {
         "merge_method": "ties",
