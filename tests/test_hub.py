@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import shutil
+import threading
 from pathlib import Path
+from types import SimpleNamespace
 
+import huggingface_hub
 import pytest
+import torch
 from huggingface_hub import constants
+from safetensors import safe_open
 
+from mergecli.sources.hub import DownloadingCheckpoint
 from tests.helpers import load_state, run_cli, write_recipe
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -102,4 +108,81 @@ def test_missing_hub_id_fails_before_merging(zoo: Path, hub_cache: Path, tmp_pat
         "Hugging Face cache and the Hub cannot be reached (HF_HUB_OFFLINE is set or there is no "
         "network)"
     ]
+    assert not (tmp_path / "out").exists()
+
+
+def test_shards_merge_while_the_rest_download(
+    zoo: Path, hub_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only the small files are cached; the Hub (faked) sends the shards one by one, the last
+    one only once the merge has asked for a tensor."""
+    base = zoo / "base"
+    small = tmp_path / "small"
+    shutil.copytree(base, small, ignore=shutil.ignore_patterns("*.safetensors"))
+    cache_model(hub_cache, "tiny-org/base", small)
+    snapshot = hub_cache / "models--tiny-org--base" / "snapshots" / COMMIT
+    shards = sorted(base.glob("*.safetensors"))
+    assert len(shards) > 2
+    reading, downloaded = threading.Event(), []
+
+    def download(repo: str, filename: str, revision: str) -> str:
+        assert (repo, revision) == ("tiny-org/base", COMMIT)
+        if filename == shards[-1].name:
+            assert reading.wait(30), "no tensor was read before the last shard arrived"
+        shutil.copyfile(base / filename, snapshot / filename)
+        downloaded.append(filename)
+        return str(snapshot / filename)
+
+    def metadata(repo: str, revision: str) -> SimpleNamespace:
+        files = {}
+        for shard in shards:
+            with safe_open(str(shard), "pt") as f:
+                files[shard.name] = SimpleNamespace(
+                    tensors={
+                        k: SimpleNamespace(
+                            dtype=f.get_slice(k).get_dtype(), shape=f.get_slice(k).get_shape()
+                        )
+                        for k in f.keys()  # noqa: SIM118
+                    }
+                )
+        return SimpleNamespace(files_metadata=files)
+
+    opened = DownloadingCheckpoint._handle
+
+    def handle(self: DownloadingCheckpoint, file: Path) -> object:
+        reading.set()
+        return opened(self, file)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    monkeypatch.setattr(huggingface_hub, "get_safetensors_metadata", metadata)
+    monkeypatch.setattr(DownloadingCheckpoint, "_handle", handle)
+    recipe = {
+        "merge_method": "task_arithmetic",
+        "base_model": "tiny-org/base",
+        "models": [{"model": str(zoo / "math")}, {"model": str(zoo / "code")}],
+    }
+    result = run_cli("merge", write_recipe(tmp_path, recipe), "-o", tmp_path / "hub", "--quiet")
+    assert result.exit_code == 0, result.output
+    assert downloaded == [s.name for s in shards]
+    local = {**recipe, "base_model": str(base)}
+    path = write_recipe(tmp_path, local, "local.yaml")
+    assert run_cli("merge", path, "-o", tmp_path / "local", "--quiet").exit_code == 0
+    got, want = load_state(tmp_path / "hub"), load_state(tmp_path / "local")
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_uncached_shards_offline_fail_before_merging(
+    zoo: Path, hub_cache: Path, tmp_path: Path
+) -> None:
+    small = tmp_path / "small"
+    shutil.copytree(zoo / "base", small, ignore=shutil.ignore_patterns("*.safetensors"))
+    cache_model(hub_cache, "tiny-org/base", small)
+    recipe = {
+        "merge_method": "task_arithmetic",
+        "base_model": "tiny-org/base",
+        "models": [{"model": str(zoo / "math")}],
+    }
+    result = run_cli("merge", write_recipe(tmp_path, recipe), "-o", tmp_path / "out")
+    assert result.exit_code == 2
+    assert "'tiny-org/base' (weights) is not in the Hugging Face cache" in result.output
     assert not (tmp_path / "out").exists()

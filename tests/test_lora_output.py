@@ -107,3 +107,11 @@ def test_truncation_without_rank_is_an_error(
     assert result.exit_code == 2
     assert "rank: output_format lora needs a rank" in result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_lora_output_is_deterministic(zoo: Path, adapters: dict[str, Path], tmp_path: Path) -> None:
+    experts = [adapters["lora8"], adapters["ia3"]]
+    options = {"merge_method": "dare_ties", "output_format": "lora", "rank": 2}
+    first, second = (merge(tmp_path, n, zoo / "base", experts, **options) for n in ("a", "b"))
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        assert (first / name).read_bytes() == (second / name).read_bytes()

@@ -129,6 +129,7 @@ class MergePlan:
         return {
             "method": self.method.name,
             "output": self.method.output,
+            "output_format": self.recipe.output_format,
             "base": str(self.base.path) if self.base else None,
             "experts": [str(e.path) for e in self.experts],
             "tensors": len(self.tensors),

@@ -136,9 +136,13 @@ class Checkpoint:
     def __contains__(self, name: str) -> bool:
         return name in self._infos
 
+    def _handle(self, file: Path) -> Any:
+        """The open shard (a safetensors handle, or a ``.bin`` state dict)."""
+        return self._handles[file]
+
     def read(self, name: str) -> torch.Tensor:
         """One tensor, on the CPU, in its stored dtype."""
-        handle = self._handles[self._infos[name].file]
+        handle = self._handle(self._infos[name].file)
         return handle[name] if isinstance(handle, dict) else handle.get_tensor(name)
 
     def config(self) -> dict[str, Any] | None:

@@ -2,26 +2,41 @@
 shared Hugging Face cache (only weights, configs, tokenizer and adapter files).
 
 ``huggingface_hub`` honours ``HF_TOKEN``, ``HF_HOME``/``HF_HUB_CACHE`` and ``HF_HUB_OFFLINE``
-(offline, or when the Hub cannot be reached, a cached snapshot is used).
+(offline, or when the Hub cannot be reached, the cached snapshot is used). The small files come
+first; weight shards that are not cached are then downloaded one after the other on a
+background thread while the merge reads the shards that have arrived (their headers come from
+the Hub's safetensors metadata, so the merge is planned before any shard arrives).
 """
 
 from __future__ import annotations
 
+import json
 import re
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
+
+from safetensors import safe_open
 
 from mergecli.errors import MergeError
-from mergecli.sources.checkpoint import CONFIG_FILES, TOKENIZER_FILES
+from mergecli.sources.checkpoint import (
+    CONFIG_FILES,
+    SAFETENSORS_DTYPES,
+    TOKENIZER_FILES,
+    Checkpoint,
+    TensorInfo,
+)
 
 HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?:@(?P<rev>[\w./-]+))?$")
-FILES = (
-    "*.safetensors",
-    "model.safetensors.index.json",
+INDEX = "model.safetensors.index.json"
+SMALL_FILES = (
+    INDEX,
     "adapter_config.json",
+    "adapter_model.safetensors",
     *CONFIG_FILES,
     *TOKENIZER_FILES,
 )
-"""What a merge needs from a repository (no pickle weights, no remote code)."""
+"""Fetched before planning; weights (``*.safetensors``) follow. No pickle, no remote code."""
 
 
 def parse_hub_id(value: str, revision: str | None = None) -> tuple[str, str | None] | None:
@@ -36,31 +51,122 @@ def parse_hub_id(value: str, revision: str | None = None) -> tuple[str, str | No
     return match["repo"], rev or revision
 
 
-def hub_snapshot(repo: str, revision: str | None, label: str) -> Path:
-    """The local snapshot folder of a Hub model, downloading missing files (with progress)."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (
+def hub_error(exc: Exception, revision: str | None) -> str:
+    """Why a Hub model could not be had, in words (huggingface_hub's error types)."""
+    from huggingface_hub.utils import (
         GatedRepoError,
-        HfHubHTTPError,
         LocalEntryNotFoundError,
+        NotASafetensorsRepoError,
+        OfflineModeIsEnabled,
         RepositoryNotFoundError,
         RevisionNotFoundError,
     )
 
-    at = f"{repo}@{revision}" if revision else repo
-    try:
-        return Path(snapshot_download(repo, revision=revision, allow_patterns=list(FILES)))
-    except GatedRepoError:
-        reason = "is gated: accept its terms on the Hub and set HF_TOKEN"
-    except RepositoryNotFoundError:
-        reason = "is not on the Hub (or is private: set HF_TOKEN)"
-    except RevisionNotFoundError:
-        reason = f"has no revision '{revision}'"
-    except LocalEntryNotFoundError:
-        reason = (
+    if isinstance(exc, GatedRepoError):
+        return "is gated: accept its terms on the Hub and set HF_TOKEN"
+    if isinstance(exc, RepositoryNotFoundError):
+        return "is not on the Hub (or is private: set HF_TOKEN)"
+    if isinstance(exc, RevisionNotFoundError):
+        return f"has no revision '{revision}'"
+    if isinstance(exc, LocalEntryNotFoundError | OfflineModeIsEnabled):
+        return (
             "is not in the Hugging Face cache and the Hub cannot be reached "
             "(HF_HUB_OFFLINE is set or there is no network)"
         )
-    except (HfHubHTTPError, OSError) as exc:
-        reason = f"could not be fetched: {str(exc).splitlines()[0]}"
-    raise MergeError(f"{label}: '{at}' is not a local folder and {reason}")
+    if isinstance(exc, NotASafetensorsRepoError):
+        return "has no safetensors weights"
+    return f"could not be fetched: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+
+
+def hub_snapshot(repo: str, revision: str | None, label: str) -> Path:
+    """The snapshot folder of a Hub model in the cache, with its small files (configs,
+    tokenizer, index, adapter); weight shards may still be missing."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo, revision=revision, allow_patterns=list(SMALL_FILES)))
+    except Exception as exc:  # HTTP, cache and connection errors of huggingface_hub and httpx
+        at = f"{repo}@{revision}" if revision else repo
+        reason = hub_error(exc, revision)
+        raise MergeError(f"{label}: '{at}' is not a local folder and {reason}") from None
+
+
+def snapshot_repo(folder: Path) -> tuple[str, str] | None:
+    """(repo id, commit) of a folder laid out as ``models--org--name/snapshots/<commit>``."""
+    if folder.parent.name != "snapshots" or not folder.parent.parent.name.startswith("models--"):
+        return None
+    return folder.parent.parent.name.removeprefix("models--").replace("--", "/"), folder.name
+
+
+def weights_missing(folder: Path) -> bool:
+    """Whether a snapshot lacks weight shards (those its index names, or any safetensors)."""
+    index = folder / INDEX
+    if index.is_file():
+        files = set(json.loads(index.read_text())["weight_map"].values())
+        return not all((folder / f).is_file() for f in files)
+    return not any(folder.glob("*.safetensors"))
+
+
+class DownloadingCheckpoint(Checkpoint):
+    """A Hub checkpoint whose shards download in the background while it is read.
+
+    Headers come from the Hub's safetensors metadata; ``read`` waits only for the shard that
+    holds the tensor.
+    """
+
+    def __init__(self, folder: Path, label: str, repo: str, commit: str) -> None:
+        from huggingface_hub import get_safetensors_metadata, hf_hub_download
+
+        self.path = folder
+        self.label = label
+        self.repo = repo
+        self._handles: dict[Path, Any] = {}
+        self._infos: dict[str, TensorInfo] = {}
+        try:
+            metadata = get_safetensors_metadata(repo, revision=commit)
+        except Exception as exc:  # as in hub_snapshot
+            raise MergeError(f"{label}: '{repo}' (weights) {hub_error(exc, commit)}") from None
+        for file, header in sorted(metadata.files_metadata.items()):
+            for name, tensor in header.tensors.items():
+                if tensor.dtype not in SAFETENSORS_DTYPES:
+                    raise MergeError(f"{label}: tensor '{name}' in {repo}/{file} is {tensor.dtype}")
+                dtype = SAFETENSORS_DTYPES[tensor.dtype]
+                self._infos[name] = TensorInfo(tuple(tensor.shape), dtype, folder / file)
+        self.files = sorted({info.file for info in self._infos.values()})
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergecli-download")
+        self._downloads: dict[Path, Future[str]] = {
+            file: self._pool.submit(hf_hub_download, repo, file.name, revision=commit)
+            for file in self.files
+        }
+        self._pool.shutdown(wait=False)
+
+    def _handle(self, file: Path) -> Any:
+        if file not in self._handles:
+            try:
+                path = self._downloads[file].result()
+            except Exception as exc:  # as in hub_snapshot
+                raise MergeError(
+                    f"{self.label}: downloading {self.repo}/{file.name} failed: {exc}"
+                ) from None
+            self._handles[file] = safe_open(path, framework="pt", device="cpu")
+        return self._handles[file]
+
+    @property
+    def nbytes(self) -> int:
+        for file in self.files:
+            self._handle(file)
+        return super().nbytes
+
+    def fingerprint(self) -> str:
+        for file in self.files:
+            self._handle(file)
+        return super().fingerprint()
+
+
+def open_checkpoint(folder: Path, label: str, allow_bin: bool = False) -> Checkpoint:
+    """A checkpoint folder; a Hub snapshot whose shards are not all cached downloads them while
+    it is read."""
+    repo = snapshot_repo(folder)
+    if repo is None or not weights_missing(folder):
+        return Checkpoint(folder, label, allow_bin=allow_bin)
+    return DownloadingCheckpoint(folder, label, *repo)

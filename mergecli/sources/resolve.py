@@ -10,7 +10,7 @@ from mergecli.errors import MergeError
 from mergecli.recipe import Recipe
 from mergecli.sources.adapter import ADAPTER_CONFIG, Adapter, read_peft_config
 from mergecli.sources.checkpoint import Checkpoint
-from mergecli.sources.hub import hub_snapshot, parse_hub_id
+from mergecli.sources.hub import hub_snapshot, open_checkpoint, parse_hub_id
 
 Source = Checkpoint | Adapter
 """Anything that answers "which tensors" and "give me tensor X" (weights or task vectors)."""
@@ -78,9 +78,9 @@ def open_models(recipe: Recipe) -> tuple[Checkpoint | None, list[Source]]:
 def open_base(recipe: Recipe, value: str, label: str, revision: str | None = None) -> Checkpoint:
     """The base checkpoint; ``origin`` keeps the Hub id, else the resolved path."""
     folder = locate(recipe, value, label, revision)
-    base = Checkpoint(folder, label, allow_bin=recipe.allow_bin)
+    base = open_checkpoint(folder, label, allow_bin=recipe.allow_bin)
     local = recipe.resolve_path(value)
-    base.origin = str(local) if local.exists() else value
+    base.origin = str(local) if local.exists() else value.partition("@")[0]
     return base
 
 
@@ -93,7 +93,7 @@ def open_source(
 ) -> Source:
     """A located model folder as a source: an adapter over ``base``, or a checkpoint."""
     if not is_adapter(folder):
-        return Checkpoint(folder, label, allow_bin=recipe.allow_bin)
+        return open_checkpoint(folder, label, allow_bin=recipe.allow_bin)
     if base is None:
         raise MergeError(f"{label}: '{folder}' is an adapter; it needs a base model")
     return Adapter(folder, label, base, dtype)
