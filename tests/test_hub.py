@@ -147,15 +147,15 @@ def test_shards_merge_while_the_rest_download(
                 )
         return SimpleNamespace(files_metadata=files)
 
-    opened = DownloadingCheckpoint._handle
+    local = DownloadingCheckpoint._local
 
-    def handle(self: DownloadingCheckpoint, file: Path) -> object:
+    def wait(self: DownloadingCheckpoint, file: Path) -> Path:
         reading.set()
-        return opened(self, file)
+        return local(self, file)
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
     monkeypatch.setattr(huggingface_hub, "get_safetensors_metadata", metadata)
-    monkeypatch.setattr(DownloadingCheckpoint, "_handle", handle)
+    monkeypatch.setattr(DownloadingCheckpoint, "_local", wait)
     recipe = {
         "merge_method": "task_arithmetic",
         "base_model": "tiny-org/base",

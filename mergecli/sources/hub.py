@@ -16,8 +16,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from safetensors import safe_open
-
 from mergecli.errors import MergeError
 from mergecli.sources.checkpoint import (
     CONFIG_FILES,
@@ -120,7 +118,7 @@ class DownloadingCheckpoint(Checkpoint):
         self.path = folder
         self.label = label
         self.repo = repo
-        self._handles: dict[Path, Any] = {}
+        self._bins: dict[Path, dict[str, Any]] = {}
         self._infos: dict[str, TensorInfo] = {}
         try:
             metadata = get_safetensors_metadata(repo, revision=commit)
@@ -140,26 +138,23 @@ class DownloadingCheckpoint(Checkpoint):
         }
         self._pool.shutdown(wait=False)
 
-    def _handle(self, file: Path) -> Any:
-        if file not in self._handles:
-            try:
-                path = self._downloads[file].result()
-            except Exception as exc:  # as in hub_snapshot
-                raise MergeError(
-                    f"{self.label}: downloading {self.repo}/{file.name} failed: {exc}"
-                ) from None
-            self._handles[file] = safe_open(path, framework="pt", device="cpu")
-        return self._handles[file]
+    def _local(self, file: Path) -> Path:
+        try:
+            return Path(self._downloads[file].result())
+        except Exception as exc:  # as in hub_snapshot
+            raise MergeError(
+                f"{self.label}: downloading {self.repo}/{file.name} failed: {exc}"
+            ) from None
 
     @property
     def nbytes(self) -> int:
         for file in self.files:
-            self._handle(file)
+            self._local(file)
         return super().nbytes
 
     def fingerprint(self) -> str:
         for file in self.files:
-            self._handle(file)
+            self._local(file)
         return super().fingerprint()
 
 
