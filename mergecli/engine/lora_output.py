@@ -133,11 +133,15 @@ class LoraLayout:
 
 
 def module_kinds(config: dict[str, Any] | None, where: str) -> dict[str, str]:
-    """'linear', 'embedding' or 'other' for every module of the base's architecture, from a
-    model built on the meta device out of its config.json (transformers classes only)."""
+    """'linear', 'embedding' or 'other' for every module of the base's architecture (its
+    ``architectures``, else the causal LM of its ``model_type``), from a model built on the
+    meta device out of its config.json (transformers classes only)."""
     import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    arch = ((config or {}).get("architectures") or [None])[0]
+    config = config or {}
+    arch = (config.get("architectures") or [None])[0]
+    arch = arch or MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.get("model_type", ""))
     cls = getattr(transformers, arch, None) if arch else None
     if cls is None:
         raise MergeError(
