@@ -87,7 +87,12 @@ def make_expert(
 
 
 def make_adapter(
-    base: Path, folder: Path, config: PeftConfig, seed: int, scale: float = 0.1
+    base: Path,
+    folder: Path,
+    config: PeftConfig,
+    seed: int,
+    scale: float = 0.1,
+    model_class: type = LlamaForCausalLM,
 ) -> Path:
     """A PEFT adapter of ``base`` with seeded random adapter weights (a stand-in for training).
 
@@ -95,7 +100,7 @@ def make_adapter(
     initialisation so that the adapter changes the model.
     """
     config = copy.deepcopy(config)  # peft records the base in the config it is given
-    model = get_peft_model(LlamaForCausalLM.from_pretrained(base, dtype=torch.float32), config)
+    model = get_peft_model(model_class.from_pretrained(base, dtype=torch.float32), config)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for param in model.parameters():

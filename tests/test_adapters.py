@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft import LoraConfig, PromptTuningConfig
+from peft import IA3Config, LoraConfig, PeftModel, PromptTuningConfig
 from safetensors.torch import save_file
+from transformers import GPT2Config, GPT2LMHeadModel
 
 from mergecli.sources import Adapter
 from scripts.fixtures import make_adapter
@@ -174,3 +175,36 @@ def numbers(value: object) -> list[float]:
     if isinstance(value, list):
         return [x for v in value for x in numbers(v)]
     return [float("nan") if value is None else float(value)]
+
+
+def test_fan_in_fan_out_lora_bias_and_ia3_biases_on_gpt2(tmp_path: Path) -> None:
+    """GPT-2's Conv1D layers store W transposed (fan_in_fan_out) and have biases: LoRA with a
+    trained bias and (IA)³ scaling outputs and biases, against peft's merge_and_unload."""
+    config = GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=32, vocab_size=64)
+    torch.manual_seed(0)
+    GPT2LMHeadModel(config).save_pretrained(tmp_path / "base")
+    base = tmp_path / "base"
+    lora = LoraConfig(
+        r=4, target_modules=["c_attn", "mlp.c_proj"], fan_in_fan_out=True, lora_bias=True
+    )
+    ia3 = IA3Config(
+        target_modules=["c_attn", "mlp.c_proj"],
+        feedforward_modules=["mlp.c_proj"],
+        fan_in_fan_out=True,
+    )
+    experts = []
+    for i, (name, cfg) in enumerate((("lora", lora), ("ia3", ia3))):
+        folder = make_adapter(base, tmp_path / name, cfg, seed=i, model_class=GPT2LMHeadModel)
+        model = GPT2LMHeadModel.from_pretrained(base, dtype=torch.float32)
+        PeftModel.from_pretrained(model, folder).merge_and_unload().save_pretrained(
+            tmp_path / f"{name}_full"
+        )
+        experts.append(folder)
+    got = merge(tmp_path, "a", "task_arithmetic", experts, base)
+    full = [tmp_path / "lora_full", tmp_path / "ia3_full"]
+    want = merge(tmp_path, "f", "task_arithmetic", full, base)
+    assert_same(got, want)
+    start = load_state(base)
+    assert not torch.equal(
+        got["transformer.h.0.attn.c_attn.bias"], start["transformer.h.0.attn.c_attn.bias"]
+    )

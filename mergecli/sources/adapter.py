@@ -24,6 +24,8 @@ from mergecli.sources.checkpoint import Checkpoint, TensorInfo
 ADAPTER_CONFIG = "adapter_config.json"
 PEFT_PREFIX = "base_model.model."
 SUPPORTED = ("LORA", "IA3")
+LORA_PAIRS = {".lora_A.weight": ".lora_B.weight", ".lora_embedding_A": ".lora_embedding_B"}
+"""peft's key suffix of a LoRA A factor → that of its B factor."""
 UNSUPPORTED_OPTIONS = {
     "use_dora": "DoRA rescales by magnitude vectors at run time",
     "use_qalora": "QA-LoRA pools inputs at run time",
@@ -50,6 +52,11 @@ def read_peft_config(folder: Path, label: str) -> Any:
 
 def peft_type(config: Any) -> str:
     return str(getattr(config.peft_type, "value", config.peft_type))
+
+
+def is_lora_b(key: str) -> bool:
+    """A LoRA B factor (or its trained bias), which is read with its A."""
+    return ".lora_B." in key or key.endswith(".lora_embedding_B")
 
 
 def pattern_key(patterns: dict[str, Any], module: str) -> str | None:
@@ -112,9 +119,10 @@ class Rescaled:
     def delta(self, adapter: Adapter, name: str) -> torch.Tensor:
         base = adapter.base_tensor(name)
         vector = adapter.raw(self.key)
-        vector = (vector.T if self.transpose else vector).reshape(
-            vector.shape if base.dim() > 1 else base.shape
-        )
+        if self.transpose:
+            vector = vector.T
+        if base.dim() == 1:  # the bias of a layer whose outputs l scales
+            vector = vector.reshape(base.shape)
         return base * (vector - 1)
 
 
@@ -168,28 +176,32 @@ class Adapter:
     def _plan_terms(self) -> None:
         names = self.weights.tensor_names()
         keys = set(names)
+        paired: set[str] = set()
         for key in names:
             if not key.startswith(PEFT_PREFIX):
                 self._fail(key, f"does not start with '{PEFT_PREFIX}'")
             inner = key.removeprefix(PEFT_PREFIX)
+            suffix = next((s for s in LORA_PAIRS if inner.endswith(s)), None)
             if self.kind == "IA3" and inner.endswith(".ia3_l"):
                 self._ia3(key, inner.removesuffix(".ia3_l"))
-            elif self.kind == "LORA" and inner.endswith((".lora_A.weight", ".lora_embedding_A")):
-                embedding = inner.endswith(".lora_embedding_A")
-                module = inner.removesuffix(".lora_embedding_A" if embedding else ".lora_A.weight")
-                self._lora(key, keys, module, embedding)
-            elif ".lora_B." in inner or inner.endswith(".lora_embedding_B"):
+            elif self.kind == "LORA" and suffix:
+                paired |= self._lora(key, keys, inner.removesuffix(suffix), suffix)
+            elif self.kind == "LORA" and is_lora_b(key):
                 continue  # read with its A
-            elif ".lora_" in inner:
-                self._fail(key, "is a LoRA variant tensor without an exact weight-space delta")
+            elif ".lora_" in inner or ".ia3_" in inner:
+                self._fail(key, f"is not part of a {self.kind} task vector that mergecli knows")
             else:
                 # modules_to_save and saved embedding layers: full tensors of the base
                 name = inner.replace(".base_layer.", ".")
                 self._add(name, Saved(key), key, self.weights.info(key).shape)
+        orphan = next((k for k in names if is_lora_b(k) and k not in paired), None)
+        if orphan:
+            self._fail(orphan, "has no matching lora_A")
 
-    def _lora(self, key_a: str, keys: set[str], module: str, embedding: bool) -> None:
+    def _lora(self, key_a: str, keys: set[str], module: str, suffix: str) -> set[str]:
+        """Plan one LoRA product; returns the keys it reads besides A (B, and B's bias)."""
         config = self.peft_config
-        key_b = key_a.replace("_A", "_B")
+        key_b = key_a.removesuffix(suffix) + LORA_PAIRS[suffix]
         if key_b not in keys:
             self._fail(key_a, f"has no matching '{key_b}'")
         a, b = self.weights.info(key_a).shape, self.weights.info(key_b).shape
@@ -201,12 +213,15 @@ class Adapter:
         pattern = pattern_key(config.alpha_pattern or {}, module)
         alpha = config.alpha_pattern[pattern] if pattern else config.lora_alpha
         scale = alpha / math.sqrt(rank) if config.use_rslora else alpha / rank
+        embedding = suffix == ".lora_embedding_A"
         transpose = embedding or bool(config.fan_in_fan_out)
         shape = (a[1], b[0]) if transpose else (b[0], a[1])
         self._add(f"{module}.weight", LowRank(key_a, key_b, scale, transpose), key_a, shape)
         bias = f"{key_b.removesuffix('.weight')}.bias"
-        if bias in keys:
-            self._add(f"{module}.bias", Scaled(bias, scale), bias, self.weights.info(bias).shape)
+        if embedding or bias not in keys:
+            return {key_b}
+        self._add(f"{module}.bias", Scaled(bias, scale), bias, self.weights.info(bias).shape)
+        return {key_b, bias}
 
     def _ia3(self, key: str, module: str) -> None:
         transpose = bool(self.peft_config.fan_in_fan_out)
@@ -216,10 +231,10 @@ class Adapter:
         vector = shape[::-1] if transpose else shape
         feedforward = is_feedforward(self.peft_config, module)
         weight = self.base.info(name).shape
-        fits = len(vector) == 2 and (
-            vector == (1, weight[1]) if feedforward else vector == (weight[0], 1)
-        )
-        if len(weight) != 2 or not fits:
+        # l scales outputs (rows of W, columns when W is stored transposed) or, feed-forward,
+        # inputs
+        rows = feedforward == transpose
+        if len(weight) != 2 or vector != ((weight[0], 1) if rows else (1, weight[1])):
             self._fail(key, f"has shape {list(shape)}, which does not scale {name} {list(weight)}")
         if not feedforward and f"{module}.bias" in self.base:
             self._add(f"{module}.bias", Rescaled(key, transpose), key, None)
