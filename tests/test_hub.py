@@ -161,7 +161,10 @@ def test_shards_merge_while_the_rest_download(
         "base_model": "tiny-org/base",
         "models": [{"model": str(zoo / "math")}, {"model": str(zoo / "code")}],
     }
-    result = run_cli("merge", write_recipe(tmp_path, recipe), "-o", tmp_path / "hub", "--quiet")
+    path = write_recipe(tmp_path, recipe)
+    assert run_cli("merge", path, "--dry-run", "--json").exit_code == 0
+    assert downloaded == []  # planning reads the Hub's headers only
+    result = run_cli("merge", path, "-o", tmp_path / "hub", "--quiet")
     assert result.exit_code == 0, result.output
     assert downloaded == [s.name for s in shards]
     local = {**recipe, "base_model": str(base)}

@@ -115,3 +115,10 @@ def test_lora_output_is_deterministic(zoo: Path, adapters: dict[str, Path], tmp_
     first, second = (merge(tmp_path, n, zoo / "base", experts, **options) for n in ("a", "b"))
     for name in ("adapter_model.safetensors", "adapter_config.json"):
         assert (first / name).read_bytes() == (second / name).read_bytes()
+
+
+def test_rank_without_lora_output_is_an_error(zoo: Path, tmp_path: Path) -> None:
+    recipe = {"merge_method": "linear", "models": [{"model": str(zoo / "math")}], "rank": 4}
+    result = run_cli("merge", write_recipe(tmp_path, recipe), "-o", tmp_path / "out")
+    assert result.exit_code == 2
+    assert "rank: only used with output_format: lora" in result.output

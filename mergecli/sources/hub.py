@@ -3,15 +3,17 @@ shared Hugging Face cache (only weights, configs, tokenizer and adapter files).
 
 ``huggingface_hub`` honours ``HF_TOKEN``, ``HF_HOME``/``HF_HUB_CACHE`` and ``HF_HUB_OFFLINE``
 (offline, or when the Hub cannot be reached, the cached snapshot is used). The small files come
-first; weight shards that are not cached are then downloaded one after the other on a
-background thread while the merge reads the shards that have arrived (their headers come from
-the Hub's safetensors metadata, so the merge is planned before any shard arrives).
+first; weight shards that are not cached are downloaded, once the merge starts reading, one
+after the other on a background thread while the merge reads the shards that have arrived
+(their headers come from the Hub's safetensors metadata, so the merge is planned before any
+shard arrives).
 """
 
 from __future__ import annotations
 
 import json
 import re
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -108,12 +110,12 @@ def weights_missing(folder: Path) -> bool:
 class DownloadingCheckpoint(Checkpoint):
     """A Hub checkpoint whose shards download in the background while it is read.
 
-    Headers come from the Hub's safetensors metadata; ``read`` waits only for the shard that
-    holds the tensor.
+    Headers come from the Hub's safetensors metadata; the first ``read`` starts the downloads,
+    and each ``read`` waits only for the shard that holds its tensor.
     """
 
     def __init__(self, folder: Path, label: str, repo: str, commit: str) -> None:
-        from huggingface_hub import get_safetensors_metadata, hf_hub_download
+        from huggingface_hub import get_safetensors_metadata
 
         self.path = folder
         self.label = label
@@ -131,14 +133,28 @@ class DownloadingCheckpoint(Checkpoint):
                 dtype = SAFETENSORS_DTYPES[tensor.dtype]
                 self._infos[name] = TensorInfo(tuple(tensor.shape), dtype, folder / file)
         self.files = sorted({info.file for info in self._infos.values()})
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergecli-download")
-        self._downloads: dict[Path, Future[str]] = {
-            file: self._pool.submit(hf_hub_download, repo, file.name, revision=commit)
-            for file in self.files
-        }
-        self._pool.shutdown(wait=False)
+        self._commit = commit
+        self._downloads: dict[Path, Future[str]] = {}
+        self._lock = threading.Lock()
+
+    def _download(self) -> None:
+        """Queue every shard's download, in order, on one background thread (once)."""
+        from huggingface_hub import hf_hub_download
+
+        with self._lock:
+            if self._downloads:
+                return
+            pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergecli-download")
+            for file in self.files:
+                self._downloads[file] = pool.submit(
+                    hf_hub_download, self.repo, file.name, revision=self._commit
+                )
+            pool.shutdown(wait=False)
 
     def _local(self, file: Path) -> Path:
+        """The shard once downloaded; the first call starts the downloads (so planning and
+        ``--dry-run`` fetch no weights)."""
+        self._download()
         try:
             return Path(self._downloads[file].result())
         except Exception as exc:  # as in hub_snapshot
