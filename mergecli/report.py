@@ -73,6 +73,23 @@ def markdown_report(report: dict[str, Any]) -> str:
             "task vector.",
             "",
         ]
+    if "lora" in report:
+        lora = report["lora"]
+        lines += [
+            "## LoRA adapter",
+            "",
+            f"Saved whole (modules_to_save): {', '.join(lora['modules_to_save']) or 'none'}. "
+            f"Lowest fraction of a merged delta's energy kept: {_fmt(lora['min_energy_kept'])}.",
+            "",
+            "| module | rank | exact | energy kept |",
+            "|---|---|---|---|",
+            *(
+                f"| {name} | {m['rank']} | {'yes' if m['exact'] else 'no'} | "
+                f"{_fmt(m['energy_kept'])} |"
+                for name, m in lora["modules"].items()
+            ),
+            "",
+        ]
     if report["plan"]["warnings"]:
         lines += ["## Warnings", "", *(f"- {w}" for w in report["plan"]["warnings"]), ""]
     lines += [

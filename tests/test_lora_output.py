@@ -78,6 +78,7 @@ def test_other_methods_truncate_with_reported_energy(
     got = peft_merged(zoo / "base", lora)
     modules = read_json(lora / "merge_report.json")["lora"]["modules"]
     assert modules and not any(m["exact"] for m in modules.values())
+    assert "| model.layers.0.self_attn.q_proj | 3 | no |" in (lora / "merge_report.md").read_text()
     for name, value in want.items():
         module = name.removesuffix(".weight")
         delta = (value - base[name]).double()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,13 +60,12 @@ class LoraLayout:
     """LoRA pairs by the base tensor they change."""
     saved: dict[str, str]
     """Tensors saved whole, by base tensor name → module name (``modules_to_save``)."""
-    coefficients: Any
+    coefficients: Callable[[Params], list[float] | None] | None
     """The method's ``coefficients`` (Σ ct τt), used for the exact pairs."""
     dtype: torch.dtype
     experts: list[Adapter]
     """The experts, when every one is an adapter (exact pairs need their factors)."""
     shard: Shard = field(default_factory=lambda: Shard(WEIGHTS_FILE))
-    energy: dict[str, float] = field(default_factory=dict)
 
     def config(self) -> dict[str, Any]:
         """adapter_config.json: per-module rank r and alpha r, so every scale is 1."""
@@ -91,25 +91,27 @@ class LoraLayout:
 
     def outputs(
         self, name: str, inputs: TensorInputs, merged: torch.Tensor, params: Params
-    ) -> list[tuple[str, torch.Tensor]]:
-        """The adapter tensors for one merged base tensor (none when it is not changed)."""
+    ) -> tuple[list[tuple[str, torch.Tensor]], float | None]:
+        """The adapter tensors for one merged base tensor (none when it is not changed), and
+        the fraction of the merged delta's energy its LoRA pair keeps (None when saved whole)."""
         if name in self.saved:
-            return [(PEFT_PREFIX + name, merged.to(self.dtype))]
+            return [(PEFT_PREFIX + name, merged.to(self.dtype))], None
         pair = self.pairs.get(name)
         if pair is None:
-            return []
+            return [], None
         assert inputs.base is not None
         if pair.exact:
-            b, a = self._concatenated(name, params)
+            b, a, energy = *self._concatenated(name, params), 1.0
         else:
-            b, a = self._truncated(name, merged - inputs.base, pair)
+            b, a, energy = truncated(merged - inputs.base, pair)
         names = pair.names()
-        return [(names[0], a.to(self.dtype)), (names[1], b.to(self.dtype))]
+        return [(names[0], a.to(self.dtype)), (names[1], b.to(self.dtype))], energy
 
     def _concatenated(self, name: str, params: Params) -> tuple[torch.Tensor, torch.Tensor]:
         """B = [ct st Bt], A = [At] over the experts whose change of ``name`` is one product."""
-        self.energy[name] = 1.0
+        assert self.coefficients is not None
         coefficients = self.coefficients(params)
+        assert coefficients is not None
         bs, as_ = [], []
         for c, adapter in zip(coefficients, self.experts, strict=True):
             term = adapter.low_rank(name)
@@ -120,16 +122,16 @@ class LoraLayout:
             as_.append(a)
         return torch.cat(bs, dim=1), torch.cat(as_, dim=0)
 
-    def _truncated(
-        self, name: str, delta: torch.Tensor, pair: LoraPair
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The rank-r truncated SVD of the delta (of its transpose for an embedding)."""
-        matrix = (delta.T if pair.embedding else delta).double()
-        u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
-        k = pair.rank
-        total = float(s.square().sum())
-        self.energy[name] = float(s[:k].square().sum()) / total if total > 0 else 1.0
-        return u[:, :k] * s[:k], vh[:k]
+
+def truncated(delta: torch.Tensor, pair: LoraPair) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(B, A, energy kept) of the rank-r truncated SVD of a delta (of its transpose for an
+    embedding), computed in float64."""
+    matrix = (delta.T if pair.embedding else delta).double()
+    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+    k = pair.rank
+    total = float(s.square().sum())
+    energy = float(s[:k].square().sum()) / total if total > 0 else 1.0
+    return u[:, :k] * s[:k], vh[:k], energy
 
 
 def module_kinds(config: dict[str, Any] | None, where: str) -> dict[str, str]:
@@ -232,13 +234,15 @@ def write_adapter_config(folder: Path, layout: LoraLayout) -> None:
     (folder / ADAPTER_CONFIG).write_text(text)
 
 
-def lora_summary(layout: LoraLayout) -> dict[str, Any]:
-    """The report's section: every module's rank, exactness and energy kept."""
+def lora_summary(layout: LoraLayout, per_tensor: dict[str, Any]) -> dict[str, Any]:
+    """The report's section: every module's rank, exactness and energy kept (from the
+    per-tensor reports)."""
+    energy = {n: per_tensor[n]["energy_kept"] for n in layout.pairs if n in per_tensor}
     return {
         "modules": {
-            p.module: {"rank": p.rank, "exact": p.exact, "energy_kept": layout.energy.get(name)}
+            p.module: {"rank": p.rank, "exact": p.exact, "energy_kept": energy.get(name)}
             for name, p in layout.pairs.items()
         },
         "modules_to_save": sorted(set(layout.saved.values())),
-        "min_energy_kept": min(layout.energy.values(), default=1.0),
+        "min_energy_kept": min(energy.values(), default=1.0),
     }

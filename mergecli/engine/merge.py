@@ -123,7 +123,12 @@ def run_merge(
                         results.append((tensor.name, stored(tensor, inputs, merged)))
                     else:
                         assert isinstance(merged, torch.Tensor)
-                        results += plan.lora.outputs(tensor.name, inputs, merged, tensor.params)
+                        pieces, energy = plan.lora.outputs(
+                            tensor.name, inputs, merged, tensor.params
+                        )
+                        results += pieces
+                        if energy is not None:
+                            per_tensor[tensor.name]["energy_kept"] = energy
                     timer.compute += time.perf_counter() - start
                 elif plan.lora is None:
                     results.append((tensor.name, inputs))
@@ -150,7 +155,7 @@ def run_merge(
         if isinstance(writer, TaskArtifactWriter):
             report["artifact"] = writer.summary()
         if plan.lora is not None:
-            report["lora"] = lora_summary(plan.lora)
+            report["lora"] = lora_summary(plan.lora, per_tensor)
         write_reports(folder, report)
         (folder / "README.md").write_text(model_card(plan))
     progress.stop()
