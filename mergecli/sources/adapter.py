@@ -154,11 +154,6 @@ class Adapter:
         self.terms: dict[str, list[Term]] = {}
         self._plan_terms()
 
-    @property
-    def base_model(self) -> str | None:
-        """The base the adapter was trained on (``base_model_name_or_path``)."""
-        return self.peft_config.base_model_name_or_path
-
     def _check_config(self) -> None:
         where = self.path / ADAPTER_CONFIG
         if self.kind not in SUPPORTED:
@@ -280,10 +275,6 @@ class Adapter:
 
     def tensor_names(self) -> list[str]:
         return self.base.tensor_names()
-
-    def targets(self) -> list[str]:
-        """The base tensors this adapter changes."""
-        return list(self.terms)
 
     def info(self, name: str) -> TensorInfo:
         return self.base.info(name)
