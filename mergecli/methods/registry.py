@@ -85,6 +85,10 @@ class MethodSpec:
     """Whether each merged entry depends only on the same entry of the inputs (and whole-model
     statistics), given a tensor's params: the engine may then merge that tensor in row chunks,
     with results equal to the whole tensor's bit for bit."""
+    coefficients: Callable[[Params], list[float] | None] | None = None
+    """For a method whose merged task vector is Σ ct τt (a linear combination): the ct of one
+    tensor's parameters, or None when these parameters make it no such combination. Lets LoRA
+    experts merge into an exact LoRA output by concatenating their ranks."""
     composes: str | None = None
     """The parameter naming another method that this one wraps (``lines``' base_method): the
     recipe then also takes that method's parameters, and its statistics and checks apply."""

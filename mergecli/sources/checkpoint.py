@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,8 +51,6 @@ class TensorInfo:
     shape: tuple[int, ...]
     dtype: torch.dtype
     file: Path
-    offset: int = -1
-    """Where the tensor's bytes start in a safetensors ``file`` (-1: a pickle ``.bin``)."""
 
     @property
     def numel(self) -> int:
@@ -72,32 +69,46 @@ class TensorInfo:
         return self.shape[0] if self.shape else 1
 
 
-def read_into(fd: int, out: torch.Tensor, offset: int) -> None:
+def data_offsets(file: Path) -> dict[str, int]:
+    """Where each tensor's bytes start in a safetensors file (from its JSON header)."""
+    with file.open("rb") as fh:
+        size = int.from_bytes(fh.read(8), "little")
+        header = json.loads(fh.read(size))
+    return {k: 8 + size + v["data_offsets"][0] for k, v in header.items() if k != "__metadata__"}
+
+
+def read_into(file: Path, out: torch.Tensor, offset: int) -> None:
     """Fill the contiguous CPU tensor ``out`` with the file's bytes from ``offset`` (positional
-    reads: safe from several threads, no shared file position, no memory map)."""
+    reads into ``out`` itself: no memory map, no intermediate buffer)."""
     view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
-    done = 0
-    while done < len(view):
-        got = os.preadv(fd, [view[done:]], offset + done)
-        if got == 0:
-            raise OSError(f"unexpected end of file at byte {offset + done}")
-        done += got
-
-
-def _close_all(fds: dict[Path, int]) -> None:
-    for fd in fds.values():
+    fd = os.open(file, os.O_RDONLY)
+    try:
+        done = 0
+        while done < len(view):
+            got = os.preadv(fd, [view[done:]], offset + done)
+            if got == 0:
+                raise OSError(f"{file}: unexpected end of file at byte {offset + done}")
+            done += got
+    finally:
         os.close(fd)
 
 
 class Checkpoint:
     """A folder with ``*.safetensors`` shards (optionally indexed), read lazily.
 
-    Only headers are read on construction; ``read`` returns one tensor. ``.bin`` (pickle)
-    shards are refused unless ``allow_bin``, and then loaded with ``weights_only=True`` and mmap.
+    Only headers are read on construction; ``read`` returns one tensor, or some of its rows,
+    read from the shard into private memory (no memory map), so the resident memory stays that
+    of the tensors in flight, whatever the checkpoint's size.
+    ``.bin`` (pickle) shards are refused unless ``allow_bin``, and then loaded with
+    ``weights_only=True`` and mmap.
     """
 
     delta = False
     """Whether ``read`` returns task vectors (adapters) rather than weights."""
+    row_reads = True
+    """Whether reading some rows costs only those rows (so tensors may stream in row chunks)."""
+    origin: str | None = None
+    """What the recipe (or an adapter's config) named: a path or a Hub id."""
 
     def __init__(self, path: Path, label: str, allow_bin: bool = False) -> None:
         self.path = path
@@ -105,9 +116,8 @@ class Checkpoint:
         if not path.is_dir():
             raise MergeError(f"{label}: '{path}' is not a folder")
         self.files = self._weight_files(allow_bin)
-        self._handles: dict[Path, Any] = {}
-        self._fds: dict[Path, int] = {}
-        weakref.finalize(self, _close_all, self._fds)
+        self._bins: dict[Path, dict[str, torch.Tensor]] = {}
+        self._offsets: dict[Path, dict[str, int]] = {}
         self._infos: dict[str, TensorInfo] = {}
         for file in self.files:
             self._read_header(file)
@@ -137,7 +147,7 @@ class Checkpoint:
     def _read_header(self, file: Path) -> None:
         if file.suffix == ".bin":
             state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-            self._handles[file] = state
+            self._bins[file] = state
             for name, t in state.items():
                 self._infos[name] = TensorInfo(tuple(t.shape), t.dtype, file)
             return
@@ -145,18 +155,14 @@ class Checkpoint:
             handle = safe_open(str(file), framework="pt", device="cpu")
         except Exception as exc:  # safetensors raises its own error types
             raise MergeError(f"{self.label}: cannot read '{file}': {exc}") from None
-        self._handles[file] = handle
-        with file.open("rb") as fh:  # safe_open validated the header; it does not give offsets
-            size = int.from_bytes(fh.read(8), "little")
-            entries = json.loads(fh.read(size))
-        for name in handle.keys():  # noqa: SIM118  (safe_open is not iterable)
-            piece = handle.get_slice(name)
-            code = piece.get_dtype()
-            if code not in SAFETENSORS_DTYPES:
-                raise MergeError(f"{self.label}: tensor '{name}' in {file} has dtype {code}")
-            offset = 8 + size + entries[name]["data_offsets"][0]
-            dtype = SAFETENSORS_DTYPES[code]
-            self._infos[name] = TensorInfo(tuple(piece.get_shape()), dtype, file, offset)
+        with handle:
+            for name in handle.keys():  # noqa: SIM118  (safe_open is not iterable)
+                piece = handle.get_slice(name)
+                code = piece.get_dtype()
+                if code not in SAFETENSORS_DTYPES:
+                    raise MergeError(f"{self.label}: tensor '{name}' in {file} has dtype {code}")
+                shape = tuple(piece.get_shape())
+                self._infos[name] = TensorInfo(shape, SAFETENSORS_DTYPES[code], file)
 
     def tensor_names(self) -> list[str]:
         return list(self._infos)
@@ -167,31 +173,33 @@ class Checkpoint:
     def __contains__(self, name: str) -> bool:
         return name in self._infos
 
+    def _local(self, file: Path) -> Path:
+        """The shard's path once it is on disk (at once for a local folder)."""
+        return file
+
     def read(
         self, name: str, rows: tuple[int, int] | None = None, pin: bool = False
     ) -> torch.Tensor:
         """One tensor (or its rows ``start:stop``), on the CPU, in its stored dtype.
 
-        Safetensors data is read straight from the file into private memory (page-locked when
-        ``pin``), so the result may be modified in place and the process keeps no mapping of
-        the file resident.
+        Safetensors bytes are read straight into a new tensor (page-locked when ``pin``): it may
+        be modified in place, and no page of the file stays mapped in this process.
         """
         info = self._infos[name]
-        if info.offset < 0:
-            tensor = self._handles[info.file][name]
+        if info.file in self._bins:
+            tensor = self._bins[info.file][name]
             return tensor if rows is None else tensor[rows[0] : rows[1]]
+        local = self._local(info.file)
+        if local not in self._offsets:
+            self._offsets[local] = data_offsets(local)
         start, stop = rows or (0, info.rows)
-        shape = (stop - start, *info.shape[1:]) if info.shape else ()
-        out = torch.empty(shape, dtype=info.dtype, pin_memory=pin)
+        out = torch.empty(
+            (stop - start, *info.shape[1:]) if info.shape else (), dtype=info.dtype, pin_memory=pin
+        )
         if out.numel():
             row_bytes = info.nbytes // max(info.rows, 1)
-            read_into(self._fd(info.file), out, info.offset + start * row_bytes)
+            read_into(local, out, self._offsets[local][name] + start * row_bytes)
         return out
-
-    def _fd(self, file: Path) -> int:
-        if file not in self._fds:
-            self._fds[file] = os.open(file, os.O_RDONLY)
-        return self._fds[file]
 
     def config(self) -> dict[str, Any] | None:
         file = self.path / "config.json"
