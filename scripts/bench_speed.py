@@ -3,16 +3,17 @@
 ``python -m scripts.bench_speed [--size-mb 1000] [--experts 3] [--runs 3]
 [--methods linear,task_arithmetic,ties,dare_ties] [--device cpu|cuda] [--json]``
 
-It generates a Llama-shaped bfloat16 base and experts (``scripts.bench_checkpoints``) under
+It generates a Llama-shaped bfloat16 base and experts (``scripts.llama_checkpoints``) under
 ``.bench/``, installs mergekit into ``.bench/mergekit-venv`` (the local torch build first, so no
 CUDA packages are pulled), then runs, alternating, in every round: the I/O floor
 (``scripts.io_floor``), ``mergecli merge`` and ``mergekit-yaml`` on the same recipe for each
 method (mergecli's ``ties`` twice: scope model, its default, and scope tensor, mergekit's).
-Every command is a whole process: its wall time and peak resident memory (``ru_maxrss`` from
-``wait4``) are recorded, and the medians over the rounds printed as a markdown table with the
-ratios mergecli / floor and mergekit / mergecli. Outputs of the two tools are compared where
-they share a convention (linear, task_arithmetic). A last check merges a 150k × 4k embedding
-alone, to show that peak memory does not grow with the largest tensor.
+Every command is a whole process: its wall time, CPU time and peak resident memory
+(``ru_maxrss`` from ``wait4``, ``scripts.measure``) are recorded, and the medians over the
+rounds printed as a markdown table with the ratios mergecli / floor and mergekit / mergecli.
+Outputs of the two tools are compared where they share a convention (linear,
+task_arithmetic). A last check merges a 150k × 4k embedding alone, to show that peak memory
+does not grow with the largest tensor.
 """
 
 from __future__ import annotations
@@ -25,8 +26,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,7 +35,8 @@ import torch
 import yaml
 from safetensors import safe_open
 
-from scripts.bench_checkpoints import LlamaShape, shape_for_size, write_models
+from scripts.llama_checkpoints import LlamaShape, write_family
+from scripts.measure import measure
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / ".bench"
@@ -62,21 +62,14 @@ class Command:
     peaks: list[int] = field(default_factory=list)
 
     def run(self, env: dict[str, str]) -> None:
-        """Run once; ``wait4`` gives the process's own CPU time and peak resident memory."""
         shutil.rmtree(self.output, ignore_errors=True)
-        with tempfile.TemporaryFile() as log:
-            start = time.perf_counter()
-            proc = subprocess.Popen(self.argv, cwd=ROOT, env=env, stdout=log, stderr=log)
-            _, status, usage = os.wait4(proc.pid, 0)
-            wall = time.perf_counter() - start
-            proc.returncode = os.waitstatus_to_exitcode(status)
-            if proc.returncode != 0:
-                log.seek(0)
-                tail = log.read().decode(errors="replace")[-3000:]
-                sys.exit(f"{self.label} failed ({proc.returncode}): {' '.join(self.argv)}\n{tail}")
-        self.walls.append(wall)
-        self.cpus.append(usage.ru_utime + usage.ru_stime)
-        self.peaks.append(usage.ru_maxrss * 1024)
+        try:
+            run = measure(self.argv, env)
+        except RuntimeError as exc:
+            sys.exit(f"{self.label}: {exc}")
+        self.walls.append(run.seconds)
+        self.cpus.append(run.cpu_seconds)
+        self.peaks.append(run.peak_rss_bytes)
 
     @property
     def wall(self) -> float:
@@ -89,6 +82,16 @@ class Command:
     @property
     def peak(self) -> int:
         return int(statistics.median(self.peaks))
+
+
+def shape_for_size(size_mb: float, layers: int = 8) -> LlamaShape:
+    """A Llama of ``layers`` layers (32k vocabulary, full attention, intermediate about 8/3 of
+    the hidden size) whose bfloat16 checkpoint is closest to ``size_mb`` megabytes."""
+    shapes = [
+        LlamaShape(layers, h, round(h * 8 / 3 / 256) * 256, 32000, h // 64, h // 64)
+        for h in range(256, 16385, 128)
+    ]
+    return min(shapes, key=lambda s: abs(s.numel() * 2 - size_mb * 1e6))
 
 
 def ensure_mergekit() -> Path:
@@ -124,6 +127,12 @@ def recipe(method: str, base: Path, experts: list[Path], dtype: str = "float32")
     return out
 
 
+def mergecli_merge(recipe: Path, out: Path, device: str, *options: object) -> list[str]:
+    """The ``mergecli merge`` command line of this checkout."""
+    argv = [sys.executable, "-m", "mergecli", "merge", str(recipe), "--output", str(out)]
+    return [*argv, "--quiet", "--device", device, *map(str, options)]
+
+
 def commands(
     methods: list[str], base: Path, experts: list[Path], args: argparse.Namespace
 ) -> list[Command]:
@@ -154,8 +163,7 @@ def commands(
             tag = f"{method}{suffix.replace(' ', '-').replace('(', '').replace(')', '')}"
             path = recipes / f"mergecli-{tag}.yaml"
             path.write_text(yaml.safe_dump(body, sort_keys=False))
-            argv = [py, "-m", "mergecli", "merge", str(path), "--output", str(out_dir / tag)]
-            argv += ["--quiet", "--device", args.device, "--shard-size", str(shard_bytes)]
+            argv = mergecli_merge(path, out_dir / tag, args.device, "--shard-size", shard_bytes)
             cmds.append(
                 Command(f"mergecli {method}{suffix}", "mergecli", method, argv, out_dir / tag)
             )
@@ -198,33 +206,17 @@ def max_abs_diff(a: Path, b: Path) -> tuple[float, float]:
 
 def embedding_check(args: argparse.Namespace, env: dict[str, str]) -> dict[str, Any]:
     """Peak memory of mergecli merging one ``rows × cols`` embedding (a 150k × 4k vocabulary)."""
-    shape = LlamaShape(args.embedding_cols, 256, layers=0, vocab=args.embedding_rows, tied=True)
-    base, experts = write_models(
-        BENCH / f"embedding-{shape.vocab}x{shape.hidden}", shape, args.experts, shards=1
+    shape = LlamaShape(0, args.embedding_cols, 256, args.embedding_rows, tie_embeddings=True)
+    base, experts = write_family(
+        BENCH / f"embedding-{shape.vocab}x{shape.hidden}", shape, args.experts
     )
     rows = {}
     for method in ("task_arithmetic", "ties"):
         path = BENCH / "recipes" / f"embedding-{method}.yaml"
         path.write_text(yaml.safe_dump(recipe(method, base, experts), sort_keys=False))
         out = BENCH / "out" / f"embedding-{method}"
-        cmd = Command(
-            f"mergecli {method}",
-            "mergecli",
-            method,
-            [
-                sys.executable,
-                "-m",
-                "mergecli",
-                "merge",
-                str(path),
-                "--output",
-                str(out),
-                "--quiet",
-                "--device",
-                args.device,
-            ],
-            out,
-        )
+        argv = mergecli_merge(path, out, args.device)
+        cmd = Command(f"mergecli {method}", "mergecli", method, argv, out)
         cmd.run(env)
         shutil.rmtree(out, ignore_errors=True)
         rows[method] = {"wall_s": cmd.wall, "peak_rss_bytes": cmd.peak}
@@ -316,7 +308,6 @@ def main() -> None:
     )
     parser.add_argument("--size-mb", type=float, default=1000.0, help="size of each checkpoint")
     parser.add_argument("--experts", type=int, default=3)
-    parser.add_argument("--shards", type=int, default=4)
     parser.add_argument("--runs", type=int, default=3, help="alternating rounds (medians)")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -344,16 +335,20 @@ def main() -> None:
         return
 
     shape = shape_for_size(args.size_mb)
-    folder = BENCH / f"models-{shape.hidden}x{shape.layers}-{args.experts}e-{args.shards}s"
+    folder = BENCH / f"models-{shape.hidden}x{shape.layers}-{args.experts}e"
     print(f"generating checkpoints in {folder} ...", file=sys.stderr)
-    base, experts = write_models(folder, shape, args.experts, args.shards)
+    base, experts = write_family(folder, shape, args.experts)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     cmds = commands(methods, base, experts, args)
     model_bytes = sum(f.stat().st_size for f in base.glob("*.safetensors"))
     for r in range(args.runs):
         for cmd in cmds:
-            print(f"round {r + 1}/{args.runs}: {cmd.label}", file=sys.stderr)
             cmd.run(env)
+            print(
+                f"round {r + 1}/{args.runs}: {cmd.label}: {cmd.walls[-1]:.2f} s, "
+                f"{cmd.cpus[-1]:.1f} s CPU, {gb(cmd.peaks[-1])} GB peak",
+                file=sys.stderr,
+            )
 
     result: dict[str, Any] = {
         "machine": machine(),
@@ -364,7 +359,7 @@ def main() -> None:
             "bytes_per_model": model_bytes,
             "layers": shape.layers,
             "hidden": shape.hidden,
-            "shards": args.shards,
+            "shards": len(list(base.glob("*.safetensors"))),
         },
         "commands": [
             {

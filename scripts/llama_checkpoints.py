@@ -26,6 +26,8 @@ class LlamaShape:
     vocab: int = 4096
     heads: int = 8
     kv_heads: int = 4
+    tie_embeddings: bool = False
+    """Whether the output head is the embedding (then no ``lm_head.weight``)."""
 
     def tensors(self) -> list[tuple[str, tuple[int, ...]]]:
         """(name, shape) of every tensor, in checkpoint order."""
@@ -46,10 +48,9 @@ class LlamaShape:
                 (p + "mlp.up_proj.weight", (self.intermediate, self.hidden)),
                 (p + "mlp.down_proj.weight", (self.hidden, self.intermediate)),
             ]
-        names += [
-            ("model.norm.weight", (self.hidden,)),
-            ("lm_head.weight", (self.vocab, self.hidden)),
-        ]
+        names.append(("model.norm.weight", (self.hidden,)))
+        if not self.tie_embeddings:
+            names.append(("lm_head.weight", (self.vocab, self.hidden)))
         return names
 
     def numel(self) -> int:
@@ -66,7 +67,7 @@ class LlamaShape:
             num_hidden_layers=self.layers,
             num_attention_heads=self.heads,
             num_key_value_heads=self.kv_heads,
-            tie_word_embeddings=False,
+            tie_word_embeddings=self.tie_embeddings,
         )
 
 
