@@ -99,7 +99,8 @@ class PieceFigures:
                 sums["tv_sq"][t] += float(t64.dot(t64))
                 sums["dot"][t] += float(t64.dot(d64))
                 sign = torch.sign(tv[start:stop])
-                sums["nonzero"][t] += float(sign.abs().sum())
+                if inputs.kept[t] is None:  # else the method reported what it kept
+                    sums["nonzero"][t] += float(sign.abs().sum())
                 sign *= d_sign  # +1 where the signs agree, -1 where they differ, 0 elsewhere
                 sums["signs"][t] += float(sign.sum())
                 sums["both"][t] += float(sign.abs_().sum())
