@@ -61,6 +61,7 @@ class LlamaShape:
 
     def config(self) -> LlamaConfig:
         return LlamaConfig(
+            architectures=["LlamaForCausalLM"],
             vocab_size=self.vocab,
             hidden_size=self.hidden,
             intermediate_size=self.intermediate,
