@@ -21,7 +21,10 @@ from mergecli.recipe import Recipe
 from mergecli.sources import Checkpoint, Source, open_models
 
 LOOKAHEAD = 2
-"""Pieces (tensors or row chunks) read ahead of the one being merged."""
+"""Pieces (tensors or row chunks) read ahead of the one being merged, at most."""
+READ_AHEAD_BYTES = 256 * 2**20
+"""Bytes read ahead, at most (at least one piece is always read ahead): large tensors merged
+whole are not read ahead two at a time."""
 CHUNK_ELEMENTS = 1 << 20
 """Entries of one row chunk: tensors merged elementwise, and copied tensors, are read, merged
 and written in chunks of about this size, so memory does not grow with the largest tensor."""
@@ -99,6 +102,13 @@ class MergePlan:
         rows = tensor.shape[0]
         step = max(1, CHUNK_ELEMENTS * rows // tensor.numel)
         return [(r, min(r + step, rows)) for r in range(0, rows, step)]
+
+    def piece_bytes(self, tensor: TensorPlan, rows: Rows) -> int:
+        """Memory that one piece's inputs take once read (in the compute dtype when merged)."""
+        item = self.compute_dtype.itemsize if tensor.merge else 0
+        return _numel(tensor, rows) * sum(
+            max(s.info(tensor.name).dtype.itemsize, item) for s in self.read_sources(tensor)
+        )
 
     def read_sources(self, tensor: TensorPlan) -> list[Source]:
         if not tensor.merge:

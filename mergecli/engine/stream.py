@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mergecli.engine.plan import LOOKAHEAD, MergePlan, Rows, TensorPlan
+from mergecli.engine.plan import LOOKAHEAD, READ_AHEAD_BYTES, MergePlan, Rows, TensorPlan
 from mergecli.methods import TensorInputs
 
 
@@ -57,18 +57,24 @@ def stream_pieces(
     pieces = [(t, rows) for t in tensors for rows in (plan.pieces(t) if chunked else [None])]
     generators: dict[str, dict[int, torch.Generator]] = {}
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergecli-read") as pool:
-        pending: deque[tuple[TensorPlan, Rows, Future[list[torch.Tensor]]]] = deque()
-        queue = iter(pieces)
-        for tensor, rows in queue:
-            pending.append((tensor, rows, pool.submit(_read, plan, tensor, rows, timer)))
-            if len(pending) > LOOKAHEAD:
-                break
+        pending: deque[tuple[TensorPlan, Rows, Future[list[torch.Tensor]], int]] = deque()
+        waiting = deque(pieces)
+
+        def read_ahead() -> None:
+            while waiting:
+                tensor, rows = waiting[0]
+                size = plan.piece_bytes(tensor, rows)
+                queued = sum(p[3] for p in pending)
+                if pending and (len(pending) > LOOKAHEAD or queued + size > READ_AHEAD_BYTES):
+                    return
+                waiting.popleft()
+                pending.append((tensor, rows, pool.submit(_read, plan, tensor, rows, timer), size))
+
+        read_ahead()
         while pending:
-            tensor, rows, future = pending.popleft()
+            tensor, rows, future, _ = pending.popleft()
             raw = future.result()
-            nxt = next(queue, None)
-            if nxt is not None:
-                pending.append((*nxt, pool.submit(_read, plan, *nxt, timer)))
+            read_ahead()
             if not tensor.merge:
                 yield tensor, rows, raw[0]
                 continue
