@@ -15,7 +15,10 @@ def kth_largest(tv: torch.Tensor, rank: int) -> float:
     """The ``rank``-th largest ``abs(tv)`` (1-based); +inf when rank = 0."""
     if rank == 0:
         return float("inf")
-    return float(torch.kthvalue(tv.abs().reshape(-1).cpu(), tv.numel() - rank + 1).values)
+    # a selection in place on the private copy abs() makes: no sorted copy, no int64 indices
+    magnitudes = tv.abs().reshape(-1).cpu().numpy()
+    magnitudes.partition(tv.numel() - rank)
+    return float(magnitudes[tv.numel() - rank])
 
 
 def tensor_threshold(tv: torch.Tensor, density: float) -> float:
