@@ -33,3 +33,17 @@ def cosine64(a: torch.Tensor, b: torch.Tensor) -> float:
 def abs_sum64(a: torch.Tensor) -> float:
     """Σ abs(a) accumulated in float64."""
     return float(sum(x.abs().sum() for (x,) in _chunks(a)) if a.numel() else 0.0)
+
+
+def gram64(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The M×M matrix of Σ ai·aj over M same-shaped tensors, in float64 on the CPU.
+
+    Chunks of CHUNK elements in all (CHUNK / M per tensor) bound the float64 temporaries.
+    """
+    flats = [t.reshape(-1) for t in tensors]
+    step = max(1, CHUNK // len(flats))
+    out = torch.zeros(len(flats), len(flats), dtype=torch.float64, device=flats[0].device)
+    for start in range(0, flats[0].numel(), step):
+        chunk = torch.stack([f[start : start + step] for f in flats]).double()
+        out += chunk @ chunk.T
+    return out.cpu()

@@ -65,4 +65,4 @@ def task_state_dict(artifact: Artifact, task: str) -> dict[str, torch.Tensor]:
     return {name: artifact.task_tensor(task, name) for name in artifact.tensor_names()}
 
 
-from mergecli.artifacts import task_masks  # noqa: E402,F401  (registration)
+from mergecli.artifacts import flex, task_masks  # noqa: E402,F401  (registration)

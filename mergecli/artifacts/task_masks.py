@@ -13,7 +13,15 @@ from typing import Any
 import torch
 
 from mergecli.artifacts import register_artifact
-from mergecli.engine.task_artifact import BASE, KIND, MANIFEST, MASKS, UNIFIED, unpack_mask
+from mergecli.engine.task_artifact import (
+    BASE,
+    KIND,
+    MANIFEST,
+    MASKS,
+    UNIFIED,
+    task_weight,
+    unpack_mask,
+)
 from mergecli.errors import MergeError
 from mergecli.sources import Checkpoint
 
@@ -50,10 +58,8 @@ class TaskMaskArtifact:
             return base.clone()
         t = self.tasks.index(task)
         mask = unpack_mask(self.masks[t].read(name), tuple(base.shape))
-        delta = self.unified.read(name).float() * mask
-        if name in self.scales:
-            delta *= self.scales[name][t]
-        return (base.float() + delta).to(base.dtype)
+        scale = self.scales[name][t] if name in self.scales else None
+        return task_weight(base, self.unified.read(name), mask, scale)
 
     def model_files(self) -> Path:
         return self.path
