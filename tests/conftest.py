@@ -39,3 +39,13 @@ def zoo_bf16(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for i, name in enumerate(EXPERTS):
         make_expert(base, root / name, seed=20 + i)
     return root
+
+
+@pytest.fixture(scope="session")
+def zoo5(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """float32 base + five experts e0..e4 (sharded), for FlexMerge."""
+    root = tmp_path_factory.mktemp("zoo5")
+    base = make_base(root / "base")
+    for i in range(5):
+        make_expert(base, root / f"e{i}", seed=40 + i)
+    return root

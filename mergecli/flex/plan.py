@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
+from pydantic import ValidationError
+
 from mergecli.engine.layout import parse_size
 from mergecli.engine.plan import MergePlan, TensorPlan, check_task_names, plan_merge
-from mergecli.errors import MergeError
+from mergecli.errors import MergeError, did_you_mean
 from mergecli.flex.blocks import Block, cut_blocks
 from mergecli.flex.size import SizeModel
 from mergecli.recipe import FlexSection, Recipe
@@ -66,9 +69,12 @@ def flex_options(recipe: Recipe, overrides: dict[str, Any]) -> FlexSection:
     given = {k: v for k, v in overrides.items() if v is not None}
     try:
         return FlexSection.model_validate({**base, **given})
-    except Exception as exc:  # pydantic's message, made one line
-        first = str(exc).splitlines()
-        raise MergeError(f"flex: {' '.join(first[1:3]) if len(first) > 2 else exc}") from None
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        key = ".".join(str(x) for x in error["loc"])
+        expected = error.get("ctx", {}).get("expected", "")
+        hint = did_you_mean(str(error.get("input")), re.findall(r"'([^']+)'", expected))
+        raise MergeError(f"flex.{key}: {error['msg']}{hint}") from None
 
 
 def plan_flex(
@@ -85,11 +91,6 @@ def plan_flex(
     method, m = merge.method, len(merge.experts)
     if m < 2:
         raise MergeError(f"models: FlexMerge needs at least 2 experts, the recipe lists {m}")
-    if method.max_models is not None and method.max_models < m:
-        raise MergeError(
-            f"merge_method: '{method.name}' merges at most {method.max_models} models; a FlexMerge "
-            f"group can hold all {m} experts"
-        )
     if options.strategy == "channel" and method.output != "model":
         raise MergeError(
             f"merge_method: Channel Merging stores one merged block per cluster; '{method.name}' "
