@@ -38,12 +38,18 @@ def abs_sum64(a: torch.Tensor) -> float:
 def gram64(tensors: list[torch.Tensor]) -> torch.Tensor:
     """The M×M matrix of Σ ai·aj over M same-shaped tensors, in float64 on the CPU.
 
-    Chunks of CHUNK elements in all (CHUNK / M per tensor) bound the float64 temporaries.
+    Chunks of CHUNK elements in all (CHUNK / M per tensor) are copied into one reused float64
+    buffer, which bounds the temporaries to 32 MiB.
     """
     flats = [t.reshape(-1) for t in tensors]
-    step = max(1, CHUNK // len(flats))
-    out = torch.zeros(len(flats), len(flats), dtype=torch.float64, device=flats[0].device)
-    for start in range(0, flats[0].numel(), step):
-        chunk = torch.stack([f[start : start + step] for f in flats]).double()
-        out += chunk @ chunk.T
+    n, m = flats[0].numel(), len(flats)
+    step = max(1, CHUNK // m)
+    device = flats[0].device
+    out = torch.zeros(m, m, dtype=torch.float64, device=device)
+    buffer = torch.empty(m, min(step, n), dtype=torch.float64, device=device)
+    for start in range(0, n, step):
+        chunk = buffer[:, : min(step, n - start)]
+        for row, flat in zip(chunk, flats, strict=True):
+            row.copy_(flat[start : start + step])
+        out.addmm_(chunk, chunk.T)
     return out.cpu()

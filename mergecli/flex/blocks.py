@@ -17,7 +17,7 @@ from mergecli.blocks import block_of
 from mergecli.engine.plan import TensorPlan
 from mergecli.engine.task_artifact import packed_numel
 from mergecli.errors import MergeError
-from mergecli.layers import layer_prefix
+from mergecli.layers import is_before_layers, layer_index, layer_prefix
 
 Granularity = str | list[str]
 
@@ -71,7 +71,8 @@ def block_namer(granularity: Granularity) -> Callable[[str], str]:
 
 
 def cut_blocks(tensors: list[TensorPlan], granularity: Granularity) -> list[Block]:
-    """The blocks of the merged tensors, ordered by their first tensor in model order."""
+    """The blocks of the merged tensors in model order (``model_position`` of their first
+    tensor, then name order)."""
     namer = block_namer(granularity)
     blocks: dict[str, Block] = {}
     for tensor in tensors:
@@ -80,4 +81,13 @@ def cut_blocks(tensors: list[TensorPlan], granularity: Granularity) -> list[Bloc
             blocks.setdefault(name, Block(name, [])).tensors.append(tensor)
     if not blocks:
         raise MergeError("flex: the model has no tensor to merge")
-    return list(blocks.values())
+    return sorted(blocks.values(), key=lambda b: model_position(b.tensors[0].name))
+
+
+def model_position(name: str) -> tuple[int, int]:
+    """Where a tensor sits in the forward pass: input embeddings, the layers in order, then the
+    rest (final norm, head); a stable sort keeps name order within each."""
+    index = layer_index(name)
+    if index is not None:
+        return 1, index
+    return (0, 0) if is_before_layers(name) else (2, 0)

@@ -77,24 +77,54 @@ def size_report(
     }
 
 
-def write_size_report(folder: Path, report: dict[str, Any]) -> None:
-    """``flex_report.json`` and the blocks × tasks picture ``flex_report.png``."""
-    (folder / REPORT).write_text(json.dumps(report, indent=1) + "\n")
+def colours(groups: list[list[int]]) -> np.ndarray:
+    """Group j → a tab20 index: the ten strong colours first, then their light companions."""
+    grid = np.asarray(groups)
+    return (2 * grid) % 20 + (grid // 10) % 2
+
+
+def write_size_reports(items: list[tuple[Path, dict[str, Any]]]) -> None:
+    """``flex_report.json`` and the blocks × tasks picture ``flex_report.png`` in each folder
+    (one figure redrawn per size: the labels are laid out once)."""
+    for folder, report in items:
+        (folder / REPORT).write_text(json.dumps(report, indent=1) + "\n")
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    grid = np.asarray(report["groups"])
-    blocks = [b["block"] for b in report["groups_per_block"]]
-    height = min(60.0, max(3.0, 0.18 * len(blocks) + 1.5))
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.6 * len(report["tasks"]) + 3.5), height))
-    ax.imshow(grid, cmap="tab20", vmin=0, vmax=19, aspect="auto", interpolation="nearest")
-    ax.set_xticks(range(len(report["tasks"])), report["tasks"], rotation=45, ha="right")
-    ax.set_yticks(range(len(blocks)), blocks, fontsize=6 if len(blocks) > 40 else 8)
-    ax.set_title(
-        f"FlexMerge ({report['method']}): size {report['size']:.3f} (target {report['target']:g})"
+    first = items[0][1]
+    blocks = [b["block"] for b in first["groups_per_block"]]
+    tasks = first["tasks"]
+    label = max(len(b) for b in blocks) * 0.055 + 0.3  # inches of the block names
+    width = label + max(2.5, 0.35 * len(tasks) + 0.8)
+    height = min(60.0, max(3.0, 0.16 * len(blocks) + 1.4))
+    fig, ax = plt.subplots(figsize=(width, height))
+    fig.subplots_adjust(
+        left=label / width, right=1 - 0.15 / width, bottom=0.6 / height, top=1 - 0.45 / height
     )
-    fig.tight_layout()
-    fig.savefig(folder / PICTURE, dpi=100)
+    image = ax.imshow(
+        colours(first["groups"]),
+        cmap="tab20",
+        vmin=0,
+        vmax=19,
+        aspect="auto",
+        interpolation="nearest",
+    )
+    ax.set_xticks(range(len(tasks)), tasks, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(len(blocks)), blocks, fontsize=6)
+    title = fig.text(0.02, 1 - 0.12 / height, "", fontsize=9, va="top")
+    image.set_visible(False)
+    fig.canvas.draw()  # labels and frame once; each size redraws only its grid and title
+    background = fig.canvas.copy_from_bbox(fig.bbox)  # type: ignore[attr-defined]
+    image.set_visible(True)
+    for folder, report in items:
+        fig.canvas.restore_region(background)  # type: ignore[attr-defined]
+        image.set_data(colours(report["groups"]))
+        title.set_text(
+            f"{report['method']}: size {report['size']:.3f} (target {report['target']:g})"
+        )
+        ax.draw_artist(image)
+        fig.draw_artist(title)
+        plt.imsave(folder / PICTURE, np.asarray(fig.canvas.buffer_rgba()))  # type: ignore[attr-defined]
     plt.close(fig)

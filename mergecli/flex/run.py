@@ -27,7 +27,7 @@ from mergecli.flex.blocks import Block
 from mergecli.flex.channel import channel_partition
 from mergecli.flex.order import Group, Partition, Step, merge_order, partition_after
 from mergecli.flex.plan import FlexPlan
-from mergecli.flex.report import size_report, write_size_report
+from mergecli.flex.report import size_report, write_size_reports
 from mergecli.flex.similarity import block_grams, reading_bytes, with_base
 from mergecli.flex.size import steps_for
 from mergecli.methods import Params, TaskMasks, TensorInputs
@@ -138,9 +138,9 @@ def run_flex(
             ref = plan.merge.reference.path
             copy_model_files(ref, ref, folder, plan.merge.out_dtype)
             report = size_report(plan, manifest, steps, state.steps, grams, timing)
-            write_size_report(folder, report)
             final = output if folder == root else output / folder.name
             results.append(SizeResult(state.target, state.size, final, report))
+        write_size_reports([(f, r.report) for f, r in zip(folders, results, strict=True)])
     progress.stop()
     timing["wall_s"] = time.perf_counter() - started
     return FlexResult(output, steps, results, grams, timing)
