@@ -8,7 +8,9 @@ number of sizes.
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -16,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mergecli.engine.merge import merge_tensor
+from mergecli.engine.merge import WRITE_QUEUE, merge_tensor
 from mergecli.engine.output import atomic_folder, check_output, copy_model_files
 from mergecli.engine.plan import TensorPlan
 from mergecli.engine.stream import Timer, stream_inputs
@@ -295,16 +297,32 @@ def merge_pass(
     stats: dict[Group, dict[str, Any]] = {}
     params: dict[Group, dict[str, Params]] = {}
     current = -1
-    for b, tensor, inputs in _block_inputs(plan, plan.blocks, timer, per_block=with_stats):
-        if with_stats and b != current:
-            current = b
-            multi = [g for g in groups[b] if len(g) > 1]
-            stats, params = group_statistics(plan, plan.blocks[b], multi, timer)
-        start = time.perf_counter()
-        stored, scales = tensor_values(plan, tensor, inputs, groups[b], stats, params)
-        timer.compute += time.perf_counter() - start
-        start = time.perf_counter()
-        for writer in writers:
-            writer.write(tensor.name, stored, scales)
-        timer.write += time.perf_counter() - start
-        progress.advance(1, reading_bytes(plan.merge, tensor.name))
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergecli-write") as pool:
+        pending: deque[Future[None]] = deque()
+        for b, tensor, inputs in _block_inputs(plan, plan.blocks, timer, per_block=with_stats):
+            if with_stats and b != current:
+                current = b
+                multi = [g for g in groups[b] if len(g) > 1]
+                stats, params = group_statistics(plan, plan.blocks[b], multi, timer)
+            start = time.perf_counter()
+            stored, scales = tensor_values(plan, tensor, inputs, groups[b], stats, params)
+            timer.compute += time.perf_counter() - start
+            pending.append(pool.submit(_write, writers, tensor.name, stored, scales, timer))
+            while len(pending) > WRITE_QUEUE:
+                pending.popleft().result()
+            progress.advance(1, reading_bytes(plan.merge, tensor.name))
+        for future in pending:
+            future.result()
+
+
+def _write(
+    writers: list[FlexWriter],
+    name: str,
+    stored: Stored,
+    scales: dict[Group, list[float]],
+    timer: Timer,
+) -> None:
+    start = time.perf_counter()
+    for writer in writers:
+        writer.write(name, stored, scales)
+    timer.write += time.perf_counter() - start
