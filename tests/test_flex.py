@@ -18,8 +18,11 @@ from mergecli.artifacts import open_artifact
 from mergecli.artifacts.export import export_task
 from mergecli.blocks import block_of
 from mergecli.flex import plan_flex, run_flex
+from mergecli.flex.order import merge_order
 from mergecli.flex.serve import task_models, task_state_dicts
+from mergecli.methods import TensorInputs
 from mergecli.recipe import recipe_from_dict
+from tests import dense
 from tests.helpers import load_state, read_json, run_cli, write_recipe
 
 TASKS = [f"e{i}" for i in range(5)]
@@ -240,3 +243,92 @@ def test_bad_inputs_are_one_line_errors(
     assert res.exit_code == 2, res.output
     assert message in res.stderr and len(res.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_emr_smallest_size_is_emr_on_each_block(zoo5: Path, tmp_path: Path) -> None:
+    """Every block fully merged: task t is θ0 + ξt (mt ⊙ τuni), the rescalers over the block."""
+    smallest = plan_flex(recipe_from_dict(recipe(zoo5, "emr")), {"sizes": [5]}).smallest_size
+    assert smallest == pytest.approx(2 + 5 / 32, rel=1e-3)  # base, unified, 5 one-bit masks
+    result = flex(zoo5, tmp_path / "emr", [smallest], "emr")
+    folder = result.results[0].folder
+    manifest = read_json(folder / "flex.json")
+    assert all(len(b["groups"]) == 1 for b in manifest["blocks"])
+    base, experts = dense.load_inputs(zoo5, tuple(TASKS))
+    for task_index, task in enumerate(TASKS):
+        got = exported(folder, task, tmp_path)
+        for block in manifest["blocks"]:
+            names = block["tensors"]
+            num, den = [0.0] * len(TASKS), [0.0] * len(TASKS)
+            parts = {}
+            for name in names:
+                tvs = dense.task_vectors(base, experts, name)
+                unified, masks = dense.emr_parts(tvs)
+                parts[name] = (unified, masks)
+                for t, (tv, mk) in enumerate(zip(tvs, masks, strict=True)):
+                    num[t] += float(tv.double().abs().mean())
+                    den[t] += float((unified * mk).double().abs().mean())
+            scale = num[task_index] / den[task_index]
+            for name in names:
+                unified, masks = parts[name]
+                want = base[name] + scale * (unified * masks[task_index])
+                torch.testing.assert_close(got[name], want, rtol=0, atol=1e-6)
+
+
+def brute_force(cos: np.ndarray, gram: np.ndarray, linkage: str) -> list[tuple[list, list]]:
+    """One block's greedy merges under a linkage, from the definitions."""
+
+    def score(a: list[int], b: list[int]) -> float:
+        pairs = [cos[i, j] for i in a for j in b]
+        if linkage == "max":
+            return max(pairs)
+        if linkage == "avg":
+            return sum(pairs) / len(pairs)
+        va = np.zeros(len(cos))
+        vb = np.zeros(len(cos))
+        va[a], vb[b] = 1.0, 1.0
+        return float(va @ gram @ vb / np.sqrt((va @ gram @ va) * (vb @ gram @ vb)))
+
+    groups = [[i] for i in range(len(cos))]
+    steps = []
+    while len(groups) > 1:
+        a, b = max(itertools.combinations(groups, 2), key=lambda p: score(*p))
+        groups = [g for g in groups if g not in (a, b)] + [sorted(a + b)]
+        steps.append((a, b))
+    return steps
+
+
+@pytest.mark.parametrize("linkage", ["max", "avg", "merged"])
+def test_linkages_follow_their_definitions(linkage: str) -> None:
+    rng = np.random.default_rng(0)
+    shared = rng.normal(size=40)
+    vectors = [[shared * rng.uniform(0, 2) + rng.normal(size=40) for _ in range(6)] for _ in "ab"]
+    grams = [np.array([[u @ v for v in vs] for u in vs]) for vs in vectors]
+    steps = merge_order(grams, linkage, "left_to_right", seed=0)
+    assert [s.block for s in steps] == [0] * 5 + [1] * 5
+    for b, gram in enumerate(grams):
+        norms = np.sqrt(np.diag(gram))
+        want = brute_force(gram / np.outer(norms, norms), gram, linkage)
+        got = [(list(s.a), list(s.b)) for s in steps if s.block == b]
+        assert [sorted(p) for p in got] == [sorted(p) for p in want]
+    assert [s.block for s in merge_order(grams, linkage, "right_to_left", 0)] == [1] * 5 + [0] * 5
+
+
+def test_random_linkage_is_seeded() -> None:
+    rng = np.random.default_rng(1)
+    vs = rng.normal(size=(5, 30))
+    grams = [vs @ vs.T, (vs * 2) @ vs.T]
+    first, again = (
+        merge_order(grams, "random", "greedy", 3),
+        merge_order(grams, "random", "greedy", 3),
+    )
+    assert first == again and len(first) == 8
+    others = [merge_order(grams, "random", "greedy", seed) for seed in range(4, 10)]
+    assert any(o != first for o in others)
+
+
+def test_group_seeds_follow_recipe_indices() -> None:
+    """A DARE mask drawn for a group's second member is the one expert 4 gets in a full merge."""
+    base = torch.zeros(3, 4)
+    whole = TensorInputs("w", base, [base] * 5, [None] * 5, seed=7)
+    group = TensorInputs("w", base, [base] * 2, [None] * 2, seed=7, expert_ids=[2, 4])
+    assert torch.equal(group.bernoulli_mask(1, 0.5), whole.bernoulli_mask(4, 0.5))
