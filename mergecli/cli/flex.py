@@ -131,7 +131,7 @@ def result_summary(result: FlexResult) -> dict[str, Any]:
             }
             for r in result.results
         ],
-        "merge_order": result.results[-1].report["merge_order"] if result.results else [],
+        "merge_order": result.order,
     }
 
 
@@ -148,7 +148,26 @@ def print_summary(summary: dict[str, Any]) -> None:
     out.print(table)
 
 
+ORDER_ROWS = 20
+"""Merge steps printed (the whole order is in each size's flex_report.json)."""
+
+
 def print_result(summary: dict[str, Any]) -> None:
+    order = summary["merge_order"]
+    if order:
+        steps = Table(title=f"merge order (first {min(ORDER_ROWS, len(order))} of {len(order)})")
+        for column in ("step", "block", "group a", "group b", "similarity", "size after"):
+            steps.add_column(column)
+        for row in order[:ORDER_ROWS]:
+            steps.add_row(
+                str(row["step"]),
+                row["block"],
+                ",".join(row["a"]),
+                ",".join(row["b"]),
+                f"{row['similarity']:.4f}",
+                f"{row['size_after']:.4f}",
+            )
+        out.print(steps)
     table = Table(title="FlexMerge sizes")
     for column in ("target", "size", "stored", "steps", "folder"):
         table.add_column(column)

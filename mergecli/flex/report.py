@@ -31,18 +31,12 @@ def group_grid(manifest: dict[str, Any]) -> list[list[int]]:
     return grid
 
 
-def size_report(
-    plan: FlexPlan,
-    manifest: dict[str, Any],
-    steps: list[Step],
-    applied: int | None,
-    grams: list[np.ndarray],
-    timing: dict[str, float],
-) -> dict[str, Any]:
-    """The report of one size (``applied``: steps of the merge order it took)."""
+def order_rows(plan: FlexPlan, steps: list[Step]) -> list[dict[str, Any]]:
+    """The merge order as a table: step, block, the two groups, their similarity, the size
+    after the step."""
     tasks = plan.tasks
     sizes = plan.sizes.sizes_along(steps, len(tasks))
-    order = [
+    return [
         {
             "step": i + 1,
             "block": plan.blocks[s.block].name,
@@ -51,8 +45,19 @@ def size_report(
             "similarity": s.similarity,
             "size_after": sizes[i + 1],
         }
-        for i, s in enumerate(steps[: applied or 0])
+        for i, s in enumerate(steps)
     ]
+
+
+def size_report(
+    plan: FlexPlan,
+    manifest: dict[str, Any],
+    rows: list[dict[str, Any]],
+    applied: int | None,
+    timing: dict[str, float],
+) -> dict[str, Any]:
+    """The report of one size (``applied``: steps of the merge order it took)."""
+    tasks = plan.tasks
     stored = manifest["stored_bytes"]
     return {
         "mergecli_flex_report": 1,
@@ -67,8 +72,8 @@ def size_report(
         "stored_bytes": stored,
         "model_bytes": manifest["model_bytes"],
         "steps_applied": applied,
-        "steps_total": len(steps),
-        "merge_order": order,
+        "steps_total": len(rows),
+        "merge_order": rows[: applied or 0],
         "groups_per_block": [
             {"block": b["name"], "groups": len(b["groups"])} for b in manifest["blocks"]
         ],

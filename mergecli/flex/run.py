@@ -29,7 +29,7 @@ from mergecli.flex.blocks import Block
 from mergecli.flex.channel import channel_partition
 from mergecli.flex.order import Group, Partition, Step, merge_order, partition_after
 from mergecli.flex.plan import FlexPlan
-from mergecli.flex.report import size_report, write_size_reports
+from mergecli.flex.report import order_rows, size_report, write_size_reports
 from mergecli.flex.similarity import block_grams, reading_bytes, with_base
 from mergecli.flex.size import steps_for
 from mergecli.methods import Params, TaskMasks, TensorInputs
@@ -59,8 +59,11 @@ class SizeResult:
 
 @dataclass
 class FlexResult:
+    """What ``run_flex`` wrote: one result per size, the merge order table, the similarity
+    pass's Gram matrices and the timings."""
+
     output: Path
-    order: list[Step]
+    order: list[dict[str, Any]]
     results: list[SizeResult]
     grams: list[np.ndarray]
     timing: dict[str, float]
@@ -119,6 +122,7 @@ def run_flex(
                 )
             )
         merge_pass(plan, states, writers, timer, progress)
+        rows = order_rows(plan, steps)
         timing = {
             "similarity_s": similarity_s,
             "order_s": order_s,
@@ -139,13 +143,13 @@ def run_flex(
             manifest = writer.finish(plan.tasks, info)
             ref = plan.merge.reference.path
             copy_model_files(ref, ref, folder, plan.merge.out_dtype)
-            report = size_report(plan, manifest, steps, state.steps, grams, timing)
+            report = size_report(plan, manifest, rows, state.steps, timing)
             final = output if folder == root else output / folder.name
             results.append(SizeResult(state.target, state.size, final, report))
         write_size_reports([(f, r.report) for f, r in zip(folders, results, strict=True)])
     progress.stop()
     timing["wall_s"] = time.perf_counter() - started
-    return FlexResult(output, steps, results, grams, timing)
+    return FlexResult(output, rows, results, grams, timing)
 
 
 def _block_inputs(
