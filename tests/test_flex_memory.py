@@ -8,68 +8,37 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from tests.helpers import ROOT
+from tests.helpers import peak_memory_job
 
 TENSORS, SHAPE, EXPERTS = 48, (128, 1024), 4
 MIB = 1 << 20
 
 JOB = """
-import json, re, sys, threading, time
+import json, sys
 import mergecli
 from mergecli.engine.stream import Timer
 from mergecli.flex import plan_flex
 from mergecli.flex.similarity import block_grams
 from mergecli.progress import NullProgress
 
-def anon():
-    with open("/proc/self/status") as f:
-        return int(re.search(r"RssAnon:\\s+(\\d+)", f.read()).group(1)) * 1024
-
 recipe = mergecli.recipe.recipe_from_dict(json.loads(sys.argv[2]))
 if sys.argv[1] == "merge":
     plan = mergecli.plan_merge(recipe)
+    work = lambda: mergecli.run_merge(plan, sys.argv[3]) and None
 else:
     plan = plan_flex(recipe, {"sizes": [2]})
-peak, done = [0], threading.Event()
-
-def sample():
-    while not done.is_set():
-        peak[0] = max(peak[0], anon())
-        time.sleep(0.001)
-
-start = anon()
-thread = threading.Thread(target=sample)
-thread.start()
-if sys.argv[1] == "merge":
-    mergecli.run_merge(plan, sys.argv[3])
-else:
-    block_grams(plan.merge, plan.blocks, Timer(), NullProgress())
-done.set()
-thread.join()
-print(json.dumps({"peak": peak[0] - start}))
+    work = lambda: block_grams(plan.merge, plan.blocks, Timer(), NullProgress()) and None
 """
 
 
 def run_job(kind: str, recipe: dict, output: Path) -> int:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "MALLOC_MMAP_THRESHOLD_": "65536"}
-    proc = subprocess.run(
-        [sys.executable, "-c", JOB, kind, json.dumps(recipe), str(output)],
-        capture_output=True,
-        text=True,
-        env=env,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout.strip().splitlines()[-1])["peak"]
+    return peak_memory_job(JOB, kind, json.dumps(recipe), str(output))["peak"]
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="needs Linux /proc")

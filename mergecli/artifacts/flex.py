@@ -7,15 +7,13 @@ unified)`` in float32 and cast to the stored dtype.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from mergecli.artifacts import register_artifact
+from mergecli.artifacts import read_manifest, register_artifact
 from mergecli.engine.task_artifact import task_weight, unpack_mask
-from mergecli.errors import MergeError
 from mergecli.sources import Checkpoint
 
 MANIFEST = "flex.json"
@@ -82,14 +80,6 @@ class FlexArtifact:
 
 @register_artifact
 def open_flex(path: Path) -> FlexArtifact | None:
-    """The artifact in ``path`` when it holds a ``flex.json`` manifest."""
-    manifest_file = path / MANIFEST
-    if not manifest_file.is_file():
-        return None
-    try:
-        manifest = json.loads(manifest_file.read_text())
-    except json.JSONDecodeError as exc:
-        raise MergeError(f"{manifest_file} is not valid JSON: {exc}") from None
-    if manifest.get("mergecli_artifact") != KIND:
-        raise MergeError(f"{manifest_file}: not a FlexMerge manifest")
-    return FlexArtifact(path, manifest)
+    """The artifact in ``path`` when it holds a FlexMerge manifest ``flex.json``."""
+    manifest = read_manifest(path, MANIFEST, KIND)
+    return None if manifest is None else FlexArtifact(path, manifest)

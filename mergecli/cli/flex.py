@@ -11,14 +11,17 @@ from rich.table import Table
 import mergecli
 from mergecli.cli import (
     DeviceOpt,
+    DryRunOpt,
     ForceOpt,
     JsonOpt,
+    OutputOpt,
     QuietOpt,
     ShardOpt,
     app,
     err,
     handle_errors,
     out,
+    output_folder,
     print_json,
     print_warnings,
 )
@@ -54,9 +57,7 @@ def flex(
     sizes: Annotated[
         str | None, typer.Option("--sizes", help="Several target sizes: 1,1.5,2,3.")
     ] = None,
-    output: Annotated[
-        Path | None, typer.Option("--output", "-o", help="Output folder (overrides the recipe).")
-    ] = None,
+    output: OutputOpt = None,
     granularity: Annotated[
         str | None,
         typer.Option("--granularity", help="component, layer, tensor or patterns (a,b,...)."),
@@ -75,9 +76,7 @@ def flex(
     ] = None,
     device: DeviceOpt = "cpu",
     shard_size: ShardOpt = "5GB",
-    dry_run: Annotated[
-        bool, typer.Option("--dry-run", help="Print the plan; read no tensor.")
-    ] = False,
+    dry_run: DryRunOpt = False,
     json_out: JsonOpt = False,
     force: ForceOpt = False,
     quiet: QuietOpt = False,
@@ -95,9 +94,7 @@ def flex(
         "order": order,
         "strategy": strategy,
     }
-    target = output or (spec.resolve_path(spec.output) if spec.output else None)
-    if target is None and not dry_run:
-        raise MergeError(f"{recipe}: no output folder: set 'output' in the recipe or --output")
+    target = output_folder(recipe, spec, output, dry_run)
     plan = plan_flex(spec, overrides, device=device, shard_size=shard_size)
     print_warnings(plan.merge.warnings)
     if dry_run:
