@@ -203,6 +203,9 @@ def test_channel_merging_clusters_every_block_into_k_groups(zoo5: Path, tmp_path
 def test_cli_writes_sizes_and_export_loads(zoo5: Path, tmp_path: Path) -> None:
     path = write_recipe(tmp_path, {**recipe(zoo5), "flex": {"linkage": "avg"}})
     out = tmp_path / "out"
+    dry = run_cli("flex", path, "--size", "2", "--output", out, "--dry-run", "--json")
+    assert dry.exit_code == 0, dry.output
+    assert json.loads(dry.stdout)["size_range"] == [1.0, 5.0] and not out.exists()
     res = run_cli(
         "flex", path, "--sizes", "1.5,3", "--output", out, "--json", "--order", "left_to_right"
     )
@@ -220,6 +223,14 @@ def test_cli_writes_sizes_and_export_loads(zoo5: Path, tmp_path: Path) -> None:
 
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "e2")
     assert model.config.num_hidden_layers == 3
+
+
+def test_recipe_flex_section_is_strict(zoo5: Path, tmp_path: Path) -> None:
+    path = write_recipe(tmp_path, {**recipe(zoo5), "flex": {"linkge": "min", "sizes": [2]}})
+    res = run_cli("flex", path, "--output", tmp_path / "out")
+    assert (
+        res.exit_code == 2 and "unknown key 'flex.linkge' (did you mean 'linkage'?)" in res.stderr
+    )
 
 
 @pytest.mark.parametrize(
