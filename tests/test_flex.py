@@ -343,3 +343,10 @@ def test_group_seeds_follow_recipe_indices() -> None:
     whole = TensorInputs("w", base, [base] * 5, [None] * 5, seed=7)
     group = TensorInputs("w", base, [base] * 2, [None] * 2, seed=7, expert_ids=[2, 4])
     assert torch.equal(group.bernoulli_mask(1, 0.5), whole.bernoulli_mask(4, 0.5))
+
+
+def test_same_recipe_gives_identical_artifacts(zoo5: Path, tmp_path: Path) -> None:
+    first = flex(zoo5, tmp_path / "a", [2.5], linkage="random").results[0].folder
+    second = flex(zoo5, tmp_path / "b", [2.5], linkage="random").results[0].folder
+    for name in ("flex.json", "model.safetensors", "flex_report.png"):
+        assert (first / name).read_bytes() == (second / name).read_bytes()
