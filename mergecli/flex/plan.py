@@ -87,6 +87,11 @@ def plan_flex(
     options = flex_options(recipe, overrides or {})
     if not recipe.base_model:
         raise MergeError("base_model: FlexMerge compares task vectors and needs a base model")
+    if recipe.output_format != "model":
+        raise MergeError(
+            f"output_format: FlexMerge writes its own artifact; '{recipe.output_format}' is for "
+            "'mergecli merge'"
+        )
     merge = plan_merge(recipe, device=device, shard_size=shard_size)
     method, m = merge.method, len(merge.experts)
     if m < 2:
