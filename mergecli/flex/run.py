@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mergecli.engine.merge import WRITE_QUEUE, merge_tensor
+from mergecli.engine.merge import WRITE_QUEUE, merge_tensor, tokenizer_folder
 from mergecli.engine.output import atomic_folder, check_output, copy_model_files
 from mergecli.engine.plan import TensorPlan
 from mergecli.engine.stream import Timer, stream_inputs
@@ -141,8 +141,12 @@ def run_flex(
                 "model_bytes": plan.sizes.model_bytes,
             }
             manifest = writer.finish(plan.tasks, info)
-            ref = plan.merge.reference.path
-            copy_model_files(ref, ref, folder, plan.merge.out_dtype)
+            copy_model_files(
+                plan.merge.reference.path,
+                tokenizer_folder(plan.merge),
+                folder,
+                plan.merge.out_dtype,
+            )
             report = size_report(plan, manifest, rows, state.steps, timing)
             final = output if folder == root else output / folder.name
             results.append(SizeResult(state.target, state.size, final, report))
