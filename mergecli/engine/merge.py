@@ -218,13 +218,7 @@ def _run_merge(plan: MergePlan, output: Path, force: bool, progress: Progress) -
                 future.result()
         writer.finish()
         if plan.lora is None:
-            ref = plan.reference.path
-            tok = (
-                plan.recipe.resolve_path(plan.recipe.tokenizer_source)
-                if (plan.recipe.tokenizer_source and plan.recipe.tokenizer_source != "base")
-                else ref
-            )
-            copy_model_files(ref, tok, folder, plan.out_dtype)
+            copy_model_files(plan.reference.path, tokenizer_folder(plan), folder, plan.out_dtype)
         else:
             write_adapter_config(folder, plan.lora)
         wall = time.perf_counter() - started
@@ -241,6 +235,14 @@ def _run_merge(plan: MergePlan, output: Path, force: bool, progress: Progress) -
         (folder / "README.md").write_text(model_card(plan))
     progress.stop()
     return MergeResult(output, report)
+
+
+def tokenizer_folder(plan: MergePlan) -> Path:
+    """The recipe's ``tokenizer_source``, or the reference model's folder."""
+    source = plan.recipe.tokenizer_source
+    if source and source != "base":
+        return plan.recipe.resolve_path(source)
+    return plan.reference.path
 
 
 def merge_tensor(

@@ -36,6 +36,9 @@ class TensorInputs:
     generators: dict[int, torch.Generator] = field(default_factory=dict)
     """The experts' generators, shared by the row chunks of one tensor: chunk after chunk
     continues the whole tensor's random stream."""
+    expert_ids: list[int] | None = None
+    """The experts' indices in the recipe when these inputs hold a subset of them (FlexMerge's
+    groups): seeds follow the recipe's index, not the position in the subset."""
 
     def __post_init__(self) -> None:
         if not self.kept:
@@ -67,9 +70,11 @@ class TensorInputs:
         return [w for w in self.expert_weights if w is not None]
 
     def generator(self, expert: int) -> torch.Generator:
-        """The CPU generator seeded by (recipe seed, expert index, tensor name)."""
+        """The CPU generator seeded by (recipe seed, expert index, tensor name), continued by
+        every row chunk of the tensor."""
         if expert not in self.generators:
-            seed = seed_for(self.seed, expert, self.name)
+            index = self.expert_ids[expert] if self.expert_ids is not None else expert
+            seed = seed_for(self.seed, index, self.name)
             self.generators[expert] = torch.Generator(device="cpu").manual_seed(seed)
         return self.generators[expert]
 
