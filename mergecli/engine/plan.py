@@ -23,8 +23,8 @@ from mergecli.sources import Checkpoint, Source, open_models
 LOOKAHEAD = 2
 """Pieces (tensors or row chunks) read ahead of the one being merged, at most."""
 READ_AHEAD_BYTES = 256 * 2**20
-"""Bytes read ahead, at most (at least one piece is always read ahead): large tensors merged
-whole are not read ahead two at a time."""
+"""Bytes read ahead, at most: a larger tensor (merged whole) is read when the merge reaches it,
+not while the previous one is merged."""
 CHUNK_ELEMENTS = 1 << 20
 """Entries of one row chunk: tensors merged elementwise, and copied tensors, are read, merged
 and written in chunks of about this size, so memory does not grow with the largest tensor."""

@@ -60,21 +60,26 @@ def stream_pieces(
         pending: deque[tuple[TensorPlan, Rows, Future[list[torch.Tensor]], int]] = deque()
         waiting = deque(pieces)
 
-        def read_ahead() -> None:
+        def read(ahead: bool) -> None:
+            """Queue the next reads: those within LOOKAHEAD and READ_AHEAD_BYTES, or (when
+            nothing is queued and the merge waits) the next one whatever its size."""
             while waiting:
                 tensor, rows = waiting[0]
                 size = plan.piece_bytes(tensor, rows)
                 queued = sum(p[3] for p in pending)
-                if pending and (len(pending) > LOOKAHEAD or queued + size > READ_AHEAD_BYTES):
+                if ahead and (len(pending) > LOOKAHEAD or queued + size > READ_AHEAD_BYTES):
                     return
                 waiting.popleft()
                 pending.append((tensor, rows, pool.submit(_read, plan, tensor, rows, timer), size))
+                if not ahead:
+                    return
 
-        read_ahead()
-        while pending:
+        while waiting or pending:
+            if not pending:
+                read(ahead=False)
             tensor, rows, future, _ = pending.popleft()
             raw = future.result()
-            read_ahead()
+            read(ahead=True)
             if not tensor.merge:
                 yield tensor, rows, raw[0]
                 continue
