@@ -12,6 +12,7 @@ from safetensors.torch import save_file
 
 import mergecli
 import mergecli.engine.plan as plan_module
+import mergecli.methods.ties as ties_module
 from mergecli.engine import threads
 from mergecli.engine.layout import plan_shards
 from mergecli.engine.writer import ShardWriter
@@ -66,6 +67,30 @@ def test_chunked_merge_equals_whole_tensor_merge(
             got_values = rows[name][key] if isinstance(value, list) else [rows[name][key]]
             for a, b in zip(got_values, values, strict=True):
                 assert a == (b if b is None else pytest.approx(b, rel=1e-9, abs=1e-12)), name
+
+
+def test_ties_in_row_blocks_equals_whole_tensor_ties(
+    zoo_bf16: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Tensor scope merges whole tensors, in row blocks once the thresholds are known."""
+    outputs = {}
+    for block in (50, 1 << 30):
+        monkeypatch.setattr(ties_module, "BLOCK_ELEMENTS", block)
+        recipe = recipe_from_dict(
+            {
+                "merge_method": "ties",
+                "base_model": str(zoo_bf16 / "base"),
+                "models": [{"model": str(zoo_bf16 / n)} for n in EXPERTS],
+                "parameters": {"density": 0.3, "scope": "tensor"},
+            }
+        )
+        mergecli.run_merge(mergecli.plan_merge(recipe), tmp_path / str(block))
+        outputs[block] = tmp_path / str(block)
+    got, want = (load_state(path) for path in outputs.values())
+    for name, value in want.items():
+        assert torch.equal(got[name].view(torch.uint8), value.view(torch.uint8)), name
+    reports = [read_json(path / "merge_report.json")["tensors"] for path in outputs.values()]
+    assert reports[0] == reports[1]
 
 
 def test_tensor_scope_ties_is_never_chunked(zoo: Path, monkeypatch: pytest.MonkeyPatch) -> None:

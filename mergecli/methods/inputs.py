@@ -69,6 +69,25 @@ class TensorInputs:
                 self.expert_weights[t] = self.base + delta
         return [w for w in self.expert_weights if w is not None]
 
+    def rows(self, start: int, stop: int) -> TensorInputs:
+        """The same inputs restricted to rows ``start:stop`` (views; generators shared)."""
+
+        def part(tensors: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
+            return [None if x is None else x[start:stop] for x in tensors]
+
+        return TensorInputs(
+            name=self.name,
+            base=None if self.base is None else self.base[start:stop],
+            expert_weights=part(self.expert_weights),
+            expert_deltas=part(self.expert_deltas),
+            seed=self.seed,
+            layer=self.layer,
+            num_layers=self.num_layers,
+            stats=self.stats,
+            generators=self.generators,
+            expert_ids=self.expert_ids,
+        )
+
     def generator(self, expert: int) -> torch.Generator:
         """The CPU generator seeded by (recipe seed, expert index, tensor name), continued by
         every row chunk of the tensor."""

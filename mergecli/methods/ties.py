@@ -20,6 +20,8 @@ from mergecli.methods.sparsify import (
 from mergecli.methods.statistics import KthLargestMagnitude, Statistic
 
 THRESHOLDS = "ties.thresholds"
+BLOCK_ELEMENTS = 1 << 20
+"""Entries per row block of a large tensor that TIES merges whole."""
 
 MERGE_FUNC = Param("merge_func", "mean", str, "disjoint merge", choices=("mean", "sum", "max"))
 SIGN = Param("sign", "mass", str, "sign election: Σ τ̂t or Σ sign(τ̂t)", choices=("mass", "count"))
@@ -43,14 +45,20 @@ def elect_and_merge(inputs: TensorInputs, trimmed: list[torch.Tensor], p: Params
     return ties_vector(inputs, trimmed, p).mul_(p["lambda"]).add_(inputs.base)
 
 
-def trimmed_task_vectors(inputs: TensorInputs, p: Params) -> list[torch.Tensor]:
-    """τ̂t: each task vector keeps its top ``density`` by magnitude, within ``scope``."""
-    tvs = inputs.task_vectors()
+def trim_thresholds(inputs: TensorInputs, p: Params) -> list[float]:
+    """κt: the magnitude each task vector's top ``density`` starts at, within ``scope``."""
     if p["scope"] == "model":
-        thresholds = inputs.stats[THRESHOLDS]
-    else:
-        thresholds = [tensor_threshold(tv, d) for tv, d in zip(tvs, p["density"], strict=True)]
-    return [magnitude_trim(tv, k) for tv, k in zip(tvs, thresholds, strict=True)]
+        return inputs.stats[THRESHOLDS]
+    tvs = inputs.task_vectors()
+    return [tensor_threshold(tv, d) for tv, d in zip(tvs, p["density"], strict=True)]
+
+
+def trimmed_task_vectors(
+    inputs: TensorInputs, p: Params, thresholds: list[float] | None = None
+) -> list[torch.Tensor]:
+    """τ̂t: each task vector keeps its top ``density`` by magnitude, within ``scope``."""
+    thresholds = thresholds if thresholds is not None else trim_thresholds(inputs, p)
+    return [magnitude_trim(tv, k) for tv, k in zip(inputs.task_vectors(), thresholds, strict=True)]
 
 
 def model_scope_thresholds(
@@ -87,7 +95,26 @@ def model_scope_thresholds(
     ),
 )
 def ties(inputs: TensorInputs, p: Params) -> torch.Tensor:
-    return elect_and_merge(inputs, trimmed_task_vectors(inputs, p), p)
+    """Once the thresholds are known TIES is elementwise: a large tensor (merged whole, as
+    scope: tensor needs) is trimmed, elected and merged in row blocks, so its temporaries are
+    those of one block."""
+    thresholds = trim_thresholds(inputs, p)
+    inputs.task_vectors()  # once, before the blocks view them
+    assert inputs.base is not None
+    shape = inputs.base.shape
+    if len(shape) < 2 or inputs.base.numel() <= BLOCK_ELEMENTS:
+        return elect_and_merge(inputs, trimmed_task_vectors(inputs, p, thresholds), p)
+    out = torch.empty_like(inputs.base)
+    counts = [0] * inputs.num_experts
+    step = max(1, BLOCK_ELEMENTS * shape[0] // inputs.base.numel())
+    for start in range(0, shape[0], step):
+        part = inputs.rows(start, start + step)
+        trimmed = trimmed_task_vectors(part, p, thresholds)
+        out[start : start + step] = elect_and_merge(part, trimmed, p)
+        n = part.base.numel() if part.base is not None else 0
+        counts = [c + round((k or 0.0) * n) for c, k in zip(counts, part.kept, strict=True)]
+    inputs.kept = [c / inputs.base.numel() for c in counts]
+    return out
 
 
 @merge_method(
