@@ -206,9 +206,11 @@ def _run_merge(plan: MergePlan, output: Path, force: bool, progress: Progress) -
                         results += outputs
                         if energy is not None:
                             extra[tensor.name] = {"energy_kept": energy}
+                    del merged
                     timer.compute += time.perf_counter() - start
                 elif plan.lora is None:
                     results.append((tensor.name, inputs))
+                del inputs  # the stream reads the next piece once this one is released
                 for name, result in results:
                     pending.append(pool.submit(_write, writer, name, result, timer))
                 while len(pending) > WRITE_QUEUE:

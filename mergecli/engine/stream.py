@@ -81,7 +81,7 @@ def stream_pieces(
             raw = future.result()
             read(ahead=True)
             if not tensor.merge:
-                yield tensor, rows, raw[0]
+                yield tensor, rows, raw.pop()
                 continue
             start = time.perf_counter()
             moved = [t.to(plan.device, non_blocking=True).to(plan.compute_dtype) for t in raw]
@@ -106,3 +106,4 @@ def stream_pieces(
                     generators=generators[tensor.name],
                 ),
             )
+            del moved, base, experts, deltas  # before the next read: one piece held at a time
