@@ -195,7 +195,9 @@ def _run_merge(plan: MergePlan, output: Path, force: bool, progress: Progress) -
                 if isinstance(inputs, TensorInputs):
                     start = time.perf_counter()
                     merged = merge_tensor(plan, tensor, inputs, stats)
-                    figures.setdefault(tensor.name, []).append(piece_figures(inputs, merged))
+                    # the report's sums run on the writer thread, beside the next merge
+                    sums = figures.setdefault(tensor.name, [])
+                    pending.append(pool.submit(_add_figures, piece_figures, sums, inputs, merged))
                     if plan.lora is None:
                         results.append((tensor.name, stored(tensor, inputs, merged)))
                     else:
@@ -268,6 +270,15 @@ def stored(
         assert inputs.base is not None
         return StoredTaskTensor.of(inputs.base, merged, tensor.out_dtype)
     return merged.to(tensor.out_dtype)
+
+
+def _add_figures(
+    piece_figures: PieceFigures,
+    sums: list[dict[str, Any]],
+    inputs: TensorInputs,
+    merged: torch.Tensor | TaskMasks,
+) -> None:
+    sums.append(piece_figures(inputs, merged))
 
 
 def _write(
