@@ -95,4 +95,4 @@ def main() -> None:
     app()
 
 
-from mergecli.cli import analyze, merge, temporal  # noqa: E402,F401  (command registration)
+from mergecli.cli import analyze, evaluate, merge, temporal  # noqa: E402,F401  (command registration)
