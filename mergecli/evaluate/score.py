@@ -22,7 +22,6 @@ from mergecli.methods import get_method
 from mergecli.progress import CountBar
 from mergecli.recipe import Recipe
 
-
 TIE = 1e-12
 """Scores closer than this (relative) are equal: means of equal per-task scores may differ
 in the last bit."""
