@@ -6,8 +6,7 @@ sweep picks one checkpoint per run:
 - ``by="step"``: every step that all runs saved (``mergecli.analyze.runs``);
 - ``by="tstar"``: multiples m of each expert's best-validation step T* (the checkpoint whose
   score on the expert's own task is best; ties: the earlier), each run taking the checkpoint
-  nearest m·T* (ties: the earlier). A multiple whose checkpoints are those of the previous one
-  (beyond a run's last checkpoint) is skipped.
+  nearest m·T* (ties: the earlier). Multiples that pick the same checkpoints give one point.
 
 At each point every method merges the chosen checkpoints; the expert score is the mean over
 tasks of each task's expert on its own task. An expert that is not a run is the same at every
@@ -56,11 +55,14 @@ def best_steps(recipe: Recipe, scorer: Scorer) -> dict[str, dict[str, Any]]:
 
 
 def tstar_points(recipe: Recipe, tstar: dict[str, int], multiples: list[float]) -> list[Point]:
-    """One point per multiple of T* (duplicates of the previous point dropped)."""
-    points: list[Point] = []
+    """One point per multiple of T*. Multiples that pick the same checkpoints (below a run's
+    first or beyond its last checkpoint) give one point, labelled by the multiple that the
+    chosen steps match best (least Σ |m·T* − step| / T*; ties: the smaller multiple)."""
+    best: dict[tuple[Path, ...], tuple[float, Point]] = {}
     for multiple in multiples:
         steps: list[int | None] = []
         paths: list[Path] = []
+        error = 0.0
         for i, entry in enumerate(recipe.models):
             path = recipe.resolve_path(entry.model)
             run = run_checkpoints(path)
@@ -70,12 +72,13 @@ def tstar_points(recipe: Recipe, tstar: dict[str, int], multiples: list[float]) 
                 continue
             target = multiple * tstar[recipe.model_name(i)]
             step = min(run, key=lambda s, t=target: (abs(s - t), s))
+            error += abs(target - step) / tstar[recipe.model_name(i)]
             steps.append(step)
             paths.append(run[step])
-        if points and points[-1].paths == paths:
-            continue
-        points.append(Point(None, multiple, steps, paths))
-    return points
+        key = tuple(paths)
+        if key not in best or error < best[key][0]:
+            best[key] = (error, Point(None, multiple, steps, paths))
+    return sorted((point for _, point in best.values()), key=lambda p: p.fraction)
 
 
 def method_recipe(recipe: Recipe, method: str) -> Recipe:
