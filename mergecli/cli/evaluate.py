@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -70,6 +71,9 @@ def evaluate(
         list[Path] | None,
         typer.Option("--model", help="Score this checkpoint folder instead (repeatable)."),
     ] = None,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Also write the scores as JSON here.")
+    ] = None,
     device: DeviceOpt = "cpu",
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -83,10 +87,12 @@ def evaluate(
     rows = [
         {"model": label, "tasks": r.tasks, "score": r.score, **r.details} for label, r in results
     ]
+    data = {"metric": scorer.metric, "higher_is_better": scorer.higher_is_better, "rows": rows}
+    if output is not None:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps(data, indent=2) + "\n")
     if json_out:
-        print_json(
-            {"metric": scorer.metric, "higher_is_better": scorer.higher_is_better, "rows": rows}
-        )
+        print_json(data)
     elif not quiet:
         title = f"{scorer.metric} ({'higher' if scorer.higher_is_better else 'lower'} is better)"
         show(
@@ -208,8 +214,6 @@ def _durations(
     quiet: bool,
     force: bool,
 ) -> None:
-    import json
-
     from mergecli.engine.output import atomic_folder
     from mergecli.sweep.durations import sweep_durations
     from mergecli.sweep.plots import durations_figure
@@ -283,8 +287,6 @@ def landscape(
     quiet: QuietOpt = False,
 ) -> None:
     """Loss along the interpolation path between models, its barrier and a plot."""
-    import json
-
     from mergecli.engine.output import atomic_folder
     from mergecli.evaluate import Scorer
     from mergecli.sweep.grid import parse_values

@@ -23,8 +23,11 @@ def durations_figure(result: dict[str, Any], path: Path) -> Path:
     x = [p["x"] for p in points]
     by_tstar = result["by"] == "tstar"
     if by_tstar:
-        ax.axvspan(min([*x, 0.0]), 1.0, color="tab:green", alpha=0.08, label="undertrained (< T*)")
-        ax.axvspan(1.0, max([*x, 1.0]), color="tab:red", alpha=0.08, label="overfitted (> T*)")
+        low, high = min([*x, 1.0]), max([*x, 1.0])
+        pad = 0.05 * (high - low or 1.0)
+        ax.set_xlim(low - pad, high + pad)
+        ax.axvspan(low - pad, 1.0, color="tab:green", alpha=0.08, label="undertrained (< T*)")
+        ax.axvspan(1.0, high + pad, color="tab:red", alpha=0.08, label="overfitted (> T*)")
     for method in result["methods"]:
         ax.plot(x, [p["methods"][method]["score"] for p in points], marker="o", label=method)
     if any(p["expert_score"] is not None for p in points):
