@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -50,6 +51,23 @@ def _target(spec: mergecli.Recipe, output: Path | None, force: bool, what: str) 
         raise MergeError(f"no output folder for {what}: set 'output' in the recipe or --output")
     check_output(target.resolve(), force)
     return target.resolve()
+
+
+def write_results(
+    result: dict[str, Any],
+    target: Path,
+    force: bool,
+    stem: str,
+    figure: Callable[[dict[str, Any], Path], Path],
+) -> None:
+    """``stem.json`` and ``stem.png`` written into a new folder ``target`` (atomically); their
+    paths are added to ``result["files"]``."""
+    from mergecli.engine.output import atomic_folder
+
+    with atomic_folder(target, force) as folder:
+        figure(result, folder / f"{stem}.png")
+        (folder / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    result["files"] = [str(target / f"{stem}.json"), str(target / f"{stem}.png")]
 
 
 def score_table(title: str, tasks: list[str], rows: list[tuple[str, dict[str, float]]]) -> Table:
@@ -214,15 +232,11 @@ def _durations(
     quiet: bool,
     force: bool,
 ) -> None:
-    from mergecli.engine.output import atomic_folder
     from mergecli.sweep.durations import sweep_durations
     from mergecli.sweep.plots import durations_figure
 
     result = sweep_durations(spec, scorer, by, methods, [float(m) for m in multiples])
-    with atomic_folder(target, force) as folder:
-        durations_figure(result, folder / "durations.png")
-        (folder / "durations.json").write_text(json.dumps(result, indent=2) + "\n")
-    result["files"] = [str(target / "durations.json"), str(target / "durations.png")]
+    write_results(result, target, force, "durations", durations_figure)
     if json_out:
         print_json(result)
         return
@@ -287,7 +301,6 @@ def landscape(
     quiet: QuietOpt = False,
 ) -> None:
     """Loss along the interpolation path between models, its barrier and a plot."""
-    from mergecli.engine.output import atomic_folder
     from mergecli.evaluate import Scorer
     from mergecli.sweep.grid import parse_values
     from mergecli.sweep.landscape import landscape as run_landscape
@@ -312,10 +325,7 @@ def landscape(
     scorer = Scorer(spec, device, count_bar_for(err, quiet or json_out))
     result = run_landscape(spec, scorer, names, path, values, task)
     if target is not None:
-        with atomic_folder(target, force) as folder:
-            landscape_figure(result, folder / "landscape.png")
-            (folder / "landscape.json").write_text(json.dumps(result, indent=2) + "\n")
-        result["files"] = [str(target / "landscape.json"), str(target / "landscape.png")]
+        write_results(result, target, force, "landscape", landscape_figure)
     if json_out:
         print_json(result)
         return
