@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from mergecli.errors import MergeError
+from mergecli.recipe import recipe_from_dict
 from mergecli.sweep.grid import parse_values
 from tests.eval_zoo import STEPS, TASKS, build_zoo, direct_scores, load_classifier
 from tests.helpers import load_state, run_cli, write_recipe
@@ -296,3 +297,33 @@ def test_greedy_soup_needs_an_evaluate_section(clf: Path, tmp_path: Path) -> Non
     result = run_cli("merge", write_recipe(clf, spec, "g.yaml"), "-o", tmp_path / "g")
     assert result.exit_code == 2 and "no 'evaluate:' section" in result.stderr
     assert not (tmp_path / "g").exists()
+
+
+def test_artifact_methods_score_each_task_on_its_own_model(clf: Path) -> None:
+    from mergecli.evaluate import Scorer
+
+    spec = recipe_from_dict(
+        {
+            "merge_method": "tall_masks",
+            "base_model": "base",
+            "models": [{"model": f"runs/{t}/checkpoint-20", "name": t} for t in TASKS],
+            "evaluate": {"metric": "loss", "data": DATA},
+        },
+        clf,
+    )
+    scores = Scorer(spec).recipe(spec).tasks
+    # dense TALL (METHODS.md): task t is θ0 + m_t ⊙ τ_MTL, m_t = |τt| > λ |τ_MTL − τt|
+    from mergecli.methods import get_method
+
+    lam = get_method("tall_masks").param("lambda").default
+    base = load_state(clf / "base")
+    experts = [load_state(clf / "runs" / t / "checkpoint-20") for t in TASKS]
+    for t, task in enumerate(TASKS):
+        state = {}
+        for k in base:
+            tvs = [e[k] - base[k] for e in experts]
+            mtl = sum(tvs)
+            mask = tvs[t].abs() > lam * (mtl - tvs[t]).abs()
+            state[k] = base[k] + mask * mtl
+        _, loss = direct(clf, state, (task,))[task]
+        assert scores[task] == pytest.approx(loss, abs=1e-5)

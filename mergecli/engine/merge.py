@@ -148,8 +148,8 @@ def merge_state(plan: MergePlan, progress: Progress | None = None) -> dict[str, 
     """
     if plan.artifact is not None:
         raise MergeError(
-            f"merge_method: '{plan.method.name}' writes a task-mask artifact, not one model; "
-            "export its tasks to score them"
+            f"merge_method: '{plan.method.name}' writes a task-mask artifact, not one model: "
+            "run it into a folder"
         )
     progress = progress or NullProgress()
     timer = Timer()

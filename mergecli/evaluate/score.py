@@ -15,6 +15,7 @@ from typing import Any
 
 from mergecli.engine.merge import merge_state, run_merge
 from mergecli.engine.plan import plan_merge, resolve_device
+from mergecli.errors import MergeError, did_you_mean
 from mergecli.evaluate.builtin import BuiltinEvaluator, MergedState
 from mergecli.evaluate.command import CommandEvaluator
 from mergecli.evaluate.tasks import Task, resolve_tasks
@@ -57,6 +58,7 @@ class Scorer:
         self.metric = section.metric or "score"
         self.higher_is_better = self.evaluator.higher_is_better
         self.bar = bar
+        self.expert_names = [recipe.model_name(i) for i in range(len(recipe.models))]
         self._models: dict[tuple[Path, tuple[str, ...]], dict[str, float]] = {}
 
     def better(self, a: float, b: float) -> bool:
@@ -87,6 +89,10 @@ class Scorer:
         """Scores of the model a recipe merges, without selection (the listed experts)."""
         tasks = self._pick(tasks)
         plan = plan_merge(recipe, device=self.device)
+        if plan.artifact is not None:
+            with tempfile.TemporaryDirectory(prefix="mergecli-eval-") as tmp:
+                folder = run_merge(plan, Path(tmp) / "artifact").output
+                return Evaluation(self.artifact(folder, tasks).tasks, recipe)
         if isinstance(self.evaluator, BuiltinEvaluator):
             state = merge_state(plan)
             return Evaluation(
@@ -96,6 +102,32 @@ class Scorer:
         with tempfile.TemporaryDirectory(prefix="mergecli-eval-") as tmp:
             folder = run_merge(plan, Path(tmp) / "model").output
             return Evaluation(self.evaluator.score(folder, tasks, self.bar), recipe)
+
+    def artifact(self, folder: Path, tasks: list[Task] | None = None) -> Evaluation:
+        """Scores of a task-conditional artifact (FlexMerge, EMR, TALL masks): each task on the
+        artifact's model for that task (the task named like the task's expert, else like the
+        task), rebuilt in memory, or exported to a temporary folder for a command."""
+        from mergecli.artifacts import open_artifact, task_state_dict
+        from mergecli.artifacts.export import export_task
+
+        opened = open_artifact(folder)
+        names = opened.task_names()
+        scores: dict[str, float] = {}
+        for task in self._pick(tasks):
+            name = self.expert_names[task.expert] if task.expert is not None else task.name
+            if name not in names:
+                raise MergeError(
+                    f"evaluate.tasks.{task.name}: the artifact {folder} has no task '{name}'"
+                    f"{did_you_mean(name, names)}; its tasks: {', '.join(names)}"
+                )
+            if isinstance(self.evaluator, BuiltinEvaluator):
+                source = MergedState(task_state_dict(opened, name), opened.model_files())
+                scores.update(self.evaluator.score(source, [task], self.bar))
+                continue
+            with tempfile.TemporaryDirectory(prefix="mergecli-eval-") as tmp:
+                exported = export_task(opened, name, Path(tmp) / name)
+                scores.update(self.evaluator.score(exported, [task], self.bar))
+        return Evaluation(scores)
 
     def recipe(self, recipe: Recipe) -> Evaluation:
         """Scores of a recipe's merge; a method that selects experts (greedy_soup) selects
