@@ -20,6 +20,8 @@ from mergecli.recipe import recipe_from_dict
 from tests.eval_zoo import TASKS, build_zoo, direct_scores, load_classifier
 from tests.helpers import load_state, run_cli, write_recipe
 
+DATA_TEMPLATE = "data/{task}/validation.jsonl"
+
 
 @pytest.fixture(scope="module")
 def clf(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -256,3 +258,41 @@ def test_evaluate_command_line(clf: Path) -> None:
     result = run_cli("evaluate", missing)
     assert result.exit_code == 2
     assert result.stderr.strip().count("\n") == 0 and "no 'evaluate:' section" in result.stderr
+
+
+def test_checkpoint_without_tokenizer_uses_the_recipes(clf: Path, tmp_path: Path) -> None:
+    import shutil
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(clf / "runs" / "a" / "checkpoint-10" / name, bare / name)
+    spec = recipe(clf, {"metric": "loss", "data": DATA_TEMPLATE})
+    scorer = Scorer(spec)
+    assert scorer.model(bare).tasks == scorer.model(clf / "runs" / "a" / "checkpoint-10").tasks
+
+
+def test_evaluate_scores_an_artifact_folder_per_task(clf: Path, tmp_path: Path) -> None:
+    spec = recipe(clf, {"metric": "loss", "data": DATA_TEMPLATE}, merge_method="emr")
+    spec.parameters = {}
+    artifact = mergecli.run_merge(mergecli.plan_merge(spec), tmp_path / "emr").output
+    path = write_recipe(
+        clf,
+        {
+            "merge_method": "emr",
+            "base_model": "base",
+            "models": [{"model": f"runs/{t}/checkpoint-20", "name": t} for t in TASKS],
+            "evaluate": {"metric": "loss", "data": DATA_TEMPLATE},
+        },
+        "emr.yaml",
+    )
+    result = run_cli("evaluate", path, "--model", artifact, "--json")
+    assert result.exit_code == 0, result.output
+    scores = json.loads(result.stdout)["rows"][0]["tasks"]
+    for task in TASKS:
+        exported = tmp_path / f"export-{task}"
+        assert run_cli("export", artifact, "--task", task, "-o", exported).exit_code == 0
+        _, loss = direct_scores(
+            load_classifier(exported), clf / "base", clf / "data" / task / "validation.jsonl"
+        )
+        assert scores[task] == pytest.approx(loss, abs=1e-5)

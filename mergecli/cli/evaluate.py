@@ -87,7 +87,9 @@ def evaluate(
     recipe: RecipeArg,
     model: Annotated[
         list[Path] | None,
-        typer.Option("--model", help="Score this checkpoint folder instead (repeatable)."),
+        typer.Option(
+            "--model", help="Score this checkpoint or artifact folder instead (repeatable)."
+        ),
     ] = None,
     output: Annotated[
         Path | None, typer.Option("--output", "-o", help="Also write the scores as JSON here.")
@@ -99,7 +101,7 @@ def evaluate(
     """Score the recipe's merge (in memory where the evaluator allows) or given checkpoints."""
     spec, scorer = _scorer(recipe, device, quiet or json_out)
     if model:
-        results = [(str(m), scorer.model(m)) for m in model]
+        results = [(str(m), scorer.folder(m)) for m in model]
     else:
         results = [(spec.merge_method, scorer.recipe(spec))]
     rows = [

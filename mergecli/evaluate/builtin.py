@@ -83,7 +83,13 @@ class BuiltinEvaluator:
 
     in_memory = True
 
-    def __init__(self, section: EvaluateSection, device: torch.device, seed: int = 0) -> None:
+    def __init__(
+        self,
+        section: EvaluateSection,
+        device: torch.device,
+        seed: int = 0,
+        tokenizer_fallback: Path | None = None,
+    ) -> None:
         assert section.metric is not None
         self.metric = section.metric
         self.higher_is_better = self.metric == "accuracy"
@@ -97,6 +103,8 @@ class BuiltinEvaluator:
         self.section = section
         self.device = device
         self.seed = seed
+        self.tokenizer_fallback = tokenizer_fallback
+        """Where the tokenizer comes from when a checkpoint folder has none (the recipe's)."""
         self._models: dict[str, torch.nn.Module] = {}
         self._tokenizers: dict[str, Any] = {}
         self._data: dict[tuple[str, str], list[dict[str, Any]]] = {}
@@ -124,7 +132,7 @@ class BuiltinEvaluator:
                 raise MergeError(f"{folder}: transformers has no {config['architectures'][0]}")
             cfg = transformers.AutoConfig.from_pretrained(folder)
             with torch.device(self.device):
-                model = cls._from_config(cfg, dtype=torch.float32)
+                model = cls(cfg).float()
             self._models[key] = model.eval()
         return self._models[key], kind
 
@@ -143,9 +151,10 @@ class BuiltinEvaluator:
     def _tokenizer(self, folder: Path) -> tuple[Any, str]:
         from transformers import AutoTokenizer
 
-        key = _fingerprint(
-            folder, ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-        )
+        files = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+        if self.tokenizer_fallback and not any((folder / f).is_file() for f in files):
+            folder = self.tokenizer_fallback
+        key = _fingerprint(folder, files)
         if key not in self._tokenizers:
             try:
                 self._tokenizers[key] = AutoTokenizer.from_pretrained(folder)

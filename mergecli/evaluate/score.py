@@ -50,8 +50,12 @@ class Scorer:
         section = recipe.evaluate
         assert section is not None
         self.device = device
+        source = recipe.tokenizer_source if recipe.tokenizer_source != "base" else None
+        tokenizer = source or recipe.base_model or recipe.models[0].model
         self.evaluator: BuiltinEvaluator | CommandEvaluator = (
-            BuiltinEvaluator(section, resolve_device(device), recipe.seed)
+            BuiltinEvaluator(
+                section, resolve_device(device), recipe.seed, recipe.resolve_path(tokenizer)
+            )
             if section.metric
             else CommandEvaluator(section)
         )
@@ -76,6 +80,16 @@ class Scorer:
 
     def _pick(self, tasks: list[Task] | None) -> list[Task]:
         return self.tasks if tasks is None else tasks
+
+    def folder(self, folder: Path) -> Evaluation:
+        """Scores of a checkpoint folder or of a task-conditional artifact folder."""
+        from mergecli.artifacts import open_artifact
+
+        try:
+            open_artifact(folder)
+        except MergeError:
+            return self.model(folder)
+        return self.artifact(folder)
 
     def model(self, folder: Path, tasks: list[Task] | None = None) -> Evaluation:
         """Scores of a checkpoint folder (cached by path)."""
