@@ -30,7 +30,7 @@ class Scale:
     held_out: int | None  # cap on validation/test examples per task
 
 
-FULL = Scale(tasks=8, pretrain_steps=1500, finetune_steps=400, save_every=25, held_out=None)
+FULL = Scale(tasks=8, pretrain_steps=2000, finetune_steps=500, save_every=25, held_out=None)
 REDUCED = Scale(tasks=6, pretrain_steps=200, finetune_steps=60, save_every=15, held_out=120)
 
 
@@ -95,7 +95,7 @@ def _build(out: Path, scale: Scale, seed: int) -> Path:
             curve[step] = accuracy(model, held[task]["validation"])
 
         data = encode(tokenizer, part(split.train, task))
-        train(model, data, scale.finetune_steps, 1e-3, seed + 1 + i, scale.save_every, checkpoint)
+        train(model, data, scale.finetune_steps, 2e-3, seed + 1 + i, scale.save_every, checkpoint)
         best = max(curve, key=lambda s: (curve[s], -s))
         shutil.copytree(out / "runs" / task / f"checkpoint-{best}", out / "experts" / task)
         model.load_state_dict(
