@@ -17,6 +17,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from scripts.fixtures import make_base, make_expert  # noqa: E402
+from scripts.testbed import build as build_testbed  # noqa: E402
 
 EXPERTS = ("math", "code", "chat")
 
@@ -39,3 +40,9 @@ def zoo_bf16(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for i, name in enumerate(EXPERTS):
         make_expert(base, root / name, seed=20 + i)
     return root
+
+
+@pytest.fixture(scope="session")
+def testbed(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The reduced real testbed (docs/testbed.md): BERT digit base, 6 task experts, JSONL data."""
+    return build_testbed(tmp_path_factory.mktemp("testbed") / "testbed", reduced=True)
