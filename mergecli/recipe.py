@@ -28,10 +28,12 @@ class _Strict(BaseModel):
 
 
 class ModelEntry(_Strict):
-    """One expert: a checkpoint folder, its name and per-model parameters."""
+    """One expert: a checkpoint or adapter folder or Hub id, its name and per-model parameters."""
 
     model: str
     name: str | None = None
+    revision: str | None = None
+    """The Hub revision (branch, tag or commit) when ``model`` is a Hub id."""
     parameters: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -90,6 +92,10 @@ class Recipe(_Strict):
     output: str | None = None
     on_missing: Literal["error", "base"] = "error"
     allow_bin: bool = False
+    output_format: Literal["model", "lora"] = "model"
+    """``lora``: write a PEFT LoRA adapter of the merged model over the base."""
+    rank: int | None = Field(None, gt=0)
+    """The LoRA output's rank where a merged delta is truncated by SVD."""
     temporal: TemporalSection | None = None
     evaluate: EvaluateSection | None = None
     folder: Path = Field(default_factory=Path.cwd, exclude=True)
@@ -107,7 +113,7 @@ class Recipe(_Strict):
     def model_name(self, index: int) -> str:
         """The expert's task name: ``models[i].name`` or the folder's name."""
         entry = self.models[index]
-        return entry.name or Path(entry.model.rstrip("/")).name
+        return entry.name or Path(entry.model.rstrip("/").split("@")[0]).name
 
 
 def _location(loc: tuple[Any, ...]) -> str:
@@ -159,6 +165,8 @@ def recipe_from_dict(data: Any, folder: Path | None = None, source: str = "recip
     for i, entry in enumerate(recipe.models):
         for key, value in entry.parameters.items():
             check_value(value, f"{source}: models[{i}].parameters.{key}")
+    if recipe.rank is not None and recipe.output_format != "lora":
+        raise MergeError(f"{source}: rank: only used with output_format: lora")
     for key in ("dtype", "out_dtype"):
         value = getattr(recipe, key)
         if value is None:

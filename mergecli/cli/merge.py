@@ -81,6 +81,7 @@ def merge(
             "peak_rss_bytes",
             "device",
             "artifact",
+            "lora",
         )
         if key in report
     }
@@ -104,6 +105,14 @@ def merge(
             f"{human_bytes(report['peak_rss_bytes'])})",
             highlight=False,
         )
+        if "lora" in report:
+            lora = report["lora"]
+            out.print(
+                f"LoRA adapter of {len(lora['modules'])} modules "
+                f"({len(lora['modules_to_save'])} saved whole); lowest energy kept "
+                f"{lora['min_energy_kept']:.4f}",
+                highlight=False,
+            )
         if "artifact" in report:
             artifact = report["artifact"]
             out.print(

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from mergecli.engine.lora_output import lora_summary, write_adapter_config
 from mergecli.engine.output import atomic_folder, check_output, copy_model_files
 from mergecli.engine.plan import MergePlan, TensorPlan
 from mergecli.engine.stream import Timer, stream_inputs
@@ -111,17 +112,22 @@ def run_merge(
         )
         merge_stream(plan, writer, stats, timer, progress, per_tensor)
         writer.finish()
-        ref = plan.reference.path
-        tok = (
-            plan.recipe.resolve_path(plan.recipe.tokenizer_source)
-            if (plan.recipe.tokenizer_source and plan.recipe.tokenizer_source != "base")
-            else ref
-        )
-        copy_model_files(ref, tok, folder, plan.out_dtype)
+        if plan.lora is None:
+            ref = plan.reference.path
+            tok = (
+                plan.recipe.resolve_path(plan.recipe.tokenizer_source)
+                if (plan.recipe.tokenizer_source and plan.recipe.tokenizer_source != "base")
+                else ref
+            )
+            copy_model_files(ref, tok, folder, plan.out_dtype)
+        else:
+            write_adapter_config(folder, plan.lora)
         wall = time.perf_counter() - started
         report = build_report(plan, output, per_tensor, timer, writer.bytes_written, wall)
         if isinstance(writer, TaskArtifactWriter):
             report["artifact"] = writer.summary()
+        if plan.lora is not None:
+            report["lora"] = lora_summary(plan.lora, per_tensor)
         write_reports(folder, report)
         (folder / "README.md").write_text(model_card(plan))
     progress.stop()
@@ -151,6 +157,8 @@ def merge_state(plan: MergePlan, progress: Progress | None = None) -> dict[str, 
             f"merge_method: '{plan.method.name}' writes a task-mask artifact, not one model: "
             "run it into a folder"
         )
+    if plan.lora is not None:
+        raise MergeError("this recipe writes a LoRA adapter; in-memory merges hold full weights")
     progress = progress or NullProgress()
     timer = Timer()
     stats = gather_statistics(plan, timer, progress)
@@ -174,16 +182,26 @@ def merge_stream(
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergecli-write") as pool:
         pending: deque[Future[None]] = deque()
         for tensor, inputs in stream_inputs(plan, plan.tensors, timer):
+            results: list[tuple[str, Any]] = []
             if isinstance(inputs, TensorInputs):
                 start = time.perf_counter()
                 merged = merge_tensor(plan, tensor, inputs, stats)
+                report = tensor_report(inputs, merged) if per_tensor is not None else {}
+                if plan.lora is None:
+                    results.append((tensor.name, stored(tensor, inputs, merged)))
+                else:
+                    assert isinstance(merged, torch.Tensor)
+                    pieces, energy = plan.lora.outputs(tensor.name, inputs, merged, tensor.params)
+                    results += pieces
+                    if energy is not None:
+                        report["energy_kept"] = energy
                 if per_tensor is not None:
-                    per_tensor[tensor.name] = tensor_report(inputs, merged)
-                result = stored(tensor, inputs, merged)
+                    per_tensor[tensor.name] = report
                 timer.compute += time.perf_counter() - start
-            else:
-                result = inputs
-            pending.append(pool.submit(_write, writer, tensor.name, result, timer))
+            elif plan.lora is None:
+                results.append((tensor.name, inputs))
+            for name, result in results:
+                pending.append(pool.submit(_write, writer, name, result, timer))
             while len(pending) > WRITE_QUEUE:
                 pending.popleft().result()
             progress.advance(1, _read_bytes(plan, [tensor]))

@@ -86,6 +86,10 @@ class MethodSpec:
     (greedy_soup): ``mergecli merge`` and ``mergecli sweep`` run that selection with the
     recipe's ``evaluate:`` section first (``mergecli.evaluate.greedy``); ``fn`` then merges the
     experts selected."""
+    coefficients: Callable[[Params], list[float] | None] | None = None
+    """For a method whose merged task vector is Σ ct τt (a linear combination): the ct of one
+    tensor's parameters, or None when these parameters make it no such combination. Lets LoRA
+    experts merge into an exact LoRA output by concatenating their ranks."""
     composes: str | None = None
     """The parameter naming another method that this one wraps (``lines``' base_method): the
     recipe then also takes that method's parameters, and its statistics and checks apply."""

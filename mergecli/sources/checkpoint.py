@@ -75,6 +75,8 @@ class Checkpoint:
 
     delta = False
     """Whether ``read`` returns task vectors (adapters) rather than weights."""
+    origin: str | None = None
+    """What the recipe (or an adapter's config) named: a path or a Hub id."""
 
     def __init__(self, path: Path, label: str, allow_bin: bool = False) -> None:
         self.path = path
@@ -138,12 +140,16 @@ class Checkpoint:
     def __contains__(self, name: str) -> bool:
         return name in self._infos
 
+    def _local(self, file: Path) -> Path:
+        """The shard's path once it is on disk (at once for a local folder)."""
+        return file
+
     def read(self, name: str) -> torch.Tensor:
         """One tensor, on the CPU, in its stored dtype."""
         file = self._infos[name].file
         if file in self._bins:
             return self._bins[file][name]
-        with safe_open(str(file), framework="pt", device="cpu") as handle:
+        with safe_open(str(self._local(file)), framework="pt", device="cpu") as handle:
             return handle.get_tensor(name)
 
     def config(self) -> dict[str, Any] | None:
