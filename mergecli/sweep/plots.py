@@ -65,3 +65,27 @@ def landscape_figure(result: dict[str, Any], path: Path) -> Path:
     ax.legend(fontsize=8)
     fig.savefig(path)
     return path
+
+
+def sizes_figure(result: dict[str, Any], path: Path) -> Path:
+    """Mean score against deployed size in models, the experts' mean as a dashed line."""
+    fig = Figure(figsize=(6.5, 4.5), dpi=DPI, layout="constrained")
+    ax = fig.add_subplot()
+    rows = sorted(result["sizes"], key=lambda r: r["size"])
+    ax.plot(
+        [r["size"] for r in rows],
+        [r["score"] for r in rows],
+        marker="o",
+        label=f"FlexMerge + {result['method']}",
+    )
+    if result["expert_score"] is not None:
+        ax.axhline(
+            result["expert_score"], color="black", linestyle="--", label="experts (own task)"
+        )
+    ax.set_xlabel("deployed size (× one model)")
+    ax.set_ylabel(_score_label(result))
+    ax.set_title("Score against deployed size")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.savefig(path)
+    return path
