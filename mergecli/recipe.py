@@ -78,6 +78,21 @@ class EvaluateSection(_Strict):
     timeout: float | None = Field(None, gt=0)
 
 
+class FlexSection(_Strict):
+    """The ``flex:`` section of a recipe: FlexMerge's options (see ``mergecli.flex``).
+
+    ``granularity`` is component, layer, tensor or a list of regular expressions (a tensor's
+    block is the text the first matching pattern matches); ``sizes`` are the target sizes in
+    units of one model.
+    """
+
+    granularity: Literal["component", "layer", "tensor"] | list[str] = "component"
+    linkage: Literal["min", "max", "avg", "merged", "random"] = "min"
+    order: Literal["greedy", "left_to_right", "right_to_left"] = "greedy"
+    strategy: Literal["flexmerge", "channel"] = "flexmerge"
+    sizes: list[float] | None = Field(None, min_length=1)
+
+
 class Recipe(_Strict):
     """A merge recipe. Relative paths are resolved against the recipe's folder (then the cwd)."""
 
@@ -98,6 +113,7 @@ class Recipe(_Strict):
     """The LoRA output's rank where a merged delta is truncated by SVD."""
     temporal: TemporalSection | None = None
     evaluate: EvaluateSection | None = None
+    flex: FlexSection | None = None
     folder: Path = Field(default_factory=Path.cwd, exclude=True)
 
     def resolve_path(self, value: str) -> Path:
@@ -134,6 +150,8 @@ def _fields_at(loc: tuple[Any, ...]) -> list[str]:
             model = EvaluateSection
         elif part == "tasks":
             model = EvalTask
+        elif part == "flex":
+            model = FlexSection
     return [n for n in model.model_fields if n != "folder"]
 
 

@@ -92,3 +92,13 @@ def adapters(
     out["lora8_bf16"] = make_adapter(zoo_bf16 / "base", root / "bf16", ADAPTERS["lora8"], 40)
     out["lora8_bf16_full"] = merged_full(zoo_bf16 / "base", out["lora8_bf16"], root / "bf16_full")
     return out
+
+
+@pytest.fixture(scope="session")
+def zoo5(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """float32 base + five experts e0..e4 (sharded), for FlexMerge."""
+    root = tmp_path_factory.mktemp("zoo5")
+    base = make_base(root / "base")
+    for i in range(5):
+        make_expert(base, root / f"e{i}", seed=40 + i)
+    return root

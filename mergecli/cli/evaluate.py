@@ -15,21 +15,19 @@ from mergecli.cli import (
     DeviceOpt,
     ForceOpt,
     JsonOpt,
+    OutputOpt,
     QuietOpt,
     RecipeArg,
     app,
     err,
     handle_errors,
     out,
+    output_folder,
     print_json,
 )
 from mergecli.cli.analyze import analyze_app, show
 from mergecli.errors import MergeError
 from mergecli.progress import count_bar_for
-
-OutputOpt = Annotated[
-    Path | None, typer.Option("--output", "-o", help="Output folder (overrides the recipe).")
-]
 
 
 def _fmt(value: Any) -> str:
@@ -43,12 +41,12 @@ def _scorer(recipe: Path, device: str, quiet: bool) -> tuple[mergecli.Recipe, An
     return spec, Scorer(spec, device, count_bar_for(err, quiet))
 
 
-def _target(spec: mergecli.Recipe, output: Path | None, force: bool, what: str) -> Path:
+def _target(recipe: Path, spec: mergecli.Recipe, output: Path | None, force: bool) -> Path:
+    """The output folder (checked before any work is done)."""
     from mergecli.engine.output import check_output
 
-    target = output or (spec.resolve_path(spec.output) if spec.output else None)
-    if target is None:
-        raise MergeError(f"no output folder for {what}: set 'output' in the recipe or --output")
+    target = output_folder(recipe, spec, output, False)
+    assert target is not None
     check_output(target.resolve(), force)
     return target.resolve()
 
@@ -175,14 +173,14 @@ def sweep(
         raise MergeError("sweep: give --grid KEY=VALUES, or --over-checkpoints (not both)")
     spec, scorer = _scorer(recipe, device, quiet or json_out)
     if over_checkpoints:
-        target = _target(spec, output, force, "the duration sweep's results")
+        target = _target(recipe, spec, output, force)
         values = parse_values(multiples, "--multiples")
         names = [m.strip() for m in methods.split(",")] if methods else None
         _durations(spec, scorer, target, by, names, values, json_out, quiet, force)
         return
     assert grid is not None
     axes = parse_grid(grid, spec)
-    target = _target(spec, output, force, "the best merge")
+    target = _target(recipe, spec, output, force)
     from mergecli.sweep.run import sweep_grid, write_table
 
     table, best = sweep_grid(spec, axes, scorer, patience)

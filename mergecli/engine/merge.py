@@ -113,13 +113,7 @@ def run_merge(
         merge_stream(plan, writer, stats, timer, progress, per_tensor)
         writer.finish()
         if plan.lora is None:
-            ref = plan.reference.path
-            tok = (
-                plan.recipe.resolve_path(plan.recipe.tokenizer_source)
-                if (plan.recipe.tokenizer_source and plan.recipe.tokenizer_source != "base")
-                else ref
-            )
-            copy_model_files(ref, tok, folder, plan.out_dtype)
+            copy_model_files(plan.reference.path, tokenizer_folder(plan), folder, plan.out_dtype)
         else:
             write_adapter_config(folder, plan.lora)
         wall = time.perf_counter() - started
@@ -207,6 +201,14 @@ def merge_stream(
             progress.advance(1, _read_bytes(plan, [tensor]))
         for future in pending:
             future.result()
+
+
+def tokenizer_folder(plan: MergePlan) -> Path:
+    """The recipe's ``tokenizer_source``, or the reference model's folder."""
+    source = plan.recipe.tokenizer_source
+    if source and source != "base":
+        return plan.recipe.resolve_path(source)
+    return plan.reference.path
 
 
 def merge_tensor(
