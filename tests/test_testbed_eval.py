@@ -111,3 +111,22 @@ def test_landscape_between_two_testbed_experts(testbed: Path, tmp_path: Path) ->
         max(land["mean"]) - (land["mean"][0] + land["mean"][-1]) / 2
     )
     assert (out / "landscape.png").stat().st_size > 0
+
+
+def test_flex_evaluate_reaches_the_experts_at_full_size(testbed: Path, tmp_path: Path) -> None:
+    tasks = manifest(testbed)["tasks"]
+    path = bed_recipe(testbed, "tb-flex.yaml", "experts", 40)
+    out = tmp_path / "flex"
+    sizes = f"1,2,{len(tasks)}"
+    result = run_cli("flex", path, "--sizes", sizes, "--evaluate", "-o", out, "--json")
+    assert result.exit_code == 0, result.output
+    scores = json.loads(result.stdout)["evaluation"]
+    by_target = {r["target"]: r for r in scores["sizes"]}
+    # at M× every task keeps its own expert: the experts' scores exactly
+    assert by_target[float(len(tasks))]["tasks"] == pytest.approx(scores["experts"])
+    # at 1× every task gets the one task-arithmetic merge
+    merged = Scorer(load_recipe(path)).merge(load_recipe(path))
+    assert by_target[1.0]["tasks"] == pytest.approx(merged.tasks)
+    assert scores["gain_1x_2x"] == pytest.approx(by_target[2.0]["score"] - by_target[1.0]["score"])
+    assert json.loads((out / "flex_scores.json").read_text())["sizes"] == scores["sizes"]
+    assert (out / "flex_scores.png").stat().st_size > 0

@@ -2,7 +2,8 @@
 
 Each size is an artifact folder that rebuilds one model per task; every evaluation task is
 scored on its own task's model (``Scorer.artifact``). The score of a size is the mean over
-tasks; the experts' mean on their own tasks is the reference it approaches at M×.
+tasks; the experts' mean on their own tasks is the reference it approaches at M×. The gain from
+1× to 2× (when both sizes are targets) is the score at 2× minus the score at 1×.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ def score_sizes(
     if scorer.bar:
         scorer.bar.done(handle)
     experts = scorer.expert_scores(recipe)
+    by_target = {r["target"]: r["score"] for r in rows}
     return {
         "method": recipe.merge_method,
         "metric": scorer.metric,
@@ -44,4 +46,5 @@ def score_sizes(
         "sizes": rows,
         "experts": experts,
         "expert_score": sum(experts.values()) / len(experts) if experts else None,
+        "gain_1x_2x": by_target[2.0] - by_target[1.0] if {1.0, 2.0} <= set(by_target) else None,
     }
