@@ -18,10 +18,16 @@ def manifest(testbed: Path) -> dict:
 
 
 def bed_recipe(
-    testbed: Path, name: str, folder: str, limit: int | None = None, **extra: object
+    testbed: Path,
+    name: str,
+    folder: str,
+    limit: int | None = None,
+    experts: int | None = None,
+    **extra: object,
 ) -> Path:
-    """A recipe over the testbed's experts (or runs); ``limit`` validation examples per task."""
-    tasks = manifest(testbed)["tasks"]
+    """A recipe over the testbed's experts (or runs): the first ``experts`` of them (all by
+    default), ``limit`` validation examples per task."""
+    tasks = manifest(testbed)["tasks"][:experts]
     spec = {
         "merge_method": "task_arithmetic",
         "base_model": "base",
@@ -51,7 +57,7 @@ def test_sweep_finds_the_testbeds_task_arithmetic_lambda(testbed: Path, tmp_path
 
 def test_greedy_soup_on_the_testbed(testbed: Path, tmp_path: Path) -> None:
     path = bed_recipe(
-        testbed, "tb-soup.yaml", "experts", 40, merge_method="greedy_soup", parameters={}
+        testbed, "tb-soup.yaml", "experts", 40, 4, merge_method="greedy_soup", parameters={}
     )
     result = run_cli("merge", path, "-o", tmp_path / "soup", "--json")
     assert result.exit_code == 0, result.output

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 DPI = 120
@@ -13,6 +14,13 @@ DPI = 120
 def _score_label(result: dict[str, Any]) -> str:
     arrow = "higher is better" if result["higher_is_better"] else "lower is better"
     return f"mean {result['metric']} over tasks ({arrow})"
+
+
+def _save(fig: Figure, ax: Axes, path: Path) -> Path:
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.savefig(path)
+    return path
 
 
 def durations_figure(result: dict[str, Any], path: Path) -> Path:
@@ -42,10 +50,7 @@ def durations_figure(result: dict[str, Any], path: Path) -> Path:
     ax.set_xlabel("training steps as a multiple of T*" if by_tstar else "training step")
     ax.set_ylabel(_score_label(result))
     ax.set_title("Merged model against expert training duration")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.savefig(path)
-    return path
+    return _save(fig, ax, path)
 
 
 def landscape_figure(result: dict[str, Any], path: Path) -> Path:
@@ -61,10 +66,7 @@ def landscape_figure(result: dict[str, Any], path: Path) -> Path:
     ax.set_xlabel("α")
     ax.set_ylabel(result["metric"])
     ax.set_title(f"{result['path_formula']}   barrier = {result['barrier']:.4g}")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.savefig(path)
-    return path
+    return _save(fig, ax, path)
 
 
 def sizes_figure(result: dict[str, Any], path: Path) -> Path:
@@ -85,7 +87,4 @@ def sizes_figure(result: dict[str, Any], path: Path) -> Path:
     ax.set_xlabel("deployed size (× one model)")
     ax.set_ylabel(_score_label(result))
     ax.set_title("Score against deployed size")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.savefig(path)
-    return path
+    return _save(fig, ax, path)
