@@ -331,7 +331,7 @@ def landscape(
         return
     if quiet:
         return
-    table = Table(title=f"{result['metric']} along {result['path_formula']}")
+    table = Table(title=f"{result['metric']} along {result['path_formula']}", min_width=60)
     table.add_column("α", justify="right")
     for name in [*result["tasks"], "mean"]:
         table.add_column(name, justify="right")
