@@ -19,6 +19,7 @@ from peft import IA3Config, LoraConfig, PeftModel  # noqa: E402
 from transformers import LlamaForCausalLM  # noqa: E402
 
 from scripts.fixtures import make_adapter, make_base, make_expert  # noqa: E402
+from scripts.testbed import build as build_testbed  # noqa: E402
 
 EXPERTS = ("math", "code", "chat")
 
@@ -41,6 +42,12 @@ def zoo_bf16(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for i, name in enumerate(EXPERTS):
         make_expert(base, root / name, seed=20 + i)
     return root
+
+
+@pytest.fixture(scope="session")
+def testbed(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The reduced real testbed (docs/testbed.md): BERT digit base, 6 task experts, JSONL data."""
+    return build_testbed(tmp_path_factory.mktemp("testbed") / "testbed", reduced=True)
 
 
 ADAPTERS = {  # LoRA rank 8 with rank/alpha patterns and a saved lm_head, rsLoRA 16, (IA)³

@@ -178,58 +178,20 @@ def _run_merge(plan: MergePlan, output: Path, force: bool, progress: Progress) -
     timer = Timer()
     started = time.perf_counter()
     stats = gather_statistics(plan, timer, progress)
-    figures: dict[str, list[dict[str, Any]]] = {}
-    extra: dict[str, dict[str, Any]] = {}
-    piece_figures = PieceFigures()
+    per_tensor: dict[str, Any] = {}
     with atomic_folder(output, force) as folder:
         writer: ShardWriter | TaskArtifactWriter = (
             TaskArtifactWriter(folder, plan.artifact, plan.method.name)
             if plan.artifact
             else ShardWriter(folder, plan.shards, {"mergecli_method": plan.method.name})
         )
-        progress.start("merging", len(plan.tensors), _read_bytes(plan, plan.tensors))
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergecli-write") as pool:
-            pending: deque[Future[None]] = deque()
-            for tensor, rows, inputs in stream_pieces(plan, plan.tensors, timer):
-                results: list[tuple[str, Any]] = []
-                if isinstance(inputs, TensorInputs):
-                    start = time.perf_counter()
-                    merged = merge_tensor(plan, tensor, inputs, stats)
-                    # the report's sums run on the writer thread, beside the next merge
-                    sums = figures.setdefault(tensor.name, [])
-                    pending.append(pool.submit(_add_figures, piece_figures, sums, inputs, merged))
-                    if plan.lora is None:
-                        results.append((tensor.name, stored(tensor, inputs, merged)))
-                    else:
-                        assert isinstance(merged, torch.Tensor)
-                        outputs, energy = plan.lora.outputs(
-                            tensor.name, inputs, merged, tensor.params
-                        )
-                        results += outputs
-                        if energy is not None:
-                            extra[tensor.name] = {"energy_kept": energy}
-                    del merged
-                    timer.compute += time.perf_counter() - start
-                elif plan.lora is None:
-                    results.append((tensor.name, inputs))
-                del inputs  # the stream reads the next piece once this one is released
-                for name, result in results:
-                    pending.append(pool.submit(_write, writer, name, result, timer))
-                while len(pending) > WRITE_QUEUE:
-                    pending.popleft().result()
-                progress.advance(*_piece_progress(plan, tensor, rows))
-            for future in pending:
-                future.result()
+        merge_stream(plan, writer, stats, timer, progress, per_tensor)
         writer.finish()
         if plan.lora is None:
             copy_model_files(plan.reference.path, tokenizer_folder(plan), folder, plan.out_dtype)
         else:
             write_adapter_config(folder, plan.lora)
         wall = time.perf_counter() - started
-        per_tensor = {
-            name: {**tensor_report(pieces), **extra.get(name, {})}
-            for name, pieces in figures.items()
-        }
         report = build_report(plan, output, per_tensor, timer, writer.bytes_written, wall)
         if isinstance(writer, TaskArtifactWriter):
             report["artifact"] = writer.summary()
@@ -239,6 +201,93 @@ def _run_merge(plan: MergePlan, output: Path, force: bool, progress: Progress) -
         (folder / "README.md").write_text(model_card(plan))
     progress.stop()
     return MergeResult(output, report)
+
+
+class MemoryWriter:
+    """Keeps the merged tensors in a dict, on the plan's device (evaluation without a folder)."""
+
+    def __init__(self) -> None:
+        self.state: dict[str, torch.Tensor] = {}
+        self.bytes_written = 0
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        self.state[name] = tensor
+        self.bytes_written += tensor.nbytes
+
+
+def merge_state(plan: MergePlan, progress: Progress | None = None) -> dict[str, torch.Tensor]:
+    """Run a plan into memory: the merged model's state dict (tensor name → tensor).
+
+    Holds the whole merged model, which is what evaluating it needs anyway; task-mask artifact
+    methods write folders only.
+    """
+    if plan.artifact is not None:
+        raise MergeError(
+            f"merge_method: '{plan.method.name}' writes a task-mask artifact, not one model: "
+            "run it into a folder"
+        )
+    if plan.lora is not None:
+        raise MergeError("this recipe writes a LoRA adapter; in-memory merges hold full weights")
+    progress = progress or NullProgress()
+    timer = Timer()
+    stats = gather_statistics(plan, timer, progress)
+    writer = MemoryWriter()
+    merge_stream(plan, writer, stats, timer, progress, None)
+    progress.stop()
+    return writer.state
+
+
+def merge_stream(
+    plan: MergePlan,
+    writer: ShardWriter | TaskArtifactWriter | MemoryWriter,
+    stats: dict[str, Any],
+    timer: Timer,
+    progress: Progress,
+    per_tensor: dict[str, Any] | None,
+) -> None:
+    """Merge every planned tensor in order (in row chunks where the plan allows, unless the
+    writer keeps whole tensors in memory) and hand it to ``writer`` on a writer thread; the
+    per-tensor report figures go into ``per_tensor`` unless it is None."""
+    figures: dict[str, list[dict[str, Any]]] = {}
+    extra: dict[str, dict[str, Any]] = {}
+    piece_figures = PieceFigures()
+    chunked = not isinstance(writer, MemoryWriter)
+    progress.start("merging", len(plan.tensors), _read_bytes(plan, plan.tensors))
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergecli-write") as pool:
+        pending: deque[Future[None]] = deque()
+        for tensor, rows, inputs in stream_pieces(plan, plan.tensors, timer, chunked):
+            results: list[tuple[str, Any]] = []
+            if isinstance(inputs, TensorInputs):
+                start = time.perf_counter()
+                merged = merge_tensor(plan, tensor, inputs, stats)
+                if per_tensor is not None:
+                    # the report's sums run on the writer thread, beside the next merge
+                    sums = figures.setdefault(tensor.name, [])
+                    pending.append(pool.submit(_add_figures, piece_figures, sums, inputs, merged))
+                if plan.lora is None:
+                    results.append((tensor.name, stored(tensor, inputs, merged)))
+                else:
+                    assert isinstance(merged, torch.Tensor)
+                    outputs, energy = plan.lora.outputs(tensor.name, inputs, merged, tensor.params)
+                    results += outputs
+                    if energy is not None:
+                        extra[tensor.name] = {"energy_kept": energy}
+                del merged
+                timer.compute += time.perf_counter() - start
+            elif plan.lora is None:
+                results.append((tensor.name, inputs))
+            del inputs  # the stream reads the next piece once this one is released
+            for name, result in results:
+                pending.append(pool.submit(_write, writer, name, result, timer))
+            while len(pending) > WRITE_QUEUE:
+                pending.popleft().result()
+            progress.advance(*_piece_progress(plan, tensor, rows))
+        for future in pending:
+            future.result()
+    if per_tensor is not None:
+        per_tensor.update(
+            {name: {**tensor_report(p), **extra.get(name, {})} for name, p in figures.items()}
+        )
 
 
 def tokenizer_folder(plan: MergePlan) -> Path:
@@ -282,7 +331,7 @@ def _add_figures(
 
 
 def _write(
-    writer: ShardWriter | TaskArtifactWriter,
+    writer: ShardWriter | TaskArtifactWriter | MemoryWriter,
     name: str,
     tensor: torch.Tensor | StoredTaskTensor,
     timer: Timer,
