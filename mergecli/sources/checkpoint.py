@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,36 +68,13 @@ class TensorInfo:
         return self.shape[0] if self.shape else 1
 
 
-def data_offsets(file: Path) -> dict[str, int]:
-    """Where each tensor's bytes start in a safetensors file (from its JSON header)."""
-    with file.open("rb") as fh:
-        size = int.from_bytes(fh.read(8), "little")
-        header = json.loads(fh.read(size))
-    return {k: 8 + size + v["data_offsets"][0] for k, v in header.items() if k != "__metadata__"}
-
-
-def read_into(file: Path, out: torch.Tensor, offset: int) -> None:
-    """Fill the contiguous CPU tensor ``out`` with the file's bytes from ``offset`` (positional
-    reads into ``out`` itself: no memory map, no intermediate buffer)."""
-    view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
-    fd = os.open(file, os.O_RDONLY)
-    try:
-        done = 0
-        while done < len(view):
-            got = os.preadv(fd, [view[done:]], offset + done)
-            if got == 0:
-                raise OSError(f"{file}: unexpected end of file at byte {offset + done}")
-            done += got
-    finally:
-        os.close(fd)
-
-
 class Checkpoint:
     """A folder with ``*.safetensors`` shards (optionally indexed), read lazily.
 
-    Only headers are read on construction; ``read`` returns one tensor, or some of its rows,
-    read from the shard into private memory (no memory map), so the resident memory stays that
-    of the tensors in flight, whatever the checkpoint's size.
+    Only headers are read on construction; ``read`` returns one tensor, or some of its rows.
+    Each read opens its shard anew with ``safe_open``, so the pages of the shard's memory map
+    are released with the tensor read from it and the resident memory stays that of the tensors
+    in flight, whatever the checkpoint's size.
     ``.bin`` (pickle) shards are refused unless ``allow_bin``, and then loaded with
     ``weights_only=True`` and mmap.
     """
@@ -117,7 +93,6 @@ class Checkpoint:
             raise MergeError(f"{label}: '{path}' is not a folder")
         self.files = self._weight_files(allow_bin)
         self._bins: dict[Path, dict[str, torch.Tensor]] = {}
-        self._offsets: dict[Path, dict[str, int]] = {}
         self._infos: dict[str, TensorInfo] = {}
         for file in self.files:
             self._read_header(file)
@@ -180,26 +155,19 @@ class Checkpoint:
     def read(
         self, name: str, rows: tuple[int, int] | None = None, pin: bool = False
     ) -> torch.Tensor:
-        """One tensor (or its rows ``start:stop``), on the CPU, in its stored dtype.
-
-        Safetensors bytes are read straight into a new tensor (page-locked when ``pin``): it may
-        be modified in place, and no page of the file stays mapped in this process.
-        """
+        """One tensor (or its rows ``start:stop``), on the CPU, in its stored dtype (page-locked
+        when ``pin``). The result may be modified in place: a whole tensor lives in a private
+        (copy-on-write) mapping of its own, rows are copied out of the file."""
         info = self._infos[name]
         if info.file in self._bins:
             tensor = self._bins[info.file][name]
             return tensor if rows is None else tensor[rows[0] : rows[1]]
-        local = self._local(info.file)
-        if local not in self._offsets:
-            self._offsets[local] = data_offsets(local)
-        start, stop = rows or (0, info.rows)
-        out = torch.empty(
-            (stop - start, *info.shape[1:]) if info.shape else (), dtype=info.dtype, pin_memory=pin
-        )
-        if out.numel():
-            row_bytes = info.nbytes // max(info.rows, 1)
-            read_into(local, out, self._offsets[local][name] + start * row_bytes)
-        return out
+        with safe_open(str(self._local(info.file)), framework="pt", device="cpu") as handle:
+            if rows is None or not info.shape:
+                tensor = handle.get_tensor(name)
+            else:
+                tensor = handle.get_slice(name)[rows[0] : rows[1]]
+        return tensor.pin_memory() if pin else tensor
 
     def config(self) -> dict[str, Any] | None:
         file = self.path / "config.json"

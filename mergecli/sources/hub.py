@@ -121,7 +121,6 @@ class DownloadingCheckpoint(Checkpoint):
         self.label = label
         self.repo = repo
         self._bins: dict[Path, dict[str, Any]] = {}
-        self._offsets: dict[Path, dict[str, int]] = {}
         self._infos: dict[str, TensorInfo] = {}
         try:
             metadata = get_safetensors_metadata(repo, revision=commit)
