@@ -12,6 +12,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from scripts.testbed import build
 from scripts.testbed.data import TRANSFORMS, examples, load_digits, read_jsonl, split_indices
+from scripts.testbed.figures import BEGIN, END, flex_table, write_doc
 
 
 def manifest(testbed: Path) -> dict:
@@ -114,3 +115,18 @@ def test_tasks_present_the_same_digit_differently() -> None:
 def test_refuses_a_folder_with_a_testbed(testbed: Path) -> None:
     with pytest.raises(SystemExit, match="already holds a testbed"):
         build(testbed, reduced=True)
+
+
+def test_figure_tables_report_the_gain_and_replace_only_the_marked_section(tmp_path: Path) -> None:
+    flex = {
+        "lambda": 0.3,
+        "sizes": [1.0, 1.5, 2.0],
+        "test": {"1": {"a": 0.2, "b": 0.4}, "1.5": {"a": 0.3, "b": 0.5}, "2": {"a": 0.5, "b": 0.5}},
+    }
+    table = flex_table(flex)
+    assert table[2] == "| average test accuracy (%) | 30.0 | 40.0 | 50.0 |"
+    assert "gains **+20.0 points** from 1× to 2×" in table[-1]
+    doc = tmp_path / "testbed.md"
+    doc.write_text(f"intro\n{BEGIN}\nold\n{END}\noutro\n")
+    write_doc(doc, "new")
+    assert doc.read_text() == f"intro\n{BEGIN}\nnew\n{END}\noutro\n"
