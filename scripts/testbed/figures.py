@@ -114,38 +114,16 @@ def compare_methods(bench: Bench) -> dict[str, Any]:
     return {"chosen": chosen, "test": scores}
 
 
-def flex_curve(bench: Bench, lam: float) -> dict[str, Any]:
-    """FlexMerge (task arithmetic, λ chosen on validation) at every deployed size: each task's
-    export scored on that task's test data."""
-    path = bench.recipe("flex", "test", parameters={"lambda": lam})
+def flex_curve(bench: Bench, lam: float, out: Path) -> dict[str, Any]:
+    """FlexMerge with task arithmetic at every deployed size, each task's model scored on its
+    test data (``mergecli flex --sizes ... --evaluate``); λ·mean(τ) with λ = M·λ_TA, so that
+    size 1 is the task-arithmetic merge chosen on validation."""
+    scale = round(lam * len(bench.tasks), 6)
+    path = bench.recipe("flex", "test", parameters={"lambda": scale, "normalize": True})
     target = bench.work / "flex"
-    reached = mergecli("flex", path, "--sizes", SIZES, "-o", target, "--force")
-    sizes = [float(s) for s in SIZES.split(",")]
-    folders = [target / f"size-{s:g}" for s in sizes]
-    rows = mergecli("evaluate", path, *(f"--model={f}" for f in folders))["rows"]
-    return {
-        "lambda": lam,
-        "sizes": sizes,
-        "reached": reached,
-        "test": {f"{s:g}": row["tasks"] for s, row in zip(sizes, rows, strict=True)},
-    }
-
-
-def size_figure(flex: dict[str, Any], scores: dict[str, dict[str, float]], path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(6, 4))
-    sizes = flex["sizes"]
-    curve = [100 * mean(flex["test"][f"{s:g}"]) for s in sizes]
-    ax.plot(sizes, curve, "o-", label="FlexMerge (task arithmetic)")
-    for name, style in (("experts", "k--"), ("base", "k:")):
-        ax.axhline(100 * mean(scores[name]), color="k", ls=style[1:], label=name)
-    ax.set_xlabel("deployed size (models)")
-    ax.set_ylabel("average test accuracy (%)")
-    ax.set_title("Accuracy against deployed size")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    result = mergecli("flex", path, "--sizes", SIZES, "--evaluate", "-o", target, "--force")
+    shutil.copyfile(target / "flex_scores.png", out / "testbed-size.png")
+    return {"lambda": scale, **result["evaluation"]}
 
 
 def durations(bench: Bench, lam: float, out: Path) -> dict[str, Any]:
@@ -196,16 +174,16 @@ def methods_table(methods: dict[str, Any]) -> list[str]:
 
 
 def flex_table(flex: dict[str, Any]) -> list[str]:
-    sizes = [f"{s:g}" for s in flex["sizes"]]
-    averages = {s: mean(flex["test"][s]) for s in sizes}
-    gain = 100 * (averages["2"] - averages["1"])
+    sizes = flex["sizes"]
     return [
-        "| deployed size (models) | " + " | ".join(f"{s}×" for s in sizes) + " |",
+        "| deployed size (models) | " + " | ".join(f"{r['size']:.2f}×" for r in sizes) + " |",
         "|---|" + "---|" * len(sizes),
-        "| average test accuracy (%) | " + " | ".join(_pct(averages[s]) for s in sizes) + " |",
+        "| average test accuracy (%) | " + " | ".join(_pct(r["score"]) for r in sizes) + " |",
         "",
-        f"Task arithmetic (λ = {flex['lambda']}) gains **{gain:+.1f} points** from 1× to 2×; "
-        f"the FlexMerge paper reports {PAPER_TA_GAIN:+.1f} points on its 8 vision tasks.",
+        f"Task arithmetic (λ·mean(τ), λ = {flex['lambda']:g}) gains "
+        f"**{100 * flex['gain_1x_2x']:+.1f} points** from 1× to 2× (experts: "
+        f"{_pct(flex['expert_score'])} %); the FlexMerge paper reports {PAPER_TA_GAIN:+.1f} points "
+        "on its 8 vision tasks.",
     ]
 
 
@@ -261,8 +239,7 @@ def figures(
         methods_figure(results["methods"]["test"], out / "testbed-methods.png")
     lam = results["methods"]["chosen"]["task_arithmetic"]["parameters"]["lambda"]
     if "flex" in parts:
-        results["flex"] = flex_curve(bench, lam)
-        size_figure(results["flex"], results["methods"]["test"], out / "testbed-size.png")
+        results["flex"] = flex_curve(bench, lam, out)
     if "durations" in parts:
         results["durations"] = durations(bench, lam, out)
     saved.write_text(json.dumps(results, indent=2) + "\n")
