@@ -28,10 +28,12 @@ class _Strict(BaseModel):
 
 
 class ModelEntry(_Strict):
-    """One expert: a checkpoint folder, its name and per-model parameters."""
+    """One expert: a checkpoint or adapter folder or Hub id, its name and per-model parameters."""
 
     model: str
     name: str | None = None
+    revision: str | None = None
+    """The Hub revision (branch, tag or commit) when ``model`` is a Hub id."""
     parameters: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -49,6 +51,21 @@ class TemporalSection(_Strict):
     keep_steps: bool = False
 
 
+class FlexSection(_Strict):
+    """The ``flex:`` section of a recipe: FlexMerge's options (see ``mergecli.flex``).
+
+    ``granularity`` is component, layer, tensor or a list of regular expressions (a tensor's
+    block is the text the first matching pattern matches); ``sizes`` are the target sizes in
+    units of one model.
+    """
+
+    granularity: Literal["component", "layer", "tensor"] | list[str] = "component"
+    linkage: Literal["min", "max", "avg", "merged", "random"] = "min"
+    order: Literal["greedy", "left_to_right", "right_to_left"] = "greedy"
+    strategy: Literal["flexmerge", "channel"] = "flexmerge"
+    sizes: list[float] | None = Field(None, min_length=1)
+
+
 class Recipe(_Strict):
     """A merge recipe. Relative paths are resolved against the recipe's folder (then the cwd)."""
 
@@ -63,7 +80,12 @@ class Recipe(_Strict):
     output: str | None = None
     on_missing: Literal["error", "base"] = "error"
     allow_bin: bool = False
+    output_format: Literal["model", "lora"] = "model"
+    """``lora``: write a PEFT LoRA adapter of the merged model over the base."""
+    rank: int | None = Field(None, gt=0)
+    """The LoRA output's rank where a merged delta is truncated by SVD."""
     temporal: TemporalSection | None = None
+    flex: FlexSection | None = None
     folder: Path = Field(default_factory=Path.cwd, exclude=True)
 
     def resolve_path(self, value: str) -> Path:
@@ -79,7 +101,7 @@ class Recipe(_Strict):
     def model_name(self, index: int) -> str:
         """The expert's task name: ``models[i].name`` or the folder's name."""
         entry = self.models[index]
-        return entry.name or Path(entry.model.rstrip("/")).name
+        return entry.name or Path(entry.model.rstrip("/").split("@")[0]).name
 
 
 def _location(loc: tuple[Any, ...]) -> str:
@@ -96,6 +118,8 @@ def _fields_at(loc: tuple[Any, ...]) -> list[str]:
             model = ModelEntry
         elif part == "temporal":
             model = TemporalSection
+        elif part == "flex":
+            model = FlexSection
     return [n for n in model.model_fields if n != "folder"]
 
 
@@ -124,6 +148,8 @@ def recipe_from_dict(data: Any, folder: Path | None = None, source: str = "recip
     for i, entry in enumerate(recipe.models):
         for key, value in entry.parameters.items():
             check_value(value, f"{source}: models[{i}].parameters.{key}")
+    if recipe.rank is not None and recipe.output_format != "lora":
+        raise MergeError(f"{source}: rank: only used with output_format: lora")
     for key in ("dtype", "out_dtype"):
         value = getattr(recipe, key)
         if value is None:

@@ -73,6 +73,23 @@ def markdown_report(report: dict[str, Any]) -> str:
             "task vector.",
             "",
         ]
+    if "lora" in report:
+        lora = report["lora"]
+        lines += [
+            "## LoRA adapter",
+            "",
+            f"Saved whole (modules_to_save): {', '.join(lora['modules_to_save']) or 'none'}. "
+            f"Lowest fraction of a merged delta's energy kept: {_fmt(lora['min_energy_kept'])}.",
+            "",
+            "| module | rank | exact | energy kept |",
+            "|---|---|---|---|",
+            *(
+                f"| {name} | {m['rank']} | {'yes' if m['exact'] else 'no'} | "
+                f"{_fmt(m['energy_kept'])} |"
+                for name, m in lora["modules"].items()
+            ),
+            "",
+        ]
     if report["plan"]["warnings"]:
         lines += ["## Warnings", "", *(f"- {w}" for w in report["plan"]["warnings"]), ""]
     lines += [
@@ -95,10 +112,18 @@ def model_card(plan: MergePlan) -> str:
     """README.md with Hugging Face metadata: base_model, tags and the recipe."""
     recipe = plan.recipe.model_dump(mode="json", exclude={"folder"}, exclude_none=True)
     meta: dict[str, Any] = {"library_name": "transformers", "tags": ["merge", "mergecli"]}
-    if plan.recipe.base_model:
-        meta["base_model"] = plan.recipe.base_model
+    base = plan.recipe.base_model or (plan.base.origin if plan.base else None)
+    if base:
+        meta["base_model"] = base
     models = "\n".join(f"- `{m.model}`" for m in plan.recipe.models)
     title, what = "Merged model", "This model was merged"
+    if plan.lora is not None:
+        meta["library_name"] = "peft"
+        title = "Merged LoRA adapter"
+        what = (
+            "This LoRA adapter holds the merged model's change of the base "
+            "(`PeftModel.from_pretrained(base, FOLDER)` loads it). It was merged"
+        )
     if plan.artifact is not None:
         tasks = ", ".join(plan.artifact.tasks)
         title = "Task-mask artifact"
@@ -111,6 +136,6 @@ def model_card(plan: MergePlan) -> str:
         f"---\n{yaml.safe_dump(meta, sort_keys=False)}---\n\n"
         f"# {title}\n\n{what} with mergecli "
         f"using `{plan.method.name}`: {plan.method.summary}.\n\n"
-        f"Base model: `{plan.recipe.base_model or 'none'}`\n\nExperts:\n{models}\n\n"
+        f"Base model: `{base or 'none'}`\n\nExperts:\n{models}\n\n"
         f"## Recipe\n\n```yaml\n{yaml.safe_dump(recipe, sort_keys=False)}```\n"
     )

@@ -6,9 +6,11 @@
 from __future__ import annotations
 
 import argparse
+import copy
 from pathlib import Path
 
 import torch
+from peft import PeftConfig, get_peft_model
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from transformers.utils import logging as hf_logging
@@ -82,6 +84,30 @@ def make_expert(
             keep = torch.rand(param.shape, generator=gen) < 0.7
             param.add_(noise * keep)
     return save_model(model, folder, stored)
+
+
+def make_adapter(
+    base: Path,
+    folder: Path,
+    config: PeftConfig,
+    seed: int,
+    scale: float = 0.1,
+    model_class: type = LlamaForCausalLM,
+) -> Path:
+    """A PEFT adapter of ``base`` with seeded random adapter weights (a stand-in for training).
+
+    LoRA B starts at zero and (IA)³ vectors at one in peft; both are moved off their
+    initialisation so that the adapter changes the model.
+    """
+    config = copy.deepcopy(config)  # peft records the base in the config it is given
+    model = get_peft_model(model_class.from_pretrained(base, dtype=torch.float32), config)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(torch.randn(param.shape, generator=gen) * scale)
+    model.save_pretrained(folder, save_embedding_layers=False)  # the base's are unchanged
+    return folder
 
 
 def make_demo(out: Path, experts: int = 3, dtype: torch.dtype = torch.float32) -> Path:

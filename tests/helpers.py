@@ -52,3 +52,47 @@ def run_module(*args: str, cwd: Path | None = None) -> subprocess.CompletedProce
 
 def read_json(path: Path) -> Any:
     return json.loads(path.read_text())
+
+
+PEAK_JOB = """
+import json, re, sys, threading, time
+
+def _anon():
+    with open("/proc/self/status") as f:
+        return int(re.search(r"RssAnon:\\s+(\\d+)", f.read()).group(1)) * 1024
+
+{body}
+
+_peak, _done = [0], threading.Event()
+
+def _sample():
+    while not _done.is_set():
+        _peak[0] = max(_peak[0], _anon())
+        time.sleep(0.001)
+
+_start = _anon()
+_thread = threading.Thread(target=_sample)
+_thread.start()
+_out = work()
+_done.set()
+_thread.join()
+print(json.dumps({{"peak": _peak[0] - _start, **(_out or {{}})}}))
+"""
+
+
+def peak_memory_job(body: str, *args: str) -> dict[str, Any]:
+    """Run ``body`` (Python that defines ``work()``, returning a dict or None) in its own process
+    with ``args`` as ``sys.argv[1:]``; a thread samples the anonymous resident memory (tensors,
+    not memory-mapped checkpoint files) during ``work()``. glibc's mmap threshold is pinned so
+    freed tensors go back to the system. Returns ``work()``'s dict plus ``peak`` (bytes above
+    the memory before ``work()``)."""
+    env = {**__import__("os").environ, "PYTHONPATH": str(ROOT), "MALLOC_MMAP_THRESHOLD_": "65536"}
+    proc = subprocess.run(
+        [sys.executable, "-c", PEAK_JOB.format(body=body), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])

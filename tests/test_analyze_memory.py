@@ -9,62 +9,34 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from tests.helpers import ROOT, load_state
+from tests.helpers import load_state, peak_memory_job
 
 TENSORS, SHAPE, EXPERTS = 24, (256, 1024), 3
 MIB = 1 << 20
 
 JOB = """
-import json, re, sys, threading, time
+import json, sys
 import mergecli
 from mergecli.analyze import analyze_interference
 
-def anon():
-    with open("/proc/self/status") as f:
-        return int(re.search(r"RssAnon:\\s+(\\d+)", f.read()).group(1)) * 1024
-
 recipe = mergecli.recipe.recipe_from_dict(json.loads(sys.argv[2]))
-peak, done = [0], threading.Event()
 
-def sample():
-    while not done.is_set():
-        peak[0] = max(peak[0], anon())
-        time.sleep(0.001)
-
-start = anon()
-thread = threading.Thread(target=sample)
-thread.start()
-if sys.argv[1] == "merge":
-    mergecli.run_merge(mergecli.plan_merge(recipe), sys.argv[3])
-    out = {}
-else:
-    out = analyze_interference(recipe)
-done.set()
-thread.join()
-print(json.dumps({"peak": peak[0] - start, "thresholds": out.get("thresholds")}))
+def work():
+    if sys.argv[1] == "merge":
+        mergecli.run_merge(mergecli.plan_merge(recipe), sys.argv[3])
+        return {"thresholds": None}
+    return {"thresholds": analyze_interference(recipe).get("thresholds")}
 """
 
 
 def run_job(kind: str, recipe: dict, output: Path) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "MALLOC_MMAP_THRESHOLD_": "65536"}
-    proc = subprocess.run(
-        [sys.executable, "-c", JOB, kind, json.dumps(recipe), str(output)],
-        capture_output=True,
-        text=True,
-        env=env,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return peak_memory_job(JOB, kind, json.dumps(recipe), str(output))
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="needs Linux /proc")

@@ -13,6 +13,8 @@ from mergecli.analyze.runs import run_checkpoints
 from mergecli.errors import MergeError
 from mergecli.layers import count_layers
 from mergecli.sources import Checkpoint
+from mergecli.sources.adapter import peft_type, read_peft_config
+from mergecli.sources.hub import hub_snapshot, parse_hub_id
 
 CONFIG_KEYS = (
     "model_type",
@@ -58,21 +60,18 @@ def weights(checkpoint: Checkpoint) -> dict[str, Any]:
 
 def adapter(folder: Path) -> dict[str, Any]:
     """Type, rank, scaling, targets and base model of a PEFT adapter (via peft's PeftConfig)."""
-    from peft import PeftConfig
-
-    try:
-        config = PeftConfig.from_pretrained(str(folder))
-    except Exception as exc:  # peft raises ValueError, TypeError, JSON errors...
-        raise MergeError(f"{folder / 'adapter_config.json'}: not a PEFT config: {exc}") from None
+    config = read_peft_config(folder, str(folder))
     targets = getattr(config, "target_modules", None)
     return {
-        "type": str(getattr(config.peft_type, "value", config.peft_type)),
+        "type": peft_type(config),
         "rank": getattr(config, "r", None),
         "alpha": getattr(config, "lora_alpha", None),
         "targets": sorted(targets) if isinstance(targets, set | list | tuple) else targets,
         "base": config.base_model_name_or_path,
         "task_type": str(getattr(config.task_type, "value", config.task_type) or "") or None,
         "rank_pattern": getattr(config, "rank_pattern", None) or None,
+        "alpha_pattern": getattr(config, "alpha_pattern", None) or None,
+        "feedforward_modules": getattr(config, "feedforward_modules", None),
         "use_dora": getattr(config, "use_dora", None),
         "use_rslora": getattr(config, "use_rslora", None),
         "modules_to_save": getattr(config, "modules_to_save", None),
@@ -80,10 +79,14 @@ def adapter(folder: Path) -> dict[str, Any]:
 
 
 def describe_path(path: str | Path) -> dict[str, Any]:
-    """A summary of a checkpoint, adapter or training-run folder (kind, weights, config)."""
+    """A summary of a checkpoint, adapter or training-run folder, or of a Hub model (fetched
+    into the cache), from its headers and config: kind, weights, config."""
     folder = Path(path).expanduser()
     if not folder.exists():
-        raise MergeError(f"'{folder}' does not exist")
+        hub = parse_hub_id(str(path))
+        if hub is None:
+            raise MergeError(f"'{folder}' does not exist")
+        folder = hub_snapshot(*hub, "inspect")
     if not folder.is_dir():
         raise MergeError(f"'{folder}' is a file; inspect takes a checkpoint or adapter folder")
     out: dict[str, Any] = {"path": str(folder.resolve()), "size_on_disk": folder_bytes(folder)}

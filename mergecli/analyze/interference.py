@@ -26,6 +26,7 @@ from mergecli.methods import TensorInputs
 from mergecli.methods.statistics import KthLargestMagnitude
 from mergecli.progress import NullProgress, Progress
 from mergecli.recipe import Recipe
+from mergecli.sources.resolve import is_adapter, locate
 
 THRESHOLDS = "analyze.thresholds"
 TOP_K = 0.2
@@ -33,13 +34,17 @@ TALL_LAMBDA = 0.6
 
 
 def analysis_plan(recipe: Recipe, device: str = "cpu") -> MergePlan:
-    """A merge plan over the recipe's base and experts, whatever its merge method."""
-    if not recipe.base_model:
+    """A merge plan over the recipe's base (or the one its adapters name) and experts, whatever
+    its merge method."""
+    folders = [
+        locate(recipe, m.model, f"models[{i}].model", m.revision)
+        for i, m in enumerate(recipe.models)
+    ]
+    if not recipe.base_model and not any(is_adapter(f) for f in folders):
         raise MergeError("base_model: analyze interference measures task vectors from a base")
     if len(recipe.models) < 2:
         raise MergeError("models: analyze interference needs at least two experts, got 1")
-    for i, entry in enumerate(recipe.models):
-        path = recipe.resolve_path(entry.model)
+    for i, path in enumerate(folders):
         steps = run_checkpoints(path)
         if steps and not any(path.glob("*.safetensors")):
             raise MergeError(

@@ -6,9 +6,10 @@ answers the same questions, so ``export`` and serving never branch on the kind.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -39,6 +40,19 @@ def register_artifact(opener: Opener) -> Opener:
     return opener
 
 
+def read_manifest(path: Path, file: str, kind: str) -> dict[str, Any] | None:
+    """The JSON manifest ``file`` of folder ``path`` when it says it is an artifact of ``kind``
+    (None when absent or of another kind; invalid JSON is an error)."""
+    manifest_file = path / file
+    if not manifest_file.is_file():
+        return None
+    try:
+        manifest = json.loads(manifest_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise MergeError(f"{manifest_file} is not valid JSON: {exc}") from None
+    return manifest if manifest.get("mergecli_artifact") == kind else None
+
+
 def open_artifact(path: str | Path) -> Artifact:
     path = Path(path)
     if not path.is_dir():
@@ -65,4 +79,4 @@ def task_state_dict(artifact: Artifact, task: str) -> dict[str, torch.Tensor]:
     return {name: artifact.task_tensor(task, name) for name in artifact.tensor_names()}
 
 
-from mergecli.artifacts import task_masks  # noqa: E402,F401  (registration)
+from mergecli.artifacts import flex, task_masks  # noqa: E402,F401  (registration)

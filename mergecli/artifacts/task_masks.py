@@ -6,15 +6,21 @@ base's dtype; the layout is described in ``mergecli.engine.task_artifact``.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from mergecli.artifacts import register_artifact
-from mergecli.engine.task_artifact import BASE, KIND, MANIFEST, MASKS, UNIFIED, unpack_mask
-from mergecli.errors import MergeError
+from mergecli.artifacts import read_manifest, register_artifact
+from mergecli.engine.task_artifact import (
+    BASE,
+    KIND,
+    MANIFEST,
+    MASKS,
+    UNIFIED,
+    task_weight,
+    unpack_mask,
+)
 from mergecli.sources import Checkpoint
 
 
@@ -50,10 +56,8 @@ class TaskMaskArtifact:
             return base.clone()
         t = self.tasks.index(task)
         mask = unpack_mask(self.masks[t].read(name), tuple(base.shape))
-        delta = self.unified.read(name).float() * mask
-        if name in self.scales:
-            delta *= self.scales[name][t]
-        return (base.float() + delta).to(base.dtype)
+        scale = self.scales[name][t] if name in self.scales else None
+        return task_weight(base, self.unified.read(name), mask, scale)
 
     def model_files(self) -> Path:
         return self.path
@@ -62,13 +66,5 @@ class TaskMaskArtifact:
 @register_artifact
 def open_task_masks(path: Path) -> TaskMaskArtifact | None:
     """The artifact in ``path`` when its manifest says it is a task-mask artifact."""
-    manifest_file = path / MANIFEST
-    if not manifest_file.is_file():
-        return None
-    try:
-        manifest = json.loads(manifest_file.read_text())
-    except json.JSONDecodeError as exc:
-        raise MergeError(f"{manifest_file} is not valid JSON: {exc}") from None
-    if manifest.get("mergecli_artifact") != KIND:
-        return None
-    return TaskMaskArtifact(path, manifest)
+    manifest = read_manifest(path, MANIFEST, KIND)
+    return None if manifest is None else TaskMaskArtifact(path, manifest)

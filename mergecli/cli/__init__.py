@@ -36,6 +36,18 @@ QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar o
 ForceOpt = Annotated[bool, typer.Option("--force", help="Replace an existing output folder.")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N or auto.")]
 ShardOpt = Annotated[str, typer.Option("--shard-size", help="Largest output shard (5GB, 500MB).")]
+DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Print the plan; read no tensor.")]
+OutputOpt = Annotated[
+    Path | None, typer.Option("--output", "-o", help="Output folder (overrides the recipe).")
+]
+
+
+def output_folder(recipe: Path, spec: Any, output: Path | None, dry_run: bool) -> Path | None:
+    """--output, else the recipe's ``output``; an error when neither is given (unless dry run)."""
+    target = output or (spec.resolve_path(spec.output) if spec.output else None)
+    if target is None and not dry_run:
+        raise MergeError(f"{recipe}: no output folder: set 'output' in the recipe or --output")
+    return target
 
 
 def handle_errors(fn: F) -> F:
@@ -95,4 +107,4 @@ def main() -> None:
     app()
 
 
-from mergecli.cli import analyze, merge, temporal  # noqa: E402,F401  (command registration)
+from mergecli.cli import analyze, flex, merge, temporal  # noqa: E402,F401  (command registration)

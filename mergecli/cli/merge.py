@@ -11,8 +11,10 @@ from rich.table import Table
 import mergecli
 from mergecli.cli import (
     DeviceOpt,
+    DryRunOpt,
     ForceOpt,
     JsonOpt,
+    OutputOpt,
     QuietOpt,
     RecipeArg,
     ShardOpt,
@@ -20,10 +22,10 @@ from mergecli.cli import (
     err,
     handle_errors,
     out,
+    output_folder,
     print_json,
     print_warnings,
 )
-from mergecli.errors import MergeError
 from mergecli.progress import progress_for
 from mergecli.report import human_bytes
 
@@ -32,14 +34,10 @@ from mergecli.report import human_bytes
 @handle_errors
 def merge(
     recipe: RecipeArg,
-    output: Annotated[
-        Path | None, typer.Option("--output", "-o", help="Output folder (overrides the recipe).")
-    ] = None,
+    output: OutputOpt = None,
     device: DeviceOpt = "cpu",
     shard_size: ShardOpt = "5GB",
-    dry_run: Annotated[
-        bool, typer.Option("--dry-run", help="Print the plan; read no tensor.")
-    ] = False,
+    dry_run: DryRunOpt = False,
     allow_bin: Annotated[
         bool, typer.Option("--allow-bin", help="Accept pickle .bin weights (weights_only).")
     ] = False,
@@ -51,9 +49,7 @@ def merge(
     spec = mergecli.load_recipe(recipe)
     if allow_bin:
         spec.allow_bin = True
-    target = output or (spec.resolve_path(spec.output) if spec.output else None)
-    if target is None and not dry_run:
-        raise MergeError(f"{recipe}: no output folder: set 'output' in the recipe or --output")
+    target = output_folder(recipe, spec, output, dry_run)
     plan = mergecli.plan_merge(spec, device=device, shard_size=shard_size)
     print_warnings(plan.warnings)
     if dry_run:
@@ -78,6 +74,7 @@ def merge(
             "peak_rss_bytes",
             "device",
             "artifact",
+            "lora",
         )
         if key in report
     }
@@ -93,6 +90,14 @@ def merge(
             f"{human_bytes(report['peak_rss_bytes'])})",
             highlight=False,
         )
+        if "lora" in report:
+            lora = report["lora"]
+            out.print(
+                f"LoRA adapter of {len(lora['modules'])} modules "
+                f"({len(lora['modules_to_save'])} saved whole); lowest energy kept "
+                f"{lora['min_energy_kept']:.4f}",
+                highlight=False,
+            )
         if "artifact" in report:
             artifact = report["artifact"]
             out.print(

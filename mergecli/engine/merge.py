@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from mergecli.engine.lora_output import lora_summary, write_adapter_config
 from mergecli.engine.output import atomic_folder, check_output, copy_model_files
 from mergecli.engine.plan import MergePlan, TensorPlan
 from mergecli.engine.stream import Timer, stream_inputs
@@ -113,36 +114,54 @@ def run_merge(
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergecli-write") as pool:
             pending: deque[Future[None]] = deque()
             for tensor, inputs in stream_inputs(plan, plan.tensors, timer):
+                results: list[tuple[str, Any]] = []
                 if isinstance(inputs, TensorInputs):
                     start = time.perf_counter()
                     merged = merge_tensor(plan, tensor, inputs, stats)
                     per_tensor[tensor.name] = tensor_report(inputs, merged)
-                    result = stored(tensor, inputs, merged)
+                    if plan.lora is None:
+                        results.append((tensor.name, stored(tensor, inputs, merged)))
+                    else:
+                        assert isinstance(merged, torch.Tensor)
+                        pieces, energy = plan.lora.outputs(
+                            tensor.name, inputs, merged, tensor.params
+                        )
+                        results += pieces
+                        if energy is not None:
+                            per_tensor[tensor.name]["energy_kept"] = energy
                     timer.compute += time.perf_counter() - start
-                else:
-                    result = inputs
-                pending.append(pool.submit(_write, writer, tensor.name, result, timer))
+                elif plan.lora is None:
+                    results.append((tensor.name, inputs))
+                for name, result in results:
+                    pending.append(pool.submit(_write, writer, name, result, timer))
                 while len(pending) > WRITE_QUEUE:
                     pending.popleft().result()
                 progress.advance(1, _read_bytes(plan, [tensor]))
             for future in pending:
                 future.result()
         writer.finish()
-        ref = plan.reference.path
-        tok = (
-            plan.recipe.resolve_path(plan.recipe.tokenizer_source)
-            if (plan.recipe.tokenizer_source and plan.recipe.tokenizer_source != "base")
-            else ref
-        )
-        copy_model_files(ref, tok, folder, plan.out_dtype)
+        if plan.lora is None:
+            copy_model_files(plan.reference.path, tokenizer_folder(plan), folder, plan.out_dtype)
+        else:
+            write_adapter_config(folder, plan.lora)
         wall = time.perf_counter() - started
         report = build_report(plan, output, per_tensor, timer, writer.bytes_written, wall)
         if isinstance(writer, TaskArtifactWriter):
             report["artifact"] = writer.summary()
+        if plan.lora is not None:
+            report["lora"] = lora_summary(plan.lora, per_tensor)
         write_reports(folder, report)
         (folder / "README.md").write_text(model_card(plan))
     progress.stop()
     return MergeResult(output, report)
+
+
+def tokenizer_folder(plan: MergePlan) -> Path:
+    """The recipe's ``tokenizer_source``, or the reference model's folder."""
+    source = plan.recipe.tokenizer_source
+    if source and source != "base":
+        return plan.recipe.resolve_path(source)
+    return plan.reference.path
 
 
 def merge_tensor(

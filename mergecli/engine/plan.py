@@ -10,6 +10,7 @@ import psutil
 import torch
 
 from mergecli.engine.layout import Shard, files_bytes, parse_size, plan_shards
+from mergecli.engine.lora_output import LoraLayout, plan_lora_output
 from mergecli.engine.task_artifact import TaskArtifactLayout, plan_task_artifact
 from mergecli.errors import MergeError, did_you_mean
 from mergecli.layers import count_layers, layer_index, layer_position
@@ -17,7 +18,7 @@ from mergecli.methods import REQUIRED, MethodSpec, Param, Params, get_method
 from mergecli.methods.statistics import Statistic
 from mergecli.params import resolve_value
 from mergecli.recipe import Recipe
-from mergecli.sources import Checkpoint
+from mergecli.sources import Checkpoint, Source, open_models
 
 LOOKAHEAD = 2
 """Tensors read ahead of the one being merged."""
@@ -46,7 +47,7 @@ class MergePlan:
     recipe: Recipe
     method: MethodSpec
     base: Checkpoint | None
-    experts: list[Checkpoint]
+    experts: list[Source]
     tensors: list[TensorPlan]
     shards: list[Shard]
     device: torch.device
@@ -58,21 +59,29 @@ class MergePlan:
     artifact: TaskArtifactLayout | None = None
     """The artifact's layout when the method writes a task-conditional artifact (emr,
     tall_masks) rather than one model (``shards``)."""
+    lora: LoraLayout | None = None
+    """The adapter's layout with ``output_format: lora`` (then ``shards`` is its one file)."""
 
     @property
-    def reference(self) -> Checkpoint:
+    def reference(self) -> Source:
         """The model that supplies layout, config and copied tensors."""
         return self.base or self.experts[0]
 
     @property
     def uses_base(self) -> bool:
-        return self.base is not None and self.method.base != "unused"
+        """Whether the base is read: the method uses it, an expert is an adapter, or the
+        output is an adapter (of merged − base)."""
+        return self.base is not None and (
+            self.method.base != "unused"
+            or self.lora is not None
+            or any(e.delta for e in self.experts)
+        )
 
     @property
     def expert_names(self) -> list[str]:
         return [self.recipe.model_name(i) for i in range(len(self.experts))]
 
-    def read_sources(self, tensor: TensorPlan) -> list[Checkpoint]:
+    def read_sources(self, tensor: TensorPlan) -> list[Source]:
         if not tensor.merge:
             return [self.reference]
         return ([self.base] if self.uses_base and self.base else []) + self.experts
@@ -120,6 +129,7 @@ class MergePlan:
         return {
             "method": self.method.name,
             "output": self.method.output,
+            "output_format": self.recipe.output_format,
             "base": str(self.base.path) if self.base else None,
             "experts": [str(e.path) for e in self.experts],
             "tensors": len(self.tensors),
@@ -153,14 +163,7 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def open_checkpoint(recipe: Recipe, value: str, label: str) -> Checkpoint:
-    path = recipe.resolve_path(value)
-    if not path.exists():
-        raise MergeError(f"{label}: '{value}' does not exist (looked in {recipe.folder})")
-    return Checkpoint(path, label, allow_bin=recipe.allow_bin)
-
-
-def check_architectures(models: list[Checkpoint]) -> None:
+def check_architectures(models: list[Source]) -> None:
     ref = models[0].config() or {}
     for other in models[1:]:
         cfg = other.config() or {}
@@ -222,7 +225,7 @@ def resolve_params(recipe: Recipe, method: MethodSpec, name: str, position: floa
     return out
 
 
-def check_tensor(plan_ref: Checkpoint, expert: Checkpoint, name: str, on_missing: str) -> bool:
+def check_tensor(plan_ref: Source, expert: Source, name: str, on_missing: str) -> bool:
     """Whether the expert has a compatible tensor; errors name the tensor, file and recipe key."""
     if name not in expert:
         if on_missing == "base":
@@ -259,18 +262,15 @@ def plan_merge(recipe: Recipe, device: str = "cpu", shard_size: str | int = "5GB
             else f"at least {method.min_models}"
         )
         raise MergeError(f"models: '{method.name}' needs {want} models, the recipe lists {n}")
-    if method.base == "required" and not recipe.base_model:
-        raise MergeError(f"base_model: '{method.name}' needs a base model")
     try:
         shard_bytes = parse_size(shard_size)
     except ValueError as exc:
         raise MergeError(f"--shard-size: {exc}") from None
     torch_device = resolve_device(device)
 
-    base = open_checkpoint(recipe, recipe.base_model, "base_model") if recipe.base_model else None
-    experts = [
-        open_checkpoint(recipe, m.model, f"models[{i}].model") for i, m in enumerate(recipe.models)
-    ]
+    base, experts = open_models(recipe)
+    if method.base == "required" and base is None:
+        raise MergeError(f"base_model: '{method.name}' needs a base model")
     reference = base or experts[0]
     check_architectures([reference, *[e for e in experts if e is not reference]])
 
@@ -319,7 +319,12 @@ def plan_merge(recipe: Recipe, device: str = "cpu", shard_size: str | int = "5GB
     )
     specs = [(t.name, t.shape, t.out_dtype) for t in tensors]
     shards = plan_shards(specs, shard_bytes)
-    artifact = None
+    artifact = lora = None
+    if recipe.output_format == "lora":
+        merged = {t.name: t.params for t in tensors if t.merge}
+        lora_dtype = getattr(torch, recipe.out_dtype or "float32")
+        lora = plan_lora_output(recipe, method, base, experts, merged, lora_dtype)
+        shards = [lora.shard]
     if method.output == "task_masks":
         check_task_names(recipe)
         metadata = {"mergecli_method": method.name}
@@ -345,6 +350,7 @@ def plan_merge(recipe: Recipe, device: str = "cpu", shard_size: str | int = "5GB
         statistics,
         notes,
         artifact,
+        lora,
     )
 
 
@@ -361,11 +367,12 @@ def check_task_names(recipe: Recipe) -> None:
         seen[name] = i
 
 
-def differing_buffer(name: str, reference: Checkpoint, experts: list[Checkpoint]) -> list[str]:
-    """Warnings for non-floating tensors (copied from the reference) that an expert changes."""
+def differing_buffer(name: str, reference: Source, experts: list[Source]) -> list[str]:
+    """Warnings for non-floating tensors (copied from the reference) that a full expert changes
+    (adapters hold task vectors, never a buffer's value)."""
     value = reference.read(name)
     return [
         f"{name}: non-floating tensor differs in {e.label} ({e.path}); the base's value is kept"
         for e in experts
-        if e is not reference and name in e and not torch.equal(e.read(name), value)
+        if e is not reference and not e.delta and name in e and not torch.equal(e.read(name), value)
     ]

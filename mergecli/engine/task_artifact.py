@@ -99,6 +99,16 @@ def unpack_mask(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     return torch.from_numpy(bits.astype(bool)).reshape(shape)
 
 
+def task_weight(
+    base: torch.Tensor, unified: torch.Tensor, mask: torch.Tensor, scale: float | None
+) -> torch.Tensor:
+    """One task's tensor ``θ0 + scale · (mask ⊙ unified)``, computed in float32, in θ0's dtype."""
+    delta = unified.float() * mask
+    if scale is not None:
+        delta *= scale
+    return (base.float() + delta).to(base.dtype)
+
+
 @dataclass
 class StoredTaskTensor:
     """One merged tensor as the artifact stores it."""

@@ -33,6 +33,9 @@ class TensorInputs:
     num_layers: int = 0
     stats: dict[str, Any] = field(default_factory=dict)
     kept: list[float | None] = field(default_factory=list)
+    expert_ids: list[int] | None = None
+    """The experts' indices in the recipe when these inputs hold a subset of them (FlexMerge's
+    groups): seeds follow the recipe's index, not the position in the subset."""
 
     def __post_init__(self) -> None:
         if not self.kept:
@@ -65,7 +68,8 @@ class TensorInputs:
 
     def generator(self, expert: int) -> torch.Generator:
         """A CPU generator seeded by (recipe seed, expert index, tensor name)."""
-        return torch.Generator(device="cpu").manual_seed(seed_for(self.seed, expert, self.name))
+        index = self.expert_ids[expert] if self.expert_ids is not None else expert
+        return torch.Generator(device="cpu").manual_seed(seed_for(self.seed, index, self.name))
 
     def bernoulli_mask(self, expert: int, keep: float | torch.Tensor) -> torch.Tensor:
         """A keep-mask drawn on the CPU (device independent), on the inputs' device."""

@@ -28,12 +28,27 @@ def weighted_sum(
     return out
 
 
+def linear_coefficients(p: Params) -> list[float] | None:
+    """θ − θ0 = Σ (wt / Σ w) τt when normalized, Σ wt τt when Σ wt = 1, else not a combination."""
+    total = sum(p["weight"])
+    if p["normalize"] and total != 0:
+        return [w / total for w in p["weight"]]
+    return list(p["weight"]) if total == 1 else None
+
+
+def task_arithmetic_coefficients(p: Params) -> list[float] | None:
+    """λ wt, divided by Σ wt when normalize."""
+    total = sum(p["weight"]) if p["normalize"] else 1.0
+    return [p["lambda"] * w / total for w in p["weight"]] if total != 0 else None
+
+
 @merge_method(
     "linear",
     "θ = Σ wt θt / Σ wt (weight averaging, model soup); normalize: false drops the division",
     params=(WEIGHT, Param("normalize", True, bool, "divide by Σ wt")),
     base="unused",
     convention="A base model, if given, only supplies config, tokenizer and non-float tensors.",
+    coefficients=linear_coefficients,
 )
 def linear(inputs: TensorInputs, p: Params) -> torch.Tensor:
     return weighted_sum(inputs.weights(), p["weight"], p["normalize"], inputs.name)
@@ -43,6 +58,7 @@ def linear(inputs: TensorInputs, p: Params) -> torch.Tensor:
     "task_arithmetic",
     "θ = θ0 + λ Σ wt τt; normalize: true divides the sum by Σ wt",
     params=(WEIGHT, LAMBDA, Param("normalize", False, bool, "divide the sum by Σ wt")),
+    coefficients=task_arithmetic_coefficients,
 )
 def task_arithmetic(inputs: TensorInputs, p: Params) -> torch.Tensor:
     merged = weighted_sum(inputs.task_vectors(), p["weight"], p["normalize"], inputs.name)

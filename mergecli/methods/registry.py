@@ -81,6 +81,10 @@ class MethodSpec:
     output: Literal["model", "task_masks"] = "model"
     """What ``fn`` returns per tensor: merged weights ("model"), or a ``TaskMasks`` that the
     engine writes into a task-conditional artifact ("task_masks")."""
+    coefficients: Callable[[Params], list[float] | None] | None = None
+    """For a method whose merged task vector is Σ ct τt (a linear combination): the ct of one
+    tensor's parameters, or None when these parameters make it no such combination. Lets LoRA
+    experts merge into an exact LoRA output by concatenating their ranks."""
     composes: str | None = None
     """The parameter naming another method that this one wraps (``lines``' base_method): the
     recipe then also takes that method's parameters, and its statistics and checks apply."""

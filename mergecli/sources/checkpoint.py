@@ -66,12 +66,17 @@ class TensorInfo:
 class Checkpoint:
     """A folder with ``*.safetensors`` shards (optionally indexed), read lazily.
 
-    Only headers are read on construction; ``read`` returns one tensor. ``.bin`` (pickle)
-    shards are refused unless ``allow_bin``, and then loaded with ``weights_only=True`` and mmap.
+    Only headers are read on construction; ``read`` returns one tensor. Each read opens its
+    shard anew, so the pages of a shard's memory map are released with the tensor read from it
+    and the resident memory stays that of the tensors in flight, whatever the checkpoint's size.
+    ``.bin`` (pickle) shards are refused unless ``allow_bin``, and then loaded with
+    ``weights_only=True`` and mmap.
     """
 
     delta = False
     """Whether ``read`` returns task vectors (adapters) rather than weights."""
+    origin: str | None = None
+    """What the recipe (or an adapter's config) named: a path or a Hub id."""
 
     def __init__(self, path: Path, label: str, allow_bin: bool = False) -> None:
         self.path = path
@@ -79,7 +84,7 @@ class Checkpoint:
         if not path.is_dir():
             raise MergeError(f"{label}: '{path}' is not a folder")
         self.files = self._weight_files(allow_bin)
-        self._handles: dict[Path, Any] = {}
+        self._bins: dict[Path, dict[str, torch.Tensor]] = {}
         self._infos: dict[str, TensorInfo] = {}
         for file in self.files:
             self._read_header(file)
@@ -109,7 +114,7 @@ class Checkpoint:
     def _read_header(self, file: Path) -> None:
         if file.suffix == ".bin":
             state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-            self._handles[file] = state
+            self._bins[file] = state
             for name, t in state.items():
                 self._infos[name] = TensorInfo(tuple(t.shape), t.dtype, file)
             return
@@ -117,13 +122,14 @@ class Checkpoint:
             handle = safe_open(str(file), framework="pt", device="cpu")
         except Exception as exc:  # safetensors raises its own error types
             raise MergeError(f"{self.label}: cannot read '{file}': {exc}") from None
-        self._handles[file] = handle
-        for name in handle.keys():  # noqa: SIM118  (safe_open is not iterable)
-            piece = handle.get_slice(name)
-            code = piece.get_dtype()
-            if code not in SAFETENSORS_DTYPES:
-                raise MergeError(f"{self.label}: tensor '{name}' in {file} has dtype {code}")
-            self._infos[name] = TensorInfo(tuple(piece.get_shape()), SAFETENSORS_DTYPES[code], file)
+        with handle:
+            for name in handle.keys():  # noqa: SIM118  (safe_open is not iterable)
+                piece = handle.get_slice(name)
+                code = piece.get_dtype()
+                if code not in SAFETENSORS_DTYPES:
+                    raise MergeError(f"{self.label}: tensor '{name}' in {file} has dtype {code}")
+                shape = tuple(piece.get_shape())
+                self._infos[name] = TensorInfo(shape, SAFETENSORS_DTYPES[code], file)
 
     def tensor_names(self) -> list[str]:
         return list(self._infos)
@@ -134,10 +140,17 @@ class Checkpoint:
     def __contains__(self, name: str) -> bool:
         return name in self._infos
 
+    def _local(self, file: Path) -> Path:
+        """The shard's path once it is on disk (at once for a local folder)."""
+        return file
+
     def read(self, name: str) -> torch.Tensor:
         """One tensor, on the CPU, in its stored dtype."""
-        handle = self._handles[self._infos[name].file]
-        return handle[name] if isinstance(handle, dict) else handle.get_tensor(name)
+        file = self._infos[name].file
+        if file in self._bins:
+            return self._bins[file][name]
+        with safe_open(str(self._local(file)), framework="pt", device="cpu") as handle:
+            return handle.get_tensor(name)
 
     def config(self) -> dict[str, Any] | None:
         file = self.path / "config.json"

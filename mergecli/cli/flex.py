@@ -1,0 +1,184 @@
+"""Command `flex`: FlexMerge into one artifact per target size."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+import mergecli
+from mergecli.cli import (
+    DeviceOpt,
+    DryRunOpt,
+    ForceOpt,
+    JsonOpt,
+    OutputOpt,
+    QuietOpt,
+    ShardOpt,
+    app,
+    err,
+    handle_errors,
+    out,
+    output_folder,
+    print_json,
+    print_warnings,
+)
+from mergecli.errors import MergeError
+from mergecli.flex import FlexResult, plan_flex, run_flex
+from mergecli.progress import progress_for
+from mergecli.report import human_bytes
+
+
+def parse_sizes(size: float | None, sizes: str | None) -> list[float] | None:
+    """--size or --sizes (comma-separated) as a list; None when neither is given."""
+    if size is not None and sizes is not None:
+        raise MergeError("--size and --sizes: give one of them")
+    if size is not None:
+        return [size]
+    if sizes is None:
+        return None
+    try:
+        return [float(x) for x in sizes.split(",") if x.strip()]
+    except ValueError:
+        raise MergeError(f"--sizes: '{sizes}' is not a comma-separated list of numbers") from None
+
+
+@app.command()
+@handle_errors
+def flex(
+    recipe: Annotated[Path, typer.Argument(help="YAML recipe (default: recipe.yaml here).")] = Path(
+        "recipe.yaml"
+    ),
+    size: Annotated[
+        float | None, typer.Option("--size", help="Target size in models (e.g. 2.5).")
+    ] = None,
+    sizes: Annotated[
+        str | None, typer.Option("--sizes", help="Several target sizes: 1,1.5,2,3.")
+    ] = None,
+    output: OutputOpt = None,
+    granularity: Annotated[
+        str | None,
+        typer.Option("--granularity", help="component, layer, tensor or patterns (a,b,...)."),
+    ] = None,
+    linkage: Annotated[
+        str | None, typer.Option("--linkage", help="min, max, avg, merged or random.")
+    ] = None,
+    order: Annotated[
+        str | None, typer.Option("--order", help="greedy, left_to_right or right_to_left.")
+    ] = None,
+    strategy: Annotated[
+        str | None, typer.Option("--strategy", help="flexmerge or channel (the baseline).")
+    ] = None,
+    method: Annotated[
+        str | None, typer.Option("--method", help="Merging method (overrides merge_method).")
+    ] = None,
+    device: DeviceOpt = "cpu",
+    shard_size: ShardOpt = "5GB",
+    dry_run: DryRunOpt = False,
+    json_out: JsonOpt = False,
+    force: ForceOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Merge the recipe's experts into artifacts of the given sizes (1 to M models)."""
+    spec = mergecli.load_recipe(recipe)
+    if method is not None:
+        spec.merge_method = method
+    patterns = granularity.split(",") if granularity and "," in granularity else None
+    known = granularity in (None, "component", "layer", "tensor")
+    overrides: dict[str, Any] = {
+        "sizes": parse_sizes(size, sizes),
+        "granularity": patterns or (granularity if known else [granularity]),
+        "linkage": linkage,
+        "order": order,
+        "strategy": strategy,
+    }
+    target = output_folder(recipe, spec, output, dry_run)
+    plan = plan_flex(spec, overrides, device=device, shard_size=shard_size)
+    print_warnings(plan.merge.warnings)
+    if dry_run:
+        summary = plan.summary()
+        if json_out:
+            print_json(summary)
+        elif not quiet:
+            print_summary(summary)
+        return
+    assert target is not None
+    result = run_flex(plan, target, force=force, progress=progress_for(err, quiet))
+    summary = result_summary(result)
+    if json_out:
+        print_json(summary)
+    elif not quiet:
+        print_result(summary)
+
+
+def result_summary(result: FlexResult) -> dict[str, Any]:
+    return {
+        "output": str(result.output),
+        "timing": result.timing,
+        "sizes": [
+            {
+                "target": r.target,
+                "size": r.size,
+                "folder": str(r.folder),
+                "stored_bytes": r.report["stored_bytes"],
+                "steps_applied": r.report["steps_applied"],
+                "groups_per_block": {g["block"]: g["groups"] for g in r.report["groups_per_block"]},
+            }
+            for r in result.results
+        ],
+        "merge_order": result.order,
+    }
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    table = Table(title="flex plan", show_header=False)
+    for key, value in summary.items():
+        if key == "warnings":
+            continue
+        if key.endswith("bytes") or key == "bytes_per_pass":
+            value = human_bytes(value)
+        elif isinstance(value, list):
+            value = ", ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in value)
+        table.add_row(key.replace("_", " "), str(value))
+    out.print(table)
+
+
+ORDER_ROWS = 20
+"""Merge steps printed (the whole order is in each size's flex_report.json)."""
+
+
+def print_result(summary: dict[str, Any]) -> None:
+    order = summary["merge_order"]
+    if order:
+        steps = Table(title=f"merge order (first {min(ORDER_ROWS, len(order))} of {len(order)})")
+        for column in ("step", "block", "group a", "group b", "similarity", "size after"):
+            steps.add_column(column)
+        for row in order[:ORDER_ROWS]:
+            steps.add_row(
+                str(row["step"]),
+                row["block"],
+                ",".join(row["a"]),
+                ",".join(row["b"]),
+                f"{row['similarity']:.4f}",
+                f"{row['size_after']:.4f}",
+            )
+        out.print(steps)
+    table = Table(title="FlexMerge sizes")
+    for column in ("target", "size", "stored", "steps", "folder"):
+        table.add_column(column)
+    for row in summary["sizes"]:
+        table.add_row(
+            f"{row['target']:g}",
+            f"{row['size']:.4f}",
+            human_bytes(row["stored_bytes"]),
+            "–" if row["steps_applied"] is None else str(row["steps_applied"]),
+            row["folder"],
+        )
+    out.print(table)
+    out.print(
+        f"done in {summary['timing']['wall_s']:.2f} s; 'mergecli export FOLDER --task NAME "
+        "--output DIR' writes one task's checkpoint; flex_report.json/png in each folder",
+        highlight=False,
+    )

@@ -1,0 +1,133 @@
+"""Plan FlexMerge from headers alone: the merge plan, the blocks, the targets and their range."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import ValidationError
+
+from mergecli.engine.layout import parse_size
+from mergecli.engine.plan import MergePlan, TensorPlan, check_task_names, plan_merge
+from mergecli.errors import MergeError, did_you_mean
+from mergecli.flex.blocks import Block, cut_blocks
+from mergecli.flex.size import SizeModel
+from mergecli.recipe import FlexSection, Recipe
+
+
+@dataclass
+class FlexPlan:
+    """Everything decided before the similarity pass."""
+
+    merge: MergePlan
+    options: FlexSection
+    blocks: list[Block]
+    shared: list[TensorPlan]
+    """Tensors outside the blocks (not merged), stored once."""
+    targets: list[float]
+    sizes: SizeModel
+    shard_bytes: int
+
+    @property
+    def tasks(self) -> list[str]:
+        return self.merge.expert_names
+
+    @property
+    def masks(self) -> bool:
+        return self.merge.method.output == "task_masks"
+
+    @property
+    def smallest_size(self) -> float:
+        """The smaller of the sizes with one group per block and with M (a mask method stores
+        two blocks and masks for one group, more than two experts' blocks)."""
+        m = len(self.tasks)
+        one = [[tuple(range(m))] for _ in self.blocks]
+        every = [[(k,) for k in range(m)] for _ in self.blocks]
+        return min(self.sizes.size(one), self.sizes.size(every))
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "strategy": self.options.strategy,
+            "method": self.merge.method.name,
+            "tasks": self.tasks,
+            "granularity": self.options.granularity,
+            "linkage": self.options.linkage,
+            "order": self.options.order,
+            "blocks": len(self.blocks),
+            "targets": self.targets,
+            "size_range": [self.smallest_size, float(len(self.tasks))],
+            "model_bytes": self.sizes.model_bytes,
+            "bytes_per_pass": self.merge.bytes_per_pass,
+            "warnings": self.merge.warnings,
+        }
+
+
+def flex_options(recipe: Recipe, overrides: dict[str, Any]) -> FlexSection:
+    """The recipe's ``flex:`` section with the command line's values on top."""
+    base = recipe.flex.model_dump(exclude_unset=True) if recipe.flex else {}
+    given = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        return FlexSection.model_validate({**base, **given})
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        key = ".".join(str(x) for x in error["loc"])
+        expected = error.get("ctx", {}).get("expected", "")
+        hint = did_you_mean(str(error.get("input")), re.findall(r"'([^']+)'", expected))
+        raise MergeError(f"flex.{key}: {error['msg']}{hint}") from None
+
+
+def plan_flex(
+    recipe: Recipe,
+    overrides: dict[str, Any] | None = None,
+    device: str = "cpu",
+    shard_size: str | int = "5GB",
+) -> FlexPlan:
+    """Validate a recipe and FlexMerge's options; decide blocks, sizes and targets."""
+    options = flex_options(recipe, overrides or {})
+    if not recipe.base_model:
+        raise MergeError("base_model: FlexMerge compares task vectors and needs a base model")
+    if recipe.output_format != "model":
+        raise MergeError(
+            f"output_format: FlexMerge writes its own artifact; '{recipe.output_format}' is for "
+            "'mergecli merge'"
+        )
+    merge = plan_merge(recipe, device=device, shard_size=shard_size)
+    method, m = merge.method, len(merge.experts)
+    if m < 2:
+        raise MergeError(f"models: FlexMerge needs at least 2 experts, the recipe lists {m}")
+    if options.strategy == "channel" and method.output != "model":
+        raise MergeError(
+            f"merge_method: Channel Merging stores one merged block per cluster; '{method.name}' "
+            "writes task masks (use strategy: flexmerge)"
+        )
+    check_task_names(recipe)
+    blocks = cut_blocks(merge.tensors, options.granularity)
+    shared = [t for t in merge.tensors if not t.merge]
+    sizes = SizeModel(
+        blocks, sum(t.numel * t.out_dtype.itemsize for t in shared), method.output != "model"
+    )
+    plan = FlexPlan(merge, options, blocks, shared, [], sizes, parse_size(shard_size))
+    plan.targets = check_targets(plan, options.sizes or [])
+    return plan
+
+
+def check_targets(plan: FlexPlan, targets: list[float]) -> list[float]:
+    """Targets in range, each once, in increasing order; one-line errors otherwise."""
+    if not targets:
+        raise MergeError("flex: no target size: give --size, --sizes or flex.sizes")
+    m = len(plan.tasks)
+    low = plan.smallest_size
+    for target in targets:
+        if plan.options.strategy == "channel":
+            if float(target) != int(target) or not 1 <= target <= m:
+                raise MergeError(
+                    f"--size {target:g}: Channel Merging makes whole sizes only, 1 to {m} "
+                    "(K clusters per block)"
+                )
+        elif not low * (1 - 1e-9) <= target <= m:
+            raise MergeError(
+                f"--size {target:g}: out of range; {plan.merge.method.name} with {m} experts "
+                f"reaches sizes from {low:.4g} to {m}"
+            )
+    return sorted(set(float(t) for t in targets))
