@@ -121,17 +121,17 @@ def test_figure_tables_report_the_gain_and_replace_only_the_marked_section(tmp_p
     flex = {
         "lambda": 1.6,
         "sizes": [
-            {"size": 1.0, "score": 0.3},
-            {"size": 1.5, "score": 0.4},
-            {"size": 2.0, "score": 0.5},
+            {"target": 1.0, "size": 1.0, "score": 0.3},
+            {"target": 1.5, "size": 1.5, "score": 0.4},
+            {"target": 2.0, "size": 1.9, "score": 0.5},
         ],
         "gain_1x_2x": 0.2,
         "expert_score": 0.8,
     }
     table = flex_table(flex)
-    assert table[0] == "| deployed size (models) | 1.00× | 1.50× | 2.00× |"
+    assert table[0] == "| deployed size (models) | 1.00× | 1.50× | 1.90× |"
     assert table[2] == "| average test accuracy (%) | 30.0 | 40.0 | 50.0 |"
-    assert "gains **+20.0 points** from 1× to 2× (experts: 80.0 %)" in table[-1]
+    assert "gains **+20.0 points** from 1× to 2× (1.90× reached; experts: 80.0 %)" in table[-1]
     doc = tmp_path / "testbed.md"
     doc.write_text(f"intro\n{BEGIN}\nold\n{END}\noutro\n")
     write_doc(doc, "new")

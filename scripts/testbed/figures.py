@@ -175,13 +175,14 @@ def methods_table(methods: dict[str, Any]) -> list[str]:
 
 def flex_table(flex: dict[str, Any]) -> list[str]:
     sizes = flex["sizes"]
+    two = next((r["size"] for r in sizes if r["target"] == 2), 2.0)
     return [
         "| deployed size (models) | " + " | ".join(f"{r['size']:.2f}×" for r in sizes) + " |",
         "|---|" + "---|" * len(sizes),
         "| average test accuracy (%) | " + " | ".join(_pct(r["score"]) for r in sizes) + " |",
         "",
         f"Task arithmetic (λ·mean(τ), λ = {flex['lambda']:g}) gains "
-        f"**{100 * flex['gain_1x_2x']:+.1f} points** from 1× to 2× (experts: "
+        f"**{100 * flex['gain_1x_2x']:+.1f} points** from 1× to 2× ({two:.2f}× reached; experts: "
         f"{_pct(flex['expert_score'])} %); the FlexMerge paper reports {PAPER_TA_GAIN:+.1f} points "
         "on its 8 vision tasks.",
     ]
