@@ -112,8 +112,8 @@ def test_tasks_present_the_same_digit_differently() -> None:
     assert blank[0]["text"] == " ".join(["0000"] * 16)
 
 
-def test_refuses_a_folder_with_a_testbed(testbed: Path) -> None:
-    with pytest.raises(SystemExit, match="already holds a testbed"):
+def test_refuses_a_folder_that_is_not_empty(testbed: Path) -> None:
+    with pytest.raises(SystemExit, match="is not empty"):
         build(testbed, reduced=True)
 
 
