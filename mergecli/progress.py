@@ -8,6 +8,7 @@ from rich.console import Console
 from rich.progress import (
     BarColumn,
     DownloadColumn,
+    MofNCompleteColumn,
     TaskID,
     TextColumn,
     TimeElapsedColumn,
@@ -72,3 +73,53 @@ class BarProgress:
 def progress_for(console: Console, quiet: bool) -> Progress:
     """A bar when the console is an interactive terminal and not quiet, else nothing."""
     return NullProgress() if quiet or not console.is_terminal else BarProgress(console)
+
+
+class CountBar:
+    """Rich bars that count items (examples, candidate merges) rather than bytes.
+
+    Several bars can show at once (a sweep's points above the current evaluation); a disabled
+    CountBar reports nothing.
+    """
+
+    def __init__(self, console: Console, enabled: bool) -> None:
+        self.bar = (
+            RichBar(
+                TextColumn("{task.description:<30}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                console=console,
+                transient=True,
+            )
+            if enabled
+            else None
+        )
+        self.open = 0
+
+    def add(self, description: str, total: int) -> TaskID | None:
+        """A new bar; its id for ``advance`` and ``done``."""
+        if self.bar is None:
+            return None
+        if self.open == 0:
+            self.bar.start()
+        self.open += 1
+        return self.bar.add_task(description, total=total)
+
+    def advance(self, task: TaskID | None, count: int = 1, description: str | None = None) -> None:
+        if self.bar is not None and task is not None:
+            self.bar.update(task, advance=count, description=description)
+
+    def done(self, task: TaskID | None) -> None:
+        """Remove a finished bar (the display stops with the last one)."""
+        if self.bar is None or task is None:
+            return
+        self.bar.remove_task(task)
+        self.open -= 1
+        if self.open == 0:
+            self.bar.stop()
+
+
+def count_bar_for(console: Console, quiet: bool) -> CountBar:
+    """Counting bars when the console is an interactive terminal and not quiet."""
+    return CountBar(console, not quiet and console.is_terminal)

@@ -51,6 +51,33 @@ class TemporalSection(_Strict):
     keep_steps: bool = False
 
 
+class EvalTask(_Strict):
+    """One task of an ``evaluate:`` section: its data file and the expert trained for it."""
+
+    data: str | None = None
+    expert: str | None = None
+
+
+class EvaluateSection(_Strict):
+    """How a candidate model is scored (see ``mergecli.evaluate``).
+
+    Exactly one of ``metric`` (built-in: loss, perplexity or accuracy on local files) and
+    ``command`` (a template with {model}, {task} and {data} that prints a number or a JSON
+    object with a ``score``). ``data`` may contain ``{task}``; ``tasks`` maps task names to
+    their data and expert (the model of that name by default).
+    """
+
+    metric: Literal["loss", "perplexity", "accuracy"] | None = None
+    command: str | None = None
+    data: str | None = None
+    tasks: dict[str, EvalTask] | list[str] | None = None
+    higher_is_better: bool | None = None
+    batch_size: int = Field(16, ge=1)
+    max_length: int | None = Field(None, ge=1)
+    limit: int | None = Field(None, ge=1)
+    timeout: float | None = Field(None, gt=0)
+
+
 class FlexSection(_Strict):
     """The ``flex:`` section of a recipe: FlexMerge's options (see ``mergecli.flex``).
 
@@ -85,6 +112,7 @@ class Recipe(_Strict):
     rank: int | None = Field(None, gt=0)
     """The LoRA output's rank where a merged delta is truncated by SVD."""
     temporal: TemporalSection | None = None
+    evaluate: EvaluateSection | None = None
     flex: FlexSection | None = None
     folder: Path = Field(default_factory=Path.cwd, exclude=True)
 
@@ -118,6 +146,10 @@ def _fields_at(loc: tuple[Any, ...]) -> list[str]:
             model = ModelEntry
         elif part == "temporal":
             model = TemporalSection
+        elif part == "evaluate":
+            model = EvaluateSection
+        elif part == "tasks":
+            model = EvalTask
         elif part == "flex":
             model = FlexSection
     return [n for n in model.model_fields if n != "folder"]
@@ -143,6 +175,9 @@ def recipe_from_dict(data: Any, folder: Path | None = None, source: str = "recip
         if err["type"] == "missing":
             raise MergeError(f"{source}: missing required key '{where}'") from None
         raise MergeError(f"{source}: {where}: {err['msg']}") from None
+    section = recipe.evaluate
+    if section is not None and (section.metric is None) == (section.command is None):
+        raise MergeError(f"{source}: evaluate: give exactly one of 'metric' and 'command'")
     for key, value in recipe.parameters.items():
         check_value(value, f"{source}: parameters.{key}")
     for i, entry in enumerate(recipe.models):

@@ -44,6 +44,12 @@ def zoo_bf16(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def testbed(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The reduced real testbed (docs/testbed.md): BERT digit base, 6 task experts, JSONL data."""
+    return build_testbed(tmp_path_factory.mktemp("testbed") / "testbed", reduced=True)
+
+
 ADAPTERS = {  # LoRA rank 8 with rank/alpha patterns and a saved lm_head, rsLoRA 16, (IA)³
     "lora8": LoraConfig(
         r=8,
@@ -96,9 +102,3 @@ def zoo5(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for i in range(5):
         make_expert(base, root / f"e{i}", seed=40 + i)
     return root
-
-
-@pytest.fixture(scope="session")
-def testbed(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The reduced real testbed (docs/testbed.md): BERT digit base, 6 task experts, JSONL data."""
-    return build_testbed(tmp_path_factory.mktemp("testbed") / "testbed", reduced=True)

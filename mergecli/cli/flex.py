@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -26,8 +27,9 @@ from mergecli.cli import (
     print_warnings,
 )
 from mergecli.errors import MergeError
+from mergecli.evaluate import Scorer
 from mergecli.flex import FlexResult, plan_flex, run_flex
-from mergecli.progress import progress_for
+from mergecli.progress import count_bar_for, progress_for
 from mergecli.report import human_bytes
 
 
@@ -74,6 +76,14 @@ def flex(
     method: Annotated[
         str | None, typer.Option("--method", help="Merging method (overrides merge_method).")
     ] = None,
+    evaluate: Annotated[
+        bool,
+        typer.Option(
+            "--evaluate",
+            help="Score every task's model at each size with the recipe's evaluate: section; "
+            "plot score against deployed size.",
+        ),
+    ] = False,
     device: DeviceOpt = "cpu",
     shard_size: ShardOpt = "5GB",
     dry_run: DryRunOpt = False,
@@ -105,12 +115,50 @@ def flex(
             print_summary(summary)
         return
     assert target is not None
+    scorer = Scorer(spec, device, count_bar_for(err, quiet or json_out)) if evaluate else None
     result = run_flex(plan, target, force=force, progress=progress_for(err, quiet))
     summary = result_summary(result)
+    if scorer is not None:
+        summary["evaluation"] = evaluate_sizes(spec, scorer, result)
     if json_out:
         print_json(summary)
     elif not quiet:
         print_result(summary)
+        if scorer is not None:
+            print_scores(summary["evaluation"])
+
+
+def evaluate_sizes(spec: mergecli.Recipe, scorer: Scorer, result: FlexResult) -> dict[str, Any]:
+    """Scores of every size, written as flex_scores.json and flex_scores.png in the output."""
+    from mergecli.sweep.plots import sizes_figure
+    from mergecli.sweep.sizes import score_sizes
+
+    scores = score_sizes(spec, scorer, [(r.target, r.size, r.folder) for r in result.results])
+    json_path, png_path = result.output / "flex_scores.json", result.output / "flex_scores.png"
+    sizes_figure(scores, png_path)
+    scores["files"] = [str(json_path), str(png_path)]
+    json_path.write_text(json.dumps(scores, indent=2) + "\n")
+    return scores
+
+
+def print_scores(scores: dict[str, Any]) -> None:
+    from mergecli.cli.analyze import show
+
+    table = Table(title=f"{scores['metric']} of each task's model against deployed size")
+    table.add_column("size", justify="right")
+    for task in [*scores["tasks"], "mean"]:
+        table.add_column(task, justify="right")
+    rows = [(f"{r['size']:.3f}", r["tasks"], r["score"]) for r in scores["sizes"]]
+    if scores["expert_score"] is not None:
+        rows.append(("experts", scores["experts"], scores["expert_score"]))
+    for label, tasks, mean in rows:
+        table.add_row(
+            label, *(f"{tasks.get(t, float('nan')):.4g}" for t in scores["tasks"]), f"{mean:.4g}"
+        )
+    show(table)
+    if scores.get("gain_1x_2x") is not None:
+        out.print(f"1× → 2×: {scores['gain_1x_2x']:+.4g} ({scores['metric']})", highlight=False)
+    out.print(f"wrote {', '.join(scores['files'])}", highlight=False)
 
 
 def result_summary(result: FlexResult) -> dict[str, Any]:

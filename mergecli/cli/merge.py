@@ -50,6 +50,9 @@ def merge(
     if allow_bin:
         spec.allow_bin = True
     target = output_folder(recipe, spec, output, dry_run)
+    selection: dict[str, Any] = {}
+    if mergecli.get_method(spec.merge_method).selects_experts and not dry_run:
+        spec, selection = select_experts(spec, device, quiet or json_out)
     plan = mergecli.plan_merge(spec, device=device, shard_size=shard_size)
     print_warnings(plan.warnings)
     if dry_run:
@@ -78,9 +81,17 @@ def merge(
         )
         if key in report
     }
+    summary.update(selection)
     if json_out:
         print_json(summary)
     elif not quiet:
+        if selection:
+            soup = selection["greedy_soup"]
+            out.print(
+                f"greedy soup kept {', '.join(soup['selected'])} of "
+                f"{len(soup['expert_scores'])} experts",
+                highlight=False,
+            )
         t = report["timing"]
         out.print(
             f"merged {report['plan']['tensors']} tensors with {report['method']} into "
@@ -106,6 +117,18 @@ def merge(
                 f"disk; 'mergecli export {report['output']} --task NAME --output DIR' rebuilds one",
                 highlight=False,
             )
+
+
+def select_experts(
+    spec: mergecli.Recipe, device: str, quiet: bool
+) -> tuple[mergecli.Recipe, dict[str, Any]]:
+    """Run a selecting method's choice of experts (greedy_soup) with the recipe's evaluator."""
+    from mergecli.evaluate import Scorer
+    from mergecli.progress import count_bar_for
+
+    chosen = Scorer(spec, device, count_bar_for(err, quiet)).recipe(spec)
+    assert chosen.recipe is not None
+    return chosen.recipe, chosen.details
 
 
 def print_plan(summary: dict[str, Any]) -> None:

@@ -110,35 +110,7 @@ def run_merge(
             if plan.artifact
             else ShardWriter(folder, plan.shards, {"mergecli_method": plan.method.name})
         )
-        progress.start("merging", len(plan.tensors), _read_bytes(plan, plan.tensors))
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergecli-write") as pool:
-            pending: deque[Future[None]] = deque()
-            for tensor, inputs in stream_inputs(plan, plan.tensors, timer):
-                results: list[tuple[str, Any]] = []
-                if isinstance(inputs, TensorInputs):
-                    start = time.perf_counter()
-                    merged = merge_tensor(plan, tensor, inputs, stats)
-                    per_tensor[tensor.name] = tensor_report(inputs, merged)
-                    if plan.lora is None:
-                        results.append((tensor.name, stored(tensor, inputs, merged)))
-                    else:
-                        assert isinstance(merged, torch.Tensor)
-                        pieces, energy = plan.lora.outputs(
-                            tensor.name, inputs, merged, tensor.params
-                        )
-                        results += pieces
-                        if energy is not None:
-                            per_tensor[tensor.name]["energy_kept"] = energy
-                    timer.compute += time.perf_counter() - start
-                elif plan.lora is None:
-                    results.append((tensor.name, inputs))
-                for name, result in results:
-                    pending.append(pool.submit(_write, writer, name, result, timer))
-                while len(pending) > WRITE_QUEUE:
-                    pending.popleft().result()
-                progress.advance(1, _read_bytes(plan, [tensor]))
-            for future in pending:
-                future.result()
+        merge_stream(plan, writer, stats, timer, progress, per_tensor)
         writer.finish()
         if plan.lora is None:
             copy_model_files(plan.reference.path, tokenizer_folder(plan), folder, plan.out_dtype)
@@ -154,6 +126,81 @@ def run_merge(
         (folder / "README.md").write_text(model_card(plan))
     progress.stop()
     return MergeResult(output, report)
+
+
+class MemoryWriter:
+    """Keeps the merged tensors in a dict, on the plan's device (evaluation without a folder)."""
+
+    def __init__(self) -> None:
+        self.state: dict[str, torch.Tensor] = {}
+        self.bytes_written = 0
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        self.state[name] = tensor
+        self.bytes_written += tensor.nbytes
+
+
+def merge_state(plan: MergePlan, progress: Progress | None = None) -> dict[str, torch.Tensor]:
+    """Run a plan into memory: the merged model's state dict (tensor name → tensor).
+
+    Holds the whole merged model, which is what evaluating it needs anyway; task-mask artifact
+    methods write folders only.
+    """
+    if plan.artifact is not None:
+        raise MergeError(
+            f"merge_method: '{plan.method.name}' writes a task-mask artifact, not one model: "
+            "run it into a folder"
+        )
+    if plan.lora is not None:
+        raise MergeError("this recipe writes a LoRA adapter; in-memory merges hold full weights")
+    progress = progress or NullProgress()
+    timer = Timer()
+    stats = gather_statistics(plan, timer, progress)
+    writer = MemoryWriter()
+    merge_stream(plan, writer, stats, timer, progress, None)
+    progress.stop()
+    return writer.state
+
+
+def merge_stream(
+    plan: MergePlan,
+    writer: ShardWriter | TaskArtifactWriter | MemoryWriter,
+    stats: dict[str, Any],
+    timer: Timer,
+    progress: Progress,
+    per_tensor: dict[str, Any] | None,
+) -> None:
+    """Merge every planned tensor in order and hand it to ``writer`` (on a writer thread);
+    the per-tensor report figures go into ``per_tensor`` unless it is None."""
+    progress.start("merging", len(plan.tensors), _read_bytes(plan, plan.tensors))
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergecli-write") as pool:
+        pending: deque[Future[None]] = deque()
+        for tensor, inputs in stream_inputs(plan, plan.tensors, timer):
+            results: list[tuple[str, Any]] = []
+            if isinstance(inputs, TensorInputs):
+                start = time.perf_counter()
+                merged = merge_tensor(plan, tensor, inputs, stats)
+                report = tensor_report(inputs, merged) if per_tensor is not None else {}
+                if plan.lora is None:
+                    results.append((tensor.name, stored(tensor, inputs, merged)))
+                else:
+                    assert isinstance(merged, torch.Tensor)
+                    pieces, energy = plan.lora.outputs(tensor.name, inputs, merged, tensor.params)
+                    results += pieces
+                    if energy is not None:
+                        report["energy_kept"] = energy
+                if per_tensor is not None:
+                    per_tensor[tensor.name] = report
+                timer.compute += time.perf_counter() - start
+            elif plan.lora is None:
+                results.append((tensor.name, inputs))
+            for name, result in results:
+                pending.append(pool.submit(_write, writer, name, result, timer))
+            while len(pending) > WRITE_QUEUE:
+                pending.popleft().result()
+            progress.advance(1, _read_bytes(plan, [tensor]))
+        for future in pending:
+            future.result()
 
 
 def tokenizer_folder(plan: MergePlan) -> Path:
@@ -188,7 +235,7 @@ def stored(
 
 
 def _write(
-    writer: ShardWriter | TaskArtifactWriter,
+    writer: ShardWriter | TaskArtifactWriter | MemoryWriter,
     name: str,
     tensor: torch.Tensor | StoredTaskTensor,
     timer: Timer,

@@ -55,6 +55,20 @@ def linear(inputs: TensorInputs, p: Params) -> torch.Tensor:
 
 
 @merge_method(
+    "greedy_soup",
+    "Greedy soup: experts sorted by validation score, each kept only if the uniform average of "
+    "the soup scores better; θ = the mean of the kept experts",
+    base="unused",
+    selects_experts=True,
+    convention="Selection needs an evaluate: section (mergecli merge/sweep run it); "
+    "the merge itself averages the experts the selection keeps.",
+)
+def greedy_soup(inputs: TensorInputs, p: Params) -> torch.Tensor:
+    weights = inputs.weights()
+    return weighted_sum(weights, [1.0] * len(weights), True, inputs.name)
+
+
+@merge_method(
     "task_arithmetic",
     "θ = θ0 + λ Σ wt τt; normalize: true divides the sum by Σ wt",
     params=(WEIGHT, LAMBDA, Param("normalize", False, bool, "divide the sum by Σ wt")),

@@ -81,6 +81,11 @@ class MethodSpec:
     output: Literal["model", "task_masks"] = "model"
     """What ``fn`` returns per tensor: merged weights ("model"), or a ``TaskMasks`` that the
     engine writes into a task-conditional artifact ("task_masks")."""
+    selects_experts: bool = False
+    """The method chooses which listed experts to merge by scoring candidate merges
+    (greedy_soup): ``mergecli merge`` and ``mergecli sweep`` run that selection with the
+    recipe's ``evaluate:`` section first (``mergecli.evaluate.greedy``); ``fn`` then merges the
+    experts selected."""
     coefficients: Callable[[Params], list[float] | None] | None = None
     """For a method whose merged task vector is Σ ct τt (a linear combination): the ct of one
     tensor's parameters, or None when these parameters make it no such combination. Lets LoRA

@@ -1,0 +1,354 @@
+"""Commands `evaluate`, `sweep` and `analyze landscape`: merging driven by scores."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+import mergecli
+from mergecli.cli import (
+    DeviceOpt,
+    ForceOpt,
+    JsonOpt,
+    OutputOpt,
+    QuietOpt,
+    RecipeArg,
+    app,
+    err,
+    handle_errors,
+    out,
+    output_folder,
+    print_json,
+)
+from mergecli.cli.analyze import analyze_app, show
+from mergecli.errors import MergeError
+from mergecli.progress import count_bar_for
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _scorer(recipe: Path, device: str, quiet: bool) -> tuple[mergecli.Recipe, Any]:
+    from mergecli.evaluate import Scorer
+
+    spec = mergecli.load_recipe(recipe)
+    return spec, Scorer(spec, device, count_bar_for(err, quiet))
+
+
+def _target(recipe: Path, spec: mergecli.Recipe, output: Path | None, force: bool) -> Path:
+    """The output folder (checked before any work is done)."""
+    from mergecli.engine.output import check_output
+
+    target = output_folder(recipe, spec, output, False)
+    assert target is not None
+    check_output(target.resolve(), force)
+    return target.resolve()
+
+
+def write_results(
+    result: dict[str, Any],
+    target: Path,
+    force: bool,
+    stem: str,
+    figure: Callable[[dict[str, Any], Path], Path],
+) -> None:
+    """``stem.json`` and ``stem.png`` written into a new folder ``target`` (atomically); their
+    paths are added to ``result["files"]``."""
+    from mergecli.engine.output import atomic_folder
+
+    with atomic_folder(target, force) as folder:
+        figure(result, folder / f"{stem}.png")
+        (folder / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    result["files"] = [str(target / f"{stem}.json"), str(target / f"{stem}.png")]
+
+
+def score_table(title: str, tasks: list[str], rows: list[tuple[str, dict[str, float]]]) -> Table:
+    table = Table(title=title)
+    table.add_column("model")
+    for task in [*tasks, "mean"]:
+        table.add_column(task, justify="right")
+    for label, scores in rows:
+        values = [scores[t] for t in tasks]
+        table.add_row(label, *(_fmt(v) for v in values), _fmt(sum(values) / len(values)))
+    return table
+
+
+@app.command()
+@handle_errors
+def evaluate(
+    recipe: RecipeArg,
+    model: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--model", help="Score this checkpoint or artifact folder instead (repeatable)."
+        ),
+    ] = None,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Also write the scores as JSON here.")
+    ] = None,
+    device: DeviceOpt = "cpu",
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Score the recipe's merge (in memory where the evaluator allows) or given checkpoints."""
+    spec, scorer = _scorer(recipe, device, quiet or json_out)
+    if model:
+        results = [(str(m), scorer.folder(m)) for m in model]
+    else:
+        results = [(spec.merge_method, scorer.recipe(spec))]
+    rows = [
+        {"model": label, "tasks": r.tasks, "score": r.score, **r.details} for label, r in results
+    ]
+    data = {"metric": scorer.metric, "higher_is_better": scorer.higher_is_better, "rows": rows}
+    if output is not None:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps(data, indent=2) + "\n")
+    if json_out:
+        print_json(data)
+    elif not quiet:
+        title = f"{scorer.metric} ({'higher' if scorer.higher_is_better else 'lower'} is better)"
+        show(
+            score_table(
+                title, [t.name for t in scorer.tasks], [(r["model"], r["tasks"]) for r in rows]
+            )
+        )
+
+
+@app.command()
+@handle_errors
+def sweep(
+    recipe: RecipeArg,
+    grid: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--grid",
+            help="KEY=start:stop:step or KEY=v1,v2 (repeatable; NAME.KEY "
+            "for one expert's parameter).",
+        ),
+    ] = None,
+    patience: Annotated[
+        int | None, typer.Option("--patience", help="Stop after N points without a new best.")
+    ] = None,
+    over_checkpoints: Annotated[
+        bool,
+        typer.Option(
+            "--over-checkpoints",
+            help="Experts are runs with checkpoint-<step> "
+            "folders: merge at each training duration.",
+        ),
+    ] = False,
+    by: Annotated[
+        str,
+        typer.Option(
+            "--by",
+            help="Durations by 'tstar' (multiples of each expert's "
+            "best-validation step) or by 'step'.",
+        ),
+    ] = "tstar",
+    multiples: Annotated[
+        str, typer.Option("--multiples", help="Multiples of T* (list or start:stop:step).")
+    ] = "0.25,0.5,0.75,1,1.5,2,3,5",
+    methods: Annotated[
+        str | None,
+        typer.Option(
+            "--methods", help="Comma-separated methods to compare (default: the recipe's)."
+        ),
+    ] = None,
+    output: OutputOpt = None,
+    device: DeviceOpt = "cpu",
+    json_out: JsonOpt = False,
+    force: ForceOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Score merges over a parameter grid (writing the best) or over training durations."""
+    from mergecli.sweep.grid import parse_grid, parse_values
+
+    if bool(grid) == over_checkpoints:
+        raise MergeError("sweep: give --grid KEY=VALUES, or --over-checkpoints (not both)")
+    spec, scorer = _scorer(recipe, device, quiet or json_out)
+    if over_checkpoints:
+        target = _target(recipe, spec, output, force)
+        values = parse_values(multiples, "--multiples")
+        names = [m.strip() for m in methods.split(",")] if methods else None
+        _durations(spec, scorer, target, by, names, values, json_out, quiet, force)
+        return
+    assert grid is not None
+    axes = parse_grid(grid, spec)
+    target = _target(recipe, spec, output, force)
+    from mergecli.sweep.run import sweep_grid, write_table
+
+    table, best = sweep_grid(spec, axes, scorer, patience)
+    result = mergecli.run_merge(mergecli.plan_merge(best, device=device), target, force=force)
+    table["output"] = str(result.output)
+    table["files"] = [str(p) for p in write_table(table, result.output)]
+    if json_out:
+        print_json(table)
+    elif not quiet:
+        print_grid(table)
+        out.print(
+            f"best {table['best']['parameters']} → {_fmt(table['best']['score'])}; "
+            f"wrote {result.output} and {', '.join(Path(f).name for f in table['files'])}",
+            highlight=False,
+        )
+
+
+def print_grid(table: dict[str, Any]) -> None:
+    arrow = "higher" if table["higher_is_better"] else "lower"
+    title = (
+        f"sweep of {table['method']}: {table['metric']} ({arrow} is better), "
+        f"{table['evaluated']} of {table['points']} points"
+        + (" (stopped early)" if table["stopped_early"] else "")
+    )
+    grid = Table(title=title)
+    for label in table["grid"]:
+        grid.add_column(label, justify="right")
+    for task in [*table["tasks"], "mean"]:
+        grid.add_column(task, justify="right")
+    for row in table["rows"]:
+        style = "bold green" if row is table["best"] or row == table["best"] else None
+        grid.add_row(
+            *(_fmt(row["parameters"][k]) for k in table["grid"]),
+            *(_fmt(row["tasks"][t]) for t in table["tasks"]),
+            _fmt(row["score"]),
+            style=style,
+        )
+    show(grid)
+
+
+def _durations(
+    spec: mergecli.Recipe,
+    scorer: Any,
+    target: Path,
+    by: str,
+    methods: list[str] | None,
+    multiples: list[Any],
+    json_out: bool,
+    quiet: bool,
+    force: bool,
+) -> None:
+    from mergecli.sweep.durations import sweep_durations
+    from mergecli.sweep.plots import durations_figure
+
+    result = sweep_durations(spec, scorer, by, methods, [float(m) for m in multiples])
+    write_results(result, target, force, "durations", durations_figure)
+    if json_out:
+        print_json(result)
+        return
+    if quiet:
+        return
+    by_tstar = result["by"] == "tstar"
+    table = Table(
+        title=f"merged {result['metric']} against training duration "
+        f"({'multiples of T*' if by_tstar else 'steps'})"
+    )
+    table.add_column("× T*" if by_tstar else "step", justify="right")
+    table.add_column("checkpoints")
+    for method in result["methods"]:
+        table.add_column(method, justify="right")
+    table.add_column("experts", justify="right")
+    for point in result["points"]:
+        table.add_row(
+            _fmt(point["x"]),
+            ", ".join(
+                f"{n}@{s}" for n, s in zip(result["experts"], point["steps"], strict=True) if s
+            ),
+            *(_fmt(point["methods"][m]["score"]) for m in result["methods"]),
+            _fmt(point["expert_score"]) if point["expert_score"] is not None else "–",
+        )
+    show(table)
+    if by_tstar:
+        out.print(
+            "T*: " + ", ".join(f"{n} step {s}" for n, s in result["tstar"].items()),
+            highlight=False,
+        )
+    out.print(f"wrote {', '.join(result['files'])}", highlight=False)
+
+
+@analyze_app.command()
+@handle_errors
+def landscape(
+    recipe: RecipeArg,
+    models: Annotated[
+        list[str],
+        typer.Option(
+            "--models",
+            help="Models on the path: recipe names or folders "
+            "(--models A --models B, or --models A,B).",
+        ),
+    ],
+    path: Annotated[
+        str, typer.Option("--path", help="linear: (1−α)θA + αθB; task_arithmetic: θ0 + α·Στ.")
+    ] = "linear",
+    alphas: Annotated[str, typer.Option("--alphas", help="α grid (start:stop:step or list).")] = (
+        "0:1:0.1"
+    ),
+    metric: Annotated[
+        str | None, typer.Option("--metric", help="Built-in metric (default loss).")
+    ] = None,
+    task: Annotated[
+        list[str] | None, typer.Option("--task", help="Tasks to measure (default: the models').")
+    ] = None,
+    output: OutputOpt = None,
+    device: DeviceOpt = "cpu",
+    json_out: JsonOpt = False,
+    force: ForceOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Loss along the interpolation path between models, its barrier and a plot."""
+    from mergecli.evaluate import Scorer
+    from mergecli.sweep.grid import parse_values
+    from mergecli.sweep.landscape import landscape as run_landscape
+    from mergecli.sweep.plots import landscape_figure
+
+    spec = mergecli.load_recipe(recipe)
+    section = spec.evaluate
+    if section is None:
+        raise MergeError(f"{recipe}: no 'evaluate:' section saying which data to measure")
+    if section.metric is not None:
+        section = section.model_copy(update={"metric": metric or "loss", "higher_is_better": None})
+    elif metric is not None:
+        raise MergeError("--metric: the recipe scores with a command; its score is used")
+    spec = spec.model_copy(update={"evaluate": section})
+    names = [n.strip() for value in models for n in value.split(",") if n.strip()]
+    values = [float(a) for a in parse_values(alphas, "--alphas")]
+    target = output.resolve() if output else None
+    if target is not None:
+        from mergecli.engine.output import check_output
+
+        check_output(target, force)
+    scorer = Scorer(spec, device, count_bar_for(err, quiet or json_out))
+    result = run_landscape(spec, scorer, names, path, values, task)
+    if target is not None:
+        write_results(result, target, force, "landscape", landscape_figure)
+    if json_out:
+        print_json(result)
+        return
+    if quiet:
+        return
+    table = Table(title=f"{result['metric']} along {result['path_formula']}", min_width=60)
+    table.add_column("α", justify="right")
+    for name in [*result["tasks"], "mean"]:
+        table.add_column(name, justify="right")
+    for i, alpha in enumerate(result["alphas"]):
+        table.add_row(
+            _fmt(alpha), *(_fmt(c[i]) for c in result["tasks"].values()), _fmt(result["mean"][i])
+        )
+    show(table)
+    ends = (
+        "mean of the ends minus the lowest score on the path"
+        if result["higher_is_better"]
+        else "highest loss on the path minus the mean of the ends"
+    )
+    out.print(
+        f"barrier {_fmt(result['barrier'])} ({ends}); per task: "
+        + ", ".join(f"{n} {_fmt(b)}" for n, b in result["task_barriers"].items()),
+        highlight=False,
+    )
+    for file in result.get("files", []):
+        out.print(f"wrote {file}", highlight=False)

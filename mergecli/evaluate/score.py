@@ -1,0 +1,163 @@
+"""Scoring recipes and checkpoints with a recipe's evaluator.
+
+A recipe is merged in memory when the evaluator can load tensors (the built-in metrics), else
+into a temporary checkpoint folder that the command reads and that is removed afterwards. The
+score of a model is the mean of its per-task scores.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mergecli.engine.merge import merge_state, run_merge
+from mergecli.engine.plan import plan_merge, resolve_device
+from mergecli.errors import MergeError, did_you_mean
+from mergecli.evaluate.builtin import BuiltinEvaluator, MergedState
+from mergecli.evaluate.command import CommandEvaluator
+from mergecli.evaluate.tasks import Task, resolve_tasks
+from mergecli.methods import get_method
+from mergecli.progress import CountBar
+from mergecli.recipe import Recipe
+
+TIE = 1e-12
+"""Scores closer than this (relative) are equal: means of equal per-task scores may differ
+in the last bit."""
+
+
+@dataclass
+class Evaluation:
+    """The scores of one model: per task and their mean; ``recipe`` is what was merged (a
+    greedy soup's selected experts), ``details`` what a selection recorded."""
+
+    tasks: dict[str, float]
+    recipe: Recipe | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def score(self) -> float:
+        return math.fsum(self.tasks.values()) / len(self.tasks)
+
+
+class Scorer:
+    """A recipe's ``evaluate:`` section, ready to score models and merges on a device."""
+
+    def __init__(self, recipe: Recipe, device: str = "cpu", bar: CountBar | None = None) -> None:
+        self.tasks = resolve_tasks(recipe)
+        section = recipe.evaluate
+        assert section is not None
+        self.device = device
+        source = recipe.tokenizer_source if recipe.tokenizer_source != "base" else None
+        tokenizer = source or recipe.base_model or recipe.models[0].model
+        self.evaluator: BuiltinEvaluator | CommandEvaluator = (
+            BuiltinEvaluator(
+                section, resolve_device(device), recipe.seed, recipe.resolve_path(tokenizer)
+            )
+            if section.metric
+            else CommandEvaluator(section)
+        )
+        self.metric = section.metric or "score"
+        self.higher_is_better = self.evaluator.higher_is_better
+        self.bar = bar
+        self.expert_names = [recipe.model_name(i) for i in range(len(recipe.models))]
+        self._models: dict[tuple[Path, tuple[str, ...]], dict[str, float]] = {}
+
+    def better(self, a: float, b: float) -> bool:
+        """Whether score ``a`` is better than ``b`` by more than rounding (1e-12 relative)."""
+        margin = TIE * max(1.0, abs(b))
+        return a > b + margin if self.higher_is_better else a < b - margin
+
+    def best(self, scores: list[float]) -> int:
+        """Index of the best score (the first of equals)."""
+        best = 0
+        for i, value in enumerate(scores):
+            if self.better(value, scores[best]):
+                best = i
+        return best
+
+    def _pick(self, tasks: list[Task] | None) -> list[Task]:
+        return self.tasks if tasks is None else tasks
+
+    def folder(self, folder: Path) -> Evaluation:
+        """Scores of a checkpoint folder or of a task-conditional artifact folder."""
+        from mergecli.artifacts import open_artifact
+
+        try:
+            open_artifact(folder)
+        except MergeError:
+            return self.model(folder)
+        return self.artifact(folder)
+
+    def model(self, folder: Path, tasks: list[Task] | None = None) -> Evaluation:
+        """Scores of a checkpoint folder (cached by path)."""
+        tasks = self._pick(tasks)
+        key = (folder.resolve(), tuple(t.name for t in tasks))
+        if key not in self._models:
+            self._models[key] = self.evaluator.score(folder, tasks, self.bar)  # type: ignore[arg-type]
+        return Evaluation(dict(self._models[key]))
+
+    def merge(self, recipe: Recipe, tasks: list[Task] | None = None) -> Evaluation:
+        """Scores of the model a recipe merges, without selection (the listed experts)."""
+        tasks = self._pick(tasks)
+        plan = plan_merge(recipe, device=self.device)
+        if plan.artifact is not None:
+            with tempfile.TemporaryDirectory(prefix="mergecli-eval-") as tmp:
+                folder = run_merge(plan, Path(tmp) / "artifact").output
+                return Evaluation(self.artifact(folder, tasks).tasks, recipe)
+        if isinstance(self.evaluator, BuiltinEvaluator):
+            state = merge_state(plan)
+            return Evaluation(
+                self.evaluator.score(MergedState(state, plan.reference.path), tasks, self.bar),
+                recipe,
+            )
+        with tempfile.TemporaryDirectory(prefix="mergecli-eval-") as tmp:
+            folder = run_merge(plan, Path(tmp) / "model").output
+            return Evaluation(self.evaluator.score(folder, tasks, self.bar), recipe)
+
+    def artifact(self, folder: Path, tasks: list[Task] | None = None) -> Evaluation:
+        """Scores of a task-conditional artifact (FlexMerge, EMR, TALL masks): each task on the
+        artifact's model for that task (the task named like the task's expert, else like the
+        task), rebuilt in memory, or exported to a temporary folder for a command."""
+        from mergecli.artifacts import open_artifact, task_state_dict
+        from mergecli.artifacts.export import export_task
+
+        opened = open_artifact(folder)
+        names = opened.task_names()
+        scores: dict[str, float] = {}
+        for task in self._pick(tasks):
+            name = self.expert_names[task.expert] if task.expert is not None else task.name
+            if name not in names:
+                raise MergeError(
+                    f"evaluate.tasks.{task.name}: the artifact {folder} has no task '{name}'"
+                    f"{did_you_mean(name, names)}; its tasks: {', '.join(names)}"
+                )
+            if isinstance(self.evaluator, BuiltinEvaluator):
+                source = MergedState(task_state_dict(opened, name), opened.model_files())
+                scores.update(self.evaluator.score(source, [task], self.bar))
+                continue
+            with tempfile.TemporaryDirectory(prefix="mergecli-eval-") as tmp:
+                exported = export_task(opened, name, Path(tmp) / name)
+                scores.update(self.evaluator.score(exported, [task], self.bar))
+        return Evaluation(scores)
+
+    def recipe(self, recipe: Recipe) -> Evaluation:
+        """Scores of a recipe's merge; a method that selects experts (greedy_soup) selects
+        them first, and ``recipe`` of the result lists the ones kept."""
+        if get_method(recipe.merge_method).selects_experts:
+            from mergecli.evaluate.greedy import greedy_soup
+
+            return greedy_soup(self, recipe)
+        return self.merge(recipe)
+
+    def expert_scores(self, recipe: Recipe) -> dict[str, float]:
+        """Each task's score of the expert trained for it (tasks without an expert are left out)."""
+        return {
+            task.name: self.model(
+                recipe.resolve_path(recipe.models[task.expert].model), [task]
+            ).tasks[task.name]
+            for task in self.tasks
+            if task.expert is not None
+        }

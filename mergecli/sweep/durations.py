@@ -1,0 +1,157 @@
+"""Merging over training duration (Figure 1 of the training-duration paper).
+
+The experts are training-run folders with ``checkpoint-<step>`` subfolders. Each point of the
+sweep picks one checkpoint per run:
+
+- ``by="step"``: every step that all runs saved (``mergecli.analyze.runs``);
+- ``by="tstar"``: multiples m of each expert's best-validation step T* (the checkpoint whose
+  score on the expert's own task is best; ties: the earlier), each run taking the checkpoint
+  nearest m·T* (ties: the earlier). Multiples that pick the same checkpoints give one point.
+
+At each point every method merges the chosen checkpoints; the expert score is the mean over
+tasks of each task's expert on its own task. An expert that is not a run is the same at every
+point.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from mergecli.analyze.runs import Point, run_checkpoints, sweep_points
+from mergecli.analyze.sweep import point_recipe
+from mergecli.errors import MergeError, did_you_mean
+from mergecli.evaluate import Scorer
+from mergecli.methods import get_method
+from mergecli.recipe import Recipe
+
+MULTIPLES = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0)
+BY = ("step", "tstar")
+
+
+def best_steps(recipe: Recipe, scorer: Scorer) -> dict[str, dict[str, Any]]:
+    """T* of each run: its checkpoints' scores on the run's own tasks and the best step."""
+    out = {}
+    for i, entry in enumerate(recipe.models):
+        run = run_checkpoints(recipe.resolve_path(entry.model))
+        if not run:
+            continue
+        tasks = [t for t in scorer.tasks if t.expert == i]
+        name = recipe.model_name(i)
+        if not tasks:
+            raise MergeError(
+                f"--by tstar: no evaluate task has '{name}' as its expert, so its "
+                "best-validation step is unknown (set evaluate.tasks.<task>.expert)"
+            )
+        scores = {step: scorer.model(path, tasks).score for step, path in run.items()}
+        steps = list(scores)
+        out[name] = {"scores": scores, "tstar": steps[scorer.best(list(scores.values()))]}
+    if not out:
+        raise MergeError(
+            "--over-checkpoints: no expert names a training-run folder with checkpoint-<step> "
+            "subfolders"
+        )
+    return out
+
+
+def tstar_points(recipe: Recipe, tstar: dict[str, int], multiples: list[float]) -> list[Point]:
+    """One point per multiple of T*. Multiples that pick the same checkpoints (below a run's
+    first or beyond its last checkpoint) give one point, labelled by the multiple that the
+    chosen steps match best (least Σ |m·T* − step| / T*; ties: the smaller multiple)."""
+    best: dict[tuple[Path, ...], tuple[float, Point]] = {}
+    for multiple in multiples:
+        steps: list[int | None] = []
+        paths: list[Path] = []
+        error = 0.0
+        for i, entry in enumerate(recipe.models):
+            path = recipe.resolve_path(entry.model)
+            run = run_checkpoints(path)
+            if not run:
+                steps.append(None)
+                paths.append(path)
+                continue
+            target = multiple * tstar[recipe.model_name(i)]
+            step = min(run, key=lambda s, t=target: (abs(s - t), s))
+            error += abs(target - step) / tstar[recipe.model_name(i)]
+            steps.append(step)
+            paths.append(run[step])
+        key = tuple(paths)
+        if key not in best or error < best[key][0]:
+            best[key] = (error, Point(None, multiple, steps, paths))
+    return sorted((point for _, point in best.values()), key=lambda p: p.fraction)
+
+
+def method_recipe(recipe: Recipe, method: str) -> Recipe:
+    """The recipe merged with another method: parameters that method does not take are
+    dropped."""
+    spec = get_method(method, "--methods").resolve(recipe.parameters)
+    keep = set(spec.param_names)
+    models = [
+        m.model_copy(update={"parameters": {k: v for k, v in m.parameters.items() if k in keep}})
+        for m in recipe.models
+    ]
+    parameters = {k: v for k, v in recipe.parameters.items() if k in keep}
+    return recipe.model_copy(
+        update={"merge_method": method, "parameters": parameters, "models": models}
+    )
+
+
+def sweep_durations(
+    recipe: Recipe,
+    scorer: Scorer,
+    by: str = "tstar",
+    methods: list[str] | None = None,
+    multiples: list[float] | None = None,
+) -> dict[str, Any]:
+    """Merged and expert scores at each training duration, per method."""
+    if by not in BY:
+        raise MergeError(f"--by: '{by}' is not step or tstar{did_you_mean(by, BY)}")
+    methods = methods or [recipe.merge_method]
+    for method in methods:
+        get_method(method, "--methods")
+    result: dict[str, Any] = {
+        "by": by,
+        "metric": scorer.metric,
+        "higher_is_better": scorer.higher_is_better,
+        "methods": methods,
+        "experts": [recipe.model_name(i) for i in range(len(recipe.models))],
+        "tasks": [t.name for t in scorer.tasks],
+    }
+    if by == "tstar":
+        runs = best_steps(recipe, scorer)
+        result["tstar"] = {name: run["tstar"] for name, run in runs.items()}
+        result["checkpoint_scores"] = {name: run["scores"] for name, run in runs.items()}
+        points = tstar_points(recipe, result["tstar"], list(multiples or MULTIPLES))
+    else:
+        points = sweep_points(recipe, "step")
+    handle = scorer.bar.add("durations", len(points) * len(methods)) if scorer.bar else None
+    rows = []
+    for point in points:
+        at = point_recipe(recipe, point)
+        experts = scorer.expert_scores(at)
+        row: dict[str, Any] = {
+            "x": point.step if by == "step" else point.fraction,
+            "steps": point.steps,
+            "checkpoints": [str(p) for p in point.paths],
+            "experts": experts,
+            "expert_score": sum(experts.values()) / len(experts) if experts else None,
+            "methods": {},
+        }
+        for method in methods:
+            merged = scorer.recipe(method_recipe(at, method))
+            row["methods"][method] = {
+                "tasks": merged.tasks,
+                "score": merged.score,
+                **merged.details,
+            }
+            if scorer.bar:
+                scorer.bar.advance(handle)
+        rows.append(row)
+    if scorer.bar:
+        scorer.bar.done(handle)
+    result["points"] = rows
+    result["best"] = {
+        method: rows[scorer.best([r["methods"][method]["score"] for r in rows])]["x"]
+        for method in methods
+    }
+    return result

@@ -1,0 +1,132 @@
+"""Loss landscapes: the loss along an interpolation path and its barrier.
+
+- ``linear``: θ(α) = (1 − α)·θA + α·θB (two models);
+- ``task_arithmetic``: θ(α) = θ0 + α·Σ τt over the named models (one or more; needs a base).
+
+Each θ(α) is merged by the engine (``linear`` with weights 1 − α and α, ``task_arithmetic``
+with λ = α) and scored per task. The barrier of a curve L is max_α L(α) − (L(α0) + L(αn))/2
+(the ends of the α grid); for a higher-is-better score, (S(α0) + S(αn))/2 − min_α S(α).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mergecli.errors import MergeError, did_you_mean
+from mergecli.evaluate import Scorer
+from mergecli.recipe import ModelEntry, Recipe
+
+PATHS = ("linear", "task_arithmetic")
+FORMULAS = {
+    "linear": "θ(α) = (1−α)·θA + α·θB",
+    "task_arithmetic": "θ(α) = θ0 + α·Στ",
+}
+
+
+def pick_models(recipe: Recipe, values: list[str]) -> list[ModelEntry]:
+    """Models named in the recipe, or checkpoint folders."""
+    names = [recipe.model_name(i) for i in range(len(recipe.models))]
+    out = []
+    for value in values:
+        if value in names:
+            index = names.index(value)
+            out.append(ModelEntry(model=recipe.models[index].model, name=value))
+        elif recipe.resolve_path(value).is_dir():
+            out.append(ModelEntry(model=str(recipe.resolve_path(value))))
+        else:
+            raise MergeError(
+                f"--models: '{value}' is neither a model of the recipe nor a folder"
+                f"{did_you_mean(value, names)}"
+            )
+    return out
+
+
+def path_recipe(recipe: Recipe, models: list[ModelEntry], path: str, alpha: float) -> Recipe:
+    """The merge recipe of θ(α)."""
+    if path == "linear":
+        weighted = [
+            m.model_copy(update={"parameters": {"weight": w}})
+            for m, w in zip(models, (1 - alpha, alpha), strict=True)
+        ]
+        return recipe.model_copy(
+            update={
+                "merge_method": "linear",
+                "models": weighted,
+                "parameters": {"normalize": False},
+            }
+        )
+    return recipe.model_copy(
+        update={
+            "merge_method": "task_arithmetic",
+            "models": models,
+            "parameters": {"lambda": alpha},
+        }
+    )
+
+
+def barrier(values: list[float], higher_is_better: bool) -> float:
+    """Height of the path above (below, for scores) the mean of its ends."""
+    ends = (values[0] + values[-1]) / 2
+    return ends - min(values) if higher_is_better else max(values) - ends
+
+
+def landscape(
+    recipe: Recipe,
+    scorer: Scorer,
+    models: list[str],
+    path: str = "linear",
+    alphas: list[float] | None = None,
+    tasks: list[str] | None = None,
+) -> dict[str, Any]:
+    """The curve per task and its mean over tasks on the α grid, with their barriers."""
+    if path not in PATHS:
+        raise MergeError(
+            f"--path: '{path}' is not linear or task_arithmetic{did_you_mean(path, PATHS)}"
+        )
+    entries = pick_models(recipe, models)
+    if path == "linear" and len(entries) != 2:
+        raise MergeError(f"--models: the linear path needs two models, got {len(entries)}")
+    if path == "task_arithmetic" and not recipe.base_model:
+        raise MergeError("base_model: the task_arithmetic path θ0 + α·Στ needs a base model")
+    alphas = alphas or [round(0.1 * k, 10) for k in range(11)]
+    if len(alphas) < 2:
+        raise MergeError("--alphas: a path needs at least two values of α")
+    chosen = _tasks(scorer, recipe, entries, tasks)
+    curves: dict[str, list[float]] = {t.name: [] for t in chosen}
+    handle = scorer.bar.add("landscape", len(alphas)) if scorer.bar else None
+    for alpha in alphas:
+        scores = scorer.merge(path_recipe(recipe, entries, path, alpha), chosen).tasks
+        for name, value in scores.items():
+            curves[name].append(value)
+        if scorer.bar:
+            scorer.bar.advance(handle)
+    if scorer.bar:
+        scorer.bar.done(handle)
+    mean = [sum(c[i] for c in curves.values()) / len(curves) for i in range(len(alphas))]
+    return {
+        "path": path,
+        "path_formula": FORMULAS[path],
+        "models": [m.name or m.model for m in entries],
+        "metric": scorer.metric,
+        "higher_is_better": scorer.higher_is_better,
+        "alphas": alphas,
+        "tasks": curves,
+        "mean": mean,
+        "barrier": barrier(mean, scorer.higher_is_better),
+        "task_barriers": {n: barrier(c, scorer.higher_is_better) for n, c in curves.items()},
+    }
+
+
+def _tasks(scorer: Scorer, recipe: Recipe, entries: list[ModelEntry], names: list[str] | None):
+    """--task names, else the tasks whose experts are on the path, else every task."""
+    known = [t.name for t in scorer.tasks]
+    if names:
+        for name in names:
+            if name not in known:
+                raise MergeError(f"--task: no task '{name}'{did_you_mean(name, known)}")
+        return [t for t in scorer.tasks if t.name in names]
+    on_path = {e.name for e in entries}
+    mine = [
+        t for t in scorer.tasks if t.expert is not None and recipe.model_name(t.expert) in on_path
+    ]
+    return mine or scorer.tasks

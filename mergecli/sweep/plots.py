@@ -1,0 +1,90 @@
+"""PNG figures of evaluation-driven runs, drawn on matplotlib's Agg canvas (no pyplot)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+
+DPI = 120
+
+
+def _score_label(result: dict[str, Any]) -> str:
+    arrow = "higher is better" if result["higher_is_better"] else "lower is better"
+    return f"mean {result['metric']} over tasks ({arrow})"
+
+
+def _save(fig: Figure, ax: Axes, path: Path) -> Path:
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.savefig(path)
+    return path
+
+
+def durations_figure(result: dict[str, Any], path: Path) -> Path:
+    """Merged score per method and the experts' score against training duration (Figure 1)."""
+    fig = Figure(figsize=(7, 4.5), dpi=DPI, layout="constrained")
+    ax = fig.add_subplot()
+    points = result["points"]
+    x = [p["x"] for p in points]
+    by_tstar = result["by"] == "tstar"
+    if by_tstar:
+        low, high = min([*x, 1.0]), max([*x, 1.0])
+        pad = 0.05 * (high - low or 1.0)
+        ax.set_xlim(low - pad, high + pad)
+        ax.axvspan(low - pad, 1.0, color="tab:green", alpha=0.08, label="undertrained (< T*)")
+        ax.axvspan(1.0, high + pad, color="tab:red", alpha=0.08, label="overfitted (> T*)")
+    for method in result["methods"]:
+        ax.plot(x, [p["methods"][method]["score"] for p in points], marker="o", label=method)
+    if any(p["expert_score"] is not None for p in points):
+        ax.plot(
+            x,
+            [p["expert_score"] for p in points],
+            linestyle="--",
+            color="black",
+            marker="s",
+            label="experts (own task)",
+        )
+    ax.set_xlabel("training steps as a multiple of T*" if by_tstar else "training step")
+    ax.set_ylabel(_score_label(result))
+    ax.set_title("Merged model against expert training duration")
+    return _save(fig, ax, path)
+
+
+def landscape_figure(result: dict[str, Any], path: Path) -> Path:
+    """Loss along the interpolation path, per task and mean, with the barrier marked."""
+    fig = Figure(figsize=(6.5, 4.5), dpi=DPI, layout="constrained")
+    ax = fig.add_subplot()
+    alphas = result["alphas"]
+    for task, values in result["tasks"].items():
+        ax.plot(alphas, values, alpha=0.45, linewidth=1, label=task)
+    ax.plot(alphas, result["mean"], color="black", marker="o", linewidth=2, label="mean")
+    ends = (result["mean"][0] + result["mean"][-1]) / 2
+    ax.axhline(ends, color="grey", linestyle=":", linewidth=1)
+    ax.set_xlabel("α")
+    ax.set_ylabel(result["metric"])
+    ax.set_title(f"{result['path_formula']}   barrier = {result['barrier']:.4g}")
+    return _save(fig, ax, path)
+
+
+def sizes_figure(result: dict[str, Any], path: Path) -> Path:
+    """Mean score against deployed size in models, the experts' mean as a dashed line."""
+    fig = Figure(figsize=(6.5, 4.5), dpi=DPI, layout="constrained")
+    ax = fig.add_subplot()
+    rows = sorted(result["sizes"], key=lambda r: r["size"])
+    ax.plot(
+        [r["size"] for r in rows],
+        [r["score"] for r in rows],
+        marker="o",
+        label=f"FlexMerge + {result['method']}",
+    )
+    if result["expert_score"] is not None:
+        ax.axhline(
+            result["expert_score"], color="black", linestyle="--", label="experts (own task)"
+        )
+    ax.set_xlabel("deployed size (× one model)")
+    ax.set_ylabel(_score_label(result))
+    ax.set_title("Score against deployed size")
+    return _save(fig, ax, path)

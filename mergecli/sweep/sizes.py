@@ -1,0 +1,50 @@
+"""Accuracy against deployed size (Figure 3 of the FlexMerge paper).
+
+Each size is an artifact folder that rebuilds one model per task; every evaluation task is
+scored on its own task's model (``Scorer.artifact``). The score of a size is the mean over
+tasks; the experts' mean on their own tasks is the reference it approaches at M×. The gain from
+1× to 2× (when both sizes are targets) is the score at 2× minus the score at 1×.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from mergecli.evaluate import Scorer
+from mergecli.recipe import Recipe
+
+
+def score_sizes(
+    recipe: Recipe, scorer: Scorer, sizes: list[tuple[float, float, Path]]
+) -> dict[str, Any]:
+    """Scores of (target, deployed size, artifact folder) triples, and the experts'."""
+    handle = scorer.bar.add("scoring sizes", len(sizes)) if scorer.bar else None
+    rows = []
+    for target, size, folder in sizes:
+        result = scorer.artifact(folder)
+        rows.append(
+            {
+                "target": target,
+                "size": size,
+                "folder": str(folder),
+                "tasks": result.tasks,
+                "score": result.score,
+            }
+        )
+        if scorer.bar:
+            scorer.bar.advance(handle)
+    if scorer.bar:
+        scorer.bar.done(handle)
+    experts = scorer.expert_scores(recipe)
+    by_target = {r["target"]: r["score"] for r in rows}
+    return {
+        "method": recipe.merge_method,
+        "metric": scorer.metric,
+        "higher_is_better": scorer.higher_is_better,
+        "tasks": [t.name for t in scorer.tasks],
+        "sizes": rows,
+        "experts": experts,
+        "expert_score": sum(experts.values()) / len(experts) if experts else None,
+        "gain_1x_2x": by_target[2.0] - by_target[1.0] if {1.0, 2.0} <= set(by_target) else None,
+    }
