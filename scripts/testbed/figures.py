@@ -22,11 +22,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import yaml
+from matplotlib.figure import Figure
 
 METHODS: dict[str, dict[str, str]] = {
     "linear": {},
@@ -139,20 +136,19 @@ def durations(bench: Bench, lam: float, out: Path) -> dict[str, Any]:
 
 def methods_figure(scores: dict[str, dict[str, float]], path: Path) -> None:
     names = list(scores)
-    tasks = len(scores["experts"])
     values = [100 * mean(scores[n]) for n in names]
-    fig, ax = plt.subplots(figsize=(8, 3.6))
-    colors = ["0.6" if n in ("base", "experts") else "tab:blue" for n in names]
-    ax.bar(names, values, color=colors)
+    fig = Figure(figsize=(8, 3.6), dpi=120, layout="constrained")
+    ax = fig.add_subplot()
+    ax.bar(names, values, color=["0.6" if n in ("base", "experts") else "tab:blue" for n in names])
     for i, v in enumerate(values):
         ax.text(i, v + 1, f"{v:.1f}", ha="center", fontsize=8)
     ax.set_ylabel("average test accuracy (%)")
     ax.set_ylim(0, 100)
-    ax.set_title(f"Merging {tasks} digit-transform experts: average test accuracy")
-    plt.setp(ax.get_xticklabels(), rotation=30, ha="right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    ax.set_title(f"Merging {len(scores['experts'])} digit-transform experts: average test accuracy")
+    ax.tick_params(axis="x", labelrotation=30)
+    for label in ax.get_xticklabels():
+        label.set_horizontalalignment("right")
+    fig.savefig(path)
 
 
 def _pct(value: float) -> str:
