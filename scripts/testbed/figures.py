@@ -40,6 +40,7 @@ METHODS: dict[str, dict[str, str]] = {
 DURATION_METHODS = "linear,task_arithmetic,greedy_soup"
 SIZES = "1,1.5,2,3,4,5,6,7,8"
 BEGIN, END = "<!-- testbed-results:begin -->", "<!-- testbed-results:end -->"
+PATH_KEYS = ("files", "folder", "output", "checkpoints")
 PAPER_TA_GAIN = 13.5  # FlexMerge paper: task arithmetic from 1× to 2×, 8 vision tasks (points)
 
 
@@ -81,6 +82,15 @@ class Bench:
         return path
 
 
+def portable(data: Any) -> Any:
+    """``data`` without the machine's paths (the keys of ``PATH_KEYS``; steps stay)."""
+    if isinstance(data, dict):
+        return {k: portable(v) for k, v in data.items() if k not in PATH_KEYS}
+    if isinstance(data, list):
+        return [portable(v) for v in data]
+    return data
+
+
 def mean(values: dict[str, float]) -> float:
     return sum(values.values()) / len(values)
 
@@ -120,7 +130,7 @@ def flex_curve(bench: Bench, lam: float, out: Path) -> dict[str, Any]:
     target = bench.work / "flex"
     result = mergecli("flex", path, "--sizes", SIZES, "--evaluate", "-o", target, "--force")
     shutil.copyfile(target / "flex_scores.png", out / "testbed-size.png")
-    return {"lambda": scale, **result["evaluation"]}
+    return {"lambda": scale, **portable(result["evaluation"])}
 
 
 def durations(bench: Bench, lam: float, out: Path) -> dict[str, Any]:
@@ -131,7 +141,7 @@ def durations(bench: Bench, lam: float, out: Path) -> dict[str, Any]:
         "sweep", path, "--over-checkpoints", "--methods", DURATION_METHODS, "-o", target, "--force"
     )
     shutil.copyfile(target / "durations.png", out / "testbed-duration.png")
-    return result
+    return portable(result)
 
 
 def methods_figure(scores: dict[str, dict[str, float]], path: Path) -> None:
