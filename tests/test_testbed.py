@@ -12,6 +12,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from scripts.testbed import build
 from scripts.testbed.data import TRANSFORMS, examples, load_digits, read_jsonl, split_indices
+from scripts.testbed.figures import BEGIN, END, flex_table, write_doc
 
 
 def manifest(testbed: Path) -> dict:
@@ -111,6 +112,27 @@ def test_tasks_present_the_same_digit_differently() -> None:
     assert blank[0]["text"] == " ".join(["0000"] * 16)
 
 
-def test_refuses_a_folder_with_a_testbed(testbed: Path) -> None:
-    with pytest.raises(SystemExit, match="already holds a testbed"):
+def test_refuses_a_folder_that_is_not_empty(testbed: Path) -> None:
+    with pytest.raises(SystemExit, match="is not empty"):
         build(testbed, reduced=True)
+
+
+def test_figure_tables_report_the_gain_and_replace_only_the_marked_section(tmp_path: Path) -> None:
+    flex = {
+        "lambda": 1.6,
+        "sizes": [
+            {"target": 1.0, "size": 1.0, "score": 0.3},
+            {"target": 1.5, "size": 1.5, "score": 0.4},
+            {"target": 2.0, "size": 1.9, "score": 0.5},
+        ],
+        "gain_1x_2x": 0.2,
+        "expert_score": 0.8,
+    }
+    table = flex_table(flex)
+    assert table[0] == "| deployed size (models) | 1.00× | 1.50× | 1.90× |"
+    assert table[2] == "| average test accuracy (%) | 30.0 | 40.0 | 50.0 |"
+    assert "gains **+20.0 points** from 1× to 2× (1.90× reached; experts: 80.0 %)" in table[-1]
+    doc = tmp_path / "testbed.md"
+    doc.write_text(f"intro\n{BEGIN}\nold\n{END}\noutro\n")
+    write_doc(doc, "new")
+    assert doc.read_text() == f"intro\n{BEGIN}\nnew\n{END}\noutro\n"

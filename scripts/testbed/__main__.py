@@ -1,4 +1,6 @@
-"""``python -m scripts.testbed build OUT [--reduced] [--seed 0]``."""
+"""``python -m scripts.testbed build OUT [--reduced] [--seed 0]`` builds the testbed;
+``python -m scripts.testbed figures TESTBED [--docs docs] [--parts methods,flex,durations]``
+draws its figures with mergecli (docs/testbed.md), building the testbed first if needed."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ import json
 from pathlib import Path
 
 from scripts.testbed.build import build
+from scripts.testbed.figures import PARTS, figures
 
 
 def main() -> None:
@@ -16,7 +19,21 @@ def main() -> None:
     build_cmd.add_argument("out", type=Path)
     build_cmd.add_argument("--reduced", action="store_true", help="the seconds-long test build")
     build_cmd.add_argument("--seed", type=int, default=0)
+    figures_cmd = commands.add_parser("figures", help="figures and tables of a built testbed")
+    figures_cmd.add_argument("testbed", type=Path, help="a built testbed (built here if absent)")
+    figures_cmd.add_argument("--docs", type=Path, default=Path("docs"))
+    figures_cmd.add_argument("--parts", default=",".join(PARTS))
     args = parser.parse_args()
+    if args.command == "figures":
+        parts = tuple(p for p in args.parts.split(",") if p)
+        unknown = set(parts) - set(PARTS)
+        if unknown:
+            parser.error(f"--parts: unknown {', '.join(sorted(unknown))}; choose from {PARTS}")
+        if not (args.testbed / "testbed.json").exists():
+            build(args.testbed)
+        results = figures(args.testbed, args.docs, parts)
+        print(json.dumps({k: v for k, v in results.items() if k != "durations"}, indent=2))
+        return
     out = build(args.out, reduced=args.reduced, seed=args.seed)
     manifest = json.loads((out / "testbed.json").read_text())
     print(json.dumps(manifest["average_test_accuracy"], indent=2))

@@ -17,6 +17,7 @@ from scripts.testbed.data import TRANSFORMS, examples, load_digits, split_indice
 from scripts.testbed.model import Encoded, accuracy, encode, make_model, make_tokenizer, train
 
 LAMBDAS = tuple(round(0.1 * i, 1) for i in range(1, 11))
+LEARNING_RATE = 2e-3  # AdamW, pretraining and fine-tuning
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,7 @@ def task_arithmetic(
 
 
 def build(out: Path, reduced: bool = False, seed: int = 0) -> Path:
-    """Write the testbed into ``out`` (created; must not hold a previous build) and return it.
+    """Write the testbed into ``out`` (a new or empty folder) and return it.
 
     Runs on one CPU thread: a model this small trains fastest so (threads only contend) and the
     weights then do not depend on the machine's core count.
@@ -64,8 +65,8 @@ def build(out: Path, reduced: bool = False, seed: int = 0) -> Path:
 
 def _build(out: Path, scale: Scale, seed: int) -> Path:
     tasks = list(TRANSFORMS)[: scale.tasks]
-    if (out / "testbed.json").exists():
-        raise SystemExit(f"{out} already holds a testbed; choose an empty folder")
+    if out.exists() and any(out.iterdir()):
+        raise SystemExit(f"{out} is not empty; the testbed is built into a new or empty folder")
     images, labels = load_digits()
     split = split_indices(len(labels), seed, scale.held_out)
     tokenizer = make_tokenizer()
@@ -74,7 +75,9 @@ def _build(out: Path, scale: Scale, seed: int) -> Path:
         return examples(images[indices], labels[indices], task)
 
     model = make_model(seed)
-    train(model, encode(tokenizer, part(split.train, None)), scale.pretrain_steps, 2e-3, seed)
+    train(
+        model, encode(tokenizer, part(split.train, None)), scale.pretrain_steps, LEARNING_RATE, seed
+    )
     save(model, tokenizer, out / "base")
     base_state = {k: v.clone() for k, v in model.state_dict().items()}
 
@@ -95,7 +98,15 @@ def _build(out: Path, scale: Scale, seed: int) -> Path:
             curve[step] = accuracy(model, held[task]["validation"])
 
         data = encode(tokenizer, part(split.train, task))
-        train(model, data, scale.finetune_steps, 2e-3, seed + 1 + i, scale.save_every, checkpoint)
+        train(
+            model,
+            data,
+            scale.finetune_steps,
+            LEARNING_RATE,
+            seed + 1 + i,
+            scale.save_every,
+            checkpoint,
+        )
         best = max(curve, key=lambda s: (curve[s], -s))
         shutil.copytree(out / "runs" / task / f"checkpoint-{best}", out / "experts" / task)
         model.load_state_dict(
