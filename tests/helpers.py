@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 import yaml
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from mergecli.cli import app
@@ -24,6 +24,28 @@ def load_state(folder: Path) -> dict[str, torch.Tensor]:
     for file in sorted(folder.glob("*.safetensors")):
         state.update(load_file(file))
     return state
+
+
+def write_random_experts(
+    root: Path, tensors: int, shape: tuple[int, ...], experts: int, seed: int, varied: bool
+) -> list[str]:
+    """A single-file base of ``tensors`` random MLP weights in ``root/base`` and experts
+    ``root/e<t>`` = base + scale · noise (scale 0.1, or a random scale per tensor when
+    ``varied``); returns the tensor names."""
+    gen = torch.Generator().manual_seed(seed)
+    names = [f"model.layers.{i}.mlp.up_proj.weight" for i in range(tensors)]
+    base = {n: torch.randn(shape, generator=gen) for n in names}
+    (root / "base").mkdir()
+    save_file(base, root / "base" / "model.safetensors")
+    for t in range(experts):
+        (root / f"e{t}").mkdir()
+        scales = torch.rand(tensors, generator=gen) if varied else torch.full((tensors,), 0.1)
+        state = {
+            n: b + s * torch.randn(shape, generator=gen)
+            for (n, b), s in zip(base.items(), scales, strict=True)
+        }
+        save_file(state, root / f"e{t}" / "model.safetensors")
+    return names
 
 
 def write_recipe(folder: Path, recipe: dict[str, Any], name: str = "recipe.yaml") -> Path:

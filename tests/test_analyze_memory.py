@@ -13,9 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
-from tests.helpers import load_state, peak_memory_job
+from tests.helpers import load_state, peak_memory_job, write_random_experts
 
 TENSORS, SHAPE, EXPERTS = 24, (256, 1024), 3
 MIB = 1 << 20
@@ -41,19 +40,8 @@ def run_job(kind: str, recipe: dict, output: Path) -> dict:
 
 @pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="needs Linux /proc")
 def test_exact_thresholds_with_the_memory_of_a_merge(tmp_path: Path) -> None:
-    gen = torch.Generator().manual_seed(3)
-    names = [f"model.layers.{i}.mlp.up_proj.weight" for i in range(TENSORS)]
-    base = {n: torch.randn(SHAPE, generator=gen) for n in names}
-    (tmp_path / "base").mkdir()
-    save_file(base, tmp_path / "base" / "model.safetensors")
-    for t in range(EXPERTS):
-        (tmp_path / f"e{t}").mkdir()
-        scales = torch.rand(TENSORS, generator=gen)  # tensors differ: model and tensor scope too
-        state = {
-            n: b + s * torch.randn(SHAPE, generator=gen)
-            for (n, b), s in zip(base.items(), scales, strict=True)
-        }
-        save_file(state, tmp_path / f"e{t}" / "model.safetensors")
+    # scales differ per tensor: model and tensor scope differ too
+    names = write_random_experts(tmp_path, TENSORS, SHAPE, EXPERTS, seed=3, varied=True)
     recipe = {
         "merge_method": "ties",
         "base_model": str(tmp_path / "base"),

@@ -11,10 +11,8 @@ import math
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import save_file
 
-from tests.helpers import peak_memory_job
+from tests.helpers import peak_memory_job, write_random_experts
 
 TENSORS, SHAPE, EXPERTS = 48, (128, 1024), 4
 MIB = 1 << 20
@@ -43,15 +41,7 @@ def run_job(kind: str, recipe: dict, output: Path) -> int:
 
 @pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="needs Linux /proc")
 def test_similarity_pass_has_the_memory_of_a_merge(tmp_path: Path) -> None:
-    gen = torch.Generator().manual_seed(5)
-    names = [f"model.layers.{i}.mlp.up_proj.weight" for i in range(TENSORS)]
-    base = {n: torch.randn(SHAPE, generator=gen) for n in names}
-    (tmp_path / "base").mkdir()
-    save_file(base, tmp_path / "base" / "model.safetensors")
-    for t in range(EXPERTS):
-        (tmp_path / f"e{t}").mkdir()
-        state = {n: b + 0.1 * torch.randn(SHAPE, generator=gen) for n, b in base.items()}
-        save_file(state, tmp_path / f"e{t}" / "model.safetensors")
+    write_random_experts(tmp_path, TENSORS, SHAPE, EXPERTS, seed=5, varied=False)
     recipe = {
         "merge_method": "task_arithmetic",
         "base_model": str(tmp_path / "base"),
