@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from mergecli.sources import Checkpoint
 from tests.conftest import EXPERTS
 from tests.helpers import load_state, run_cli, write_recipe
 
@@ -228,3 +229,9 @@ def test_bin_weights_refused_unless_opted_in(zoo: Path, tmp_path: Path) -> None:
     assert_clean_failure(run_cli("merge", path), tmp_path / "out", "models[1].model", "allow_bin")
     result = run_cli("merge", path, "--allow-bin", "--quiet")
     assert result.exit_code == 0, result.output
+    # methods modify what they read in place (τ = θ − θ0): a .bin read must be a copy, so that
+    # statistics passes and the merge all read the stored weights
+    source = Checkpoint(other, "models[1].model", allow_bin=True)
+    name = source.tensor_names()[0]
+    source.read(name).zero_()
+    assert torch.equal(source.read(name), load_state(zoo / "code")[name])

@@ -31,9 +31,12 @@ def _read(plan: MergePlan, tensor: TensorPlan, rows: Rows, timer: Timer) -> list
     cuda = plan.device.type == "cuda"
     out = []
     for source in plan.read_sources(tensor):
-        t = source.read(tensor.name, rows, pin=cuda)
+        t = source.read(tensor.name, rows)
         timer.bytes_read += t.nbytes
-        out.append(t.to(plan.compute_dtype) if tensor.merge and not cuda else t)
+        if cuda:
+            out.append(t.pin_memory())
+        else:
+            out.append(t.to(plan.compute_dtype) if tensor.merge else t)
     timer.read += time.perf_counter() - start
     return out
 

@@ -284,11 +284,9 @@ class Adapter:
     def __contains__(self, name: str) -> bool:
         return name in self.base
 
-    def read(
-        self, name: str, rows: tuple[int, int] | None = None, pin: bool = False
-    ) -> torch.Tensor:
+    def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
         """The task vector of one base tensor (zeros where the adapter does not touch it), or
-        its rows ``start:stop``; page-locked when ``pin``."""
+        its rows ``start:stop``."""
         terms = self.terms.get(name)
         if not terms:
             out = torch.zeros(self.base.info(name).shape, dtype=self.dtype)
@@ -296,9 +294,7 @@ class Adapter:
             out = terms[0].delta(self, name)
             for term in terms[1:]:
                 out += term.delta(self, name)
-        if rows is not None:
-            out = out[rows[0] : rows[1]]
-        return out.pin_memory() if pin else out
+        return out if rows is None else out[rows[0] : rows[1]]
 
     def config(self) -> dict[str, Any] | None:
         return self.base.config()

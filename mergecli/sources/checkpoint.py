@@ -62,11 +62,6 @@ class TensorInfo:
     def nbytes(self) -> int:
         return self.numel * self.dtype.itemsize
 
-    @property
-    def rows(self) -> int:
-        """Length of the first dimension (1 for a scalar)."""
-        return self.shape[0] if self.shape else 1
-
 
 class Checkpoint:
     """A folder with ``*.safetensors`` shards (optionally indexed), read lazily.
@@ -152,22 +147,18 @@ class Checkpoint:
         """The shard's path once it is on disk (at once for a local folder)."""
         return file
 
-    def read(
-        self, name: str, rows: tuple[int, int] | None = None, pin: bool = False
-    ) -> torch.Tensor:
-        """One tensor (or its rows ``start:stop``), on the CPU, in its stored dtype (page-locked
-        when ``pin``). The result may be modified in place: a whole tensor lives in a private
-        (copy-on-write) mapping of its own, rows are copied out of the file."""
+    def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """One tensor (or its rows ``start:stop``), on the CPU, in its stored dtype. The result
+        may be modified in place: a whole tensor lives in a private (copy-on-write) mapping of
+        its own, rows are copied out of the file, and a ``.bin`` tensor is copied."""
         info = self._infos[name]
         if info.file in self._bins:
             tensor = self._bins[info.file][name]
-            return tensor if rows is None else tensor[rows[0] : rows[1]]
+            return (tensor if rows is None else tensor[rows[0] : rows[1]]).clone()
         with safe_open(str(self._local(info.file)), framework="pt", device="cpu") as handle:
             if rows is None or not info.shape:
-                tensor = handle.get_tensor(name)
-            else:
-                tensor = handle.get_slice(name)[rows[0] : rows[1]]
-        return tensor.pin_memory() if pin else tensor
+                return handle.get_tensor(name)
+            return handle.get_slice(name)[rows[0] : rows[1]]
 
     def config(self) -> dict[str, Any] | None:
         file = self.path / "config.json"
