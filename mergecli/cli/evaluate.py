@@ -47,8 +47,9 @@ def _target(recipe: Path, spec: mergecli.Recipe, output: Path | None, force: boo
 
     target = output_folder(recipe, spec, output, False)
     assert target is not None
-    check_output(target.resolve(), force)
-    return target.resolve()
+    target = target.resolve()
+    check_output(target, force)
+    return target
 
 
 def write_results(
@@ -317,11 +318,7 @@ def landscape(
     spec = spec.model_copy(update={"evaluate": section})
     names = [n.strip() for value in models for n in value.split(",") if n.strip()]
     values = [float(a) for a in parse_values(alphas, "--alphas")]
-    target = output.resolve() if output else None
-    if target is not None:
-        from mergecli.engine.output import check_output
-
-        check_output(target, force)
+    target = _target(recipe, spec, output, force) if output else None
     scorer = Scorer(spec, device, count_bar_for(err, quiet or json_out))
     result = run_landscape(spec, scorer, names, path, values, task)
     if target is not None:

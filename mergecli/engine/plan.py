@@ -351,13 +351,14 @@ def plan_merge(recipe: Recipe, device: str = "cpu", shard_size: str | int = "5GB
         else []
     )
     specs = [(t.name, t.shape, t.out_dtype) for t in tensors]
-    shards = plan_shards(specs, shard_bytes)
     artifact = lora = None
     if recipe.output_format == "lora":
         merged = {t.name: t.params for t in tensors if t.merge}
         lora_dtype = getattr(torch, recipe.out_dtype or "float32")
         lora = plan_lora_output(recipe, method, base, experts, merged, lora_dtype)
         shards = [lora.shard]
+    else:
+        shards = plan_shards(specs, shard_bytes)
     if method.output == "task_masks":
         check_task_names(recipe)
         metadata = {"mergecli_method": method.name}

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -30,7 +29,7 @@ from mergecli.flex.channel import channel_partition
 from mergecli.flex.order import Group, Partition, Step, merge_order, partition_after
 from mergecli.flex.plan import FlexPlan
 from mergecli.flex.report import order_rows, size_report, write_size_reports
-from mergecli.flex.similarity import block_grams, reading_bytes, with_base
+from mergecli.flex.similarity import block_grams, block_inputs, reading_bytes, with_base
 from mergecli.flex.size import steps_for
 from mergecli.methods import Params, TaskMasks, TensorInputs
 from mergecli.progress import NullProgress, Progress
@@ -156,24 +155,6 @@ def run_flex(
     return FlexResult(output, rows, results, grams, timing)
 
 
-def _block_inputs(
-    plan: FlexPlan, blocks: list[Block], timer: Timer, per_block: bool
-) -> Iterator[tuple[int, TensorPlan, TensorInputs]]:
-    """Every block tensor's inputs (with the base), in block order; one stream in all, or one
-    per block (when statistics are gathered between blocks)."""
-    reading = with_base(plan.merge)
-    index = {t.name: b for b, block in enumerate(blocks) for t in block.tensors}
-    runs = (
-        [block.tensors for block in blocks]
-        if per_block
-        else [[t for x in blocks for t in x.tensors]]
-    )
-    for tensors in runs:
-        for tensor, inputs in stream_inputs(reading, tensors, timer):
-            assert isinstance(inputs, TensorInputs)
-            yield index[tensor.name], tensor, inputs
-
-
 def expert_tensors(inputs: TensorInputs) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Each expert's weights and task vector (neither modifies the other)."""
     base = inputs.base
@@ -229,7 +210,7 @@ def group_statistics(
     stats = {g: make(params[g], plan.merge.warnings.append) for g in groups}
     while any(s.wants_pass() for ss in stats.values() for s in ss):
         active = {g: [s for s in ss if s.wants_pass()] for g, ss in stats.items()}
-        for _, _, inputs in _block_inputs(plan, [block], timer, per_block=True):
+        for _, _, inputs in block_inputs(plan.merge, [block], timer, per_block=True):
             weights, tvs = expert_tensors(inputs)
             for g, ss in active.items():
                 for statistic in ss:
@@ -290,9 +271,8 @@ def merge_pass(
 ) -> None:
     """Stream every tensor once, merge each distinct group once, write every size."""
     reading = with_base(plan.merge)
-    block_tensors = [t for block in plan.blocks for t in block.tensors]
-    total = sum(reading_bytes(plan.merge, t.name) for t in block_tensors)
-    progress.start("merging", len(plan.shared) + len(block_tensors), total)
+    sizes = reading_bytes(plan.merge, plan.blocks)
+    progress.start("merging", len(plan.shared) + len(sizes), sum(sizes.values()))
     for tensor, raw in stream_inputs(reading, plan.shared, timer):
         assert isinstance(raw, torch.Tensor)
         for writer in writers:
@@ -307,7 +287,7 @@ def merge_pass(
     current = -1
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergecli-write") as pool:
         pending: deque[Future[None]] = deque()
-        for b, tensor, inputs in _block_inputs(plan, plan.blocks, timer, per_block=with_stats):
+        for b, tensor, inputs in block_inputs(plan.merge, plan.blocks, timer, per_block=with_stats):
             if with_stats and b != current:
                 current = b
                 multi = [g for g in groups[b] if len(g) > 1]
@@ -318,7 +298,7 @@ def merge_pass(
             pending.append(pool.submit(_write, writers, tensor.name, stored, scales, timer))
             while len(pending) > WRITE_QUEUE:
                 pending.popleft().result()
-            progress.advance(1, reading_bytes(plan.merge, tensor.name))
+            progress.advance(1, sizes[tensor.name])
         for future in pending:
             future.result()
 

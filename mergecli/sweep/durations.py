@@ -59,13 +59,12 @@ def tstar_points(recipe: Recipe, tstar: dict[str, int], multiples: list[float]) 
     first or beyond its last checkpoint) give one point, labelled by the multiple that the
     chosen steps match best (least Σ |m·T* − step| / T*; ties: the smaller multiple)."""
     best: dict[tuple[Path, ...], tuple[float, Point]] = {}
+    runs = [(p, run_checkpoints(p)) for p in (recipe.resolve_path(e.model) for e in recipe.models)]
     for multiple in multiples:
         steps: list[int | None] = []
         paths: list[Path] = []
         error = 0.0
-        for i, entry in enumerate(recipe.models):
-            path = recipe.resolve_path(entry.model)
-            run = run_checkpoints(path)
+        for i, (path, run) in enumerate(runs):
             if not run:
                 steps.append(None)
                 paths.append(path)
