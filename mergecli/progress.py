@@ -82,7 +82,7 @@ class CountBar:
     CountBar reports nothing.
     """
 
-    def __init__(self, console: Console, enabled: bool) -> None:
+    def __init__(self, console: Console | None = None, enabled: bool = False) -> None:
         self.bar = (
             RichBar(
                 TextColumn("{task.description:<30}"),

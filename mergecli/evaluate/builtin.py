@@ -202,6 +202,7 @@ class BuiltinEvaluator:
         self, source: ModelSource, tasks: list[Task], bar: CountBar | None = None
     ) -> dict[str, float]:
         """The metric on each task's data."""
+        bar = bar or CountBar()
         model, kind, tok_folder = self.load(source)
         tokenizer, key = self._tokenizer(tok_folder)
         pad = tokenizer.pad_token_id
@@ -212,17 +213,15 @@ class BuiltinEvaluator:
             examples = self._examples(task, kind, tokenizer, key, model)
             size = self.section.batch_size
             batches = [examples[i : i + size] for i in range(0, len(examples), size)]
-            handle = bar.add(f"{self.metric} on {task.name}", len(batches)) if bar else None
+            handle = bar.add(f"{self.metric} on {task.name}", len(batches))
             sums = torch.zeros(3, dtype=torch.float64)
             with torch.inference_mode():
                 for batch in batches:
                     sums += torch.tensor(
                         _STEPS[kind](model, _collate(batch, pad, self.device), task)
                     )
-                    if bar:
-                        bar.advance(handle)
-            if bar:
-                bar.done(handle)
+                    bar.advance(handle)
+            bar.done(handle)
             loss, correct, count = sums.tolist()
             if self.metric == "accuracy":
                 scores[task.name] = correct / count

@@ -57,14 +57,13 @@ class CommandEvaluator:
         self, source: Path, tasks: list[Task], bar: CountBar | None = None
     ) -> dict[str, float]:
         """Run the command for each task on a checkpoint folder."""
-        handle = bar.add(f"command on {source.name}", len(tasks)) if bar else None
+        bar = bar or CountBar()
+        handle = bar.add(f"command on {source.name}", len(tasks))
         scores = {}
         for task in tasks:
             scores[task.name] = self._run(self.command(source, task), task)
-            if bar:
-                bar.advance(handle)
-        if bar:
-            bar.done(handle)
+            bar.advance(handle)
+        bar.done(handle)
         return scores
 
     def _run(self, command: list[str] | str, task: Task) -> float:

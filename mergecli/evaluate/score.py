@@ -61,7 +61,7 @@ class Scorer:
         )
         self.metric = section.metric or "score"
         self.higher_is_better = self.evaluator.higher_is_better
-        self.bar = bar
+        self.bar = bar or CountBar()
         self.expert_names = [recipe.model_name(i) for i in range(len(recipe.models))]
         self._models: dict[tuple[Path, tuple[str, ...]], dict[str, float]] = {}
 

@@ -123,7 +123,7 @@ def sweep_durations(
         points = tstar_points(recipe, result["tstar"], list(multiples or MULTIPLES))
     else:
         points = sweep_points(recipe, "step")
-    handle = scorer.bar.add("durations", len(points) * len(methods)) if scorer.bar else None
+    handle = scorer.bar.add("durations", len(points) * len(methods))
     rows = []
     for point in points:
         at = point_recipe(recipe, point)
@@ -143,11 +143,9 @@ def sweep_durations(
                 "score": merged.score,
                 **merged.details,
             }
-            if scorer.bar:
-                scorer.bar.advance(handle)
+            scorer.bar.advance(handle)
         rows.append(row)
-    if scorer.bar:
-        scorer.bar.done(handle)
+    scorer.bar.done(handle)
     result["points"] = rows
     result["best"] = {
         method: rows[scorer.best([r["methods"][method]["score"] for r in rows])]["x"]

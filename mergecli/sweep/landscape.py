@@ -93,15 +93,13 @@ def landscape(
         raise MergeError("--alphas: a path needs at least two values of α")
     chosen = _tasks(scorer, recipe, entries, tasks)
     curves: dict[str, list[float]] = {t.name: [] for t in chosen}
-    handle = scorer.bar.add("landscape", len(alphas)) if scorer.bar else None
+    handle = scorer.bar.add("landscape", len(alphas))
     for alpha in alphas:
         scores = scorer.merge(path_recipe(recipe, entries, path, alpha), chosen).tasks
         for name, value in scores.items():
             curves[name].append(value)
-        if scorer.bar:
-            scorer.bar.advance(handle)
-    if scorer.bar:
-        scorer.bar.done(handle)
+        scorer.bar.advance(handle)
+    scorer.bar.done(handle)
     mean = [sum(c[i] for c in curves.values()) / len(curves) for i in range(len(alphas))]
     return {
         "path": path,

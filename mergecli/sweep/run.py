@@ -25,22 +25,20 @@ def sweep_grid(
     rows: list[dict[str, Any]] = []
     best: tuple[int, Evaluation] | None = None
     since_best = 0
-    handle = scorer.bar.add("sweep", len(points)) if scorer.bar else None
+    handle = scorer.bar.add("sweep", len(points))
     for point in points:
         result = scorer.recipe(apply_point(recipe, axes, point))
         rows.append(
             {"parameters": point, "tasks": result.tasks, "score": result.score, **result.details}
         )
-        if scorer.bar:
-            scorer.bar.advance(handle)
+        scorer.bar.advance(handle)
         if best is None or scorer.better(result.score, best[1].score):
             best, since_best = (len(rows) - 1, result), 0
         else:
             since_best += 1
         if patience is not None and since_best >= patience:
             break
-    if scorer.bar:
-        scorer.bar.done(handle)
+    scorer.bar.done(handle)
     assert best is not None and best[1].recipe is not None
     table = {
         "metric": scorer.metric,

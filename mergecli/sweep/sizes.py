@@ -19,7 +19,7 @@ def score_sizes(
     recipe: Recipe, scorer: Scorer, sizes: list[tuple[float, float, Path]]
 ) -> dict[str, Any]:
     """Scores of (target, deployed size, artifact folder) triples, and the experts'."""
-    handle = scorer.bar.add("scoring sizes", len(sizes)) if scorer.bar else None
+    handle = scorer.bar.add("scoring sizes", len(sizes))
     rows = []
     for target, size, folder in sizes:
         result = scorer.artifact(folder)
@@ -32,10 +32,8 @@ def score_sizes(
                 "score": result.score,
             }
         )
-        if scorer.bar:
-            scorer.bar.advance(handle)
-    if scorer.bar:
-        scorer.bar.done(handle)
+        scorer.bar.advance(handle)
+    scorer.bar.done(handle)
     experts = scorer.expert_scores(recipe)
     by_target = {r["target"]: r["score"] for r in rows}
     return {
