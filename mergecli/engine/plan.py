@@ -15,6 +15,7 @@ from mergecli.engine.task_artifact import TaskArtifactLayout, plan_task_artifact
 from mergecli.errors import MergeError, did_you_mean
 from mergecli.layers import count_layers, layer_index, layer_position
 from mergecli.methods import REQUIRED, MethodSpec, Param, Params, get_method
+from mergecli.methods.inputs import row_chunks
 from mergecli.methods.statistics import Statistic
 from mergecli.params import resolve_value
 from mergecli.recipe import Recipe
@@ -97,11 +98,8 @@ class MergePlan:
         chunked = (
             not tensor.merge or (self.lora is None and self.method.is_elementwise(tensor.params))
         ) and all(s.row_reads for s in self.read_sources(tensor))
-        if not chunked or len(tensor.shape) < 2 or tensor.numel <= CHUNK_ELEMENTS:
-            return [None]
-        rows = tensor.shape[0]
-        step = max(1, CHUNK_ELEMENTS * rows // tensor.numel)
-        return [(r, min(r + step, rows)) for r in range(0, rows, step)]
+        chunks = row_chunks(tensor.shape, CHUNK_ELEMENTS) if chunked else None
+        return [None] if chunks is None else list(chunks)
 
     def piece_bytes(self, tensor: TensorPlan, rows: Rows) -> int:
         """Memory that one piece's inputs take once read (in the compute dtype when merged)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,6 +14,17 @@ def seed_for(seed: int, expert: int, tensor_name: str) -> int:
     """A 63-bit seed depending only on the recipe seed, the expert's index and the tensor name."""
     digest = hashlib.sha256(f"{seed}\x00{expert}\x00{tensor_name}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def row_chunks(shape: tuple[int, ...], limit: int) -> list[tuple[int, int]] | None:
+    """Row ranges ``start:stop`` of about ``limit`` entries each that cover a tensor of
+    ``shape``; None when it has fewer than two dimensions or at most ``limit`` entries."""
+    numel = math.prod(shape)
+    if len(shape) < 2 or numel <= limit:
+        return None
+    rows = shape[0]
+    step = max(1, limit * rows // numel)
+    return [(r, min(r + step, rows)) for r in range(0, rows, step)]
 
 
 @dataclass

@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import torch
 
-from mergecli.methods.inputs import TensorInputs
+from mergecli.methods.inputs import TensorInputs, row_chunks
 from mergecli.methods.linear import LAMBDA, WEIGHT
 from mergecli.methods.registry import Param, Params, merge_method
 from mergecli.methods.sparsify import (
@@ -101,16 +101,15 @@ def ties(inputs: TensorInputs, p: Params) -> torch.Tensor:
     thresholds = trim_thresholds(inputs, p)
     inputs.task_vectors()  # once, before the blocks view them
     assert inputs.base is not None
-    shape = inputs.base.shape
-    if len(shape) < 2 or inputs.base.numel() <= BLOCK_ELEMENTS:
+    chunks = row_chunks(tuple(inputs.base.shape), BLOCK_ELEMENTS)
+    if chunks is None:
         return elect_and_merge(inputs, trimmed_task_vectors(inputs, p, thresholds), p)
     out = torch.empty_like(inputs.base)
     counts = [0] * inputs.num_experts
-    step = max(1, BLOCK_ELEMENTS * shape[0] // inputs.base.numel())
-    for start in range(0, shape[0], step):
-        part = inputs.rows(start, start + step)
+    for start, stop in chunks:
+        part = inputs.rows(start, stop)
         trimmed = trimmed_task_vectors(part, p, thresholds)
-        out[start : start + step] = elect_and_merge(part, trimmed, p)
+        out[start:stop] = elect_and_merge(part, trimmed, p)
         n = part.base.numel() if part.base is not None else 0
         counts = [c + round((k or 0.0) * n) for c, k in zip(counts, part.kept, strict=True)]
     inputs.kept = [c / inputs.base.numel() for c in counts]
