@@ -212,7 +212,7 @@ def print_grid(table: dict[str, Any]) -> None:
     for task in [*table["tasks"], "mean"]:
         grid.add_column(task, justify="right")
     for row in table["rows"]:
-        style = "bold green" if row is table["best"] or row == table["best"] else None
+        style = "bold green" if row == table["best"] else None
         grid.add_row(
             *(_fmt(row["parameters"][k]) for k in table["grid"]),
             *(_fmt(row["tasks"][t]) for t in table["tasks"]),

@@ -11,9 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from mergecli.sources import DTYPE_CODES
-
-INDEX_NAME = "model.safetensors.index.json"
+from mergecli.sources.checkpoint import DTYPE_CODES
 
 
 @dataclass

@@ -7,7 +7,8 @@ from typing import BinaryIO
 
 import torch
 
-from mergecli.engine.layout import INDEX_NAME, Shard, index_json
+from mergecli.engine.layout import Shard, index_json
+from mergecli.sources.checkpoint import INDEX_NAME
 
 
 class ShardWriter:

@@ -28,6 +28,7 @@ SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "BOOL": torch.bool,
 }
 DTYPE_CODES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+INDEX_NAME = "model.safetensors.index.json"
 
 CONFIG_FILES = ("config.json", "generation_config.json")
 TOKENIZER_FILES = (
@@ -93,7 +94,7 @@ class Checkpoint:
             self._read_header(file)
 
     def _weight_files(self, allow_bin: bool) -> list[Path]:
-        index = self.path / "model.safetensors.index.json"
+        index = self.path / INDEX_NAME
         if index.is_file():
             weight_map = json.loads(index.read_text())["weight_map"]
             files = [self.path / f for f in dict.fromkeys(weight_map.values())]

@@ -21,6 +21,7 @@ from typing import Any
 from mergecli.errors import MergeError
 from mergecli.sources.checkpoint import (
     CONFIG_FILES,
+    INDEX_NAME,
     SAFETENSORS_DTYPES,
     TOKENIZER_FILES,
     Checkpoint,
@@ -28,9 +29,8 @@ from mergecli.sources.checkpoint import (
 )
 
 HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?:@(?P<rev>[\w./-]+))?$")
-INDEX = "model.safetensors.index.json"
 SMALL_FILES = (
-    INDEX,
+    INDEX_NAME,
     "adapter_config.json",
     "adapter_model.safetensors",
     *CONFIG_FILES,
@@ -100,7 +100,7 @@ def snapshot_repo(folder: Path) -> tuple[str, str] | None:
 
 def weights_missing(folder: Path) -> bool:
     """Whether a snapshot lacks weight shards (those its index names, or any safetensors)."""
-    index = folder / INDEX
+    index = folder / INDEX_NAME
     if index.is_file():
         files = set(json.loads(index.read_text())["weight_map"].values())
         return not all((folder / f).is_file() for f in files)
@@ -162,15 +162,17 @@ class DownloadingCheckpoint(Checkpoint):
                 f"{self.label}: downloading {self.repo}/{file.name} failed: {exc}"
             ) from None
 
-    @property
-    def nbytes(self) -> int:
+    def _fetch_all(self) -> None:
         for file in self.files:
             self._local(file)
+
+    @property
+    def nbytes(self) -> int:
+        self._fetch_all()
         return super().nbytes
 
     def fingerprint(self) -> str:
-        for file in self.files:
-            self._local(file)
+        self._fetch_all()
         return super().fingerprint()
 
 
