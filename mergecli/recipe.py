@@ -52,9 +52,11 @@ class TemporalSection(_Strict):
 
 
 class EvalTask(_Strict):
-    """One task of an ``evaluate:`` section: its data file and the expert trained for it."""
+    """One task of an ``evaluate:`` section: its validation and test data files and the expert
+    trained for it."""
 
     data: str | None = None
+    test_data: str | None = None
     expert: str | None = None
 
 
@@ -64,12 +66,15 @@ class EvaluateSection(_Strict):
     Exactly one of ``metric`` (built-in: loss, perplexity or accuracy on local files) and
     ``command`` (a template with {model}, {task} and {data} that prints a number or a JSON
     object with a ``score``). ``data`` may contain ``{task}``; ``tasks`` maps task names to
-    their data and expert (the model of that name by default).
+    their data and expert (the model of that name by default). ``data`` is what selection
+    (sweeps, greedy soup, T*) scores on: the validation data; ``test_data`` (same forms), when
+    given, is what the selected merge is reported on.
     """
 
     metric: Literal["loss", "perplexity", "accuracy"] | None = None
     command: str | None = None
     data: str | None = None
+    test_data: str | None = None
     tasks: dict[str, EvalTask] | list[str] | None = None
     higher_is_better: bool | None = None
     batch_size: int = Field(16, ge=1)

@@ -273,7 +273,7 @@ def test_landscape_endpoints_and_midpoint(clf: Path, tmp_path: Path) -> None:
         (["--grid", "lambda"], "expected KEY=VALUES"),
         (["--grid", "zz.weight=1"], "no model is named 'zz'"),
         ([], "give --grid"),
-        (["--grid", "lambda=1", "--over-checkpoints"], "not both"),
+        (["--grid", "density=0.5", "--over-checkpoints"], "none of the methods"),
         (["--over-checkpoints"], "no expert names a training-run folder"),
     ],
 )

@@ -27,6 +27,7 @@ from mergecli.cli import (
 )
 from mergecli.cli.analyze import analyze_app, show
 from mergecli.errors import MergeError
+from mergecli.evaluate.protocol import describe
 from mergecli.progress import count_bar_for
 
 
@@ -149,9 +150,17 @@ def sweep(
         typer.Option(
             "--by",
             help="Durations by 'tstar' (multiples of each expert's "
-            "best-validation step) or by 'step'.",
+            "minimum-validation-loss step) or by 'step'.",
         ),
     ] = "tstar",
+    stop_patience: Annotated[
+        int | None,
+        typer.Option(
+            "--stop-patience",
+            help="With --over-checkpoints: also merge each run's early-stopped checkpoint "
+            "(stop after P checkpoints without a better validation score).",
+        ),
+    ] = None,
     multiples: Annotated[
         str, typer.Option("--multiples", help="Multiples of T* (list or start:stop:step).")
     ] = "0.25,0.5,0.75,1,1.5,2,3,5",
@@ -170,21 +179,37 @@ def sweep(
     """Score merges over a parameter grid (writing the best) or over training durations."""
     from mergecli.sweep.grid import parse_grid, parse_values
 
-    if bool(grid) == over_checkpoints:
-        raise MergeError("sweep: give --grid KEY=VALUES, or --over-checkpoints (not both)")
+    if not grid and not over_checkpoints:
+        raise MergeError("sweep: give --grid KEY=VALUES, --over-checkpoints, or both")
     spec, scorer = _scorer(recipe, device, quiet or json_out)
     if over_checkpoints:
+        from mergecli.sweep.durations import sweep_durations
+        from mergecli.sweep.grid import parse_axes
+
+        axes = parse_axes(grid, spec) if grid else None
         target = _target(recipe, spec, output, force)
         values = parse_values(multiples, "--multiples")
         names = [m.strip() for m in methods.split(",")] if methods else None
-        _durations(spec, scorer, target, by, names, values, json_out, quiet, force)
+        result = sweep_durations(
+            spec,
+            scorer,
+            by,
+            names,
+            [float(v) for v in values],
+            axes,
+            scorer.on_test(),
+            stop_patience,
+        )
+        _durations(result, target, json_out, quiet, force)
         return
+    if stop_patience is not None:
+        raise MergeError("--stop-patience: selects checkpoints of runs; add --over-checkpoints")
     assert grid is not None
     axes = parse_grid(grid, spec)
     target = _target(recipe, spec, output, force)
     from mergecli.sweep.run import sweep_grid, write_table
 
-    table, best = sweep_grid(spec, axes, scorer, patience)
+    table, best = sweep_grid(spec, axes, scorer, patience, scorer.on_test())
     result = mergecli.run_merge(mergecli.plan_merge(best, device=device), target, force=force)
     table["output"] = str(result.output)
     table["files"] = [str(p) for p in write_table(table, result.output)]
@@ -192,8 +217,10 @@ def sweep(
         print_json(table)
     elif not quiet:
         print_grid(table)
+        test = f", test {_fmt(table['test']['score'])}" if "test" in table else ""
         out.print(
-            f"best {table['best']['parameters']} → {_fmt(table['best']['score'])}; "
+            f"best {table['best']['parameters']} → validation {_fmt(table['best']['score'])}"
+            f"{test} ({describe(table['protocol'])}); "
             f"wrote {result.output} and {', '.join(Path(f).name for f in table['files'])}",
             highlight=False,
         )
@@ -205,6 +232,7 @@ def print_grid(table: dict[str, Any]) -> None:
         f"sweep of {table['method']}: {table['metric']} ({arrow} is better), "
         f"{table['evaluated']} of {table['points']} points"
         + (" (stopped early)" if table["stopped_early"] else "")
+        + ", validation data"
     )
     grid = Table(title=title)
     for label in table["grid"]:
@@ -223,20 +251,10 @@ def print_grid(table: dict[str, Any]) -> None:
 
 
 def _durations(
-    spec: mergecli.Recipe,
-    scorer: Any,
-    target: Path,
-    by: str,
-    methods: list[str] | None,
-    multiples: list[Any],
-    json_out: bool,
-    quiet: bool,
-    force: bool,
+    result: dict[str, Any], target: Path, json_out: bool, quiet: bool, force: bool
 ) -> None:
-    from mergecli.sweep.durations import sweep_durations
     from mergecli.sweep.plots import durations_figure
 
-    result = sweep_durations(spec, scorer, by, methods, [float(m) for m in multiples])
     write_results(result, target, force, "durations", durations_figure)
     if json_out:
         print_json(result)
@@ -244,31 +262,44 @@ def _durations(
     if quiet:
         return
     by_tstar = result["by"] == "tstar"
+    tested = result["protocol"]["reported_on"] == "test"
     table = Table(
         title=f"merged {result['metric']} against training duration "
-        f"({'multiples of T*' if by_tstar else 'steps'})"
+        f"({'multiples of T*' if by_tstar else 'steps'}); {describe(result['protocol'])}"
     )
     table.add_column("× T*" if by_tstar else "step", justify="right")
     table.add_column("checkpoints")
     for method in result["methods"]:
         table.add_column(method, justify="right")
     table.add_column("experts", justify="right")
-    for point in result["points"]:
+    expert_key = "expert_test_score" if tested else "expert_score"
+    rows = [(_fmt(p["x"]), p) for p in result["points"]]
+    if "early_stop" in result:
+        rows.append((f"early stop (P={result['early_stop']['patience']})", result["early_stop"]))
+    for label, point in rows:
         table.add_row(
-            _fmt(point["x"]),
+            label,
             ", ".join(
                 f"{n}@{s}" for n, s in zip(result["experts"], point["steps"], strict=True) if s
             ),
-            *(_fmt(point["methods"][m]["score"]) for m in result["methods"]),
-            _fmt(point["expert_score"]) if point["expert_score"] is not None else "–",
+            *(_duration_cell(point["methods"][m], tested) for m in result["methods"]),
+            _fmt(point[expert_key]) if point[expert_key] is not None else "–",
         )
     show(table)
     if by_tstar:
         out.print(
-            "T*: " + ", ".join(f"{n} step {s}" for n, s in result["tstar"].items()),
+            "T* (minimum validation loss): "
+            + ", ".join(f"{n} step {s}" for n, s in result["tstar"].items()),
             highlight=False,
         )
     out.print(f"wrote {', '.join(result['files'])}", highlight=False)
+
+
+def _duration_cell(entry: dict[str, Any], tested: bool) -> str:
+    """The reported score of one method at one duration, with the parameters chosen there."""
+    score = _fmt(entry["test"]["score"] if tested else entry["score"])
+    chosen = ", ".join(f"{k}={_fmt(v)}" for k, v in entry.get("parameters", {}).items())
+    return f"{score} ({chosen})" if chosen else score
 
 
 @analyze_app.command()

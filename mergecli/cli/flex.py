@@ -133,7 +133,9 @@ def evaluate_sizes(spec: mergecli.Recipe, scorer: Scorer, result: FlexResult) ->
     from mergecli.sweep.plots import sizes_figure
     from mergecli.sweep.sizes import score_sizes
 
-    scores = score_sizes(spec, scorer, [(r.target, r.size, r.folder) for r in result.results])
+    scores = score_sizes(
+        spec, scorer, [(r.target, r.size, r.folder) for r in result.results], scorer.on_test()
+    )
     json_path, png_path = result.output / "flex_scores.json", result.output / "flex_scores.png"
     sizes_figure(scores, png_path)
     scores["files"] = [str(json_path), str(png_path)]
@@ -144,20 +146,32 @@ def evaluate_sizes(spec: mergecli.Recipe, scorer: Scorer, result: FlexResult) ->
 def print_scores(scores: dict[str, Any]) -> None:
     from mergecli.cli.analyze import show
 
-    table = Table(title=f"{scores['metric']} of each task's model against deployed size")
+    tested = "experts_test" in scores
+    split = "test" if tested else "validation"
+    table = Table(
+        title=f"{scores['metric']} of each task's model against deployed size ({split} data)"
+    )
     table.add_column("size", justify="right")
     for task in [*scores["tasks"], "mean"]:
         table.add_column(task, justify="right")
-    rows = [(f"{r['size']:.3f}", r["tasks"], r["score"]) for r in scores["sizes"]]
-    if scores["expert_score"] is not None:
-        rows.append(("experts", scores["experts"], scores["expert_score"]))
+    rows = [
+        (
+            f"{r['size']:.3f}",
+            *((r["test"]["tasks"], r["test"]["score"]) if tested else (r["tasks"], r["score"])),
+        )
+        for r in scores["sizes"]
+    ]
+    expert_score = scores["expert_test_score"] if tested else scores["expert_score"]
+    if expert_score is not None:
+        rows.append(("experts", scores["experts_test" if tested else "experts"], expert_score))
     for label, tasks, mean in rows:
         table.add_row(
             label, *(f"{tasks.get(t, float('nan')):.4g}" for t in scores["tasks"]), f"{mean:.4g}"
         )
     show(table)
-    if scores.get("gain_1x_2x") is not None:
-        out.print(f"1× → 2×: {scores['gain_1x_2x']:+.4g} ({scores['metric']})", highlight=False)
+    gain = scores.get("test_gain_1x_2x" if tested else "gain_1x_2x")
+    if gain is not None:
+        out.print(f"1× → 2×: {gain:+.4g} ({scores['metric']}, {split} data)", highlight=False)
     out.print(f"wrote {', '.join(scores['files'])}", highlight=False)
 
 

@@ -87,9 +87,10 @@ def merge(
     elif not quiet:
         if selection:
             soup = selection["greedy_soup"]
+            test = f"; test score {selection['test']['score']:.4g}" if "test" in selection else ""
             out.print(
                 f"greedy soup kept {', '.join(soup['selected'])} of "
-                f"{len(soup['expert_scores'])} experts",
+                f"{len(soup['expert_scores'])} experts (chosen on validation data{test})",
                 highlight=False,
             )
         t = report["timing"]
@@ -124,9 +125,10 @@ def select_experts(
 ) -> tuple[mergecli.Recipe, dict[str, Any]]:
     """Run a selecting method's choice of experts (greedy_soup) with the recipe's evaluator."""
     from mergecli.evaluate import Scorer
+    from mergecli.evaluate.protocol import select
     from mergecli.progress import count_bar_for
 
-    chosen = Scorer(spec, device, count_bar_for(err, quiet)).recipe(spec)
+    chosen = select(Scorer(spec, device, count_bar_for(err, quiet)), spec)
     assert chosen.recipe is not None
     return chosen.recipe, chosen.details
 

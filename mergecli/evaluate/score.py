@@ -7,6 +7,7 @@ score of a model is the mean of its per-task scores.
 
 from __future__ import annotations
 
+import copy
 import math
 import tempfile
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ from mergecli.engine.plan import plan_merge, resolve_device
 from mergecli.errors import MergeError, did_you_mean
 from mergecli.evaluate.builtin import BuiltinEvaluator, MergedState
 from mergecli.evaluate.command import CommandEvaluator
-from mergecli.evaluate.tasks import Task, resolve_tasks
+from mergecli.evaluate.tasks import Split, Task, has_test_data, resolve_tasks
 from mergecli.methods import get_method
 from mergecli.progress import CountBar
 from mergecli.recipe import Recipe
@@ -45,8 +46,17 @@ class Evaluation:
 class Scorer:
     """A recipe's ``evaluate:`` section, ready to score models and merges on a device."""
 
-    def __init__(self, recipe: Recipe, device: str = "cpu", bar: CountBar | None = None) -> None:
-        self.tasks = resolve_tasks(recipe)
+    def __init__(
+        self,
+        recipe: Recipe,
+        device: str = "cpu",
+        bar: CountBar | None = None,
+        split: Split = "validation",
+    ) -> None:
+        self.tasks = resolve_tasks(recipe, split)
+        self.split = split
+        """``validation`` (``evaluate.data``, what selection reads) or ``test``."""
+        self._recipe = recipe
         section = recipe.evaluate
         assert section is not None
         self.device = device
@@ -64,6 +74,17 @@ class Scorer:
         self.bar = bar or CountBar()
         self.expert_names = [recipe.model_name(i) for i in range(len(recipe.models))]
         self._models: dict[tuple[Path, tuple[str, ...]], dict[str, float]] = {}
+
+    def on_test(self) -> Scorer | None:
+        """This scorer on the test data (``evaluate.test_data``), sharing its evaluator and bar;
+        None when the recipe names no test data."""
+        if not has_test_data(self._recipe):
+            return None
+        other = copy.copy(self)
+        other.tasks = resolve_tasks(self._recipe, "test")
+        other.split = "test"
+        other._models = {}
+        return other
 
     def better(self, a: float, b: float) -> bool:
         """Whether score ``a`` is better than ``b`` by more than rounding (1e-12 relative)."""

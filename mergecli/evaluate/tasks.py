@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from mergecli.errors import MergeError, did_you_mean
+from mergecli.errors import MergeError, RecipeError, did_you_mean
 from mergecli.recipe import EvalTask, Recipe
 
 
@@ -21,8 +21,22 @@ class Task:
     expert: int | None
 
 
-def resolve_tasks(recipe: Recipe) -> list[Task]:
-    """The tasks of ``recipe.evaluate``.
+Split = Literal["validation", "test"]
+"""Which data a scorer reads: ``data`` (validation, for selection) or ``test_data``."""
+
+
+def has_test_data(recipe: Recipe) -> bool:
+    """Whether the ``evaluate:`` section names test data (for all tasks or for some)."""
+    section = recipe.evaluate
+    if section is None:
+        return False
+    entries = section.tasks.values() if isinstance(section.tasks, dict) else []
+    return bool(section.test_data) or any(e.test_data for e in entries)
+
+
+def resolve_tasks(recipe: Recipe, split: Split = "validation") -> list[Task]:
+    """The tasks of ``recipe.evaluate``, reading ``data`` (``split="validation"``) or
+    ``test_data`` (``split="test"``), with the same names and experts.
 
     ``tasks`` (a list of names or a mapping name → {data, expert}) lists them; otherwise a
     ``data`` path containing ``{task}`` gives one task per model, named after the model, and a
@@ -40,13 +54,23 @@ def resolve_tasks(recipe: Recipe) -> list[Task]:
     elif section.data and "{task}" in section.data:
         entries = {name: EvalTask() for name in names}
     elif section.data:
-        entries = {Path(section.data).stem: EvalTask(data=section.data)}
+        entries = {
+            Path(section.data).stem: EvalTask(data=section.data, test_data=section.test_data)
+        }
     else:
         entries = {"default": EvalTask()}
     tasks = []
     for name, entry in entries.items():
         key = f"evaluate.tasks.{name}"
         template = entry.data or section.data
+        if split == "test":
+            template = entry.test_data or section.test_data
+            if template is None:
+                raise RecipeError(
+                    f"{key}.test_data: no test data for task '{name}' (set evaluate.test_data "
+                    "or this task's test_data)",
+                    f"{key}.test_data",
+                )
         data = recipe.resolve_path(template.replace("{task}", name)) if template else None
         if data is not None and not data.is_file():
             raise MergeError(f"{key}: data file '{data}' does not exist")

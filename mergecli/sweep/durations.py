@@ -4,9 +4,12 @@ The experts are training-run folders with ``checkpoint-<step>`` subfolders. Each
 sweep picks one checkpoint per run:
 
 - ``by="step"``: every step that all runs saved (``mergecli.analyze.runs``);
-- ``by="tstar"``: multiples m of each expert's best-validation step T* (the checkpoint whose
-  score on the expert's own task is best; ties: the earlier), each run taking the checkpoint
-  nearest m·T* (ties: the earlier). Multiples that pick the same checkpoints give one point.
+- ``by="tstar"``: multiples m of each expert's T* (its step of minimum validation loss,
+  ``mergecli.sweep.stopping``), each run taking the checkpoint nearest m·T* (ties: the
+  earlier). Multiples that pick the same checkpoints give one point.
+
+With a patience P, one more point takes each run's early-stopped checkpoint (Alg. 1 of the
+undertraining paper, on the recipe's validation metric; ``stopping.early_stop``).
 
 At each point every method merges the chosen checkpoints; the expert score is the mean over
 tasks of each task's expert on its own task. An expert that is not a run is the same at every
@@ -20,38 +23,17 @@ from typing import Any
 
 from mergecli.analyze.runs import Point, run_checkpoints, sweep_points
 from mergecli.analyze.sweep import point_recipe
-from mergecli.errors import MergeError, did_you_mean
+from mergecli.errors import MergeError, RecipeError, did_you_mean
 from mergecli.evaluate import Scorer
+from mergecli.evaluate.protocol import protocol, report
 from mergecli.methods import get_method
 from mergecli.recipe import Recipe
+from mergecli.sweep.grid import Axis, method_axes
+from mergecli.sweep.run import sweep_grid
+from mergecli.sweep.stopping import checkpoint_scores, early_stop, tstar_steps
 
 MULTIPLES = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0)
 BY = ("step", "tstar")
-
-
-def best_steps(recipe: Recipe, scorer: Scorer) -> dict[str, dict[str, Any]]:
-    """T* of each run: its checkpoints' scores on the run's own tasks and the best step."""
-    out = {}
-    for i, entry in enumerate(recipe.models):
-        run = run_checkpoints(recipe.resolve_path(entry.model))
-        if not run:
-            continue
-        tasks = [t for t in scorer.tasks if t.expert == i]
-        name = recipe.model_name(i)
-        if not tasks:
-            raise MergeError(
-                f"--by tstar: no evaluate task has '{name}' as its expert, so its "
-                "best-validation step is unknown (set evaluate.tasks.<task>.expert)"
-            )
-        scores = {step: scorer.model(path, tasks).score for step, path in run.items()}
-        steps = list(scores)
-        out[name] = {"scores": scores, "tstar": steps[scorer.best(list(scores.values()))]}
-    if not out:
-        raise MergeError(
-            "--over-checkpoints: no expert names a training-run folder with checkpoint-<step> "
-            "subfolders"
-        )
-    return out
 
 
 def tstar_points(recipe: Recipe, tstar: dict[str, int], multiples: list[float]) -> list[Point]:
@@ -101,13 +83,28 @@ def sweep_durations(
     by: str = "tstar",
     methods: list[str] | None = None,
     multiples: list[float] | None = None,
+    axes: list[Axis] | None = None,
+    test: Scorer | None = None,
+    patience: int | None = None,
 ) -> dict[str, Any]:
-    """Merged and expert scores at each training duration, per method."""
+    """Merged and expert scores at each training duration, per method.
+
+    With ``axes`` (a ``--grid``), each method's parameters among them are chosen at every
+    duration by a grid sweep on the validation data (``sweep_grid``); a method that takes none
+    of them merges as is. With a ``test`` scorer, the merge chosen at each point and the experts
+    are also scored on the test data (``test``, ``experts_test``), and the best duration of
+    each method is still chosen on validation. With ``patience``, ``early_stop`` holds the
+    point of the runs' early-stopped checkpoints.
+    """
     if by not in BY:
         raise MergeError(f"--by: '{by}' is not step or tstar{did_you_mean(by, BY)}")
     methods = methods or [recipe.merge_method]
     for method in methods:
         get_method(method, "--methods")
+    tuned = {m: method_axes(axes or [], method_recipe(recipe, m)) for m in methods}
+    unused = [a.label for a in axes or [] if not any(a in t for t in tuned.values())]
+    if unused:
+        raise MergeError(f"--grid {unused[0]}: none of the methods ({', '.join(methods)}) takes it")
     result: dict[str, Any] = {
         "by": by,
         "metric": scorer.metric,
@@ -115,17 +112,22 @@ def sweep_durations(
         "methods": methods,
         "experts": [recipe.model_name(i) for i in range(len(recipe.models))],
         "tasks": [t.name for t in scorer.tasks],
+        "grid": {m: {a.label: a.values for a in t} for m, t in tuned.items() if t},
+        "protocol": protocol(test),
     }
     if by == "tstar":
-        runs = best_steps(recipe, scorer)
+        runs = tstar_steps(recipe, scorer)
         result["tstar"] = {name: run["tstar"] for name, run in runs.items()}
-        result["checkpoint_scores"] = {name: run["scores"] for name, run in runs.items()}
+        result["tstar_source"] = {name: run["source"] for name, run in runs.items()}
+        result["validation_loss"] = {name: run["losses"] for name, run in runs.items()}
         points = tstar_points(recipe, result["tstar"], list(multiples or MULTIPLES))
     else:
         points = sweep_points(recipe, "step")
-    handle = scorer.bar.add("durations", len(points) * len(methods))
-    rows = []
-    for point in points:
+    stopped = _early_stop_point(recipe, scorer, patience) if patience is not None else None
+    count = (len(points) + (stopped is not None)) * len(methods)
+    handle = scorer.bar.add("durations", count)
+
+    def score_point(point: Point) -> dict[str, Any]:
         at = point_recipe(recipe, point)
         experts = scorer.expert_scores(at)
         row: dict[str, Any] = {
@@ -133,18 +135,29 @@ def sweep_durations(
             "steps": point.steps,
             "checkpoints": [str(p) for p in point.paths],
             "experts": experts,
-            "expert_score": sum(experts.values()) / len(experts) if experts else None,
+            "expert_score": _mean(experts),
             "methods": {},
         }
+        if test is not None:
+            row["experts_test"] = test.expert_scores(at)
+            row["expert_test_score"] = _mean(row["experts_test"])
         for method in methods:
-            merged = scorer.recipe(method_recipe(at, method))
-            row["methods"][method] = {
-                "tasks": merged.tasks,
-                "score": merged.score,
-                **merged.details,
-            }
+            row["methods"][method] = _score_method(
+                method_recipe(at, method), tuned[method], scorer, test
+            )
             scorer.bar.advance(handle)
-        rows.append(row)
+        return row
+
+    rows = [score_point(point) for point in points]
+    if stopped is not None:
+        point, scores = stopped
+        result["early_stop"] = {"patience": patience, "checkpoint_scores": scores}
+        result["early_stop"].update(score_point(point))
+        if by == "tstar":
+            multiples_of = zip(result["experts"], point.steps, strict=True)
+            result["early_stop"]["x"] = _mean(
+                {n: s / result["tstar"][n] for n, s in multiples_of if s is not None}
+            )
     scorer.bar.done(handle)
     result["points"] = rows
     result["best"] = {
@@ -152,3 +165,54 @@ def sweep_durations(
         for method in methods
     }
     return result
+
+
+def _early_stop_point(
+    recipe: Recipe, scorer: Scorer, patience: int
+) -> tuple[Point, dict[str, dict[int, float]]]:
+    """Each run's early-stopped checkpoint on its validation scores, and those scores."""
+    scores = checkpoint_scores(recipe, scorer)
+    steps: list[int | None] = []
+    paths: list[Path] = []
+    for i, entry in enumerate(recipe.models):
+        path = recipe.resolve_path(entry.model)
+        run = run_checkpoints(path)
+        name = recipe.model_name(i)
+        if run and name not in scores:
+            raise RecipeError(
+                f"--stop-patience: no evaluate task has '{name}' as its expert, so its "
+                "validation score is unknown (set evaluate.tasks.<task>.expert)",
+                "evaluate.tasks",
+            )
+        step = early_stop(scores[name], scorer.higher_is_better, patience) if run else None
+        steps.append(step)
+        paths.append(run[step] if step is not None else path)
+    return Point(None, 0.0, steps, paths), scores
+
+
+def _mean(scores: dict[str, float]) -> float | None:
+    return sum(scores.values()) / len(scores) if scores else None
+
+
+def _score_method(
+    recipe: Recipe, axes: list[Axis], scorer: Scorer, test: Scorer | None
+) -> dict[str, Any]:
+    """One method at one point: its validation scores (the best of the grid when it has one,
+    with the chosen parameters and every grid point's score) and the chosen merge's test
+    scores."""
+    if axes:
+        table, chosen = sweep_grid(recipe, axes, scorer)
+        out = {
+            "tasks": table["best"]["tasks"],
+            "score": table["best"]["score"],
+            "parameters": table["best"]["parameters"],
+            "grid": [{"parameters": r["parameters"], "score": r["score"]} for r in table["rows"]],
+        }
+    else:
+        merged = scorer.recipe(recipe)
+        chosen = merged.recipe
+        out = {"tasks": merged.tasks, "score": merged.score, **merged.details}
+    reported = report(test, chosen)
+    if reported is not None:
+        out["test"] = reported
+    return out

@@ -53,6 +53,13 @@ class Axis:
 
 def parse_grid(specs: list[str], recipe: Recipe) -> list[Axis]:
     """The axes of ``--grid`` options, checked against the recipe's method and experts."""
+    axes = parse_axes(specs, recipe)
+    check_axes(axes, recipe)
+    return axes
+
+
+def parse_axes(specs: list[str], recipe: Recipe) -> list[Axis]:
+    """The axes of ``--grid`` options, checked against the recipe's experts only."""
     names = [recipe.model_name(i) for i in range(len(recipe.models))]
     axes: list[Axis] = []
     for spec in specs:
@@ -67,6 +74,19 @@ def parse_grid(specs: list[str], recipe: Recipe) -> list[Axis]:
         if any(a.label == axis.label for a in axes):
             raise MergeError(f"{where}: '{axis.label}' is given twice")
         axes.append(axis)
+    return axes
+
+
+def method_axes(axes: list[Axis], recipe: Recipe) -> list[Axis]:
+    """The axes whose parameter the recipe's method takes."""
+    method = get_method(recipe.merge_method).resolve(
+        {**recipe.parameters, **{a.key: a.values[0] for a in axes if a.model is None}}
+    )
+    return [a for a in axes if method.param(a.key) is not None]
+
+
+def check_axes(axes: list[Axis], recipe: Recipe) -> None:
+    """Every axis is a parameter of the recipe's method (per model where it names one)."""
     for axis in axes:
         method = get_method(recipe.merge_method).resolve(
             {**recipe.parameters, **{a.key: a.values[0] for a in axes if a.model is None}}
@@ -80,7 +100,6 @@ def parse_grid(specs: list[str], recipe: Recipe) -> list[Axis]:
             )
         if axis.model and not param.per_model:
             raise MergeError(f"--grid {axis.label}: '{axis.key}' applies to the whole merge")
-    return axes
 
 
 def grid_points(axes: list[Axis]) -> list[dict[str, Any]]:

@@ -36,20 +36,43 @@ def durations_figure(result: dict[str, Any], path: Path) -> Path:
         ax.set_xlim(low - pad, high + pad)
         ax.axvspan(low - pad, 1.0, color="tab:green", alpha=0.08, label="undertrained (< T*)")
         ax.axvspan(1.0, high + pad, color="tab:red", alpha=0.08, label="overfitted (> T*)")
+    tested = result.get("protocol", {}).get("reported_on") == "test"
     for method in result["methods"]:
-        ax.plot(x, [p["methods"][method]["score"] for p in points], marker="o", label=method)
-    if any(p["expert_score"] is not None for p in points):
+        entries = [p["methods"][method] for p in points]
         ax.plot(
             x,
-            [p["expert_score"] for p in points],
+            [e["test"]["score"] if tested else e["score"] for e in entries],
+            marker="o",
+            label=method,
+        )
+    stop = result.get("early_stop")
+    if stop is not None and stop["x"] is not None:
+        for method in result["methods"]:
+            entry = stop["methods"][method]
+            ax.scatter(
+                [stop["x"]],
+                [entry["test"]["score"] if tested else entry["score"]],
+                marker="*",
+                s=120,
+                zorder=3,
+                label=f"{method}, early stop (P={stop['patience']})",
+            )
+    expert_key = "expert_test_score" if tested else "expert_score"
+    if any(p[expert_key] is not None for p in points):
+        ax.plot(
+            x,
+            [p[expert_key] for p in points],
             linestyle="--",
             color="black",
             marker="s",
             label="experts (own task)",
         )
     ax.set_xlabel("training steps as a multiple of T*" if by_tstar else "training step")
-    ax.set_ylabel(_score_label(result))
-    ax.set_title("Merged model against expert training duration")
+    ax.set_ylabel(_score_label(result) + (" on test data" if tested else ""))
+    ax.set_title(
+        "Merged model against expert training duration\n"
+        + ("chosen on validation, reported on test" if tested else "validation data")
+    )
     return _save(fig, ax, path)
 
 
@@ -74,17 +97,17 @@ def sizes_figure(result: dict[str, Any], path: Path) -> Path:
     fig = Figure(figsize=(6.5, 4.5), dpi=DPI, layout="constrained")
     ax = fig.add_subplot()
     rows = sorted(result["sizes"], key=lambda r: r["size"])
+    tested = "experts_test" in result
     ax.plot(
         [r["size"] for r in rows],
-        [r["score"] for r in rows],
+        [r["test"]["score"] if tested else r["score"] for r in rows],
         marker="o",
         label=f"FlexMerge + {result['method']}",
     )
-    if result["expert_score"] is not None:
-        ax.axhline(
-            result["expert_score"], color="black", linestyle="--", label="experts (own task)"
-        )
+    expert = result["expert_test_score"] if tested else result["expert_score"]
+    if expert is not None:
+        ax.axhline(expert, color="black", linestyle="--", label="experts (own task)")
     ax.set_xlabel("deployed size (× one model)")
-    ax.set_ylabel(_score_label(result))
+    ax.set_ylabel(_score_label(result) + (" on test data" if tested else ""))
     ax.set_title("Score against deployed size")
     return _save(fig, ax, path)

@@ -9,16 +9,22 @@ from typing import Any
 
 from mergecli.errors import MergeError
 from mergecli.evaluate import Evaluation, Scorer
+from mergecli.evaluate.protocol import protocol, report
 from mergecli.recipe import Recipe
 from mergecli.sweep.grid import Axis, apply_point, grid_points
 
 
 def sweep_grid(
-    recipe: Recipe, axes: list[Axis], scorer: Scorer, patience: int | None = None
+    recipe: Recipe,
+    axes: list[Axis],
+    scorer: Scorer,
+    patience: int | None = None,
+    test: Scorer | None = None,
 ) -> tuple[dict[str, Any], Recipe]:
-    """Score every point in grid order; stop after ``patience`` points in a row that do not
-    beat the best so far. Returns the table and the best point's recipe (a greedy soup's
-    selected experts)."""
+    """Score every point in grid order on the validation data; stop after ``patience`` points
+    in a row that do not beat the best so far. With a ``test`` scorer the best point's merge is
+    also scored on the test data (``test``). Returns the table and the best point's
+    recipe (a greedy soup's selected experts)."""
     if patience is not None and patience < 1:
         raise MergeError("--patience: expected a whole number ≥ 1")
     points = grid_points(axes)
@@ -51,7 +57,11 @@ def sweep_grid(
         "stopped_early": len(rows) < len(points),
         "rows": rows,
         "best": rows[best[0]],
+        "protocol": protocol(test),
     }
+    reported = report(test, best[1].recipe)
+    if reported is not None:
+        table["test"] = reported
     return table, best[1].recipe
 
 

@@ -14,7 +14,15 @@ import torch
 from transformers import BertForSequenceClassification, PreTrainedTokenizerFast
 
 from scripts.testbed.data import TRANSFORMS, examples, load_digits, split_indices, write_jsonl
-from scripts.testbed.model import Encoded, accuracy, encode, make_model, make_tokenizer, train
+from scripts.testbed.model import (
+    Encoded,
+    accuracy,
+    encode,
+    make_model,
+    make_tokenizer,
+    mean_loss,
+    train,
+)
 
 LAMBDAS = tuple(round(0.1 * i, 1) for i in range(1, 11))
 LEARNING_RATE = 2e-3  # AdamW, pretraining and fine-tuning
@@ -92,10 +100,17 @@ def _build(out: Path, scale: Scale, seed: int) -> Path:
             held[task][name] = encode(tokenizer, records)
         model.load_state_dict(base_state)
         curve: dict[int, float] = {}
+        losses: dict[int, float] = {}
 
-        def checkpoint(step: int, task: str = task, curve: dict[int, float] = curve) -> None:
+        def checkpoint(
+            step: int,
+            task: str = task,
+            curve: dict[int, float] = curve,
+            losses: dict[int, float] = losses,
+        ) -> None:
             save(model, tokenizer, out / "runs" / task / f"checkpoint-{step}")
             curve[step] = accuracy(model, held[task]["validation"])
+            losses[step] = mean_loss(model, held[task]["validation"])
 
         data = encode(tokenizer, part(split.train, task))
         train(
@@ -113,7 +128,13 @@ def _build(out: Path, scale: Scale, seed: int) -> Path:
             BertForSequenceClassification.from_pretrained(out / "experts" / task).state_dict()
         )
         expert_states.append({k: v.clone() for k, v in model.state_dict().items()})
-        runs[task] = {"steps": sorted(curve), "best_step": best, "validation": curve}
+        runs[task] = {
+            "steps": sorted(curve),
+            "best_step": best,
+            "validation": curve,
+            "validation_loss": losses,
+            "tstar": min(losses, key=lambda s: (losses[s], s)),
+        }
 
     def scores(state: dict[str, torch.Tensor], part_name: str) -> dict[str, float]:
         model.load_state_dict(state)

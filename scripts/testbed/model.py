@@ -82,6 +82,17 @@ def accuracy(model: BertForSequenceClassification, data: Encoded, batch: int = 5
     return hits / len(data.labels)
 
 
+@torch.no_grad()
+def mean_loss(model: BertForSequenceClassification, data: Encoded, batch: int = 512) -> float:
+    """Mean cross-entropy of the labels."""
+    model.eval()
+    total = sum(
+        float(torch.nn.functional.cross_entropy(model(input_ids=ids).logits, y, reduction="sum"))
+        for ids, y in zip(data.ids.split(batch), data.labels.split(batch), strict=True)
+    )
+    return total / len(data.labels)
+
+
 def batches(data: Encoded, size: int, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Endless seeded shuffled mini-batches."""
     gen = torch.Generator().manual_seed(seed)
