@@ -4,7 +4,9 @@ do not use mergecli: merges by the dense formula, accuracy by the testbed's own 
 from __future__ import annotations
 
 import json
+import math
 import shutil
+import statistics
 from functools import cache
 from pathlib import Path
 
@@ -12,6 +14,7 @@ import pytest
 import torch
 from transformers import BertForSequenceClassification, PreTrainedTokenizerFast
 
+from scripts.testbed import build as build_testbed
 from scripts.testbed.data import read_jsonl
 from scripts.testbed.model import accuracy, encode
 from tests.helpers import run_cli, write_recipe
@@ -205,3 +208,81 @@ def test_tstar_reads_the_trainers_eval_loss(testbed: Path, tmp_path: Path) -> No
     assert sweep["tstar"][tasks[0]] == steps[1]
     assert sweep["tstar_source"][tasks[0]] == "trainer_state.json"
     assert sweep["tstar"][tasks[1]] == manifest(testbed)["runs"][tasks[1]]["tstar"]
+
+
+@pytest.fixture(scope="module")
+def two_seeds(testbed: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The reduced testbed of seed 0 (the session's) and of seed 1, as ``seed{seed}/``."""
+    root = tmp_path_factory.mktemp("seeds")
+    (root / "seed0").symlink_to(testbed)
+    build_testbed(root / "seed1", reduced=True, seed=1)
+    return root
+
+
+def seeds_recipe(root: Path, name: str) -> Path:
+    tasks = manifest(root / "seed0")["tasks"][:EXPERTS]
+    spec = {
+        "merge_method": "task_arithmetic",
+        "base_model": "seed{seed}/base",
+        "models": [{"model": f"seed{{seed}}/runs/{t}", "name": t} for t in tasks],
+        "parameters": {"lambda": 0.3},
+        "evaluate": {
+            "metric": "accuracy",
+            "data": "seed{seed}/data/{task}/validation.jsonl",
+            "test_data": "seed{seed}/data/{task}/test.jsonl",
+            "batch_size": 128,
+        },
+    }
+    return write_recipe(root, spec, name)
+
+
+def test_duration_sweep_over_seeds_is_mean_and_std(two_seeds: Path, tmp_path: Path) -> None:
+    path = seeds_recipe(two_seeds, "seeds.yaml")
+    result = run_cli(
+        "sweep", path, "--over-checkpoints", "--multiples", "1", "--seeds", "0,1",
+        "-o", tmp_path / "s",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "±" in result.stdout and "seeds 0, 1" in result.stdout
+    sweep = json.loads((tmp_path / "s" / "durations.json").read_text())
+    tests = []
+    for seed in (0, 1):
+        bed = two_seeds / f"seed{seed}"
+        runs = manifest(bed)["runs"]
+        tasks = manifest(bed)["tasks"][:EXPERTS]
+        at = [bed / "runs" / t / f"checkpoint-{runs[t]['tstar']}" for t in tasks]
+        tests.append(dense_score(bed, at, 0.3, "test"))
+    entry = sweep["points"][0]["methods"]["task_arithmetic"]
+    spread = sweep["std"]["points"][0]["methods"]["task_arithmetic"]
+    assert entry["test"]["score"] == pytest.approx(statistics.fmean(tests))
+    assert spread["test"]["score"] == pytest.approx(statistics.stdev(tests))
+    assert sweep["seeds"] == [0, 1] and len(sweep["per_seed"]) == 2
+
+
+def test_interference_over_checkpoints_over_seeds(two_seeds: Path, tmp_path: Path) -> None:
+    """Task-vector norms at each matched step: mean ± std of the direct ‖θt − θ0‖."""
+    path = seeds_recipe(two_seeds, "seeds-int.yaml")
+    result = run_cli(
+        "analyze", "interference", path, "--over-checkpoints", "--seeds", "0,1",
+        "--plot", tmp_path / "p", "--json",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    sweep = json.loads(result.stdout)
+    tasks = manifest(two_seeds / "seed0")["tasks"][:EXPERTS]
+    for i, point in enumerate(sweep["points"]):
+        step = int(point["step"])  # the mean over seeds of equal steps
+        for t, task in enumerate(tasks):
+            norms = []
+            for seed in (0, 1):
+                bed = two_seeds / f"seed{seed}"
+                base = state(bed / "base")
+                expert = state(bed / "runs" / task / f"checkpoint-{step}")
+                norms.append(
+                    math.sqrt(
+                        sum(float(((expert[k] - v).double() ** 2).sum()) for k, v in base.items())
+                    )
+                )
+            assert point["model"]["norm"][t] == pytest.approx(statistics.fmean(norms), rel=1e-5)
+            spread = sweep["std"]["points"][i]["model"]["norm"][t]
+            assert spread == pytest.approx(statistics.stdev(norms), rel=1e-4)
+    assert (tmp_path / "p" / "checkpoints.png").stat().st_size > 0

@@ -71,22 +71,38 @@ def curves(
     xlabel: str,
     experts: list[str],
     title: str,
+    spread: Sequence[dict[str, Any]] | None = None,
 ) -> Figure:
-    """A grid of panels, one per figure: pair means, whole-group figures and per-expert norms."""
+    """A grid of panels, one per figure: pair means, whole-group figures and per-expert norms;
+    ``spread`` (the same groups' std over seeds) is shaded around each curve."""
     fig = Figure(figsize=(13, 10), dpi=DPI, layout="constrained")
     axes = fig.subplots(3, 3).ravel()
     for ax, metric in zip(axes, CURVES, strict=True):
         if metric == "norm":
             for t, name in enumerate(experts):
-                ax.plot(x, [g["norm"][t] for g in groups], marker="o", label=name)
+                y = [g["norm"][t] for g in groups]
+                (line,) = ax.plot(x, y, marker="o", label=name)
+                if spread is not None:
+                    _shade(ax, x, y, [g["norm"][t] for g in spread], line.get_color())
             ax.legend(fontsize=8)
         else:
-            ax.plot(x, [_number(summary_value(g, metric)) for g in groups], marker="o")
+            y = [_number(summary_value(g, metric)) for g in groups]
+            (line,) = ax.plot(x, y, marker="o")
+            if spread is not None:
+                dy = [_number(summary_value(g, metric)) for g in spread]
+                _shade(ax, x, y, dy, line.get_color())
         _label(ax, metric, xlabel, all(float(v).is_integer() for v in x))
     if all(g["variance"] and g["variance"] > 0 for g in groups):
         axes[CURVES.index("variance")].set_yscale("log")
     fig.suptitle(title)
     return fig
+
+
+def _shade(ax: Axes, x: Sequence[float], y: list[float], dy: list[float], color: str) -> None:
+    """mean ± std as a band."""
+    low = [a - b for a, b in zip(y, dy, strict=True)]
+    high = [a + b for a, b in zip(y, dy, strict=True)]
+    ax.fill_between(x, low, high, color=color, alpha=0.2)
 
 
 def summary_value(group: dict[str, Any], metric: str) -> float | None:
@@ -132,5 +148,8 @@ def write_sweep_plot(sweep: dict[str, Any], folder: Path) -> Path:
     path = folder / "checkpoints.png"
     title = f"Interference over training (top {sweep['top_k']:.0%} by magnitude, whole model)"
     models = [p["model"] for p in points]
-    curves(models, x, xlabel, sweep["experts"], title).savefig(path)
+    spread = [p["model"] for p in sweep["std"]["points"]] if "std" in sweep else None
+    if spread is not None:
+        title += f", mean ± std over {len(sweep['seeds'])} seeds"
+    curves(models, x, xlabel, sweep["experts"], title, spread).savefig(path)
     return path

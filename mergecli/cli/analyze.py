@@ -22,6 +22,7 @@ from mergecli.cli import (
     print_json,
     print_warnings,
 )
+from mergecli.errors import MergeError
 from mergecli.progress import progress_for
 from mergecli.report import human_bytes
 
@@ -84,6 +85,14 @@ def interference(
     blocks: Annotated[bool, typer.Option("--blocks", help="Also print the per-block table.")] = (
         False
     ),
+    seeds: Annotated[
+        str | None,
+        typer.Option(
+            "--seeds",
+            help="With --over-checkpoints: run once per seed ({seed} in the recipe's paths) "
+            "and report mean ± std.",
+        ),
+    ] = None,
     device: DeviceOpt = "cpu",
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -94,7 +103,22 @@ def interference(
     spec = mergecli.load_recipe(recipe)
     progress = progress_for(err, quiet or json_out)
     try:
-        if over_checkpoints:
+        if over_checkpoints and seeds is not None:
+            from mergecli.seeds import over_seeds
+            from mergecli.sweep.grid import parse_values
+
+            result = over_seeds(
+                lambda one: analyze_over_checkpoints(
+                    one, match, top_k, tall_lambda, device, progress
+                ),
+                spec,
+                [int(v) for v in parse_values(seeds, "--seeds")],
+            )
+        elif seeds is not None:
+            raise MergeError(
+                "--seeds: aggregates analyses over checkpoints; add --over-checkpoints"
+            )
+        elif over_checkpoints:
             result = analyze_over_checkpoints(spec, match, top_k, tall_lambda, device, progress)
         else:
             result = analyze_interference(spec, top_k, tall_lambda, device, progress)
@@ -104,7 +128,8 @@ def interference(
     if plot is not None:
         plots = [write_sweep_plot(result, plot)] if over_checkpoints else write_plots(result, plot)
         result["plots"] = [str(p) for p in plots]
-    points = result["points"] if over_checkpoints else [result]
+    points = result.get("per_seed", [result])
+    points = [p for r in points for p in r["points"]] if over_checkpoints else [result]
     print_warnings(list(dict.fromkeys(w for point in points for w in point["warnings"])))
     if json_out:
         print_json(result)
@@ -190,18 +215,27 @@ def print_sweep(sweep: dict[str, Any]) -> None:
     table.add_column("checkpoints")
     for label in COLUMNS.values():
         table.add_column(label, justify="right")
-    for point in sweep["points"]:
+    std = sweep.get("std")
+    for i, point in enumerate(sweep["points"]):
         steps = ", ".join(
-            f"{name}@{step}"
+            f"{name}@{_fmt(step)}"
             for name, step in zip(sweep["experts"], point["steps"], strict=True)
             if step is not None
         )
+        spread = std["points"][i]["model"] if std else None
         table.add_row(
-            str(point["step"]) if by_step else f"{point['fraction']:.2f}",
+            _fmt(point["step"]) if by_step else f"{point['fraction']:.2f}",
             steps,
-            *(_fmt(summary_value(point["model"], m)) for m in COLUMNS),
+            *(
+                _fmt(summary_value(point["model"], m))
+                + (f" ± {_fmt(summary_value(spread, m))}" if spread else "")
+                for m in COLUMNS
+            ),
         )
     show(table)
+    if std:
+        seeds = ", ".join(map(str, sweep["seeds"]))
+        out.print(f"mean ± std over seeds {seeds} (sample std)", highlight=False)
 
 
 @app.command()

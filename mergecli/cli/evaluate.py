@@ -153,6 +153,14 @@ def sweep(
             "minimum-validation-loss step) or by 'step'.",
         ),
     ] = "tstar",
+    seeds: Annotated[
+        str | None,
+        typer.Option(
+            "--seeds",
+            help="With --over-checkpoints: run once per seed ({seed} in the recipe's paths) "
+            "and report mean ± std.",
+        ),
+    ] = None,
     stop_patience: Annotated[
         int | None,
         typer.Option(
@@ -181,27 +189,34 @@ def sweep(
 
     if not grid and not over_checkpoints:
         raise MergeError("sweep: give --grid KEY=VALUES, --over-checkpoints, or both")
-    spec, scorer = _scorer(recipe, device, quiet or json_out)
     if over_checkpoints:
+        from mergecli.evaluate import Scorer
         from mergecli.sweep.durations import sweep_durations
         from mergecli.sweep.grid import parse_axes
 
+        spec = mergecli.load_recipe(recipe)
+        bar = count_bar_for(err, quiet or json_out)
         axes = parse_axes(grid, spec) if grid else None
         target = _target(recipe, spec, output, force)
         values = parse_values(multiples, "--multiples")
         names = [m.strip() for m in methods.split(",")] if methods else None
-        result = sweep_durations(
-            spec,
-            scorer,
-            by,
-            names,
-            [float(v) for v in values],
-            axes,
-            scorer.on_test(),
-            stop_patience,
-        )
+
+        def run(one: mergecli.Recipe) -> dict[str, Any]:
+            at = Scorer(one, device, bar)
+            durations = [float(v) for v in values]
+            return sweep_durations(one, at, by, names, durations, axes, at.on_test(), stop_patience)
+
+        if seeds is None:
+            result = run(spec)
+        else:
+            from mergecli.seeds import over_seeds
+
+            result = over_seeds(run, spec, [int(v) for v in parse_values(seeds, "--seeds")])
         _durations(result, target, json_out, quiet, force)
         return
+    if seeds is not None:
+        raise MergeError("--seeds: aggregates duration sweeps; add --over-checkpoints")
+    spec, scorer = _scorer(recipe, device, quiet or json_out)
     if stop_patience is not None:
         raise MergeError("--stop-patience: selects checkpoints of runs; add --over-checkpoints")
     assert grid is not None
@@ -273,19 +288,35 @@ def _durations(
         table.add_column(method, justify="right")
     table.add_column("experts", justify="right")
     expert_key = "expert_test_score" if tested else "expert_score"
-    rows = [(_fmt(p["x"]), p) for p in result["points"]]
+    std = result.get("std")
+    rows = [
+        (_fmt(p["x"]), p, std["points"][i] if std else None) for i, p in enumerate(result["points"])
+    ]
     if "early_stop" in result:
-        rows.append((f"early stop (P={result['early_stop']['patience']})", result["early_stop"]))
-    for label, point in rows:
+        label = f"early stop (P={result['early_stop']['patience']})"
+        rows.append((label, result["early_stop"], std["early_stop"] if std else None))
+    for label, point, spread in rows:
         table.add_row(
             label,
             ", ".join(
-                f"{n}@{s}" for n, s in zip(result["experts"], point["steps"], strict=True) if s
+                f"{n}@{_fmt(s)}"
+                for n, s in zip(result["experts"], point["steps"], strict=True)
+                if s is not None
             ),
-            *(_duration_cell(point["methods"][m], tested) for m in result["methods"]),
-            _fmt(point[expert_key]) if point[expert_key] is not None else "–",
+            *(
+                _duration_cell(
+                    point["methods"][m], tested, spread["methods"][m] if spread else None
+                )
+                for m in result["methods"]
+            ),
+            _pm(point[expert_key], spread[expert_key] if spread else None),
         )
     show(table)
+    if std:
+        out.print(
+            f"mean ± std over seeds {', '.join(map(str, result['seeds']))} (sample std)",
+            highlight=False,
+        )
     if by_tstar:
         out.print(
             "T* (minimum validation loss): "
@@ -295,11 +326,26 @@ def _durations(
     out.print(f"wrote {', '.join(result['files'])}", highlight=False)
 
 
-def _duration_cell(entry: dict[str, Any], tested: bool) -> str:
-    """The reported score of one method at one duration, with the parameters chosen there."""
-    score = _fmt(entry["test"]["score"] if tested else entry["score"])
+def _pm(value: Any, std: Any) -> str:
+    """A value, ± its std over seeds when there is one; – for none."""
+    if value is None:
+        return "–"
+    return f"{_fmt(value)} ± {_fmt(std)}" if isinstance(std, float) else _fmt(value)
+
+
+def _duration_cell(entry: dict[str, Any], tested: bool, spread: dict[str, Any] | None) -> str:
+    """The reported score of one method at one duration (± std over seeds), with the
+    parameters chosen there."""
+    key = ("test", "score") if tested else ("score",)
+    score = _pm(_at(entry, key), _at(spread, key) if spread else None)
     chosen = ", ".join(f"{k}={_fmt(v)}" for k, v in entry.get("parameters", {}).items())
     return f"{score} ({chosen})" if chosen else score
+
+
+def _at(data: dict[str, Any], keys: tuple[str, ...]) -> Any:
+    for key in keys:
+        data = data[key]
+    return data
 
 
 @analyze_app.command()

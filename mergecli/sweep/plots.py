@@ -37,14 +37,17 @@ def durations_figure(result: dict[str, Any], path: Path) -> Path:
         ax.axvspan(low - pad, 1.0, color="tab:green", alpha=0.08, label="undertrained (< T*)")
         ax.axvspan(1.0, high + pad, color="tab:red", alpha=0.08, label="overfitted (> T*)")
     tested = result.get("protocol", {}).get("reported_on") == "test"
+    std = result.get("std")
     for method in result["methods"]:
         entries = [p["methods"][method] for p in points]
-        ax.plot(
-            x,
-            [e["test"]["score"] if tested else e["score"] for e in entries],
-            marker="o",
-            label=method,
-        )
+        y = [e["test"]["score"] if tested else e["score"] for e in entries]
+        (line,) = ax.plot(x, y, marker="o", label=method)
+        if std is not None:
+            spread = [p["methods"][method] for p in std["points"]]
+            dy = [e["test"]["score"] if tested else e["score"] for e in spread]
+            low = [a - b for a, b in zip(y, dy, strict=True)]
+            high = [a + b for a, b in zip(y, dy, strict=True)]
+            ax.fill_between(x, low, high, color=line.get_color(), alpha=0.2)
     stop = result.get("early_stop")
     if stop is not None and stop["x"] is not None:
         for method in result["methods"]:
@@ -69,9 +72,11 @@ def durations_figure(result: dict[str, Any], path: Path) -> Path:
         )
     ax.set_xlabel("training steps as a multiple of T*" if by_tstar else "training step")
     ax.set_ylabel(_score_label(result) + (" on test data" if tested else ""))
+    seeds = f"; mean ± std over {len(result['seeds'])} seeds" if std is not None else ""
     ax.set_title(
         "Merged model against expert training duration\n"
         + ("chosen on validation, reported on test" if tested else "validation data")
+        + seeds
     )
     return _save(fig, ax, path)
 

@@ -6,7 +6,10 @@
    (or ``mergecli merge`` when there is nothing to choose), the chosen merge scored on the test
    data with ``mergecli evaluate`` (built-in accuracy), next to the base and the experts;
 2. FlexMerge with task arithmetic at each deployed size (``mergecli flex --sizes ... --evaluate``);
-3. merges at each training duration (``mergecli sweep --over-checkpoints``).
+3. merges at each training duration (``mergecli sweep --over-checkpoints``);
+4. ``tuned``: the same with λ chosen on validation at every duration, experts early-stopped
+   with patience 3 beside them, reported on the test data (``--grid``, ``--stop-patience``,
+   ``evaluate.test_data``).
 
 It writes ``DOCS/figures/testbed-*.png`` and ``testbed-results.json``, and the markdown tables
 between the markers of ``DOCS/testbed.md``. ``--parts`` reruns some of the three.
@@ -64,8 +67,11 @@ class Bench:
         self.info = json.loads((self.root / "testbed.json").read_text())
         self.tasks: list[str] = self.info["tasks"]
 
-    def recipe(self, name: str, part: str, models: str = "experts", **fields: Any) -> Path:
-        """A recipe over the experts (or the runs) scored on the ``part`` data of every task."""
+    def recipe(
+        self, name: str, part: str, models: str = "experts", test: bool = False, **fields: Any
+    ) -> Path:
+        """A recipe over the experts (or the runs) scored on the ``part`` data of every task
+        (and reporting on the test data when ``test``)."""
         spec = {
             "merge_method": "task_arithmetic",
             "base_model": str(self.root / "base"),
@@ -75,6 +81,9 @@ class Bench:
                 "metric": "accuracy",
                 "data": str(self.root / "data" / "{task}" / f"{part}.jsonl"),
                 "batch_size": 512,
+                **(
+                    {"test_data": str(self.root / "data" / "{task}" / "test.jsonl")} if test else {}
+                ),
             },
         }
         path = self.work / f"{name}.yaml"
@@ -142,6 +151,43 @@ def durations(bench: Bench, lam: float, out: Path) -> dict[str, Any]:
     )
     shutil.copyfile(target / "durations.png", out / "testbed-duration.png")
     return portable(result)
+
+
+TUNED_GRID = "lambda=0.1:1.0:0.1"
+PATIENCE = 3
+
+
+def tuned_durations(bench: Bench, out: Path) -> dict[str, Any]:
+    """Task arithmetic at multiples of T* with λ chosen on validation at each duration, the
+    early-stopped experts beside them, reported on test data."""
+    path = bench.recipe("tuned", "validation", models="runs", test=True)
+    target = bench.work / "tuned"
+    result = mergecli(
+        "sweep", path, "--over-checkpoints", "--grid", TUNED_GRID, "--methods",
+        "linear,task_arithmetic", "--stop-patience", PATIENCE, "-o", target, "--force",
+    )  # fmt: skip
+    shutil.copyfile(target / "durations.png", out / "testbed-duration-tuned.png")
+    return portable(result)
+
+
+def tuned_table(result: dict[str, Any]) -> list[str]:
+    methods = result["methods"]
+    lines = [
+        "| × T* | " + " | ".join(f"{m} (test)" for m in methods) + " | λ chosen | experts (test) |",
+        "|---|" + "---|" * (len(methods) + 2),
+    ]
+    stop = result.get("early_stop")
+    rows = [(f"{p['x']:g}", p) for p in result["points"]]
+    if stop:
+        rows.append((f"early stop (P={stop['patience']}, {stop['x']:.2f}× on average)", stop))
+    for label, point in rows:
+        cells = [_pct(point["methods"][m]["test"]["score"]) for m in methods]
+        lam = point["methods"]["task_arithmetic"].get("parameters", {}).get("lambda", "–")
+        cells += [str(lam), _pct(point["expert_test_score"])]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    tstar = ", ".join(f"{t} {s}" for t, s in result["tstar"].items())
+    lines += ["", f"T* (minimum validation loss, steps): {tstar}."]
+    return lines
 
 
 def methods_figure(scores: dict[str, dict[str, float]], path: Path) -> None:
@@ -215,6 +261,11 @@ def markdown(results: dict[str, Any]) -> str:
         ("methods", "Method comparison (test accuracy, %)", methods_table),
         ("flex", "Accuracy against deployed size (FlexMerge)", flex_table),
         ("durations", "Merged validation accuracy (%) against training duration", durations_table),
+        (
+            "tuned",
+            "Test accuracy (%) against training duration, λ chosen on validation at each",
+            tuned_table,
+        ),
     )
     for key, title, table in sections:
         if key in results:
@@ -227,7 +278,7 @@ def write_doc(doc: Path, table: str) -> None:
     doc.write_text(f"{head}{BEGIN}\n{table}\n{END}{rest.split(END, 1)[1]}")
 
 
-PARTS = ("methods", "flex", "durations")
+PARTS = ("methods", "flex", "durations", "tuned")
 
 
 def figures(
@@ -249,6 +300,8 @@ def figures(
         results["flex"] = flex_curve(bench, lam, out)
     if "durations" in parts:
         results["durations"] = durations(bench, lam, out)
+    if "tuned" in parts:
+        results["tuned"] = tuned_durations(bench, out)
     saved.write_text(json.dumps(results, indent=2) + "\n")
     write_doc(docs / "testbed.md", markdown(results))
     return results
