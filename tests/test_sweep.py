@@ -187,13 +187,13 @@ def test_duration_sweep_by_tstar(clf: Path, tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     sweep = json.loads(result.stdout)
     base = load_state(clf / "base")
-    tstar = {}
+    tstar = {}  # the step of minimum validation loss, whatever the merge metric
     for t in TASKS:
-        accs = {}
+        losses = {}
         for s in STEPS:
             model = load_classifier(clf / "runs" / t / f"checkpoint-{s}")
-            accs[s] = direct_scores(model, clf / "base", clf / "data" / t / "validation.jsonl")[0]
-        tstar[t] = max(accs, key=lambda s, accs=accs: (accs[s], -s))
+            losses[s] = direct_scores(model, clf / "base", clf / "data" / t / "validation.jsonl")[1]
+        tstar[t] = min(losses, key=lambda s, losses=losses: (losses[s], s))
     assert sweep["tstar"] == tstar
     point = next(p for p in sweep["points"] if p["x"] == 1.0)
     assert point["steps"] == [tstar[t] for t in TASKS]
