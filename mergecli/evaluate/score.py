@@ -83,13 +83,7 @@ class Scorer:
 
     def folder(self, folder: Path) -> Evaluation:
         """Scores of a checkpoint folder or of a task-conditional artifact folder."""
-        from mergecli.artifacts import open_artifact
-
-        try:
-            open_artifact(folder)
-        except MergeError:
-            return self.model(folder)
-        return self.artifact(folder)
+        return self.artifact(folder) if is_artifact(folder) else self.model(folder)
 
     def model(self, folder: Path, tasks: list[Task] | None = None) -> Evaluation:
         """Scores of a checkpoint folder (cached by path)."""
@@ -103,18 +97,16 @@ class Scorer:
         """Scores of the model a recipe merges, without selection (the listed experts)."""
         tasks = self._pick(tasks)
         plan = plan_merge(recipe, device=self.device)
-        if plan.artifact is not None:
-            with tempfile.TemporaryDirectory(prefix="mergecli-eval-") as tmp:
-                folder = run_merge(plan, Path(tmp) / "artifact").output
-                return Evaluation(self.artifact(folder, tasks).tasks, recipe)
-        if isinstance(self.evaluator, BuiltinEvaluator):
+        if isinstance(self.evaluator, BuiltinEvaluator) and plan.output.memory_error() is None:
             state = merge_state(plan)
             return Evaluation(
                 self.evaluator.score(MergedState(state, plan.reference.path), tasks, self.bar),
                 recipe,
             )
         with tempfile.TemporaryDirectory(prefix="mergecli-eval-") as tmp:
-            folder = run_merge(plan, Path(tmp) / "model").output
+            folder = run_merge(plan, Path(tmp) / "merged").output
+            if is_artifact(folder):
+                return Evaluation(self.artifact(folder, tasks).tasks, recipe)
             return Evaluation(self.evaluator.score(folder, tasks, self.bar), recipe)
 
     def artifact(self, folder: Path, tasks: list[Task] | None = None) -> Evaluation:
@@ -161,3 +153,14 @@ class Scorer:
             for task in self.tasks
             if task.expert is not None
         }
+
+
+def is_artifact(folder: Path) -> bool:
+    """Whether a folder is a task-conditional artifact (else a checkpoint)."""
+    from mergecli.artifacts import open_artifact
+
+    try:
+        open_artifact(folder)
+    except MergeError:
+        return False
+    return True
