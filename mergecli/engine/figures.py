@@ -9,6 +9,7 @@ import torch
 
 from mergecli.engine.runner import Piece, WriteQueue
 from mergecli.methods import TaskMasks, TensorInputs
+from mergecli.methods.result import Kept
 
 BLOCK = 1 << 20
 """Entries per block of the report's float64 sums (bounds their scratch memory)."""
@@ -26,7 +27,10 @@ class ReportSums:
         if piece.inputs is None:
             return
         sums = self.figures.setdefault(piece.tensor.name, [])
-        queue.submit(_add_figures, self.piece_figures, sums, piece.inputs, piece.merged)
+        merged = piece.merged
+        queue.submit(
+            _add_figures, self.piece_figures, sums, piece.inputs, merged.value, merged.kept
+        )
 
     def per_tensor(self) -> dict[str, dict[str, Any]]:
         """Each merged tensor's report entry."""
@@ -38,8 +42,9 @@ def _add_figures(
     sums: list[dict[str, Any]],
     inputs: TensorInputs,
     merged: torch.Tensor | TaskMasks,
+    kept: Kept,
 ) -> None:
-    sums.append(piece_figures(inputs, merged))
+    sums.append(piece_figures(inputs, merged, kept))
 
 
 class PieceFigures:
@@ -49,13 +54,15 @@ class PieceFigures:
     def __init__(self) -> None:
         self._scratch: torch.Tensor | None = None
 
-    def __call__(self, inputs: TensorInputs, merged: torch.Tensor | TaskMasks) -> dict[str, Any]:
+    def __call__(
+        self, inputs: TensorInputs, merged: torch.Tensor | TaskMasks, kept: Kept
+    ) -> dict[str, Any]:
         """Over one piece: squared norms of the task vectors and of the merged delta (an
         artifact's unified task vector) and their dot products, accumulated in float64; the
         entries where both are non-zero and where their signs also agree; the kept fractions."""
         size = (merged.unified if isinstance(merged, TaskMasks) else merged).numel()
         if inputs.base is None:
-            return {"kept": list(inputs.kept), "size": size}
+            return {"kept": list(kept), "size": size}
         tvs = [tv.reshape(-1) for tv in inputs.task_vectors()]
         delta = merged.unified if isinstance(merged, TaskMasks) else merged - inputs.base
         delta = delta.reshape(-1)
@@ -73,7 +80,7 @@ class PieceFigures:
                 sums["tv_sq"][t] += float(t64.dot(t64))
                 sums["dot"][t] += float(t64.dot(d64))
                 sign = torch.sign(tv[start:stop])
-                if inputs.kept[t] is None:  # else the method reported what it kept
+                if kept[t] is None:  # else the method reported what it kept
                     sums["nonzero"][t] += float(sign.abs().sum())
                 sign *= d_sign  # +1 where the signs agree, -1 where they differ, 0 elsewhere
                 sums["signs"][t] += float(sign.sum())
@@ -88,7 +95,7 @@ class PieceFigures:
             "same": [(b + round(x)) // 2 for b, x in zip(both, sums["signs"], strict=True)],
             "kept": [
                 k if k is not None else round(n) / max(size, 1)
-                for k, n in zip(inputs.kept, sums["nonzero"], strict=True)
+                for k, n in zip(kept, sums["nonzero"], strict=True)
             ],
         }
 

@@ -18,7 +18,8 @@ from mergecli.engine.plan import MergePlan, TensorPlan
 from mergecli.engine.runner import Piece, Runner, Timer, WriteQueue
 from mergecli.engine.threads import compute_threads
 from mergecli.errors import MergeError, OutputError
-from mergecli.methods import TaskMasks, TensorInputs
+from mergecli.methods import TensorInputs
+from mergecli.methods.result import Merged, as_merged
 from mergecli.progress import Progress
 from mergecli.report import model_card, write_reports
 
@@ -62,7 +63,7 @@ class Store:
             assert piece.raw is not None
             written = self.writer.copied(piece.tensor, piece.raw)
         else:
-            written, extra = self.writer.merged(piece.tensor, piece.inputs, piece.merged)
+            written, extra = self.writer.merged(piece.tensor, piece.inputs, piece.merged.value)
             if extra:
                 self.extra[piece.tensor.name] = extra
             piece.merged = None
@@ -128,11 +129,11 @@ def merge_state(plan: MergePlan, progress: Progress | None = None) -> dict[str, 
 
 def merge_tensor(
     plan: MergePlan, tensor: TensorPlan, inputs: TensorInputs, stats: dict[str, Any]
-) -> torch.Tensor | TaskMasks:
+) -> Merged:
     """The method's result for one tensor; an unexpected failure names the tensor."""
     inputs.stats = stats
     try:
-        return plan.method.fn(inputs, tensor.params)
+        return as_merged(plan.method.fn(inputs, tensor.params), inputs.num_experts)
     except MergeError:
         raise
     except Exception as exc:

@@ -154,17 +154,8 @@ def run_flex(
 
 
 def expert_tensors(inputs: TensorInputs) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Each expert's weights and task vector (neither modifies the other)."""
-    base = inputs.base
-    assert base is not None
-    weights = [
-        w if w is not None else base + d
-        for w, d in zip(inputs.expert_weights, inputs.expert_deltas, strict=True)
-    ]
-    tvs = [
-        d if d is not None else w - base for w, d in zip(weights, inputs.expert_deltas, strict=True)
-    ]
-    return weights, tvs
+    """Each expert's weights and task vector (the weights first: they are then exact)."""
+    return inputs.weights(), inputs.task_vectors()
 
 
 def group_inputs(
@@ -252,7 +243,7 @@ def tensor_values(
             replace(tensor, params=p),
             group_inputs(plan, inputs, weights, tvs, group),
             stats.get(group, {}),
-        )
+        ).value
         if isinstance(merged, TaskMasks):
             assert inputs.base is not None
             stored["base", None, None] = inputs.base.to(dtype)

@@ -8,6 +8,7 @@ import torch
 
 from mergecli.methods.inputs import TensorInputs
 from mergecli.methods.registry import Params, merge_method
+from mergecli.methods.result import Kept, Merged
 from mergecli.methods.statistics import Statistic
 from mergecli.methods.task_masks import TaskMasks
 from mergecli.ops import abs_sum64
@@ -76,8 +77,7 @@ def rescalers(params_by_tensor: dict[str, Params], warn: Callable[[str], None]) 
         "The artifact stores θ0, τuni, one bit per entry and task, and ξt."
     ),
 )
-def emr(inputs: TensorInputs, p: Params) -> TaskMasks:
+def emr(inputs: TensorInputs, p: Params) -> Merged:
     unified, masks = emr_parts(inputs.task_vectors())
-    for t, mask in enumerate(masks):
-        inputs.kept[t] = float(mask.sum()) / max(mask.numel(), 1)
-    return TaskMasks(unified, masks, inputs.stats[RESCALERS])
+    kept: Kept = [float(mask.sum()) / max(mask.numel(), 1) for mask in masks]
+    return Merged(TaskMasks(unified, masks, inputs.stats[RESCALERS]), kept)
