@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 
 import mergecli
 from mergecli.engine.runner import Runner
+from mergecli.methods.breadcrumbs import THRESHOLDS
 from mergecli.methods.inputs import seed_for
 from mergecli.methods.statistics import BINS, LargestMagnitudes
 from mergecli.recipe import recipe_from_dict
@@ -173,7 +174,7 @@ def test_model_scope_breadcrumbs_thresholds_equal_kthvalue(zoo: Path, tmp_path: 
             math.floor(round(gammas[t] * n, 9)),
             math.floor(round((gammas[t] + densities[t]) * n, 9)),
         ]
-        assert stats["breadcrumbs.thresholds"][t] == [dense.kth_largest(whole, r) for r in ranks]
+        assert stats[THRESHOLDS][t] == [dense.kth_largest(whole, r) for r in ranks]
 
 
 # ---- della -------------------------------------------------------------------------------------

@@ -22,12 +22,12 @@ from mergecli.engine.runner import Each, Runner
 from mergecli.errors import MergeError
 from mergecli.layers import layer_index, layer_prefix
 from mergecli.methods import TensorInputs
-from mergecli.methods.statistics import KthLargestMagnitude
+from mergecli.methods.statistics import Handle, KthLargestMagnitude
 from mergecli.progress import NullProgress, Progress
 from mergecli.recipe import Recipe
 from mergecli.sources.resolve import is_adapter, locate
 
-THRESHOLDS = "analyze.thresholds"
+THRESHOLDS: Handle[list[float]] = Handle("analyze.thresholds")
 TOP_K = 0.2
 TALL_LAMBDA = 0.6
 

@@ -20,6 +20,7 @@ from mergecli.engine.threads import compute_threads
 from mergecli.errors import MergeError, OutputError
 from mergecli.methods import TensorInputs
 from mergecli.methods.result import Merged, as_merged
+from mergecli.methods.statistics import StatValues
 from mergecli.progress import Progress
 from mergecli.report import model_card, write_reports
 
@@ -35,7 +36,7 @@ class MergeResult:
 class MergePass:
     """The merge pass: the method's result for each merged piece (``piece.merged``)."""
 
-    def __init__(self, plan: MergePlan, stats: dict[str, Any], timer: Timer) -> None:
+    def __init__(self, plan: MergePlan, stats: StatValues, timer: Timer) -> None:
         self.plan = plan
         self.stats = stats
         self.timer = timer
@@ -103,7 +104,7 @@ def _run_merge(plan: MergePlan, output: Path, force: bool, runner: Runner) -> Me
     return MergeResult(output, report)
 
 
-def statistics(plan: MergePlan, runner: Runner) -> dict[str, Any]:
+def statistics(plan: MergePlan, runner: Runner) -> StatValues:
     """The method's whole-model statistics, gathered over the merged tensors."""
     merged = plan.read_plan([t for t in plan.tensors if t.merge])
     return runner.statistics(merged, plan.statistics)
@@ -128,7 +129,7 @@ def merge_state(plan: MergePlan, progress: Progress | None = None) -> dict[str, 
 
 
 def merge_tensor(
-    plan: MergePlan, tensor: TensorPlan, inputs: TensorInputs, stats: dict[str, Any]
+    plan: MergePlan, tensor: TensorPlan, inputs: TensorInputs, stats: StatValues
 ) -> Merged:
     """The method's result for one tensor; an unexpected failure names the tensor."""
     inputs.stats = stats

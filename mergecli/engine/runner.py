@@ -18,7 +18,7 @@ import torch
 
 from mergecli.engine.read_plan import LOOKAHEAD, READ_AHEAD_BYTES, ReadPlan, Rows, TensorPlan
 from mergecli.methods import TensorInputs
-from mergecli.methods.statistics import Statistic
+from mergecli.methods.statistics import Statistic, StatValues
 from mergecli.progress import NullProgress, Progress
 
 WRITE_QUEUE = 2
@@ -107,8 +107,8 @@ class Runner:
                 self.progress.advance(*read.progress(tensor, rows))
             queue.drain()
 
-    def statistics(self, read: ReadPlan, statistics: list[Statistic]) -> dict[str, Any]:
-        """Stream ``read`` once per pass until every statistic is final; their values by key."""
+    def statistics(self, read: ReadPlan, statistics: list[Statistic]) -> StatValues:
+        """Stream ``read`` once per pass until every statistic is final; their values."""
         passes = 0
         while any(s.wants_pass() for s in statistics):
             passes += 1
@@ -116,7 +116,7 @@ class Runner:
             self.run(read, [Observe(active)], f"statistics pass {passes}")
             for statistic in active:
                 statistic.end_pass()
-        return {s.key: s.value() for s in statistics}
+        return StatValues.of(statistics)
 
     def stream(self, read: ReadPlan) -> Iterator[Piece]:
         """Each piece of ``read`` in order, read ahead on a background thread (the row pieces

@@ -30,6 +30,7 @@ from mergecli.flex.report import order_rows, size_report, write_size_reports
 from mergecli.flex.similarity import block_grams, flex_reading
 from mergecli.flex.size import steps_for
 from mergecli.methods import Params, TaskMasks, TensorInputs
+from mergecli.methods.statistics import StatValues
 from mergecli.progress import NullProgress, Progress
 
 
@@ -190,7 +191,7 @@ def group_params(plan: FlexPlan, params: Params, group: Group) -> Params:
 
 def group_statistics(
     plan: FlexPlan, block: Block, groups: list[Group], runner: Runner
-) -> tuple[dict[Group, dict[str, Any]], dict[Group, dict[str, Params]]]:
+) -> tuple[dict[Group, StatValues], dict[Group, dict[str, Params]]]:
     """A method's whole-model statistics, gathered over the block for each multi-member group
     (FlexMerge applies the method block by block); also the parameters they settled."""
     make = plan.merge.method.statistics
@@ -213,7 +214,7 @@ def group_statistics(
         for ss in active.values():
             for statistic in ss:
                 statistic.end_pass()
-    return {g: {s.key: s.value() for s in ss} for g, ss in stats.items()}, params
+    return {g: StatValues.of(ss) for g, ss in stats.items()}, params
 
 
 def tensor_values(
@@ -221,7 +222,7 @@ def tensor_values(
     tensor: TensorPlan,
     inputs: TensorInputs,
     groups: list[Group],
-    stats: dict[Group, dict[str, Any]],
+    stats: dict[Group, StatValues],
     params: dict[Group, dict[str, Params]],
 ) -> tuple[Stored, dict[Group, list[float]]]:
     """What every group of the tensor's block stores, computed once for all sizes."""
@@ -242,7 +243,7 @@ def tensor_values(
             plan.merge,
             replace(tensor, params=p),
             group_inputs(plan, inputs, weights, tvs, group),
-            stats.get(group, {}),
+            stats.get(group, StatValues()),
         ).value
         if isinstance(merged, TaskMasks):
             assert inputs.base is not None
@@ -273,7 +274,7 @@ class GroupMerge:
         """The distinct groups of each block tensor's block, over every size."""
         self.writers = writers
         self.timer = runner.timer
-        self.stats: dict[Group, dict[str, Any]] = {}
+        self.stats: dict[Group, StatValues] = {}
         self.params: dict[Group, dict[str, Params]] = {}
 
     def piece(self, piece: Piece, queue: WriteQueue) -> None:

@@ -13,7 +13,7 @@ from mergecli.methods.linear import LAMBDA, WEIGHT, weighted_sum
 from mergecli.methods.registry import Param, Params, merge_method
 from mergecli.methods.result import Merged, kept_fraction
 from mergecli.methods.sparsify import kth_largest, model_scope_values
-from mergecli.methods.statistics import LargestMagnitudes, Statistic, floor_rank
+from mergecli.methods.statistics import Handle, LargestMagnitudes, Statistic, floor_rank
 from mergecli.methods.ties import (
     MERGE_FUNC,
     MERGEKIT_IGNORED,
@@ -23,7 +23,7 @@ from mergecli.methods.ties import (
     elect_and_merge,
 )
 
-THRESHOLDS = "breadcrumbs.thresholds"
+THRESHOLDS: Handle[list[list[float]]] = Handle("breadcrumbs.thresholds")
 
 DENSITY = Param("density", 0.9, help="fraction of entries kept", per_model=True)
 GAMMA = Param("gamma", 0.01, help="fraction of the largest magnitudes dropped", per_model=True)

@@ -9,11 +9,11 @@ import torch
 from mergecli.methods.inputs import TensorInputs
 from mergecli.methods.registry import Params, merge_method
 from mergecli.methods.result import Kept, Merged
-from mergecli.methods.statistics import Statistic
+from mergecli.methods.statistics import Handle, Statistic
 from mergecli.methods.task_masks import TaskMasks
 from mergecli.ops import abs_sum64
 
-RESCALERS = "emr.rescalers"
+RESCALERS: Handle[list[float]] = Handle("emr.rescalers")
 
 
 def emr_parts(tvs: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -30,8 +30,8 @@ class Rescalers:
     One streaming pass; holds two float64 sums per expert.
     """
 
-    def __init__(self, key: str) -> None:
-        self.key = key
+    def __init__(self, handle: Handle[list[float]]) -> None:
+        self.handle = handle
         self.task: list[float] = []
         self.masked: list[float] = []
         self.done = False

@@ -5,9 +5,10 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
+
+from mergecli.methods.statistics import StatValues
 
 
 def seed_for(seed: int, expert: int, tensor_name: str) -> int:
@@ -43,7 +44,8 @@ class TensorInputs:
     seed: int = 0
     layer: int | None = None
     num_layers: int = 0
-    stats: dict[str, Any] = field(default_factory=dict)
+    stats: StatValues = field(default_factory=lambda: StatValues())
+    """The whole-model statistics the method declared, by handle."""
     generators: dict[int, torch.Generator] = field(default_factory=dict)
     """The experts' generators, shared by the row chunks of one tensor: chunk after chunk
     continues the whole tensor's random stream."""

@@ -18,9 +18,9 @@ from mergecli.methods.sparsify import (
     model_scope_values,
     tensor_threshold,
 )
-from mergecli.methods.statistics import KthLargestMagnitude, Statistic
+from mergecli.methods.statistics import Handle, KthLargestMagnitude, Statistic
 
-THRESHOLDS = "ties.thresholds"
+THRESHOLDS: Handle[list[float]] = Handle("ties.thresholds")
 BLOCK_ELEMENTS = 1 << 20
 """Entries per row block of a large tensor that TIES merges whole."""
 
