@@ -19,7 +19,6 @@ from mergecli.errors import MergeError, did_you_mean
 from mergecli.evaluate.builtin import BuiltinEvaluator, MergedState
 from mergecli.evaluate.command import CommandEvaluator
 from mergecli.evaluate.tasks import Task, resolve_tasks
-from mergecli.methods import get_method
 from mergecli.progress import CountBar
 from mergecli.recipe import Recipe
 
@@ -138,11 +137,10 @@ class Scorer:
     def recipe(self, recipe: Recipe) -> Evaluation:
         """Scores of a recipe's merge; a method that selects experts (greedy_soup) selects
         them first, and ``recipe`` of the result lists the ones kept."""
-        if get_method(recipe.merge_method).selects_experts:
-            from mergecli.evaluate.greedy import greedy_soup
+        from mergecli.evaluate.greedy import SELECTIONS
 
-            return greedy_soup(self, recipe)
-        return self.merge(recipe)
+        select = SELECTIONS.get(recipe.merge_method)
+        return select(self, recipe) if select else self.merge(recipe)
 
     def expert_scores(self, recipe: Recipe) -> dict[str, float]:
         """Each task's score of the expert trained for it (tasks without an expert are left out)."""
