@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mergecli.errors import MergeError
+from mergecli.errors import RecipeError
 from mergecli.recipe import recipe_from_dict
 from mergecli.sweep.grid import parse_values
 from tests.eval_zoo import STEPS, TASKS, build_zoo, direct_scores, load_classifier
@@ -43,8 +43,9 @@ def test_parse_values() -> None:
     assert parse_values("1:7:3", "x") == [1, 4, 7]
     assert parse_values("0.2,0.5,true,sum", "x") == [0.2, 0.5, True, "sum"]
     for bad in ("1:0:0.1", "a:b:c", "0.1,,0.2", "0:1:0"):
-        with pytest.raises(MergeError):
+        with pytest.raises(RecipeError) as caught:
             parse_values(bad, "--grid x")
+        assert caught.value.key == "--grid"
 
 
 def test_grid_sweep_picks_what_an_exhaustive_evaluation_picks(clf: Path, tmp_path: Path) -> None:

@@ -26,7 +26,7 @@ from mergecli.cli import (
     print_json,
 )
 from mergecli.cli.analyze import analyze_app, show
-from mergecli.errors import MergeError
+from mergecli.errors import RecipeError
 from mergecli.progress import count_bar_for
 
 
@@ -171,7 +171,9 @@ def sweep(
     from mergecli.sweep.grid import parse_grid, parse_values
 
     if bool(grid) == over_checkpoints:
-        raise MergeError("sweep: give --grid KEY=VALUES, or --over-checkpoints (not both)")
+        raise RecipeError(
+            "sweep: give --grid KEY=VALUES, or --over-checkpoints (not both)", key="--grid"
+        )
     spec, scorer = _scorer(recipe, device, quiet or json_out)
     if over_checkpoints:
         target = _target(recipe, spec, output, force)
@@ -310,11 +312,15 @@ def landscape(
     spec = mergecli.load_recipe(recipe)
     section = spec.evaluate
     if section is None:
-        raise MergeError(f"{recipe}: no 'evaluate:' section saying which data to measure")
+        raise RecipeError(
+            f"{recipe}: no 'evaluate:' section saying which data to measure", key="evaluate"
+        )
     if section.metric is not None:
         section = section.model_copy(update={"metric": metric or "loss", "higher_is_better": None})
     elif metric is not None:
-        raise MergeError("--metric: the recipe scores with a command; its score is used")
+        raise RecipeError(
+            "--metric: the recipe scores with a command; its score is used", key="--metric"
+        )
     spec = spec.model_copy(update={"evaluate": section})
     names = [n.strip() for value in models for n in value.split(",") if n.strip()]
     values = [float(a) for a in parse_values(alphas, "--alphas")]

@@ -26,7 +26,7 @@ from mergecli.cli import (
     print_json,
     print_warnings,
 )
-from mergecli.errors import MergeError
+from mergecli.errors import RecipeError
 from mergecli.evaluate import Scorer
 from mergecli.flex import FlexResult, plan_flex, run_flex
 from mergecli.progress import count_bar_for, progress_for
@@ -36,7 +36,7 @@ from mergecli.report import human_bytes
 def parse_sizes(size: float | None, sizes: str | None) -> list[float] | None:
     """--size or --sizes (comma-separated) as a list; None when neither is given."""
     if size is not None and sizes is not None:
-        raise MergeError("--size and --sizes: give one of them")
+        raise RecipeError("--size and --sizes: give one of them", key="--size")
     if size is not None:
         return [size]
     if sizes is None:
@@ -44,7 +44,9 @@ def parse_sizes(size: float | None, sizes: str | None) -> list[float] | None:
     try:
         return [float(x) for x in sizes.split(",") if x.strip()]
     except ValueError:
-        raise MergeError(f"--sizes: '{sizes}' is not a comma-separated list of numbers") from None
+        raise RecipeError(
+            f"--sizes: '{sizes}' is not a comma-separated list of numbers", key="--sizes"
+        ) from None
 
 
 @app.command()

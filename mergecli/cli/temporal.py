@@ -23,7 +23,7 @@ from mergecli.cli import (
     print_json,
     print_warnings,
 )
-from mergecli.errors import MergeError, did_you_mean
+from mergecli.errors import RecipeError, did_you_mean
 from mergecli.progress import progress_for
 from mergecli.recipe import load_recipe
 from mergecli.report import human_bytes
@@ -75,11 +75,15 @@ def parse_params(raw: list[str]) -> dict[str, Any]:
     for item in raw:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            raise MergeError(f"--param '{item}': expected KEY=VALUE, e.g. density=0.3")
+            raise RecipeError(
+                f"--param '{item}': expected KEY=VALUE, e.g. density=0.3", key="--param"
+            )
         try:
             params[key.strip()] = yaml.safe_load(value)
         except yaml.YAMLError:
-            raise MergeError(f"--param '{item}': the value is not valid YAML") from None
+            raise RecipeError(
+                f"--param '{item}': the value is not valid YAML", key="--param"
+            ) from None
     return params
 
 

@@ -19,7 +19,7 @@ from mergecli.engine.stream import Timer, stream_pieces
 from mergecli.engine.task_artifact import StoredTaskTensor, TaskArtifactWriter
 from mergecli.engine.threads import compute_threads
 from mergecli.engine.writer import ShardWriter
-from mergecli.errors import MergeError
+from mergecli.errors import MergeError, RecipeError, ShapeError
 from mergecli.methods import TaskMasks, TensorInputs
 from mergecli.progress import NullProgress, Progress
 from mergecli.report import model_card, write_reports
@@ -222,12 +222,16 @@ def merge_state(plan: MergePlan, progress: Progress | None = None) -> dict[str, 
     methods write folders only.
     """
     if plan.artifact is not None:
-        raise MergeError(
+        raise RecipeError(
             f"merge_method: '{plan.method.name}' writes a task-mask artifact, not one model: "
-            "run it into a folder"
+            "run it into a folder",
+            key="merge_method",
         )
     if plan.lora is not None:
-        raise MergeError("this recipe writes a LoRA adapter; in-memory merges hold full weights")
+        raise RecipeError(
+            "this recipe writes a LoRA adapter; in-memory merges hold full weights",
+            key="output_format",
+        )
     progress = progress or NullProgress()
     timer = Timer()
     stats = gather_statistics(plan, timer, progress)
@@ -308,7 +312,9 @@ def merge_tensor(
     except MergeError:
         raise
     except Exception as exc:
-        raise MergeError(f"{plan.method.name} failed on '{tensor.name}': {exc}") from exc
+        raise ShapeError(
+            f"{plan.method.name} failed on '{tensor.name}': {exc}", tensor=tensor.name
+        ) from exc
 
 
 def stored(

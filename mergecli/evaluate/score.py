@@ -15,7 +15,7 @@ from typing import Any
 
 from mergecli.engine.merge import merge_state, run_merge
 from mergecli.engine.plan import plan_merge, resolve_device
-from mergecli.errors import MergeError, did_you_mean
+from mergecli.errors import MergeError, RecipeError, did_you_mean
 from mergecli.evaluate.builtin import BuiltinEvaluator, MergedState
 from mergecli.evaluate.command import CommandEvaluator
 from mergecli.evaluate.tasks import Task, resolve_tasks
@@ -130,9 +130,10 @@ class Scorer:
         for task in self._pick(tasks):
             name = self.expert_names[task.expert] if task.expert is not None else task.name
             if name not in names:
-                raise MergeError(
+                raise RecipeError(
                     f"evaluate.tasks.{task.name}: the artifact {folder} has no task '{name}'"
-                    f"{did_you_mean(name, names)}; its tasks: {', '.join(names)}"
+                    f"{did_you_mean(name, names)}; its tasks: {', '.join(names)}",
+                    key=f"evaluate.tasks.{task.name}",
                 )
             if isinstance(self.evaluator, BuiltinEvaluator):
                 source = MergedState(task_state_dict(opened, name), opened.model_files())

@@ -20,7 +20,7 @@ from typing import Any
 
 from mergecli.analyze.runs import Point, run_checkpoints, sweep_points
 from mergecli.analyze.sweep import point_recipe
-from mergecli.errors import MergeError, did_you_mean
+from mergecli.errors import RecipeError, did_you_mean
 from mergecli.evaluate import Scorer
 from mergecli.methods import get_method
 from mergecli.recipe import Recipe
@@ -39,17 +39,19 @@ def best_steps(recipe: Recipe, scorer: Scorer) -> dict[str, dict[str, Any]]:
         tasks = [t for t in scorer.tasks if t.expert == i]
         name = recipe.model_name(i)
         if not tasks:
-            raise MergeError(
+            raise RecipeError(
                 f"--by tstar: no evaluate task has '{name}' as its expert, so its "
-                "best-validation step is unknown (set evaluate.tasks.<task>.expert)"
+                "best-validation step is unknown (set evaluate.tasks.<task>.expert)",
+                key="--by",
             )
         scores = {step: scorer.model(path, tasks).score for step, path in run.items()}
         steps = list(scores)
         out[name] = {"scores": scores, "tstar": steps[scorer.best(list(scores.values()))]}
     if not out:
-        raise MergeError(
+        raise RecipeError(
             "--over-checkpoints: no expert names a training-run folder with checkpoint-<step> "
-            "subfolders"
+            "subfolders",
+            key="--over-checkpoints",
         )
     return out
 
@@ -104,7 +106,7 @@ def sweep_durations(
 ) -> dict[str, Any]:
     """Merged and expert scores at each training duration, per method."""
     if by not in BY:
-        raise MergeError(f"--by: '{by}' is not step or tstar{did_you_mean(by, BY)}")
+        raise RecipeError(f"--by: '{by}' is not step or tstar{did_you_mean(by, BY)}", key="--by")
     methods = methods or [recipe.merge_method]
     for method in methods:
         get_method(method, "--methods")

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from mergecli.errors import MergeError
+from mergecli.errors import RecipeError
 from mergecli.evaluate import Evaluation, Scorer
 from mergecli.recipe import Recipe
 from mergecli.sweep.grid import Axis, apply_point, grid_points
@@ -20,7 +20,7 @@ def sweep_grid(
     beat the best so far. Returns the table and the best point's recipe (a greedy soup's
     selected experts)."""
     if patience is not None and patience < 1:
-        raise MergeError("--patience: expected a whole number ≥ 1")
+        raise RecipeError("--patience: expected a whole number ≥ 1", key="--patience")
     points = grid_points(axes)
     rows: list[dict[str, Any]] = []
     best: tuple[int, Evaluation] | None = None
