@@ -148,7 +148,7 @@ def print_plan(summary: dict[str, Any]) -> None:
 @handle_errors
 def methods(json_out: JsonOpt = False) -> None:
     """List every merging method with its parameters, defaults and definition."""
-    rows = []
+    rows: list[dict[str, Any]] = []
     for spec in mergecli.list_methods():
         rows.append(
             {

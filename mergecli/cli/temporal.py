@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import click
 import typer
 import yaml
 from rich.table import Table
@@ -39,7 +38,7 @@ class TemporalGroup(TyperGroup):
     command, so that click suggests the command.
     """
 
-    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
         first = args[0] if args else "-"
         mistyped = not Path(first).exists() and did_you_mean(first, self.commands)
         if not first.startswith("-") and first not in self.commands and not mistyped:

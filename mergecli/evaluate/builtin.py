@@ -21,7 +21,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +31,9 @@ from mergecli.evaluate.tasks import Task, read_examples
 from mergecli.progress import CountBar
 from mergecli.recipe import EvaluateSection
 from mergecli.sources import Checkpoint
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 MASK_RATE = 0.15
 KINDS = {
@@ -109,13 +112,13 @@ class BuiltinEvaluator:
         self.seed = seed
         self.tokenizer_fallback = tokenizer_fallback
         """Where the tokenizer comes from when a checkpoint folder has none (the recipe's)."""
-        self._models: dict[str, torch.nn.Module] = {}
+        self._models: dict[str, PreTrainedModel] = {}
         self._tokenizers: dict[str, Any] = {}
         self._data: dict[tuple[str, str], list[dict[str, Any]]] = {}
 
     # models ------------------------------------------------------------------------------
 
-    def _skeleton(self, folder: Path) -> tuple[torch.nn.Module, str]:
+    def _skeleton(self, folder: Path) -> tuple[PreTrainedModel, str]:
         import transformers
 
         kind, config = model_kind(folder)
@@ -242,7 +245,7 @@ class BuiltinEvaluator:
         return scores
 
 
-def _load_state(model: torch.nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
+def _load_state(model: PreTrainedModel, state: dict[str, torch.Tensor], where: str) -> None:
     """Copy tensors into the skeleton; every parameter must come from ``state`` (tied ones
     share storage with one that does)."""
     result = model.load_state_dict(state, strict=False)

@@ -96,7 +96,7 @@ class Scorer:
         tasks = self._pick(tasks)
         key = (folder.resolve(), tuple(t.name for t in tasks))
         if key not in self._models:
-            self._models[key] = self.evaluator.score(folder, tasks, self.bar)  # type: ignore[arg-type]
+            self._models[key] = self.evaluator.score(folder, tasks, self.bar)
         return Evaluation(dict(self._models[key]))
 
     def merge(self, recipe: Recipe, tasks: list[Task] | None = None) -> Evaluation:

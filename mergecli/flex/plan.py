@@ -43,7 +43,7 @@ class FlexPlan:
         two blocks and masks for one group, more than two experts' blocks)."""
         m = len(self.tasks)
         one = [[tuple(range(m))] for _ in self.blocks]
-        every = [[(k,) for k in range(m)] for _ in self.blocks]
+        every: list[list[tuple[int, ...]]] = [[(k,) for k in range(m)] for _ in self.blocks]
         return min(self.sizes.size(one), self.sizes.size(every))
 
     def summary(self) -> dict[str, Any]:

@@ -72,7 +72,7 @@ def tstar_points(recipe: Recipe, tstar: dict[str, int], multiples: list[float]) 
                 paths.append(path)
                 continue
             target = multiple * tstar[recipe.model_name(i)]
-            step = min(run, key=lambda s, t=target: (abs(s - t), s))
+            step = nearest(run, target)
             error += abs(target - step) / tstar[recipe.model_name(i)]
             steps.append(step)
             paths.append(run[step])
@@ -80,6 +80,11 @@ def tstar_points(recipe: Recipe, tstar: dict[str, int], multiples: list[float]) 
         if key not in best or error < best[key][0]:
             best[key] = (error, Point(None, multiple, steps, paths))
     return sorted((point for _, point in best.values()), key=lambda p: p.fraction)
+
+
+def nearest(steps: dict[int, Path], target: float) -> int:
+    """The step closest to ``target`` (ties: the earlier step)."""
+    return min(steps, key=lambda s: (abs(s - target), s))
 
 
 def method_recipe(recipe: Recipe, method: str) -> Recipe:

@@ -20,7 +20,7 @@ def score_sizes(
 ) -> dict[str, Any]:
     """Scores of (target, deployed size, artifact folder) triples, and the experts'."""
     handle = scorer.bar.add("scoring sizes", len(sizes))
-    rows = []
+    rows: list[dict[str, Any]] = []
     for target, size, folder in sizes:
         result = scorer.artifact(folder)
         rows.append(
