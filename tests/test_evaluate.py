@@ -260,6 +260,17 @@ def test_evaluate_command_line(clf: Path) -> None:
     assert row["tasks"]["a"] == pytest.approx(accuracy)
     result = run_cli("evaluate", path)
     assert result.exit_code == 0 and "task_arithmetic" in result.stdout
+    # the library function behind the command, from Python
+    from mergecli.evaluate.table import evaluation_table
+
+    data = evaluation_table(
+        Scorer(recipe_from_dict(spec, clf)),
+        recipe_from_dict(spec, clf),
+        [clf / "runs" / "a" / "checkpoint-10"],
+        clf / "scores.json",
+    )
+    assert data["rows"][0]["tasks"]["a"] == pytest.approx(accuracy)
+    assert json.loads((clf / "scores.json").read_text()) == data
     missing = write_recipe(clf, {k: v for k, v in spec.items() if k != "evaluate"}, "none.yaml")
     result = run_cli("evaluate", missing)
     assert result.exit_code == 2

@@ -297,13 +297,30 @@ def check_tensor(plan_ref: Source, expert: Source, name: str, on_missing: str) -
     return True
 
 
-def plan_merge(recipe: Recipe, device: str = "cpu", shard_size: str | int = "5GB") -> MergePlan:
-    """Validate a recipe against the checkpoints' headers and decide the whole merge."""
+def plan_merge(
+    recipe: Recipe,
+    device: str = "cpu",
+    shard_size: str | int = "5GB",
+    *,
+    experts_selected: bool = False,
+) -> MergePlan:
+    """Validate a recipe against the checkpoints' headers and decide the whole merge.
+
+    A method that selects its experts by scoring merges (greedy_soup) is refused unless
+    ``experts_selected`` says the recipe lists the selected experts
+    (``mergecli.evaluate.plan_with_selection`` runs the selection and plans the result).
+    """
     if recipe.temporal is not None:
         raise RecipeError(
             "temporal: this recipe folds experts over time; run 'mergecli temporal'", key="temporal"
         )
     method = get_method(recipe.merge_method).resolve(recipe.parameters)
+    if method.selects_experts and not experts_selected:
+        raise RecipeError(
+            f"merge_method: '{method.name}' selects its experts by scoring merges; "
+            "mergecli.evaluate.plan_with_selection(recipe) runs the selection and plans it",
+            key="merge_method",
+        )
     notes = check_parameter_names(recipe, method)
     n = len(recipe.models)
     if n < method.min_models or (method.max_models and n > method.max_models):

@@ -8,13 +8,8 @@ without it, and skipped otherwise.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-from mergecli.evaluate.score import Evaluation
+from mergecli.evaluate.score import Evaluation, Scorer
 from mergecli.recipe import Recipe
-
-if TYPE_CHECKING:
-    from mergecli.evaluate.score import Scorer
 
 
 def with_models(recipe: Recipe, indices: list[int]) -> Recipe:

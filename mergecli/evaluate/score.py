@@ -19,7 +19,6 @@ from mergecli.errors import MergeError, RecipeError, did_you_mean
 from mergecli.evaluate.builtin import BuiltinEvaluator, MergedState
 from mergecli.evaluate.command import CommandEvaluator
 from mergecli.evaluate.tasks import Task, resolve_tasks
-from mergecli.methods import get_method
 from mergecli.progress import CountBar
 from mergecli.recipe import Recipe
 
@@ -100,9 +99,10 @@ class Scorer:
         return Evaluation(dict(self._models[key]))
 
     def merge(self, recipe: Recipe, tasks: list[Task] | None = None) -> Evaluation:
-        """Scores of the model a recipe merges, without selection (the listed experts)."""
+        """Scores of the model a recipe merges, without selection (the listed experts; a
+        selecting method's are scored by ``mergecli.evaluate.score_recipe``)."""
         tasks = self._pick(tasks)
-        plan = plan_merge(recipe, device=self.device)
+        plan = plan_merge(recipe, device=self.device, experts_selected=True)
         if plan.artifact is not None:
             with tempfile.TemporaryDirectory(prefix="mergecli-eval-") as tmp:
                 folder = run_merge(plan, Path(tmp) / "artifact").output
@@ -143,15 +143,6 @@ class Scorer:
                 exported = export_task(opened, name, Path(tmp) / name)
                 scores.update(self.evaluator.score(exported, [task], self.bar))
         return Evaluation(scores)
-
-    def recipe(self, recipe: Recipe) -> Evaluation:
-        """Scores of a recipe's merge; a method that selects experts (greedy_soup) selects
-        them first, and ``recipe`` of the result lists the ones kept."""
-        if get_method(recipe.merge_method).selects_experts:
-            from mergecli.evaluate.greedy import greedy_soup
-
-            return greedy_soup(self, recipe)
-        return self.merge(recipe)
 
     def expert_scores(self, recipe: Recipe) -> dict[str, float]:
         """Each task's score of the expert trained for it (tasks without an expert are left out)."""

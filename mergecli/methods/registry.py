@@ -88,9 +88,9 @@ class MethodSpec:
     with results equal to the whole tensor's bit for bit."""
     selects_experts: bool = False
     """The method chooses which listed experts to merge by scoring candidate merges
-    (greedy_soup): ``mergecli merge`` and ``mergecli sweep`` run that selection with the
-    recipe's ``evaluate:`` section first (``mergecli.evaluate.greedy``); ``fn`` then merges the
-    experts selected."""
+    (greedy_soup): ``plan_merge`` refuses it, ``mergecli.evaluate.plan_with_selection`` and
+    ``score_recipe`` run that selection with the recipe's ``evaluate:`` section first; ``fn``
+    then merges the experts selected."""
     coefficients: Callable[[Params], list[float] | None] | None = None
     """For a method whose merged task vector is Σ ct τt (a linear combination): the ct of one
     tensor's parameters, or None when these parameters make it no such combination. Lets LoRA

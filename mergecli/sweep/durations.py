@@ -21,7 +21,7 @@ from typing import Any
 from mergecli.analyze.runs import Point, run_checkpoints, sweep_points
 from mergecli.analyze.sweep import point_recipe
 from mergecli.errors import RecipeError, did_you_mean
-from mergecli.evaluate import Scorer
+from mergecli.evaluate import Scorer, score_recipe
 from mergecli.methods import get_method
 from mergecli.recipe import Recipe
 
@@ -144,7 +144,7 @@ def sweep_durations(
             "methods": {},
         }
         for method in methods:
-            merged = scorer.recipe(method_recipe(at, method))
+            merged = score_recipe(scorer, method_recipe(at, method))
             row["methods"][method] = {
                 "tasks": merged.tasks,
                 "score": merged.score,

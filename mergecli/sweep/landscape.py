@@ -65,6 +65,24 @@ def path_recipe(recipe: Recipe, models: list[ModelEntry], path: str, alpha: floa
     )
 
 
+def landscape_recipe(recipe: Recipe, metric: str | None = None, source: str = "recipe") -> Recipe:
+    """The recipe whose ``evaluate:`` section measures the path: a built-in ``metric``
+    (default loss), or the recipe's command (then no ``metric`` may be given); errors start
+    with ``source``."""
+    section = recipe.evaluate
+    if section is None:
+        raise RecipeError(
+            f"{source}: no 'evaluate:' section saying which data to measure", key="evaluate"
+        )
+    if section.metric is not None:
+        section = section.model_copy(update={"metric": metric or "loss", "higher_is_better": None})
+    elif metric is not None:
+        raise RecipeError(
+            "--metric: the recipe scores with a command; its score is used", key="--metric"
+        )
+    return recipe.model_copy(update={"evaluate": section})
+
+
 def barrier(values: list[float], higher_is_better: bool) -> float:
     """Height of the path above (below, for scores) the mean of its ends."""
     ends = (values[0] + values[-1]) / 2
