@@ -24,6 +24,8 @@ import json, sys
 import mergecli
 from mergecli.analyze import analyze_interference
 
+pytestmark = pytest.mark.slow  # measures peak memory of a whole analysis
+
 recipe = mergecli.recipe.recipe_from_dict(json.loads(sys.argv[2]))
 
 def work():

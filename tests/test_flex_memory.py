@@ -25,6 +25,8 @@ from mergecli.flex import plan_flex
 from mergecli.flex.similarity import block_grams
 from mergecli.progress import NullProgress
 
+pytestmark = pytest.mark.slow  # measures peak memory of a whole FlexMerge run
+
 recipe = mergecli.recipe.recipe_from_dict(json.loads(sys.argv[2]))
 if sys.argv[1] == "merge":
     plan = mergecli.plan_merge(recipe)
