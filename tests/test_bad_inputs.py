@@ -303,3 +303,16 @@ def test_bin_weights_refused_unless_opted_in(zoo: Path, tmp_path: Path) -> None:
     name = source.tensor_names()[0]
     source.read(name).zero_()
     assert torch.equal(source.read(name), load_state(zoo / "code")[name])
+
+
+def test_plan_merge_refuses_to_average_a_greedy_soup(zoo: Path, tmp_path: Path) -> None:
+    """From Python, a selecting method is not silently merged over every listed expert."""
+    recipe = base_recipe(zoo, tmp_path / "out", merge_method="greedy_soup", parameters={})
+    for model in recipe["models"]:
+        model["parameters"] = {}
+    path = write_recipe(tmp_path, recipe)
+    error = library_error(path)
+    assert type(error) is RecipeError and error.key == "merge_method"
+    assert "plan_with_selection" in str(error)
+    plan = plan_merge(load_recipe(path), experts_selected=True)
+    assert len(plan.experts) == len(EXPERTS)

@@ -132,6 +132,7 @@ def test_writer_assembles_row_chunks_and_refuses_wrong_ones(tmp_path: Path) -> N
     assert torch.equal(load_state(tmp_path)["a"], value)
 
 
+@pytest.mark.slow
 def test_peak_memory_does_not_grow_with_the_largest_tensor(tmp_path: Path) -> None:
     rows, cols = 4096, 2048  # 32 MB in float32: one tensor, merged in 256 KB chunks
     gen = torch.Generator().manual_seed(0)

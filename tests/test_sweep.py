@@ -120,6 +120,7 @@ def test_grid_sweep_picks_what_an_exhaustive_evaluation_picks(clf: Path, tmp_pat
     assert early["evaluated"] == first_worse + 1 and early["stopped_early"]
 
 
+@pytest.mark.slow
 def test_greedy_soup_picks_what_an_exhaustive_evaluation_picks(clf: Path, tmp_path: Path) -> None:
     ingredients = [
         ("a20", "a", 20),
@@ -173,6 +174,7 @@ def test_greedy_soup_picks_what_an_exhaustive_evaluation_picks(clf: Path, tmp_pa
     assert [e.path for e in plan.experts] == [(clf / spec["models"][i]["model"]) for i in kept]
 
 
+@pytest.mark.slow
 def test_duration_sweep_by_tstar(clf: Path, tmp_path: Path) -> None:
     spec = {
         "merge_method": "task_arithmetic",

@@ -232,6 +232,7 @@ def reference(zoo: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return state
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fail_after", [3, 33], ids=["in-ema-merge", "in-all-merge"])
 def test_interrupted_add_keeps_the_state_and_rerun_completes(
     zoo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reference: Path, fail_after: int
@@ -275,6 +276,7 @@ add_expert(sys.argv[1], sys.argv[2])
 """
 
 
+@pytest.mark.slow
 def test_killed_add_leaves_the_state_intact_and_rerun_cleans_up(
     zoo: Path, tmp_path: Path, reference: Path
 ) -> None:
@@ -421,6 +423,7 @@ print(json.dumps({"growth": kib("VmHWM") - baseline}))
 """
 
 
+@pytest.mark.slow
 def test_twenty_steps_peak_at_the_memory_of_one_merge(tmp_path: Path) -> None:
     """Peak resident memory above the post-import baseline: 20 EMA steps vs 1 (one merge).
 
