@@ -17,6 +17,8 @@ from tests.helpers import peak_memory_job, write_random_experts
 TENSORS, SHAPE, EXPERTS = 48, (128, 1024), 4
 MIB = 1 << 20
 
+pytestmark = pytest.mark.slow  # measures peak memory of a whole FlexMerge run
+
 JOB = """
 import json, sys
 import mergecli
@@ -24,8 +26,6 @@ from mergecli.engine.stream import Timer
 from mergecli.flex import plan_flex
 from mergecli.flex.similarity import block_grams
 from mergecli.progress import NullProgress
-
-pytestmark = pytest.mark.slow  # measures peak memory of a whole FlexMerge run
 
 recipe = mergecli.recipe.recipe_from_dict(json.loads(sys.argv[2]))
 if sys.argv[1] == "merge":
