@@ -47,7 +47,9 @@ def merge(zoo: Path, out: Path, method: str, chunk: int, monkeypatch: pytest.Mon
     return plan
 
 
-@pytest.mark.parametrize("method", list(CASES))
+@pytest.mark.parametrize(
+    "method", [pytest.param(m, marks=pytest.mark.slow) if m == "ties" else m for m in CASES]
+)
 def test_chunked_merge_equals_whole_tensor_merge(
     zoo_bf16: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str
 ) -> None:

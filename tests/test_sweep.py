@@ -50,6 +50,7 @@ def test_parse_values() -> None:
         assert caught.value.key == "--grid"
 
 
+@pytest.mark.slow
 def test_grid_sweep_picks_what_an_exhaustive_evaluation_picks(clf: Path, tmp_path: Path) -> None:
     spec = {
         "merge_method": "task_arithmetic",
@@ -234,6 +235,7 @@ def test_duration_sweep_by_step_prints_a_table(clf: Path, tmp_path: Path) -> Non
     assert "a@40, b@40" in result.stdout and "durations.png" in result.stdout
 
 
+@pytest.mark.slow
 def test_landscape_endpoints_and_midpoint(clf: Path, tmp_path: Path) -> None:
     spec = {
         "merge_method": "task_arithmetic",

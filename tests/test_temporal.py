@@ -110,7 +110,9 @@ def init_args(state: Path, zoo: Path, method: str, params: dict, *extra: str) ->
     return ["temporal", "init", state, "--base", zoo / "base", "--method", method, *pairs, *extra]
 
 
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize(
+    "case", [pytest.param(c, marks=pytest.mark.slow) if "ties" in c else c for c in CASES]
+)
 def test_ema_and_all_equal_unrolled_dense_computation(zoo: Path, tmp_path: Path, case: str):
     method, params = CASES[case]
     state = tmp_path / "state"
