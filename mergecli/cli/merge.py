@@ -50,12 +50,14 @@ def merge(
     if allow_bin:
         spec.allow_bin = True
     target = output_folder(recipe, spec, output, dry_run)
-    selection: dict[str, Any] = {}
-    from mergecli.evaluate.greedy import select_experts, selects_experts
+    if dry_run:  # headers only: a selecting method's plan lists every expert
+        plan = mergecli.plan_merge(spec, device, shard_size, experts_selected=True)
+        selection: dict[str, Any] = {}
+    else:
+        from mergecli.evaluate import plan_with_selection
 
-    if selects_experts(spec.merge_method) and not dry_run:
-        spec, selection = select_experts(spec, device, count_bar_for(err, quiet or json_out))
-    plan = mergecli.plan_merge(spec, device=device, shard_size=shard_size)
+        bar = count_bar_for(err, quiet or json_out)
+        plan, selection = plan_with_selection(spec, device, shard_size, bar)
     print_warnings(plan.warnings)
     if dry_run:
         summary = plan.summary()
@@ -138,7 +140,7 @@ def print_plan(summary: dict[str, Any]) -> None:
 @handle_errors
 def methods(json_out: JsonOpt = False) -> None:
     """List every merging method with its parameters, defaults and definition."""
-    rows = []
+    rows: list[dict[str, Any]] = []
     for spec in mergecli.list_methods():
         rows.append(
             {

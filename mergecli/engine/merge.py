@@ -17,7 +17,7 @@ from mergecli.engine.outputs import InMemory, OutputWriter
 from mergecli.engine.plan import MergePlan, TensorPlan
 from mergecli.engine.runner import Pass, Piece, Runner, Timer, WriteQueue
 from mergecli.engine.threads import compute_threads
-from mergecli.errors import MergeError, OutputError
+from mergecli.errors import MergeError, OutputError, ShapeError
 from mergecli.methods import TensorInputs
 from mergecli.methods.result import Merged, as_merged
 from mergecli.methods.statistics import StatValues
@@ -138,7 +138,9 @@ def merge_tensor(
     except MergeError:
         raise
     except Exception as exc:
-        raise MergeError(f"{plan.method.name} failed on '{tensor.name}': {exc}") from exc
+        raise ShapeError(
+            f"{plan.method.name} failed on '{tensor.name}': {exc}", tensor=tensor.name
+        ) from exc
 
 
 def build_report(

@@ -15,7 +15,7 @@ from typing import Any
 
 from mergecli.engine.merge import merge_state, run_merge
 from mergecli.engine.plan import plan_merge, resolve_device
-from mergecli.errors import MergeError, did_you_mean
+from mergecli.errors import MergeError, RecipeError, did_you_mean
 from mergecli.evaluate.builtin import BuiltinEvaluator, MergedState
 from mergecli.evaluate.command import CommandEvaluator
 from mergecli.evaluate.tasks import Task, resolve_tasks
@@ -89,13 +89,14 @@ class Scorer:
         tasks = self._pick(tasks)
         key = (folder.resolve(), tuple(t.name for t in tasks))
         if key not in self._models:
-            self._models[key] = self.evaluator.score(folder, tasks, self.bar)  # type: ignore[arg-type]
+            self._models[key] = self.evaluator.score(folder, tasks, self.bar)
         return Evaluation(dict(self._models[key]))
 
     def merge(self, recipe: Recipe, tasks: list[Task] | None = None) -> Evaluation:
-        """Scores of the model a recipe merges, without selection (the listed experts)."""
+        """Scores of the model a recipe merges, without selection (the listed experts; a
+        selecting method's are scored by ``mergecli.evaluate.score_recipe``)."""
         tasks = self._pick(tasks)
-        plan = plan_merge(recipe, device=self.device)
+        plan = plan_merge(recipe, device=self.device, experts_selected=True)
         if isinstance(self.evaluator, BuiltinEvaluator) and plan.output.memory_error() is None:
             state = merge_state(plan)
             return Evaluation(
@@ -121,9 +122,10 @@ class Scorer:
         for task in self._pick(tasks):
             name = self.expert_names[task.expert] if task.expert is not None else task.name
             if name not in names:
-                raise MergeError(
+                raise RecipeError(
                     f"evaluate.tasks.{task.name}: the artifact {folder} has no task '{name}'"
-                    f"{did_you_mean(name, names)}; its tasks: {', '.join(names)}"
+                    f"{did_you_mean(name, names)}; its tasks: {', '.join(names)}",
+                    key=f"evaluate.tasks.{task.name}",
                 )
             if isinstance(self.evaluator, BuiltinEvaluator):
                 source = MergedState(task_state_dict(opened, name), opened.model_files())
@@ -133,14 +135,6 @@ class Scorer:
                 exported = export_task(opened, name, Path(tmp) / name)
                 scores.update(self.evaluator.score(exported, [task], self.bar))
         return Evaluation(scores)
-
-    def recipe(self, recipe: Recipe) -> Evaluation:
-        """Scores of a recipe's merge; a method that selects experts (greedy_soup) selects
-        them first, and ``recipe`` of the result lists the ones kept."""
-        from mergecli.evaluate.greedy import SELECTIONS
-
-        select = SELECTIONS.get(recipe.merge_method)
-        return select(self, recipe) if select else self.merge(recipe)
 
     def expert_scores(self, recipe: Recipe) -> dict[str, float]:
         """Each task's score of the expert trained for it (tasks without an expert are left out)."""
