@@ -11,8 +11,12 @@ import torch
 
 from mergecli.errors import RecipeError
 from mergecli.methods import get_method, list_methods
+from mergecli.methods.emr import RESCALERS
 from mergecli.methods.inputs import TensorInputs, seed_for
+from mergecli.methods.result import as_merged
+from mergecli.methods.statistics import StatValues
 from mergecli.methods.task_masks import TaskMasks
+from mergecli.methods.ties import THRESHOLDS
 from tests import dense
 
 NAME = "model.layers.1.mlp.up_proj.weight"
@@ -58,9 +62,9 @@ def call(
         expert_deltas=[None] * len(experts),
         seed=SEED,
         num_layers=LAYERS,
-        stats=stats or {},
+        stats=StatValues(stats or {}),
     )
-    return spec.fn(inputs, resolved)
+    return as_merged(spec.fn(inputs, resolved), len(experts)).value
 
 
 def close(got: object, want: torch.Tensor, atol: float = 1e-6) -> None:
@@ -157,7 +161,7 @@ def test_ties_model_scope_uses_the_given_thresholds() -> None:
     base, experts = tensors()
     kappa = [0.05, 0.5, 1.0]
     trimmed = [(e - base) * ((e - base).abs() >= k) for e, k in zip(experts, kappa, strict=True)]
-    got = call("ties", base, experts, {"ties.thresholds": kappa}, weight=WEIGHTS)
+    got = call("ties", base, experts, {THRESHOLDS: kappa}, weight=WEIGHTS)
     close(got, base + dense.ties_vector(trimmed, WEIGHTS))
 
 
@@ -379,7 +383,7 @@ def test_emr_unified_vector_and_masks() -> None:
     base[0, 0] = 0.0
     for e, value in zip(experts, (1.0, -1.0, 0.0), strict=True):
         e[0, 0] = value  # Σ τ = 0 there, which elects −1
-    got = call("emr", base, experts, {"emr.rescalers": [1.5, 2.0, 0.5]})
+    got = call("emr", base, experts, {RESCALERS: [1.5, 2.0, 0.5]})
     assert isinstance(got, TaskMasks)
     unified, masks = dense.emr_parts([e - base for e in experts])
     close(got.unified, unified)
