@@ -16,7 +16,7 @@ import statistics
 from collections.abc import Callable
 from typing import Any
 
-from mergecli.errors import MergeError, RecipeError
+from mergecli.errors import RecipeError
 from mergecli.recipe import EvalTask, Recipe
 
 SEED = "{seed}"
@@ -64,7 +64,7 @@ def over_seeds(
             "--seeds: no path of the recipe contains {seed} (e.g. runs/{seed}/math)", "models"
         )
     if len(set(seeds)) != len(seeds) or not seeds:
-        raise MergeError("--seeds: expected distinct seeds (0,1,2)")
+        raise RecipeError("--seeds: expected distinct seeds (0,1,2)", key="--seeds")
     return aggregate([run(seed_recipe(recipe, s)) for s in seeds], seeds)
 
 
@@ -96,9 +96,10 @@ def _leaves(values: list[Any], how: Callable[[list[float]], float], where: str) 
         ):
             return None if how is _std else values
         if len({len(v) for v in values}) > 1:
-            raise MergeError(
+            raise RecipeError(
                 f"--seeds: the seeds give {where.lstrip('.') or 'results'} of different lengths "
-                f"({', '.join(str(len(v)) for v in values)}); their points do not match"
+                f"({', '.join(str(len(v)) for v in values)}); their points do not match",
+                key="--seeds",
             )
         return [_leaves(list(items), how, where) for items in zip(*values, strict=True)]
     if all(_number(v) for v in values):

@@ -22,7 +22,7 @@ from mergecli.cli import (
     print_json,
     print_warnings,
 )
-from mergecli.errors import MergeError
+from mergecli.errors import RecipeError
 from mergecli.progress import progress_for
 from mergecli.report import human_bytes
 
@@ -115,8 +115,9 @@ def interference(
                 [int(v) for v in parse_values(seeds, "--seeds")],
             )
         elif seeds is not None:
-            raise MergeError(
-                "--seeds: aggregates analyses over checkpoints; add --over-checkpoints"
+            raise RecipeError(
+                "--seeds: aggregates analyses over checkpoints; add --over-checkpoints",
+                key="--seeds",
             )
         elif over_checkpoints:
             result = analyze_over_checkpoints(spec, match, top_k, tall_lambda, device, progress)

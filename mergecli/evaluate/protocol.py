@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from mergecli.evaluate.score import Evaluation, Scorer
+from mergecli.evaluate.score import Scorer
 from mergecli.recipe import Recipe
 
 
@@ -32,14 +32,3 @@ def report(test: Scorer | None, recipe: Recipe | None) -> dict[str, Any] | None:
         return None
     result = test.merge(recipe)
     return {"tasks": result.tasks, "score": result.score}
-
-
-def select(scorer: Scorer, recipe: Recipe) -> Evaluation:
-    """``scorer.recipe(recipe)`` (a greedy soup selects its experts on validation data), with
-    the selected merge's test scores in ``details["test"]`` when the recipe names test data."""
-    chosen = scorer.recipe(recipe)
-    test = report(scorer.on_test(), chosen.recipe)
-    if test is not None:
-        chosen.details["test"] = test
-    chosen.details["protocol"] = protocol(scorer.on_test())
-    return chosen

@@ -23,11 +23,13 @@ from typing import Any
 
 from mergecli.analyze.runs import Point, run_checkpoints, sweep_points
 from mergecli.analyze.sweep import point_recipe
-from mergecli.errors import MergeError, RecipeError, did_you_mean
-from mergecli.evaluate import Scorer
+from mergecli.errors import RecipeError, did_you_mean
+from mergecli.evaluate import Scorer, score_recipe
 from mergecli.evaluate.protocol import protocol, report
 from mergecli.methods import get_method
+from mergecli.progress import CountBar
 from mergecli.recipe import Recipe
+from mergecli.seeds import over_seeds
 from mergecli.sweep.grid import Axis, method_axes
 from mergecli.sweep.run import sweep_grid
 from mergecli.sweep.stopping import checkpoint_scores, early_stop, tstar_steps
@@ -52,7 +54,7 @@ def tstar_points(recipe: Recipe, tstar: dict[str, int], multiples: list[float]) 
                 paths.append(path)
                 continue
             target = multiple * tstar[recipe.model_name(i)]
-            step = min(run, key=lambda s, t=target: (abs(s - t), s))
+            step = nearest(run, target)
             error += abs(target - step) / tstar[recipe.model_name(i)]
             steps.append(step)
             paths.append(run[step])
@@ -60,6 +62,11 @@ def tstar_points(recipe: Recipe, tstar: dict[str, int], multiples: list[float]) 
         if key not in best or error < best[key][0]:
             best[key] = (error, Point(None, multiple, steps, paths))
     return sorted((point for _, point in best.values()), key=lambda p: p.fraction)
+
+
+def nearest(steps: dict[int, Path], target: float) -> int:
+    """The step closest to ``target`` (ties: the earlier step)."""
+    return min(steps, key=lambda s: (abs(s - target), s))
 
 
 def method_recipe(recipe: Recipe, method: str) -> Recipe:
@@ -97,14 +104,17 @@ def sweep_durations(
     point of the runs' early-stopped checkpoints.
     """
     if by not in BY:
-        raise MergeError(f"--by: '{by}' is not step or tstar{did_you_mean(by, BY)}")
+        raise RecipeError(f"--by: '{by}' is not step or tstar{did_you_mean(by, BY)}", key="--by")
     methods = methods or [recipe.merge_method]
     for method in methods:
         get_method(method, "--methods")
     tuned = {m: method_axes(axes or [], method_recipe(recipe, m)) for m in methods}
     unused = [a.label for a in axes or [] if not any(a in t for t in tuned.values())]
     if unused:
-        raise MergeError(f"--grid {unused[0]}: none of the methods ({', '.join(methods)}) takes it")
+        raise RecipeError(
+            f"--grid {unused[0]}: none of the methods ({', '.join(methods)}) takes it",
+            key="--grid",
+        )
     result: dict[str, Any] = {
         "by": by,
         "metric": scorer.metric,
@@ -167,6 +177,30 @@ def sweep_durations(
     return result
 
 
+def sweep_training(
+    recipe: Recipe,
+    device: str = "cpu",
+    bar: CountBar | None = None,
+    by: str = "tstar",
+    methods: list[str] | None = None,
+    multiples: list[float] | None = None,
+    axes: list[Axis] | None = None,
+    patience: int | None = None,
+    seeds: list[int] | None = None,
+) -> dict[str, Any]:
+    """``sweep_durations`` on the recipe's validation data, reported on its
+    ``evaluate.test_data`` when it names one; with ``seeds``, once per seed (``{seed}`` in the
+    recipe's paths) and aggregated as mean ± std (``mergecli.seeds.over_seeds``)."""
+
+    def run(one: Recipe) -> dict[str, Any]:
+        scorer = Scorer(one, device, bar)
+        return sweep_durations(
+            one, scorer, by, methods, multiples, axes, scorer.on_test(), patience
+        )
+
+    return run(recipe) if seeds is None else over_seeds(run, recipe, seeds)
+
+
 def _early_stop_point(
     recipe: Recipe, scorer: Scorer, patience: int
 ) -> tuple[Point, dict[str, dict[int, float]]]:
@@ -200,6 +234,8 @@ def _score_method(
     """One method at one point: its validation scores (the best of the grid when it has one,
     with the chosen parameters and every grid point's score) and the chosen merge's test
     scores."""
+    chosen: Recipe | None
+    out: dict[str, Any]
     if axes:
         table, chosen = sweep_grid(recipe, axes, scorer)
         out = {
@@ -209,7 +245,7 @@ def _score_method(
             "grid": [{"parameters": r["parameters"], "score": r["score"]} for r in table["rows"]],
         }
     else:
-        merged = scorer.recipe(recipe)
+        merged = score_recipe(scorer, recipe)
         chosen = merged.recipe
         out = {"tasks": merged.tasks, "score": merged.score, **merged.details}
     reported = report(test, chosen)

@@ -10,12 +10,19 @@ data (``test``, ``experts_test``, ``test_gain_1x_2x``), the numbers to report.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mergecli.evaluate import Scorer
 from mergecli.evaluate.protocol import protocol
 from mergecli.recipe import Recipe
+
+if TYPE_CHECKING:
+    from mergecli.flex import FlexResult
+
+SCORES = "flex_scores"
+"""Stem of the scores' JSON and figure written into a FlexMerge output."""
 
 
 def score_sizes(
@@ -26,7 +33,7 @@ def score_sizes(
 ) -> dict[str, Any]:
     """Scores of (target, deployed size, artifact folder) triples, and the experts'."""
     handle = scorer.bar.add("scoring sizes", len(sizes))
-    rows = []
+    rows: list[dict[str, Any]] = []
     for target, size, folder in sizes:
         result = scorer.artifact(folder)
         row = {
@@ -44,7 +51,7 @@ def score_sizes(
     scorer.bar.done(handle)
     experts = scorer.expert_scores(recipe)
     by_target = {r["target"]: r["score"] for r in rows}
-    result = {
+    scores: dict[str, Any] = {
         "method": recipe.merge_method,
         "metric": scorer.metric,
         "higher_is_better": scorer.higher_is_better,
@@ -57,13 +64,29 @@ def score_sizes(
     }
     if test is not None:
         experts_test = test.expert_scores(recipe)
-        result["experts_test"] = experts_test
-        result["expert_test_score"] = (
+        scores["experts_test"] = experts_test
+        scores["expert_test_score"] = (
             sum(experts_test.values()) / len(experts_test) if experts_test else None
         )
-        result["test_gain_1x_2x"] = _gain({r["target"]: r["test"]["score"] for r in rows})
-    return result
+        scores["test_gain_1x_2x"] = _gain({r["target"]: r["test"]["score"] for r in rows})
+    return scores
 
 
 def _gain(by_target: dict[float, float]) -> float | None:
     return by_target[2.0] - by_target[1.0] if {1.0, 2.0} <= set(by_target) else None
+
+
+def score_flex(recipe: Recipe, scorer: Scorer, result: FlexResult) -> dict[str, Any]:
+    """``score_sizes`` of every size ``run_flex`` wrote, also written as flex_scores.json and
+    flex_scores.png in its output folder (listed under ``files``); scored on the test data
+    too when the recipe names ``evaluate.test_data``."""
+    from mergecli.sweep.plots import sizes_figure
+
+    scores = score_sizes(
+        recipe, scorer, [(r.target, r.size, r.folder) for r in result.results], scorer.on_test()
+    )
+    json_path, png_path = result.output / f"{SCORES}.json", result.output / f"{SCORES}.png"
+    sizes_figure(scores, png_path)
+    scores["files"] = [str(json_path), str(png_path)]
+    json_path.write_text(json.dumps(scores, indent=2) + "\n")
+    return scores

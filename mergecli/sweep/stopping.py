@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from mergecli.analyze.runs import run_checkpoints
-from mergecli.errors import MergeError, RecipeError
+from mergecli.errors import RecipeError, SourceError
 from mergecli.evaluate import Scorer
 from mergecli.recipe import Recipe
 
@@ -41,7 +41,7 @@ def global_best(scores: dict[int, float], higher_is_better: bool) -> int:
 def early_stop(scores: dict[int, float], higher_is_better: bool, patience: int) -> int:
     """The checkpoint taken by early stopping with ``patience`` evaluations (see the module)."""
     if patience < 1:
-        raise MergeError("--stop-patience: expected a whole number ≥ 1")
+        raise RecipeError("--stop-patience: expected a whole number ≥ 1", key="--stop-patience")
     steps = sorted(scores)
     best, waited = steps[0], 0
     for step in steps[1:]:
@@ -63,7 +63,7 @@ def trainer_losses(run: dict[int, Path]) -> dict[int, float] | None:
     try:
         history = json.loads(state.read_text()).get("log_history", [])
     except json.JSONDecodeError as exc:
-        raise MergeError(f"{state}: invalid JSON: {exc.msg}") from None
+        raise SourceError(f"{state}: invalid JSON: {exc.msg}", path=state) from None
     logged = {
         int(e["step"]): float(e["eval_loss"])
         for e in history
@@ -115,9 +115,10 @@ def tstar_steps(recipe: Recipe, scorer: Scorer) -> dict[str, dict[str, Any]]:
             source = "validation loss"
         out[name] = {"losses": losses, "tstar": global_best(losses, False), "source": source}
     if not out:
-        raise MergeError(
+        raise RecipeError(
             "--over-checkpoints: no expert names a training-run folder with checkpoint-<step> "
-            "subfolders"
+            "subfolders",
+            key="--over-checkpoints",
         )
     return out
 
