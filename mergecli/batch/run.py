@@ -25,7 +25,7 @@ from mergecli.batch.graph import Batch, BatchRecipe
 from mergecli.distributed.executor import LocalExecutor, RayExecutor, here
 from mergecli.engine.merge import run_merge
 from mergecli.engine.plan import MergePlan, plan_merge
-from mergecli.errors import MergeError, OutputError
+from mergecli.errors import BatchError, MergeError, OutputError
 from mergecli.methods import get_method
 from mergecli.progress import NullProgress, Progress
 
@@ -69,6 +69,16 @@ class BatchResult:
     @property
     def failed(self) -> bool:
         return any(not o.ok for o in self.outcomes)
+
+    def check(self) -> None:
+        """Raise a BatchError naming the recipes that failed or were blocked, if any."""
+        failed = [o.name for o in self.outcomes if o.status == "failed"]
+        blocked = [o.name for o in self.outcomes if o.status == "blocked"]
+        if failed or blocked:
+            message = f"{len(failed)} of {len(self.outcomes)} recipes failed ({', '.join(failed)})"
+            if blocked:
+                message += f"; {len(blocked)} did not run ({', '.join(blocked)})"
+            raise BatchError(message, failed, blocked)
 
     def summary(self) -> dict[str, Any]:
         counts = {s: sum(o.status == s for o in self.outcomes) for s in Status.__args__}

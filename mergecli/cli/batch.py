@@ -86,5 +86,4 @@ def batch(
             where = o.where.get("host", "")
             table.add_row(o.name, o.status, f"{o.seconds:.2f}", where, o.output)
         out.print(table)
-    if result.failed:
-        raise typer.Exit(2)
+    result.check()
