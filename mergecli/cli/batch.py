@@ -23,7 +23,8 @@ from mergecli.cli import (
     out,
     print_json,
 )
-from mergecli.cli.executor import AddressOpt, ExecutorOpt, open_executor
+from mergecli.cli.executor import AddressOpt, ExecutorOpt
+from mergecli.distributed.executor import executor_for
 
 
 @app.command()
@@ -69,8 +70,8 @@ def batch(
         out.print(table)
         return
     show = not (quiet or json_out) and err.is_terminal
-    with open_executor(executor, address) as runner:
-        result = run_batch(spec, options, runner, BatchDisplay(err if show else None))
+    runner = executor_for(executor, address)
+    result = run_batch(spec, options, runner, BatchDisplay(err if show else None))
     for outcome in result.outcomes:
         if outcome.error:
             err.print(

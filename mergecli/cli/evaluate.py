@@ -26,6 +26,8 @@ from mergecli.cli import (
     print_json,
 )
 from mergecli.cli.analyze import analyze_app, show
+from mergecli.cli.executor import AddressOpt, ExecutorOpt
+from mergecli.distributed.executor import executor_for
 from mergecli.errors import MergeError
 from mergecli.progress import count_bar_for
 
@@ -34,11 +36,14 @@ def _fmt(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def _scorer(recipe: Path, device: str, quiet: bool) -> tuple[mergecli.Recipe, Any]:
+def _scorer(
+    recipe: Path, device: str, quiet: bool, executor: str, address: str | None
+) -> tuple[mergecli.Recipe, Any]:
     from mergecli.evaluate import Scorer
 
     spec = mergecli.load_recipe(recipe)
-    return spec, Scorer(spec, device, count_bar_for(err, quiet))
+    runner = executor_for(executor, address)
+    return spec, Scorer(spec, device, count_bar_for(err, quiet), runner)
 
 
 def _target(recipe: Path, spec: mergecli.Recipe, output: Path | None, force: bool) -> Path:
@@ -94,19 +99,23 @@ def evaluate(
         Path | None, typer.Option("--output", "-o", help="Also write the scores as JSON here.")
     ] = None,
     device: DeviceOpt = "cpu",
+    executor: ExecutorOpt = "local",
+    address: AddressOpt = None,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Score the recipe's merge (in memory where the evaluator allows) or given checkpoints."""
-    spec, scorer = _scorer(recipe, device, quiet or json_out)
+    spec, scorer = _scorer(recipe, device, quiet or json_out, executor, address)
     if model:
-        results = [(str(m), scorer.folder(m)) for m in model]
+        scores = scorer.each("folder", [(m,) for m in model])
+        results = list(zip(map(str, model), scores, strict=True))
     else:
         results = [(spec.merge_method, scorer.recipe(spec))]
     rows = [
         {"model": label, "tasks": r.tasks, "score": r.score, **r.details} for label, r in results
     ]
     data = {"metric": scorer.metric, "higher_is_better": scorer.higher_is_better, "rows": rows}
+    scorer.record_placements(data)
     if output is not None:
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(json.dumps(data, indent=2) + "\n")
@@ -163,6 +172,8 @@ def sweep(
     ] = None,
     output: OutputOpt = None,
     device: DeviceOpt = "cpu",
+    executor: ExecutorOpt = "local",
+    address: AddressOpt = None,
     json_out: JsonOpt = False,
     force: ForceOpt = False,
     quiet: QuietOpt = False,
@@ -172,7 +183,7 @@ def sweep(
 
     if bool(grid) == over_checkpoints:
         raise MergeError("sweep: give --grid KEY=VALUES, or --over-checkpoints (not both)")
-    spec, scorer = _scorer(recipe, device, quiet or json_out)
+    spec, scorer = _scorer(recipe, device, quiet or json_out, executor, address)
     if over_checkpoints:
         target = _target(recipe, spec, output, force)
         values = parse_values(multiples, "--multiples")
@@ -297,6 +308,8 @@ def landscape(
     ] = None,
     output: OutputOpt = None,
     device: DeviceOpt = "cpu",
+    executor: ExecutorOpt = "local",
+    address: AddressOpt = None,
     json_out: JsonOpt = False,
     force: ForceOpt = False,
     quiet: QuietOpt = False,
@@ -319,7 +332,9 @@ def landscape(
     names = [n.strip() for value in models for n in value.split(",") if n.strip()]
     values = [float(a) for a in parse_values(alphas, "--alphas")]
     target = _target(recipe, spec, output, force) if output else None
-    scorer = Scorer(spec, device, count_bar_for(err, quiet or json_out))
+    scorer = Scorer(
+        spec, device, count_bar_for(err, quiet or json_out), executor_for(executor, address)
+    )
     result = run_landscape(spec, scorer, names, path, values, task)
     if target is not None:
         write_results(result, target, force, "landscape", landscape_figure)

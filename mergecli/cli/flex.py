@@ -26,6 +26,8 @@ from mergecli.cli import (
     print_json,
     print_warnings,
 )
+from mergecli.cli.executor import AddressOpt, ExecutorOpt
+from mergecli.distributed.executor import executor_for
 from mergecli.errors import MergeError
 from mergecli.evaluate import Scorer
 from mergecli.flex import FlexResult, plan_flex, run_flex
@@ -85,6 +87,8 @@ def flex(
         ),
     ] = False,
     device: DeviceOpt = "cpu",
+    executor: ExecutorOpt = "local",
+    address: AddressOpt = None,
     shard_size: ShardOpt = "5GB",
     dry_run: DryRunOpt = False,
     json_out: JsonOpt = False,
@@ -115,7 +119,11 @@ def flex(
             print_summary(summary)
         return
     assert target is not None
-    scorer = Scorer(spec, device, count_bar_for(err, quiet or json_out)) if evaluate else None
+    scorer = (
+        Scorer(spec, device, count_bar_for(err, quiet or json_out), executor_for(executor, address))
+        if evaluate
+        else None
+    )
     result = run_flex(plan, target, force=force, progress=progress_for(err, quiet))
     summary = result_summary(result)
     if scorer is not None:

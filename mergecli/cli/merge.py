@@ -26,6 +26,7 @@ from mergecli.cli import (
     print_json,
     print_warnings,
 )
+from mergecli.cli.executor import AddressOpt, ExecutorOpt
 from mergecli.progress import progress_for
 from mergecli.report import human_bytes
 
@@ -41,6 +42,8 @@ def merge(
     allow_bin: Annotated[
         bool, typer.Option("--allow-bin", help="Accept pickle .bin weights (weights_only).")
     ] = False,
+    executor: ExecutorOpt = "local",
+    address: AddressOpt = None,
     json_out: JsonOpt = False,
     force: ForceOpt = False,
     quiet: QuietOpt = False,
@@ -52,7 +55,7 @@ def merge(
     target = output_folder(recipe, spec, output, dry_run)
     selection: dict[str, Any] = {}
     if mergecli.get_method(spec.merge_method).selects_experts and not dry_run:
-        spec, selection = select_experts(spec, device, quiet or json_out)
+        spec, selection = select_experts(spec, device, quiet or json_out, executor, address)
     plan = mergecli.plan_merge(spec, device=device, shard_size=shard_size)
     print_warnings(plan.warnings)
     if dry_run:
@@ -120,13 +123,16 @@ def merge(
 
 
 def select_experts(
-    spec: mergecli.Recipe, device: str, quiet: bool
+    spec: mergecli.Recipe, device: str, quiet: bool, executor: str, address: str | None
 ) -> tuple[mergecli.Recipe, dict[str, Any]]:
-    """Run a selecting method's choice of experts (greedy_soup) with the recipe's evaluator."""
+    """Run a selecting method's choice of experts (greedy_soup) with the recipe's evaluator
+    (the experts' scores as Ray tasks with ``--executor ray``)."""
+    from mergecli.distributed.executor import executor_for
     from mergecli.evaluate import Scorer
     from mergecli.progress import count_bar_for
 
-    chosen = Scorer(spec, device, count_bar_for(err, quiet)).recipe(spec)
+    runner = executor_for(executor, address)
+    chosen = Scorer(spec, device, count_bar_for(err, quiet), runner).recipe(spec)
     assert chosen.recipe is not None
     return chosen.recipe, chosen.details
 

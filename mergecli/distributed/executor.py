@@ -33,6 +33,15 @@ class Resources:
     num_gpus: float = 0
     memory: int | None = None
 
+    @classmethod
+    def for_device(cls, device: str, memory: int | None = None) -> Resources:
+        """One GPU for a task on ``cuda``/``cuda:N``/``auto`` where this machine has one, else
+        none (Ray then makes the task's ``cuda`` its own GPU)."""
+        import torch
+
+        gpu = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+        return cls(num_gpus=1 if gpu else 0, memory=memory)
+
     def options(self) -> dict[str, Any]:
         out: dict[str, Any] = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
         if self.memory:
@@ -56,31 +65,34 @@ def here() -> dict[str, Any]:
 
 
 class LocalExecutor:
-    """Runs each task in this process as it is submitted."""
+    """Runs tasks in this process, one after the other, each when its result is asked for
+    (a consumer that stops early leaves the rest unrun)."""
 
     kind: Literal["local", "ray"] = "local"
 
     def __init__(self) -> None:
-        self._done: list[Done] = []
+        self._tasks: list[tuple[Callable[..., Any], tuple[Any, ...]]] = []
 
     def submit(
         self, fn: Callable[..., Any], *args: Any, resources: Resources | None = None
     ) -> Handle:
-        index = len(self._done)
-        values = [self._done[a.index].value if isinstance(a, Handle) else a for a in args]
-        try:
-            self._done.append(Done(index, fn(*values), where=here()))
-        except Exception as exc:
-            self._done.append(Done(index, error=exc, where=here()))
-        return Handle(index)
+        self._tasks.append((fn, args))
+        return Handle(len(self._tasks) - 1)
 
     def results(self) -> Iterator[Done]:
-        """Every submitted task's outcome, in submission order; forgets them."""
-        done, self._done = self._done, []
-        yield from done
+        """Every submitted task's outcome, in submission order."""
+        tasks, self._tasks = self._tasks, []
+        done: list[Done] = []
+        for index, (fn, args) in enumerate(tasks):
+            values = [done[a.index].value if isinstance(a, Handle) else a for a in args]
+            try:
+                done.append(Done(index, fn(*values), where=here()))
+            except Exception as exc:
+                done.append(Done(index, error=exc, where=here()))
+            yield done[-1]
 
     def close(self) -> None:
-        pass
+        self._tasks = []
 
 
 @dataclass(frozen=True)
@@ -174,7 +186,7 @@ def _cause(exc: BaseException) -> BaseException:
 
 
 def executor_for(name: str, address: str | None = None) -> LocalExecutor | RayExecutor:
-    """``--executor local|ray`` with ``--address``."""
+    """``--executor local|ray`` with ``--address`` (which only Ray takes)."""
     if name not in EXECUTORS:
         raise MergeError(f"--executor: expected one of {', '.join(EXECUTORS)}, got '{name}'")
     if name == "local":

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import math
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mergecli.distributed.executor import LocalExecutor, RayExecutor, Resources
 from mergecli.engine.merge import merge_state, run_merge
 from mergecli.engine.plan import plan_merge, resolve_device
 from mergecli.errors import MergeError, did_you_mean
@@ -45,7 +47,15 @@ class Evaluation:
 class Scorer:
     """A recipe's ``evaluate:`` section, ready to score models and merges on a device."""
 
-    def __init__(self, recipe: Recipe, device: str = "cpu", bar: CountBar | None = None) -> None:
+    def __init__(
+        self,
+        recipe: Recipe,
+        device: str = "cpu",
+        bar: CountBar | None = None,
+        executor: LocalExecutor | RayExecutor | None = None,
+        resources: Resources | None = None,
+    ) -> None:
+        self.spec = recipe
         self.tasks = resolve_tasks(recipe)
         section = recipe.evaluate
         assert section is not None
@@ -64,6 +74,33 @@ class Scorer:
         self.bar = bar or CountBar()
         self.expert_names = [recipe.model_name(i) for i in range(len(recipe.models))]
         self._models: dict[tuple[Path, tuple[str, ...]], dict[str, float]] = {}
+        self.executor = executor
+        self.resources = resources or Resources.for_device(device)
+        self.placements: list[dict[str, Any]] = []
+        """Where each evaluation that ran as a Ray task ran (host, pid, node id), in order."""
+
+    def each(self, kind: str, calls: list[tuple[Any, ...]]) -> Iterator[Evaluation]:
+        """``self.<kind>(*args)`` (kind: recipe, merge, model, artifact or folder) for each args
+        tuple, in order: here one after the other, or all at once as tasks of the Ray executor
+        (each task scoring with a Scorer of its own; results and errors come back in order).
+        A consumer that stops early cancels or skips the rest."""
+        if self.executor is None or self.executor.kind == "local":
+            for args in calls:
+                yield getattr(self, kind)(*args)
+            return
+        for args in calls:
+            self.executor.submit(
+                _score_task, self.spec, self.device, kind, *args, resources=self.resources
+            )
+        for done, args in zip(self.executor.results(), calls, strict=True):
+            if done.error is not None:
+                raise done.error
+            self.placements.append({"call": kind, **done.where})
+            if kind == "model":
+                tasks = self._pick(args[1] if len(args) > 1 else None)
+                key = (Path(args[0]).resolve(), tuple(t.name for t in tasks))
+                self._models[key] = dict(done.value.tasks)
+            yield done.value
 
     def better(self, a: float, b: float) -> bool:
         """Whether score ``a`` is better than ``b`` by more than rounding (1e-12 relative)."""
@@ -152,12 +189,29 @@ class Scorer:
             return greedy_soup(self, recipe)
         return self.merge(recipe)
 
+    def placement_summary(self) -> dict[str, Any] | None:
+        """Which node did what, for a table's ``executor`` entry (None when all ran here)."""
+        if not self.placements:
+            return None
+        return {"kind": "ray", "tasks": self.placements}
+
+    def record_placements(self, table: dict[str, Any]) -> dict[str, Any]:
+        """``table`` with an ``executor`` entry saying which node did what, where Ray ran any
+        evaluation (the rest of the table is the same whichever executor ran it)."""
+        summary = self.placement_summary()
+        if summary is not None:
+            table["executor"] = summary
+        return table
+
     def expert_scores(self, recipe: Recipe) -> dict[str, float]:
         """Each task's score of the expert trained for it (tasks without an expert are left out)."""
+        mine = [task for task in self.tasks if task.expert is not None]
+        calls = [(recipe.resolve_path(recipe.models[t.expert].model), [t]) for t in mine]  # type: ignore[index]
         return {
-            task.name: self.model(
-                recipe.resolve_path(recipe.models[task.expert].model), [task]
-            ).tasks[task.name]
-            for task in self.tasks
-            if task.expert is not None
+            t.name: e.tasks[t.name] for t, e in zip(mine, self.each("model", calls), strict=True)
         }
+
+
+def _score_task(spec: Recipe, device: str, kind: str, *args: Any) -> Evaluation:
+    """One evaluation on a Ray worker, with a Scorer built there from the same recipe."""
+    return getattr(Scorer(spec, device), kind)(*args)

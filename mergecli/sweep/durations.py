@@ -43,7 +43,8 @@ def best_steps(recipe: Recipe, scorer: Scorer) -> dict[str, dict[str, Any]]:
                 f"--by tstar: no evaluate task has '{name}' as its expert, so its "
                 "best-validation step is unknown (set evaluate.tasks.<task>.expert)"
             )
-        scores = {step: scorer.model(path, tasks).score for step, path in run.items()}
+        calls = [(path, tasks) for path in run.values()]
+        scores = {step: e.score for step, e in zip(run, scorer.each("model", calls), strict=True)}
         steps = list(scores)
         out[name] = {"scores": scores, "tstar": steps[scorer.best(list(scores.values()))]}
     if not out:
@@ -136,8 +137,8 @@ def sweep_durations(
             "expert_score": sum(experts.values()) / len(experts) if experts else None,
             "methods": {},
         }
-        for method in methods:
-            merged = scorer.recipe(method_recipe(at, method))
+        candidates = [(method_recipe(at, method),) for method in methods]
+        for method, merged in zip(methods, scorer.each("recipe", candidates), strict=True):
             row["methods"][method] = {
                 "tasks": merged.tasks,
                 "score": merged.score,
@@ -151,4 +152,4 @@ def sweep_durations(
         method: rows[scorer.best([r["methods"][method]["score"] for r in rows])]["x"]
         for method in methods
     }
-    return result
+    return scorer.record_placements(result)

@@ -26,8 +26,8 @@ def sweep_grid(
     best: tuple[int, Evaluation] | None = None
     since_best = 0
     handle = scorer.bar.add("sweep", len(points))
-    for point in points:
-        result = scorer.recipe(apply_point(recipe, axes, point))
+    candidates = [(apply_point(recipe, axes, point),) for point in points]
+    for point, result in zip(points, scorer.each("recipe", candidates), strict=False):
         rows.append(
             {"parameters": point, "tasks": result.tasks, "score": result.score, **result.details}
         )
@@ -52,7 +52,7 @@ def sweep_grid(
         "rows": rows,
         "best": rows[best[0]],
     }
-    return table, best[1].recipe
+    return scorer.record_placements(table), best[1].recipe
 
 
 def write_table(table: dict[str, Any], folder: Path, stem: str = "sweep") -> list[Path]:

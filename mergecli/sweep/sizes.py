@@ -21,8 +21,8 @@ def score_sizes(
     """Scores of (target, deployed size, artifact folder) triples, and the experts'."""
     handle = scorer.bar.add("scoring sizes", len(sizes))
     rows = []
-    for target, size, folder in sizes:
-        result = scorer.artifact(folder)
+    results = scorer.each("artifact", [(folder,) for _, _, folder in sizes])
+    for (target, size, folder), result in zip(sizes, results, strict=True):
         rows.append(
             {
                 "target": target,
@@ -36,7 +36,7 @@ def score_sizes(
     scorer.bar.done(handle)
     experts = scorer.expert_scores(recipe)
     by_target = {r["target"]: r["score"] for r in rows}
-    return {
+    table = {
         "method": recipe.merge_method,
         "metric": scorer.metric,
         "higher_is_better": scorer.higher_is_better,
@@ -46,3 +46,4 @@ def score_sizes(
         "expert_score": sum(experts.values()) / len(experts) if experts else None,
         "gain_1x_2x": by_target[2.0] - by_target[1.0] if {1.0, 2.0} <= set(by_target) else None,
     }
+    return scorer.record_placements(table)
