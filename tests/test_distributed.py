@@ -164,3 +164,17 @@ def test_executor_options_are_checked() -> None:
         executor_for("local", "auto")
     with pytest.raises(MergeError, match="--executor: expected one of local, ray, got 'dask'"):
         executor_for("dask")
+
+
+def test_analysis_over_checkpoints_on_ray(tmp_path_factory, cluster: object) -> None:
+    from mergecli.analyze import analyze_over_checkpoints
+    from tests.test_analyze_checkpoints import runs, sweep_recipe
+
+    root = runs.__wrapped__(tmp_path_factory)
+    recipe = recipe_from_dict(sweep_recipe(root))
+    local = analyze_over_checkpoints(recipe, match="fraction")
+    remote = analyze_over_checkpoints(recipe, match="fraction", executor=RayExecutor())
+    assert len(remote.pop("executor")["tasks"]) == len(local["points"]) == 5
+    for point in [*local["points"], *remote["points"]]:  # measurements, not results
+        del point["wall_s"], point["peak_rss_bytes"]
+    assert remote == local

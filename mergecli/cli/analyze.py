@@ -22,6 +22,9 @@ from mergecli.cli import (
     print_json,
     print_warnings,
 )
+from mergecli.cli.executor import AddressOpt, ExecutorOpt
+from mergecli.distributed.executor import executor_for
+from mergecli.errors import MergeError
 from mergecli.progress import progress_for
 from mergecli.report import human_bytes
 
@@ -85,6 +88,8 @@ def interference(
         False
     ),
     device: DeviceOpt = "cpu",
+    executor: ExecutorOpt = "local",
+    address: AddressOpt = None,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -92,10 +97,15 @@ def interference(
     from mergecli.analyze.plots import write_plots, write_sweep_plot
 
     spec = mergecli.load_recipe(recipe)
+    if executor != "local" and not over_checkpoints:
+        raise MergeError(f"--executor {executor}: only --over-checkpoints runs points as tasks")
     progress = progress_for(err, quiet or json_out)
     try:
         if over_checkpoints:
-            result = analyze_over_checkpoints(spec, match, top_k, tall_lambda, device, progress)
+            runner = executor_for(executor, address)
+            result = analyze_over_checkpoints(
+                spec, match, top_k, tall_lambda, device, progress, runner
+            )
         else:
             result = analyze_interference(spec, top_k, tall_lambda, device, progress)
     finally:

@@ -129,18 +129,16 @@ class RayExecutor:
         self._started = not ray.is_initialized()
         if self._started:
             # workers import the same mergecli as this driver (a source checkout included)
-            path = os.pathsep.join(
-                p
-                for p in (str(Path(mergecli.__file__).parents[1]), os.environ.get("PYTHONPATH"))
-                if p
-            )
+            source = Path(mergecli.__file__).parents[1]
+            checkout = None if source.name in ("site-packages", "dist-packages") else str(source)
+            path = os.pathsep.join(p for p in (checkout, os.environ.get("PYTHONPATH")) if p)
             try:
                 ray.init(
                     address=address,
                     num_cpus=num_cpus if address is None else None,
                     include_dashboard=False,
                     log_to_driver=False,
-                    runtime_env={"env_vars": {"PYTHONPATH": path}},
+                    runtime_env={"env_vars": {"PYTHONPATH": path}} if path else None,
                 )
             except (ConnectionError, RuntimeError, ValueError) as exc:
                 raise MergeError(f"--address {address}: cannot start or join Ray: {exc}") from None
