@@ -120,8 +120,11 @@ def distributed_statistics(
     plan: MergePlan, unit: Unit, executor: RayExecutor, progress: Progress
 ) -> tuple[dict[str, Any], str]:
     """The plan's statistics, pass by pass over the shards as Ray tasks when every statistic
-    is a histogram that adds up (else on the driver); and where they were gathered."""
+    is a histogram that adds up (else on the driver); and where they were gathered (none,
+    shards or driver)."""
     assert isinstance(plan.output, ModelFolder)
+    if not plan.statistics:
+        return {}, "none"
     if not all(isinstance(s, LargestMagnitudes) for s in plan.statistics):
         return statistics(plan, Runner(progress)), "driver"
     shards = plan.output.shards
