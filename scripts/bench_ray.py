@@ -59,6 +59,7 @@ def main() -> None:
         root = Path(tmp)
         write_random_experts(root, args.tensors, (args.dim, args.dim), 3, seed=0, varied=False)
         (root / "score.py").write_text(SCORE)
+        sweep_seconds(root, 1, None)  # imports and first reads (not timed), as for Ray below
         local, reference = sweep_seconds(root, args.points, None)
         rows = [{"workers": 0, "label": "local", "seconds": local}]
         for workers in (1, 2, 4):
