@@ -74,6 +74,21 @@ def test_tasks_come_back_in_order_with_where_they_ran(cluster: object) -> None:
     assert "node_id" in done[0].where
 
 
+def test_stopping_early_cancels_the_rest(cluster: object) -> None:
+    """What Ctrl-C does: the consumer of the results stops, the unfinished tasks are cancelled."""
+    executor = RayExecutor()
+    executor.submit(_double, 1)
+    slow = executor.submit(time.sleep, 60)
+    results = executor.results()
+    assert next(results).value == 2
+    started = time.monotonic()
+    results.close()
+    errors = cluster.exceptions  # type: ignore[attr-defined]
+    with pytest.raises((errors.TaskCancelledError, errors.WorkerCrashedError)):
+        cluster.get(slow, timeout=50)  # type: ignore[attr-defined]
+    assert time.monotonic() - started < 50
+
+
 def test_batch_on_ray_writes_what_a_local_batch_writes(
     zoo: Path, tmp_path: Path, cluster: object
 ) -> None:

@@ -141,7 +141,7 @@ def run_recipe(
 
 
 def _merge(
-    entry: BatchRecipe, plan: MergePlan, print_: str, options: RunOptions, progress: Progress
+    entry: BatchRecipe, plan: MergePlan, digest: str, options: RunOptions, progress: Progress
 ) -> None:
     """Merge into a staging folder, mark it complete, rename it over the output."""
     if get_method(entry.recipe.merge_method).selects_experts:
@@ -155,7 +155,7 @@ def _merge(
     shutil.rmtree(stage, ignore_errors=True)
     run_merge(plan, stage, force=True, progress=progress)
     (stage / MARKER).write_text(
-        json.dumps({"mergecli_batch": 1, "name": entry.name, "fingerprint": print_}) + "\n"
+        json.dumps({"mergecli_batch": 1, "name": entry.name, "fingerprint": digest}) + "\n"
     )
     old = output.parent / f".{output.name}.mergecli-old"
     shutil.rmtree(old, ignore_errors=True)
