@@ -16,6 +16,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import mergecli
+from mergecli.engine.runner import Runner
+from mergecli.methods.breadcrumbs import THRESHOLDS
 from mergecli.methods.inputs import seed_for
 from mergecli.methods.statistics import BINS, LargestMagnitudes
 from mergecli.recipe import recipe_from_dict
@@ -164,7 +166,7 @@ def test_model_scope_breadcrumbs_thresholds_equal_kthvalue(zoo: Path, tmp_path: 
         )
     )
     assert plan.passes == 3
-    stats = mergecli.engine.merge.gather_statistics(plan, mergecli.engine.stream.Timer(), _null())
+    stats = mergecli.engine.merge.statistics(plan, Runner())
     base, experts = dense.load_inputs(zoo)
     for t, whole in enumerate(dense.concatenated(base, experts)):
         n = whole.numel()
@@ -172,13 +174,7 @@ def test_model_scope_breadcrumbs_thresholds_equal_kthvalue(zoo: Path, tmp_path: 
             math.floor(round(gammas[t] * n, 9)),
             math.floor(round((gammas[t] + densities[t]) * n, 9)),
         ]
-        assert stats["breadcrumbs.thresholds"][t] == [dense.kth_largest(whole, r) for r in ranks]
-
-
-def _null() -> Any:
-    from mergecli.progress import NullProgress
-
-    return NullProgress()
+        assert stats[THRESHOLDS][t] == [dense.kth_largest(whole, r) for r in ranks]
 
 
 # ---- della -------------------------------------------------------------------------------------

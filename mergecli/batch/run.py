@@ -26,7 +26,7 @@ from mergecli.distributed.executor import LocalExecutor, RayExecutor, here
 from mergecli.engine.merge import run_merge
 from mergecli.engine.plan import MergePlan, plan_merge
 from mergecli.errors import BatchError, MergeError, OutputError
-from mergecli.methods import get_method
+from mergecli.evaluate.greedy import select_experts, selects_experts
 from mergecli.progress import NullProgress, Progress
 
 MARKER = "mergecli_batch.json"
@@ -144,11 +144,8 @@ def _merge(
     entry: BatchRecipe, plan: MergePlan, digest: str, options: RunOptions, progress: Progress
 ) -> None:
     """Merge into a staging folder, mark it complete, rename it over the output."""
-    if get_method(entry.recipe.merge_method).selects_experts:
-        from mergecli.evaluate import Scorer
-
-        chosen = Scorer(entry.recipe, options.device).recipe(entry.recipe).recipe
-        assert chosen is not None
+    if selects_experts(entry.recipe.merge_method):
+        chosen, _ = select_experts(entry.recipe, options.device)
         plan = plan_merge(chosen, options.device, options.shard_size)
     output = entry.output
     stage = output.parent / f".{output.name}.mergecli-batch"

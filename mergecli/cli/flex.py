@@ -27,7 +27,8 @@ from mergecli.cli import (
     print_warnings,
 )
 from mergecli.cli.executor import AddressOpt, ExecutorOpt
-from mergecli.distributed.executor import executor_for
+from mergecli.distributed.executor import RayExecutor, executor_for
+from mergecli.distributed.flex import similarity_on_ray
 from mergecli.errors import MergeError
 from mergecli.evaluate import Scorer
 from mergecli.flex import FlexResult, plan_flex, run_flex
@@ -119,12 +120,16 @@ def flex(
             print_summary(summary)
         return
     assert target is not None
-    scorer = (
-        Scorer(spec, device, count_bar_for(err, quiet or json_out), executor_for(executor, address))
-        if evaluate
+    runner = executor_for(executor, address)
+    similarity = (
+        similarity_on_ray(runner, spec, overrides, device, shard_size)
+        if isinstance(runner, RayExecutor)
         else None
     )
-    result = run_flex(plan, target, force=force, progress=progress_for(err, quiet))
+    bar = count_bar_for(err, quiet or json_out)
+    scorer = Scorer(spec, device, bar, runner) if evaluate else None
+    progress = progress_for(err, quiet)
+    result = run_flex(plan, target, force=force, progress=progress, similarity=similarity)
     summary = result_summary(result)
     if scorer is not None:
         summary["evaluation"] = evaluate_sizes(spec, scorer, result)

@@ -27,8 +27,8 @@ from mergecli.cli import (
     print_warnings,
 )
 from mergecli.cli.executor import AddressOpt, ExecutorOpt
-from mergecli.distributed.executor import LocalExecutor
-from mergecli.progress import progress_for
+from mergecli.distributed.executor import RayExecutor, executor_for
+from mergecli.progress import count_bar_for, progress_for
 from mergecli.report import human_bytes
 
 
@@ -55,8 +55,12 @@ def merge(
         spec.allow_bin = True
     target = output_folder(recipe, spec, output, dry_run)
     selection: dict[str, Any] = {}
-    if mergecli.get_method(spec.merge_method).selects_experts and not dry_run:
-        spec, selection = select_experts(spec, device, quiet or json_out, executor, address)
+    from mergecli.evaluate.greedy import select_experts, selects_experts
+
+    runner = None if dry_run else executor_for(executor, address)
+    if selects_experts(spec.merge_method) and not dry_run:
+        bar = count_bar_for(err, quiet or json_out)
+        spec, selection = select_experts(spec, device, bar, runner)
     plan = mergecli.plan_merge(spec, device=device, shard_size=shard_size)
     print_warnings(plan.warnings)
     if dry_run:
@@ -68,12 +72,9 @@ def merge(
         return
     assert target is not None
     progress = progress_for(err, quiet)
-    if executor == "ray":
-        from mergecli.distributed.executor import executor_for
+    if isinstance(runner, RayExecutor):
         from mergecli.distributed.merge import run_merge_on_ray
 
-        runner = executor_for(executor, address)
-        assert not isinstance(runner, LocalExecutor)
         result = run_merge_on_ray(plan, target, runner, shard_size, force, progress)
     else:
         result = mergecli.run_merge(plan, target, force=force, progress=progress)
@@ -131,21 +132,6 @@ def merge(
                 f"disk; 'mergecli export {report['output']} --task NAME --output DIR' rebuilds one",
                 highlight=False,
             )
-
-
-def select_experts(
-    spec: mergecli.Recipe, device: str, quiet: bool, executor: str, address: str | None
-) -> tuple[mergecli.Recipe, dict[str, Any]]:
-    """Run a selecting method's choice of experts (greedy_soup) with the recipe's evaluator
-    (the experts' scores as Ray tasks with ``--executor ray``)."""
-    from mergecli.distributed.executor import executor_for
-    from mergecli.evaluate import Scorer
-    from mergecli.progress import count_bar_for
-
-    runner = executor_for(executor, address)
-    chosen = Scorer(spec, device, count_bar_for(err, quiet), runner).recipe(spec)
-    assert chosen.recipe is not None
-    return chosen.recipe, chosen.details
 
 
 def print_plan(summary: dict[str, Any]) -> None:

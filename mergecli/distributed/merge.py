@@ -30,7 +30,7 @@ from mergecli.engine.runner import Observe, Runner, Timer
 from mergecli.engine.threads import compute_threads
 from mergecli.engine.writer import ShardWriter
 from mergecli.errors import MergeError
-from mergecli.methods.statistics import LargestMagnitudes, Statistic
+from mergecli.methods.statistics import LargestMagnitudes, Statistic, StatValues
 from mergecli.progress import NullProgress, Progress
 from mergecli.recipe import Recipe
 from mergecli.report import model_card, write_reports
@@ -83,10 +83,12 @@ def _observe_shard(
 
 
 def _merge_shard(
-    unit: Unit, shards: list[Shard], index: int, stats: dict[str, Any], folder: Path
+    unit: Unit, shards: list[Shard], index: int, named: dict[str, Any], folder: Path
 ) -> ShardResult:
-    """Merge one shard's tensors into ``folder/<shard file>``."""
+    """Merge one shard's tensors into ``folder/<shard file>``; ``named`` holds the statistics'
+    values by handle name (handles are looked up by identity, so this plan's own handles)."""
     plan = _plan(unit, shards)
+    stats = StatValues({s.handle: named[s.handle.name] for s in plan.statistics})
     assert isinstance(plan.output, ModelFolder)
     shard = shards[index]
     runner = Runner()
@@ -119,14 +121,15 @@ def _reduce(statistic: Statistic, parts: list[Statistic]) -> None:
 def distributed_statistics(
     plan: MergePlan, unit: Unit, executor: RayExecutor, progress: Progress
 ) -> tuple[dict[str, Any], str]:
-    """The plan's statistics, pass by pass over the shards as Ray tasks when every statistic
-    is a histogram that adds up (else on the driver); and where they were gathered (none,
-    shards or driver)."""
+    """The plan's statistics' values by handle name, pass by pass over the shards as Ray
+    tasks when every statistic is a histogram that adds up (else on the driver); and where
+    they were gathered (none, shards or driver)."""
     assert isinstance(plan.output, ModelFolder)
     if not plan.statistics:
         return {}, "none"
     if not all(isinstance(s, LargestMagnitudes) for s in plan.statistics):
-        return statistics(plan, Runner(progress)), "driver"
+        statistics(plan, Runner(progress))
+        return {s.handle.name: s.value() for s in plan.statistics}, "driver"
     shards = plan.output.shards
     while any(s.wants_pass() for s in plan.statistics):
         active = [s for s in plan.statistics if s.wants_pass()]
@@ -143,7 +146,7 @@ def distributed_statistics(
         for i, statistic in enumerate(active):
             _reduce(statistic, [part[i] for part in parts])
             statistic.end_pass()
-    return {s.key: s.value() for s in plan.statistics}, "shards"
+    return {s.handle.name: s.value() for s in plan.statistics}, "shards"
 
 
 def _value(done: Any) -> Any:
@@ -172,7 +175,7 @@ def run_merge_on_ray(
     check_output(output, force)
     started = time.perf_counter()
     unit = Unit(plan.recipe, str(plan.device), shard_size)
-    stats, gathered = distributed_statistics(plan, unit, executor, progress)
+    named, gathered = distributed_statistics(plan, unit, executor, progress)
     shards = plan.output.shards
     with atomic_folder(output, force) as folder:
         progress.start("merging (Ray)", len(plan.tensors), 0)
@@ -182,7 +185,7 @@ def run_merge_on_ray(
                 unit,
                 shards,
                 index,
-                stats,
+                named,
                 folder,
                 resources=Resources.for_device(unit.device),
             )

@@ -21,7 +21,6 @@ from mergecli.errors import MergeError, did_you_mean
 from mergecli.evaluate.builtin import BuiltinEvaluator, MergedState
 from mergecli.evaluate.command import CommandEvaluator
 from mergecli.evaluate.tasks import Task, resolve_tasks
-from mergecli.methods import get_method
 from mergecli.progress import CountBar
 from mergecli.recipe import Recipe
 
@@ -120,13 +119,7 @@ class Scorer:
 
     def folder(self, folder: Path) -> Evaluation:
         """Scores of a checkpoint folder or of a task-conditional artifact folder."""
-        from mergecli.artifacts import open_artifact
-
-        try:
-            open_artifact(folder)
-        except MergeError:
-            return self.model(folder)
-        return self.artifact(folder)
+        return self.artifact(folder) if is_artifact(folder) else self.model(folder)
 
     def model(self, folder: Path, tasks: list[Task] | None = None) -> Evaluation:
         """Scores of a checkpoint folder (cached by path)."""
@@ -140,18 +133,16 @@ class Scorer:
         """Scores of the model a recipe merges, without selection (the listed experts)."""
         tasks = self._pick(tasks)
         plan = plan_merge(recipe, device=self.device)
-        if plan.artifact is not None:
-            with tempfile.TemporaryDirectory(prefix="mergecli-eval-") as tmp:
-                folder = run_merge(plan, Path(tmp) / "artifact").output
-                return Evaluation(self.artifact(folder, tasks).tasks, recipe)
-        if isinstance(self.evaluator, BuiltinEvaluator):
+        if isinstance(self.evaluator, BuiltinEvaluator) and plan.output.memory_error() is None:
             state = merge_state(plan)
             return Evaluation(
                 self.evaluator.score(MergedState(state, plan.reference.path), tasks, self.bar),
                 recipe,
             )
         with tempfile.TemporaryDirectory(prefix="mergecli-eval-") as tmp:
-            folder = run_merge(plan, Path(tmp) / "model").output
+            folder = run_merge(plan, Path(tmp) / "merged").output
+            if is_artifact(folder):
+                return Evaluation(self.artifact(folder, tasks).tasks, recipe)
             return Evaluation(self.evaluator.score(folder, tasks, self.bar), recipe)
 
     def artifact(self, folder: Path, tasks: list[Task] | None = None) -> Evaluation:
@@ -183,11 +174,10 @@ class Scorer:
     def recipe(self, recipe: Recipe) -> Evaluation:
         """Scores of a recipe's merge; a method that selects experts (greedy_soup) selects
         them first, and ``recipe`` of the result lists the ones kept."""
-        if get_method(recipe.merge_method).selects_experts:
-            from mergecli.evaluate.greedy import greedy_soup
+        from mergecli.evaluate.greedy import SELECTIONS
 
-            return greedy_soup(self, recipe)
-        return self.merge(recipe)
+        select = SELECTIONS.get(recipe.merge_method)
+        return select(self, recipe) if select else self.merge(recipe)
 
     def placement_summary(self) -> dict[str, Any] | None:
         """Which node did what, for a table's ``executor`` entry (None when all ran here)."""
@@ -215,3 +205,14 @@ class Scorer:
 def _score_task(spec: Recipe, device: str, kind: str, *args: Any) -> Evaluation:
     """One evaluation on a Ray worker, with a Scorer built there from the same recipe."""
     return getattr(Scorer(spec, device), kind)(*args)
+
+
+def is_artifact(folder: Path) -> bool:
+    """Whether a folder is a task-conditional artifact (else a checkpoint)."""
+    from mergecli.artifacts import open_artifact
+
+    try:
+        open_artifact(folder)
+    except MergeError:
+        return False
+    return True

@@ -8,6 +8,7 @@ from mergecli.errors import MergeError
 from mergecli.methods.inputs import TensorInputs
 from mergecli.methods.linear import LAMBDA, WEIGHT
 from mergecli.methods.registry import Param, Params, merge_method
+from mergecli.methods.result import Merged
 from mergecli.methods.sparsify import disjoint_merge, elect_sign
 from mergecli.methods.ties import MERGEKIT_IGNORED, NORMALIZE
 
@@ -70,12 +71,12 @@ def check_della(p: Params, name: str) -> None:
         "weighted by wt (normalize: false sums them)."
     ),
 )
-def della(inputs: TensorInputs, p: Params) -> torch.Tensor:
+def della(inputs: TensorInputs, p: Params) -> Merged:
     dropped = [
         della_drop(inputs, t, tv, p["density"][t], p["epsilon"][t])
         for t, tv in enumerate(inputs.task_vectors())
     ]
     merge_func = "mean" if p["normalize"] else "sum"
-    merged = disjoint_merge(inputs, dropped, p["weight"], elect_sign(dropped, "mass"), merge_func)
+    merged = disjoint_merge(dropped, p["weight"], elect_sign(dropped, "mass"), merge_func)
     assert inputs.base is not None
-    return inputs.base + p["lambda"] * merged
+    return Merged(inputs.base + p["lambda"] * merged.value, merged.kept)

@@ -59,7 +59,13 @@ class Param:
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """A merging method: its function, parameters and requirements."""
+    """A merging method: its function, parameters and requirements.
+
+    Every field describes the method itself: ``output`` is the type ``fn`` returns, and
+    ``elementwise`` and ``coefficients`` are facts about its arithmetic that the engine (row
+    pieces) and the LoRA output (exact pairs) rely on. Whether a method selects its experts by
+    evaluation first is the evaluation layer's (``mergecli.evaluate.greedy.SELECTIONS``).
+    """
 
     name: str
     fn: Callable[..., Any]
@@ -85,11 +91,6 @@ class MethodSpec:
     """Whether each merged entry depends only on the same entry of the inputs (and whole-model
     statistics), given a tensor's params: the engine may then merge that tensor in row chunks,
     with results equal to the whole tensor's bit for bit."""
-    selects_experts: bool = False
-    """The method chooses which listed experts to merge by scoring candidate merges
-    (greedy_soup): ``mergecli merge`` and ``mergecli sweep`` run that selection with the
-    recipe's ``evaluate:`` section first (``mergecli.evaluate.greedy``); ``fn`` then merges the
-    experts selected."""
     coefficients: Callable[[Params], list[float] | None] | None = None
     """For a method whose merged task vector is Σ ct τt (a linear combination): the ct of one
     tensor's parameters, or None when these parameters make it no such combination. Lets LoRA
@@ -153,7 +154,8 @@ def merge_method(
     params: tuple[Param, ...] = (),
     **options: Any,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Register ``fn(inputs, params) -> merged weights`` as a merging method."""
+    """Register ``fn(inputs, params)`` as a merging method; it returns the merged tensor (or
+    ``TaskMasks``), or a ``Merged`` with the fractions it kept."""
 
     def register(fn: Callable[..., Any]) -> Callable[..., Any]:
         if name in _REGISTRY:
