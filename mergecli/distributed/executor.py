@@ -91,9 +91,6 @@ class LocalExecutor:
                 done.append(Done(index, error=exc, where=here()))
             yield done[-1]
 
-    def close(self) -> None:
-        self._tasks = []
-
 
 @dataclass(frozen=True)
 class Handle:
@@ -116,7 +113,8 @@ def _traced(
 
 class RayExecutor:
     """Submits tasks to a Ray cluster (``address``: a running cluster, ``auto``, or None for a
-    local one on this machine with ``num_cpus`` CPUs)."""
+    local one on this machine with ``num_cpus`` CPUs, stopped when this process exits); joins
+    the cluster this process is already connected to, if any."""
 
     kind: Literal["local", "ray"] = "ray"
 
@@ -126,8 +124,7 @@ class RayExecutor:
         except ImportError:
             raise MergeError("--executor ray needs Ray: pip install 'mergecli[ray]'") from None
         self.ray = ray
-        self._started = not ray.is_initialized()
-        if self._started:
+        if not ray.is_initialized():
             # workers import the same mergecli as this driver (a source checkout included)
             source = Path(mergecli.__file__).parents[1]
             checkout = None if source.name in ("site-packages", "dist-packages") else str(source)
@@ -167,14 +164,6 @@ class RayExecutor:
             for ref in refs:
                 self.ray.cancel(ref, force=True)
             raise
-
-    def close(self) -> None:
-        """Cancel tasks not gathered; stop the cluster if this executor started it."""
-        for ref in self._refs:
-            self.ray.cancel(ref, force=True)
-        self._refs = []
-        if self._started:
-            self.ray.shutdown()
 
 
 def _cause(exc: BaseException) -> BaseException:
