@@ -3,17 +3,11 @@ runs, and a worker killed mid-task retried. Skipped where Ray is not installed o
 
 from __future__ import annotations
 
-import contextlib
 import json
-import math
-import os
-import signal
 import sys
-import threading
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 
 from mergecli.batch import load_batch, run_batch
@@ -200,110 +194,3 @@ def test_analysis_over_checkpoints_on_ray(tmp_path_factory, cluster: object) -> 
     for point in [*local["points"], *remote["points"]]:  # measurements, not results
         del point["wall_s"], point["peak_rss_bytes"]
     assert remote == local
-
-
-def _close(a: object, b: object) -> bool:
-    """Equal, floats to 1e-12 relative (float64 report sums add up in an order that depends on
-    the thread count: Ray workers run one thread per CPU they were given)."""
-    if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(_close(a[k], b[k]) for k in a)
-    if isinstance(a, list) and isinstance(b, list):
-        return len(a) == len(b) and all(_close(x, y) for x, y in zip(a, b, strict=True))
-    if isinstance(a, float) and isinstance(b, float):
-        return math.isclose(a, b, rel_tol=1e-12, abs_tol=1e-300)
-    return a == b
-
-
-def _files(folder: Path) -> dict[str, bytes]:
-    """Every file of an output but the report (its timings differ from run to run)."""
-    return {
-        f.name: f.read_bytes()
-        for f in sorted(folder.iterdir())
-        if f.name not in ("merge_report.json", "merge_report.md")
-    }
-
-
-@pytest.mark.parametrize(
-    "spec",
-    [
-        {"merge_method": "task_arithmetic", "parameters": {"lambda": 0.7}},
-        {"merge_method": "ties", "parameters": {"density": 0.3, "scope": "model"}},
-    ],
-    ids=["task_arithmetic", "ties_model_scope"],
-)
-def test_merge_on_ray_is_byte_identical(
-    zoo: Path, tmp_path: Path, cluster: object, spec: dict
-) -> None:
-    from mergecli.distributed.merge import run_merge_on_ray
-    from mergecli.engine.merge import run_merge
-    from mergecli.engine.plan import plan_merge
-
-    recipe = recipe_from_dict(
-        {
-            **spec,
-            "base_model": str(zoo / "base"),
-            "models": [{"model": str(zoo / n)} for n in ("math", "code", "chat")],
-        }
-    )
-    plan = plan_merge(recipe, shard_size="40KB")
-    local = run_merge(plan, tmp_path / "local")
-    remote = run_merge_on_ray(
-        plan_merge(recipe, shard_size="40KB"), tmp_path / "ray", RayExecutor(), "40KB"
-    )
-    shards = sorted((tmp_path / "local").glob("*.safetensors"))
-    assert len(shards) >= 3
-    assert _files(tmp_path / "ray") == _files(tmp_path / "local")
-    assert _close(remote.report["tensors"], local.report["tensors"])
-    assert _close(remote.report["totals"], local.report["totals"])
-    placed = remote.report["executor"]
-    assert [t["shard"] for t in placed["tasks"]] == [s.name for s in shards]
-    assert placed["statistics"] == ("shards" if spec["merge_method"] == "ties" else "none")
-
-
-def test_a_worker_killed_mid_merge_gives_the_same_output(tmp_path: Path, cluster: object) -> None:
-    """A thread kills the first Ray worker of this test's cluster seen running a task once the
-    merge's temporary folder exists; Ray runs that shard again and the folder is the local
-    run's."""
-    from mergecli.distributed.merge import run_merge_on_ray
-    from mergecli.engine.merge import run_merge
-    from mergecli.engine.plan import plan_merge
-    from tests.helpers import write_random_experts
-
-    write_random_experts(tmp_path, 12, (256, 512), 3, seed=5, varied=True)
-    recipe = recipe_from_dict(
-        {
-            "merge_method": "ties",
-            "base_model": str(tmp_path / "base"),
-            "models": [{"model": str(tmp_path / f"e{t}")} for t in range(3)],
-            "parameters": {"density": 0.4},
-        }
-    )
-    local = run_merge(plan_merge(recipe, shard_size="1MB"), tmp_path / "local")
-    killed: list[int] = []
-    stop = threading.Event()
-
-    def kill_one() -> None:
-        while not stop.is_set() and not killed:
-            if any(p.name.startswith(".ray.mergecli-tmp") for p in tmp_path.iterdir()):
-                for proc in psutil.Process().children(recursive=True):  # this test's cluster
-                    title: list[str] = []
-                    with contextlib.suppress(psutil.Error):
-                        title = proc.cmdline()
-                    if title and title[0].startswith("ray::_traced"):
-                        os.kill(proc.pid, signal.SIGKILL)
-                        killed.append(proc.pid)
-                        return
-            time.sleep(0.005)
-
-    thread = threading.Thread(target=kill_one)
-    thread.start()
-    try:
-        remote = run_merge_on_ray(
-            plan_merge(recipe, shard_size="1MB"), tmp_path / "ray", RayExecutor(), "1MB"
-        )
-    finally:
-        stop.set()
-        thread.join()
-    assert killed, "no worker was seen running a shard"
-    assert _files(tmp_path / "ray") == _files(tmp_path / "local")
-    assert _close(remote.report["tensors"], local.report["tensors"])

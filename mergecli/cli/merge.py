@@ -27,7 +27,6 @@ from mergecli.cli import (
     print_warnings,
 )
 from mergecli.cli.executor import AddressOpt, ExecutorOpt
-from mergecli.distributed.executor import LocalExecutor
 from mergecli.progress import progress_for
 from mergecli.report import human_bytes
 
@@ -67,16 +66,7 @@ def merge(
             print_plan(summary)
         return
     assert target is not None
-    progress = progress_for(err, quiet)
-    if executor == "ray":
-        from mergecli.distributed.executor import executor_for
-        from mergecli.distributed.merge import run_merge_on_ray
-
-        runner = executor_for(executor, address)
-        assert not isinstance(runner, LocalExecutor)
-        result = run_merge_on_ray(plan, target, runner, shard_size, force, progress)
-    else:
-        result = mergecli.run_merge(plan, target, force=force, progress=progress)
+    result = mergecli.run_merge(plan, target, force=force, progress=progress_for(err, quiet))
     report = result.report
     summary = {
         key: report[key]
@@ -91,7 +81,6 @@ def merge(
             "device",
             "artifact",
             "lora",
-            "executor",
         )
         if key in report
     }
