@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from mergecli.engine.merge import merge_tensor
-from mergecli.engine.output import atomic_folder, check_output, copy_model_files
+from mergecli.engine.output import atomic_folder, check_output
 from mergecli.engine.plan import TensorPlan
 from mergecli.engine.runner import Each, Piece, Runner, WriteQueue
 from mergecli.engine.task_artifact import pack_mask
@@ -144,13 +144,7 @@ def run_flex(
                 "size": state.size,
                 "model_bytes": plan.sizes.model_bytes,
             }
-            manifest = writer.finish(plan.tasks, info)
-            copy_model_files(
-                plan.merge.reference.path,
-                plan.merge.tokenizer_folder,
-                folder,
-                plan.merge.out_dtype,
-            )
+            manifest = writer.finish(plan, info)
             report = size_report(plan, manifest, rows, state.steps, timing)
             final = output if folder == root else output / folder.name
             results.append(SizeResult(state.target, state.size, final, report))
