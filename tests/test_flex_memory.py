@@ -17,6 +17,8 @@ from tests.helpers import peak_memory_job, write_random_experts
 TENSORS, SHAPE, EXPERTS = 48, (128, 1024), 4
 MIB = 1 << 20
 
+pytestmark = pytest.mark.slow  # measures peak memory of a whole FlexMerge run
+
 JOB = """
 import json, sys
 import mergecli

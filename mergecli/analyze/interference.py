@@ -19,7 +19,7 @@ from mergecli.analyze.runs import run_checkpoints
 from mergecli.blocks import block_of
 from mergecli.engine.plan import InputPlan, TensorPlan, plan_inputs
 from mergecli.engine.runner import Each, Runner
-from mergecli.errors import MergeError
+from mergecli.errors import RecipeError
 from mergecli.layers import layer_index, layer_prefix
 from mergecli.methods import TensorInputs
 from mergecli.methods.statistics import Handle, KthLargestMagnitude
@@ -40,18 +40,25 @@ def analysis_plan(recipe: Recipe, device: str = "cpu") -> InputPlan:
         for i, m in enumerate(recipe.models)
     ]
     if not recipe.base_model and not any(is_adapter(f) for f in folders):
-        raise MergeError("base_model: analyze interference measures task vectors from a base")
+        raise RecipeError(
+            "base_model: analyze interference measures task vectors from a base", key="base_model"
+        )
     if len(recipe.models) < 2:
-        raise MergeError("models: analyze interference needs at least two experts, got 1")
+        raise RecipeError(
+            "models: analyze interference needs at least two experts, got 1", key="models"
+        )
     for i, path in enumerate(folders):
         steps = run_checkpoints(path)
         if steps and not any(path.glob("*.safetensors")):
-            raise MergeError(
+            raise RecipeError(
                 f"models[{i}].model: '{path}' is a training run (checkpoint-{min(steps)} … "
-                f"checkpoint-{max(steps)}); use --over-checkpoints or name one checkpoint"
+                f"checkpoint-{max(steps)}); use --over-checkpoints or name one checkpoint",
+                key=f"models[{i}].model",
             )
     if recipe.temporal is not None:
-        raise MergeError("temporal: this recipe folds experts over time; run 'mergecli temporal'")
+        raise RecipeError(
+            "temporal: this recipe folds experts over time; run 'mergecli temporal'", key="temporal"
+        )
     return plan_inputs(recipe, device)
 
 
@@ -69,9 +76,9 @@ def analyze_interference(
     the TALL mask threshold λ. ``progress`` sees one phase per pass; the caller stops it.
     """
     if not 0 < top_k <= 1:
-        raise MergeError(f"--top-k: {top_k} is not in (0, 1]")
+        raise RecipeError(f"--top-k: {top_k} is not in (0, 1]", key="--top-k")
     if tall_lambda < 0:
-        raise MergeError(f"--tall-lambda: {tall_lambda} is negative")
+        raise RecipeError(f"--tall-lambda: {tall_lambda} is negative", key="--tall-lambda")
     progress = progress or NullProgress()
     started = time.perf_counter()
     plan = analysis_plan(recipe, device)

@@ -177,7 +177,7 @@ def load_batch(
         if given is not None and not isinstance(given, str | Path):
             raise RecipeError(f"{path}: recipe '{name}': output: expected a folder", key="output")
         outputs[name] = (folder / Path(given).expanduser()).resolve() if given else root / name
-    taken = {}
+    taken: dict[Path, str] = {}
     for name, target in outputs.items():
         if target in taken:
             raise RecipeError(

@@ -17,7 +17,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import mergecli
 from mergecli.batch.display import BatchDisplay
@@ -26,7 +26,7 @@ from mergecli.distributed.executor import LocalExecutor, RayExecutor, here
 from mergecli.engine.merge import run_merge
 from mergecli.engine.plan import MergePlan, plan_merge
 from mergecli.errors import BatchError, MergeError, OutputError
-from mergecli.evaluate.greedy import select_experts, selects_experts
+from mergecli.methods import get_method
 from mergecli.progress import NullProgress, Progress
 
 MARKER = "mergecli_batch.json"
@@ -81,7 +81,7 @@ class BatchResult:
             raise BatchError(message, failed, blocked)
 
     def summary(self) -> dict[str, Any]:
-        counts = {s: sum(o.status == s for o in self.outcomes) for s in Status.__args__}
+        counts = {s: sum(o.status == s for o in self.outcomes) for s in get_args(Status)}
         return {"counts": counts, "recipes": [asdict(o) for o in self.outcomes]}
 
 
@@ -119,7 +119,8 @@ def run_recipe(
     started = time.perf_counter()
     outcome = Outcome(entry.name, "ran", str(entry.output))
     try:
-        plan = plan_merge(entry.recipe, options.device, options.shard_size)
+        # headers only: a selecting method's experts are selected when it is merged
+        plan = plan_merge(entry.recipe, options.device, options.shard_size, experts_selected=True)
         outcome.fingerprint = fingerprint(entry, plan, needs, options)
         done = completed(entry.output)
         if done == outcome.fingerprint:
@@ -144,9 +145,10 @@ def _merge(
     entry: BatchRecipe, plan: MergePlan, digest: str, options: RunOptions, progress: Progress
 ) -> None:
     """Merge into a staging folder, mark it complete, rename it over the output."""
-    if selects_experts(entry.recipe.merge_method):
-        chosen, _ = select_experts(entry.recipe, options.device)
-        plan = plan_merge(chosen, options.device, options.shard_size)
+    if get_method(entry.recipe.merge_method).selects_experts:
+        from mergecli.evaluate import plan_with_selection
+
+        plan, _ = plan_with_selection(entry.recipe, options.device, options.shard_size)
     output = entry.output
     stage = output.parent / f".{output.name}.mergecli-batch"
     shutil.rmtree(stage, ignore_errors=True)

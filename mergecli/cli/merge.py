@@ -54,14 +54,15 @@ def merge(
     if allow_bin:
         spec.allow_bin = True
     target = output_folder(recipe, spec, output, dry_run)
-    selection: dict[str, Any] = {}
-    from mergecli.evaluate.greedy import select_experts, selects_experts
-
     runner = None if dry_run else executor_for(executor, address)
-    if selects_experts(spec.merge_method) and not dry_run:
+    if dry_run:  # headers only: a selecting method's plan lists every expert
+        plan = mergecli.plan_merge(spec, device, shard_size, experts_selected=True)
+        selection: dict[str, Any] = {}
+    else:
+        from mergecli.evaluate import plan_with_selection
+
         bar = count_bar_for(err, quiet or json_out)
-        spec, selection = select_experts(spec, device, bar, runner)
-    plan = mergecli.plan_merge(spec, device=device, shard_size=shard_size)
+        plan, selection = plan_with_selection(spec, device, shard_size, bar, runner)
     print_warnings(plan.warnings)
     if dry_run:
         summary = plan.summary()
@@ -151,7 +152,7 @@ def print_plan(summary: dict[str, Any]) -> None:
 @handle_errors
 def methods(json_out: JsonOpt = False) -> None:
     """List every merging method with its parameters, defaults and definition."""
-    rows = []
+    rows: list[dict[str, Any]] = []
     for spec in mergecli.list_methods():
         rows.append(
             {

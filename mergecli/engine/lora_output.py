@@ -24,7 +24,7 @@ from mergecli.engine.layout import Shard
 from mergecli.engine.outputs import Card, Written
 from mergecli.engine.read_plan import TensorPlan
 from mergecli.engine.writer import ShardWriter
-from mergecli.errors import MergeError
+from mergecli.errors import RecipeError, SourceError
 from mergecli.methods import MethodSpec, Params, TaskMasks, TensorInputs
 from mergecli.recipe import Recipe
 from mergecli.sources import Adapter, Checkpoint, Source
@@ -152,9 +152,10 @@ def module_kinds(config: dict[str, Any] | None, where: str) -> dict[str, str]:
     arch = arch or MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.get("model_type", ""))
     cls = getattr(transformers, arch, None) if arch else None
     if cls is None:
-        raise MergeError(
+        raise SourceError(
             f"output_format: lora needs the base's architecture; {where}/config.json names "
-            f"{arch or 'none'}, which transformers does not have"
+            f"{arch or 'none'}, which transformers does not have",
+            path=f"{where}/config.json",
         )
     with torch.device("meta"):
         model = cls(cls.config_class.from_dict(config))
@@ -184,9 +185,14 @@ def plan_lora_output(
 ) -> LoraLayout:
     """Decide every LoRA pair and saved tensor of the output adapter from headers."""
     if base is None:
-        raise MergeError("output_format: lora writes an adapter over a base; set base_model")
+        raise RecipeError(
+            "output_format: lora writes an adapter over a base; set base_model", key="base_model"
+        )
     if method.output != "model":
-        raise MergeError(f"output_format: lora: '{method.name}' writes an artifact, not a model")
+        raise RecipeError(
+            f"output_format: lora: '{method.name}' writes an artifact, not a model",
+            key="output_format",
+        )
     kinds = module_kinds(base.config(), str(base.path))
     changed = [n for n in merged if changes(n, experts)]
     modules: dict[str, list[str]] = {}
@@ -213,9 +219,10 @@ def plan_lora_output(
         if exact:
             rank = sum(a.rank(t) for t, a in zip(terms, adapters, strict=True) if t is not None)
         elif recipe.rank is None:
-            raise MergeError(
+            raise RecipeError(
                 f"rank: output_format lora needs a rank: '{method.name}' with these experts "
-                f"merges {weight} into a delta that is truncated by SVD"
+                f"merges {weight} into a delta that is truncated by SVD",
+                key="rank",
             )
         else:
             rank = min(recipe.rank, *shape)

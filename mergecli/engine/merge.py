@@ -15,9 +15,9 @@ from mergecli.engine.figures import ReportSums, summarize
 from mergecli.engine.output import atomic_folder, check_output
 from mergecli.engine.outputs import InMemory, OutputWriter
 from mergecli.engine.plan import MergePlan, TensorPlan
-from mergecli.engine.runner import Piece, Runner, Timer, WriteQueue
+from mergecli.engine.runner import Pass, Piece, Runner, Timer, WriteQueue
 from mergecli.engine.threads import compute_threads
-from mergecli.errors import MergeError, OutputError
+from mergecli.errors import MergeError, OutputError, ShapeError
 from mergecli.methods import TensorInputs
 from mergecli.methods.result import Merged, as_merged
 from mergecli.methods.statistics import StatValues
@@ -91,7 +91,7 @@ def _run_merge(plan: MergePlan, output: Path, force: bool, runner: Runner) -> Me
     with atomic_folder(output, force) as folder:
         writer = plan.output.open(folder, plan)
         sums, store = ReportSums(), Store(writer, runner.timer)
-        passes = [MergePass(plan, stats, runner.timer), sums, store]
+        passes: list[Pass] = [MergePass(plan, stats, runner.timer), sums, store]
         runner.run(plan.read_plan(), passes, "merging")
         per_tensor = {n: {**r, **store.extra.get(n, {})} for n, r in sums.per_tensor().items()}
         section, lines = writer.finish(per_tensor)
@@ -122,7 +122,7 @@ def merge_state(plan: MergePlan, progress: Progress | None = None) -> dict[str, 
     runner = Runner(progress)
     stats = statistics(plan, runner)
     memory = InMemory()
-    passes = [MergePass(plan, stats, runner.timer), Store(memory, runner.timer)]
+    passes: list[Pass] = [MergePass(plan, stats, runner.timer), Store(memory, runner.timer)]
     runner.run(plan.read_plan(output=memory), passes, "merging")
     runner.progress.stop()
     return memory.state
@@ -138,7 +138,9 @@ def merge_tensor(
     except MergeError:
         raise
     except Exception as exc:
-        raise MergeError(f"{plan.method.name} failed on '{tensor.name}': {exc}") from exc
+        raise ShapeError(
+            f"{plan.method.name} failed on '{tensor.name}': {exc}", tensor=tensor.name
+        ) from exc
 
 
 def build_report(

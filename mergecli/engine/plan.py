@@ -22,7 +22,13 @@ from mergecli.engine.read_plan import (
     piece_numel,
 )
 from mergecli.engine.task_artifact import TaskMaskArtifact, plan_task_artifact
-from mergecli.errors import MergeError, did_you_mean
+from mergecli.errors import (
+    RecipeError,
+    ShapeError,
+    SourceError,
+    UnknownParameterError,
+    did_you_mean,
+)
 from mergecli.layers import count_layers, layer_index, layer_position
 from mergecli.methods import REQUIRED, MethodSpec, Param, Params, get_method
 from mergecli.methods.inputs import row_chunks
@@ -194,9 +200,11 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise MergeError(f"--device {device}: CUDA is not available on this machine")
+        raise RecipeError(
+            f"--device {device}: CUDA is not available on this machine", key="--device"
+        )
     if device != "cpu" and not device.startswith("cuda"):
-        raise MergeError(f"--device: '{device}' is not cpu, cuda or auto")
+        raise RecipeError(f"--device: '{device}' is not cpu, cuda or auto", key="--device")
     return torch.device(device)
 
 
@@ -206,9 +214,10 @@ def check_architectures(models: list[Source]) -> None:
         cfg = other.config() or {}
         for key in ("model_type", "architectures"):
             if ref.get(key) and cfg.get(key) and ref[key] != cfg[key]:
-                raise MergeError(
+                raise SourceError(
                     f"{other.label}: {key} {cfg[key]} in {other.path / 'config.json'} differs "
-                    f"from {ref[key]} of {models[0].label}"
+                    f"from {ref[key]} of {models[0].label}",
+                    path=other.path / "config.json",
                 )
 
 
@@ -226,14 +235,18 @@ def check_parameter_names(recipe: Recipe, method: MethodSpec) -> list[str]:
                 continue
             param = method.param(key)
             if param is None:
-                raise MergeError(
+                raise UnknownParameterError(
                     f"{where}.{key}: '{method.name}' has no parameter '{key}'"
                     f"{did_you_mean(key, known)}; it takes: "
-                    f"{', '.join(method.param_names) or 'none'}"
+                    f"{', '.join(method.param_names) or 'none'}",
+                    method=method.name,
+                    parameter=key,
+                    key=f"{where}.{key}",
                 )
             if per_model_place and not param.per_model:
-                raise MergeError(
-                    f"{where}.{key}: '{key}' applies to the whole merge; set it under parameters"
+                raise RecipeError(
+                    f"{where}.{key}: '{key}' applies to the whole merge; set it under parameters",
+                    key=f"{where}.{key}",
                 )
     return notes
 
@@ -247,7 +260,9 @@ def resolve_params(recipe: Recipe, method: MethodSpec, name: str, position: floa
             value = resolve_value(raw, name, position)
             if value is None or value is REQUIRED:
                 if param.required:
-                    raise MergeError(f"{key}: '{method.name}' needs '{param.name}' (for {name})")
+                    raise RecipeError(
+                        f"{key}: '{method.name}' needs '{param.name}' (for {name})", key=key
+                    )
                 return param.default
             return param.coerce(value, key)
 
@@ -267,29 +282,51 @@ def check_tensor(plan_ref: Source, expert: Source, name: str, on_missing: str) -
     if name not in expert:
         if on_missing == "base":
             return False
-        raise MergeError(
+        raise ShapeError(
             f"{expert.label}: tensor '{name}' is missing from '{expert.path}' "
-            "(set on_missing: base to keep the base's value)"
+            "(set on_missing: base to keep the base's value)",
+            tensor=name,
         )
     ref, got = plan_ref.info(name), expert.info(name)
     if ref.shape != got.shape:
-        raise MergeError(
+        raise ShapeError(
             f"{expert.label}: tensor '{name}' has shape {list(got.shape)} in {got.file}, "
-            f"expected {list(ref.shape)} as in {ref.file}"
+            f"expected {list(ref.shape)} as in {ref.file}",
+            tensor=name,
         )
     if ref.dtype.is_floating_point != got.dtype.is_floating_point:
-        raise MergeError(
+        raise ShapeError(
             f"{expert.label}: tensor '{name}' is {got.dtype} in {got.file}, "
-            f"but {ref.dtype} in {ref.file}"
+            f"but {ref.dtype} in {ref.file}",
+            tensor=name,
         )
     return True
 
 
-def plan_merge(recipe: Recipe, device: str = "cpu", shard_size: str | int = "5GB") -> MergePlan:
-    """Validate a recipe against the checkpoints' headers and decide the whole merge."""
+def plan_merge(
+    recipe: Recipe,
+    device: str = "cpu",
+    shard_size: str | int = "5GB",
+    *,
+    experts_selected: bool = False,
+) -> MergePlan:
+    """Validate a recipe against the checkpoints' headers and decide the whole merge.
+
+    A method that selects its experts by scoring merges (greedy_soup) is refused unless
+    ``experts_selected`` says the recipe lists the selected experts
+    (``mergecli.evaluate.plan_with_selection`` runs the selection and plans the result).
+    """
     if recipe.temporal is not None:
-        raise MergeError("temporal: this recipe folds experts over time; run 'mergecli temporal'")
+        raise RecipeError(
+            "temporal: this recipe folds experts over time; run 'mergecli temporal'", key="temporal"
+        )
     method = get_method(recipe.merge_method).resolve(recipe.parameters)
+    if method.selects_experts and not experts_selected:
+        raise RecipeError(
+            f"merge_method: '{method.name}' selects its experts by scoring merges; "
+            "mergecli.evaluate.plan_with_selection(recipe) runs the selection and plans it",
+            key="merge_method",
+        )
     notes = check_parameter_names(recipe, method)
     n = len(recipe.models)
     if n < method.min_models or (method.max_models and n > method.max_models):
@@ -298,11 +335,13 @@ def plan_merge(recipe: Recipe, device: str = "cpu", shard_size: str | int = "5GB
             if method.min_models == method.max_models
             else f"at least {method.min_models}"
         )
-        raise MergeError(f"models: '{method.name}' needs {want} models, the recipe lists {n}")
+        raise RecipeError(
+            f"models: '{method.name}' needs {want} models, the recipe lists {n}", key="models"
+        )
     try:
         shard_bytes = parse_size(shard_size)
     except ValueError as exc:
-        raise MergeError(f"--shard-size: {exc}") from None
+        raise RecipeError(f"--shard-size: {exc}", key="--shard-size") from None
     inputs = plan_inputs(recipe, device, method, notes)
     tensors = inputs.tensors
     statistics = (
@@ -327,7 +366,7 @@ def plan_inputs(
 
     base, experts = open_models(recipe)
     if method and method.base == "required" and base is None:
-        raise MergeError(f"base_model: '{method.name}' needs a base model")
+        raise RecipeError(f"base_model: '{method.name}' needs a base model", key="base_model")
     reference = base or experts[0]
     check_architectures([reference, *[e for e in experts if e is not reference]])
 
@@ -337,7 +376,10 @@ def plan_inputs(
         reference.info(x).dtype for x in names if reference.info(x).dtype.is_floating_point
     ]
     if not float_dtypes:
-        raise MergeError(f"{reference.label}: '{reference.path}' has no floating-point tensors")
+        raise SourceError(
+            f"{reference.label}: '{reference.path}' has no floating-point tensors",
+            path=reference.path,
+        )
     out_dtype = (
         getattr(torch, recipe.out_dtype)
         if recipe.out_dtype
@@ -416,9 +458,10 @@ def check_task_names(recipe: Recipe) -> None:
     for i in range(len(recipe.models)):
         name = recipe.model_name(i)
         if name in seen:
-            raise MergeError(
+            raise RecipeError(
                 f"models[{i}]: task name '{name}' is also the name of models[{seen[name]}]; "
-                "set models[].name to tell the tasks apart"
+                "set models[].name to tell the tasks apart",
+                key=f"models[{i}].name",
             )
         seen[name] = i
 

@@ -8,16 +8,13 @@ without it, and skipped otherwise.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from mergecli.distributed.executor import LocalExecutor, RayExecutor
 from mergecli.evaluate.score import Evaluation
 from mergecli.recipe import Recipe
 
 if TYPE_CHECKING:
     from mergecli.evaluate.score import Scorer
-    from mergecli.progress import CountBar
 
 
 def with_models(recipe: Recipe, indices: list[int]) -> Recipe:
@@ -51,29 +48,3 @@ def greedy_soup(scorer: Scorer, recipe: Recipe) -> Evaluation:
         }
     }
     return Evaluation(current.tasks, with_models(recipe, soup), details)
-
-
-SELECTIONS: dict[str, Callable[[Scorer, Recipe], Evaluation]] = {"greedy_soup": greedy_soup}
-"""Methods that choose which listed experts to merge by scoring candidate merges, and their
-selection; the method's tensor function then merges the experts selected."""
-
-
-def selects_experts(method: str) -> bool:
-    """Whether a method selects its experts by evaluation before merging."""
-    return method in SELECTIONS
-
-
-def select_experts(
-    recipe: Recipe,
-    device: str = "cpu",
-    bar: CountBar | None = None,
-    executor: LocalExecutor | RayExecutor | None = None,
-) -> tuple[Recipe, dict[str, Any]]:
-    """The recipe with the experts a selecting method keeps (scored with the recipe's
-    ``evaluate:`` section, the experts' scores as Ray tasks with a Ray executor), and what
-    the selection recorded."""
-    from mergecli.evaluate.score import Scorer
-
-    chosen = Scorer(recipe, device, bar, executor).recipe(recipe)
-    assert chosen.recipe is not None
-    return chosen.recipe, chosen.details

@@ -17,7 +17,7 @@ from typing import Any
 from mergecli.distributed.executor import LocalExecutor, RayExecutor, Resources
 from mergecli.engine.merge import merge_state, run_merge
 from mergecli.engine.plan import plan_merge, resolve_device
-from mergecli.errors import MergeError, did_you_mean
+from mergecli.errors import MergeError, RecipeError, did_you_mean
 from mergecli.evaluate.builtin import BuiltinEvaluator, MergedState
 from mergecli.evaluate.command import CommandEvaluator
 from mergecli.evaluate.tasks import Task, resolve_tasks
@@ -79,13 +79,14 @@ class Scorer:
         """Where each evaluation that ran as a Ray task ran (host, pid, node id), in order."""
 
     def each(self, kind: str, calls: list[tuple[Any, ...]]) -> Iterator[Evaluation]:
-        """``self.<kind>(*args)`` (kind: recipe, merge, model, artifact or folder) for each args
-        tuple, in order: here one after the other, or all at once as tasks of the Ray executor
-        (each task scoring with a Scorer of its own; results and errors come back in order).
-        A consumer that stops early cancels or skips the rest."""
+        """``self.<kind>(*args)`` (kind: merge, model, artifact or folder; recipe:
+        ``score_recipe(self, *args)``) for each args tuple, in order: here one after the other,
+        or all at once as tasks of the Ray executor (each task scoring with a Scorer of its own;
+        results and errors come back in order). A consumer that stops early cancels or skips
+        the rest."""
         if self.executor is None or self.executor.kind == "local":
             for args in calls:
-                yield getattr(self, kind)(*args)
+                yield _call(self, kind, *args)
             return
         for args in calls:
             self.executor.submit(
@@ -126,13 +127,14 @@ class Scorer:
         tasks = self._pick(tasks)
         key = (folder.resolve(), tuple(t.name for t in tasks))
         if key not in self._models:
-            self._models[key] = self.evaluator.score(folder, tasks, self.bar)  # type: ignore[arg-type]
+            self._models[key] = self.evaluator.score(folder, tasks, self.bar)
         return Evaluation(dict(self._models[key]))
 
     def merge(self, recipe: Recipe, tasks: list[Task] | None = None) -> Evaluation:
-        """Scores of the model a recipe merges, without selection (the listed experts)."""
+        """Scores of the model a recipe merges, without selection (the listed experts; a
+        selecting method's are scored by ``mergecli.evaluate.score_recipe``)."""
         tasks = self._pick(tasks)
-        plan = plan_merge(recipe, device=self.device)
+        plan = plan_merge(recipe, device=self.device, experts_selected=True)
         if isinstance(self.evaluator, BuiltinEvaluator) and plan.output.memory_error() is None:
             state = merge_state(plan)
             return Evaluation(
@@ -158,9 +160,10 @@ class Scorer:
         for task in self._pick(tasks):
             name = self.expert_names[task.expert] if task.expert is not None else task.name
             if name not in names:
-                raise MergeError(
+                raise RecipeError(
                     f"evaluate.tasks.{task.name}: the artifact {folder} has no task '{name}'"
-                    f"{did_you_mean(name, names)}; its tasks: {', '.join(names)}"
+                    f"{did_you_mean(name, names)}; its tasks: {', '.join(names)}",
+                    key=f"evaluate.tasks.{task.name}",
                 )
             if isinstance(self.evaluator, BuiltinEvaluator):
                 source = MergedState(task_state_dict(opened, name), opened.model_files())
@@ -170,14 +173,6 @@ class Scorer:
                 exported = export_task(opened, name, Path(tmp) / name)
                 scores.update(self.evaluator.score(exported, [task], self.bar))
         return Evaluation(scores)
-
-    def recipe(self, recipe: Recipe) -> Evaluation:
-        """Scores of a recipe's merge; a method that selects experts (greedy_soup) selects
-        them first, and ``recipe`` of the result lists the ones kept."""
-        from mergecli.evaluate.greedy import SELECTIONS
-
-        select = SELECTIONS.get(recipe.merge_method)
-        return select(self, recipe) if select else self.merge(recipe)
 
     def placement_summary(self) -> dict[str, Any] | None:
         """Which node did what, for a table's ``executor`` entry (None when all ran here)."""
@@ -202,9 +197,20 @@ class Scorer:
         }
 
 
+def _call(scorer: Scorer, kind: str, *args: Any) -> Evaluation:
+    """One evaluation of ``Scorer.each``: a Scorer method, or ``score_recipe`` for "recipe"
+    (a selecting method's candidates scored on the scorer too)."""
+    if kind == "recipe":
+        from mergecli.evaluate.selection import score_recipe
+
+        return score_recipe(scorer, *args)
+    result: Evaluation = getattr(scorer, kind)(*args)
+    return result
+
+
 def _score_task(spec: Recipe, device: str, kind: str, *args: Any) -> Evaluation:
     """One evaluation on a Ray worker, with a Scorer built there from the same recipe."""
-    return getattr(Scorer(spec, device), kind)(*args)
+    return _call(Scorer(spec, device), kind, *args)
 
 
 def is_artifact(folder: Path) -> bool:

@@ -21,7 +21,7 @@ from mergecli.engine.output import atomic_folder, check_output
 from mergecli.engine.plan import TensorPlan
 from mergecli.engine.runner import Each, Piece, Runner, WriteQueue
 from mergecli.engine.task_artifact import pack_mask
-from mergecli.errors import MergeError
+from mergecli.errors import RecipeError
 from mergecli.flex.artifact import FlexWriter, Stored
 from mergecli.flex.blocks import Block
 from mergecli.flex.channel import channel_partition
@@ -83,9 +83,10 @@ def decide_states(plan: FlexPlan, grams: list[np.ndarray]) -> tuple[list[Step], 
     for target in plan.targets:
         count = steps_for(target, sizes)
         if count is None:
-            raise MergeError(
+            raise RecipeError(
                 f"--size {target:g}: the merge order never gets that small (smallest "
-                f"{min(sizes):.4g})"
+                f"{min(sizes):.4g})",
+                key="--size",
             )
         partition = partition_after(steps, count, len(plan.blocks), m)
         states.append(FlexState(target, partition, sizes[count], count))

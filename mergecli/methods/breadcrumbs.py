@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import torch
 
-from mergecli.errors import MergeError
+from mergecli.errors import RecipeError
 from mergecli.methods.inputs import TensorInputs
 from mergecli.methods.linear import LAMBDA, WEIGHT, weighted_sum
 from mergecli.methods.registry import Param, Params, merge_method
@@ -78,9 +78,10 @@ def model_scope_thresholds(
 def check_fractions(p: Params, name: str) -> None:
     for t, (d, g) in enumerate(zip(p["density"], p["gamma"], strict=True)):
         if not (0 <= d <= 1 and 0 <= g <= 1 and d + g <= 1):
-            raise MergeError(
+            raise RecipeError(
                 f"models[{t}]: breadcrumbs needs 0 ≤ density, 0 ≤ gamma and density + gamma ≤ 1 "
-                f"(got density {d}, gamma {g} for '{name}')"
+                f"(got density {d}, gamma {g} for '{name}')",
+                key=f"models[{t}].parameters",
             )
 
 

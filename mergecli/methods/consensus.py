@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import torch
 
-from mergecli.errors import MergeError
+from mergecli.errors import RecipeError
 from mergecli.methods.inputs import TensorInputs
 from mergecli.methods.registry import Param, Params, merge_method
 from mergecli.methods.result import Kept, Merged
@@ -57,15 +57,19 @@ def ties_thresholds(
 
 def check_density(p: Params, name: str) -> None:
     if p["use_ties"] and not all(0 <= d <= 1 for d in p["density"]):
-        raise MergeError(f"density: TIES needs densities in [0, 1], got {p['density']} ({name})")
+        raise RecipeError(
+            f"density: TIES needs densities in [0, 1], got {p['density']} ({name})",
+            key="parameters.density",
+        )
 
 
 def check_consensus(p: Params, name: str) -> None:
     check_density(p, name)
     if not 0 <= p["k"] <= len(p["lambda"]):
-        raise MergeError(
+        raise RecipeError(
             f"parameters.k: consensus needs 0 ≤ k ≤ {len(p['lambda'])} (the number of "
-            f"experts), got {p['k']} ({name})"
+            f"experts), got {p['k']} ({name})",
+            key="parameters.k",
         )
 
 

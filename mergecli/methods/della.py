@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from mergecli.errors import MergeError
+from mergecli.errors import RecipeError
 from mergecli.methods.inputs import TensorInputs
 from mergecli.methods.linear import LAMBDA, WEIGHT
 from mergecli.methods.registry import Param, Params, merge_method
@@ -42,9 +42,10 @@ def della_drop(
 def check_della(p: Params, name: str) -> None:
     for t, (d, e) in enumerate(zip(p["density"], p["epsilon"], strict=True)):
         if not (e >= 0 and d - e > 0 and d + e <= 1):
-            raise MergeError(
+            raise RecipeError(
                 f"models[{t}]: della needs epsilon ≥ 0 and 0 < density ± epsilon ≤ 1 "
-                f"(got density {d}, epsilon {e} for '{name}')"
+                f"(got density {d}, epsilon {e} for '{name}')",
+                key=f"models[{t}].parameters",
             )
 
 

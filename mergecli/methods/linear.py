@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from mergecli.errors import MergeError
+from mergecli.errors import RecipeError
 from mergecli.methods.inputs import TensorInputs
 from mergecli.methods.registry import Param, Params, merge_method
 from mergecli.methods.result import Merged
@@ -24,7 +24,9 @@ def weighted_sum(
     if normalize:
         total = sum(weights)
         if total == 0:
-            raise MergeError(f"{name}: the weights sum to 0, cannot normalize")
+            raise RecipeError(
+                f"{name}: the weights sum to 0, cannot normalize", key="parameters.weight"
+            )
         out /= total
     return out
 

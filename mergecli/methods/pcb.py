@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from mergecli.errors import MergeError
+from mergecli.errors import RecipeError
 from mergecli.methods.inputs import TensorInputs
 from mergecli.methods.linear import LAMBDA
 from mergecli.methods.registry import Param, Params, merge_method
@@ -42,7 +42,10 @@ def pcb_weights(tvs: torch.Tensor, ratio: float) -> tuple[torch.Tensor, torch.Te
 
 def check_ratio(p: Params, name: str) -> None:
     if not 0 < p["ratio"] <= 1:
-        raise MergeError(f"parameters.ratio: pcb needs 0 < ratio ≤ 1, got {p['ratio']} ({name})")
+        raise RecipeError(
+            f"parameters.ratio: pcb needs 0 < ratio ≤ 1, got {p['ratio']} ({name})",
+            key="parameters.ratio",
+        )
 
 
 @merge_method(
