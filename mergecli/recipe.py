@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 
 from mergecli.errors import MergeError, did_you_mean
 from mergecli.params import check_value
@@ -93,10 +93,40 @@ class FlexSection(_Strict):
     sizes: list[float] | None = Field(None, min_length=1)
 
 
+class MoePrompts(_Strict):
+    """An expert's routing prompts for the ``hidden`` and ``cheap_embed`` gates (mergekit-moe's
+    ``positive_prompts`` / ``negative_prompts``)."""
+
+    positive: list[str] = Field(min_length=1)
+    negative: list[str] = Field(default_factory=list)
+
+
+class MoeSection(_Strict):
+    """The ``moe:`` section of a recipe: the experts become the experts of MoE layers (see
+    ``mergecli.moe``). LoRA adapters make an Arrow MoE (peft), full fine-tunes a sparse MoE
+    model (Mixtral, Qwen2-MoE, Qwen3-MoE)."""
+
+    top_k: int = Field(2, ge=1, validation_alias=AliasChoices("top_k", "experts_per_token"))
+    """Experts routed per token (Arrow's top_k, the sparse model's experts_per_token)."""
+    router_temperature: float = Field(1.0, gt=0)
+    """Arrow: the softmax temperature of the router."""
+    general: list[str] = Field(default_factory=list)
+    """Arrow: general-knowledge adapters subtracted from each expert (GenKnowSub)."""
+    gate_mode: Literal["hidden", "cheap_embed", "random"] = "hidden"
+    """Sparse: how router rows are initialised, as mergekit-moe defines the modes."""
+    architecture: Literal["mixtral", "qwen2_moe", "qwen3_moe"] | None = None
+    """Sparse: the output class (default: from the base's model_type)."""
+    shared_expert: str | None = None
+    """Sparse, qwen2_moe: the model whose MLP is the shared expert (default: the base)."""
+    prompts: dict[str, MoePrompts] = Field(default_factory=dict)
+    """Sparse: routing prompts per expert name (hidden and cheap_embed gates)."""
+
+
 class Recipe(_Strict):
     """A merge recipe. Relative paths are resolved against the recipe's folder (then the cwd)."""
 
-    merge_method: str
+    merge_method: str | None = None
+    """Required, except in an MoE recipe where it merges the tensors outside the experts."""
     models: list[ModelEntry] = Field(min_length=1)
     base_model: str | None = None
     parameters: dict[str, Any] = Field(default_factory=dict)
@@ -114,6 +144,7 @@ class Recipe(_Strict):
     temporal: TemporalSection | None = None
     evaluate: EvaluateSection | None = None
     flex: FlexSection | None = None
+    moe: MoeSection | None = None
     folder: Path = Field(default_factory=Path.cwd, exclude=True)
 
     def resolve_path(self, value: str) -> Path:
@@ -152,6 +183,10 @@ def _fields_at(loc: tuple[Any, ...]) -> list[str]:
             model = EvalTask
         elif part == "flex":
             model = FlexSection
+        elif part == "moe":
+            model = MoeSection
+        elif part == "prompts":
+            model = MoePrompts
     return [n for n in model.model_fields if n != "folder"]
 
 
@@ -175,6 +210,8 @@ def recipe_from_dict(data: Any, folder: Path | None = None, source: str = "recip
         if err["type"] == "missing":
             raise MergeError(f"{source}: missing required key '{where}'") from None
         raise MergeError(f"{source}: {where}: {err['msg']}") from None
+    if recipe.merge_method is None and recipe.moe is None:
+        raise MergeError(f"{source}: missing required key 'merge_method'")
     section = recipe.evaluate
     if section is not None and (section.metric is None) == (section.command is None):
         raise MergeError(f"{source}: evaluate: give exactly one of 'metric' and 'command'")

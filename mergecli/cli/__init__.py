@@ -107,4 +107,4 @@ def main() -> None:
     app()
 
 
-from mergecli.cli import analyze, evaluate, flex, merge, temporal  # noqa: E402,F401  (command registration)
+from mergecli.cli import analyze, evaluate, flex, merge, moe, temporal  # noqa: E402,F401  (command registration)

@@ -164,9 +164,11 @@ def merge_method(
     return register
 
 
-def get_method(name: str, key: str = "merge_method") -> MethodSpec:
+def get_method(name: str | None, key: str = "merge_method") -> MethodSpec:
     """The registered method called ``name``; MergeError (naming the recipe ``key``) with a
     suggestion otherwise."""
+    if name is None:  # an MoE recipe may leave it out; every merge needs it
+        raise MergeError(f"missing required key '{key}' (an MoE recipe runs with 'mergecli moe')")
     try:
         return _REGISTRY[name]
     except KeyError:

@@ -1,0 +1,72 @@
+"""Command `moe`: upcycle experts into a mixture of experts."""
+
+from __future__ import annotations
+
+import mergecli
+from mergecli.cli import (
+    DryRunOpt,
+    ForceOpt,
+    JsonOpt,
+    OutputOpt,
+    QuietOpt,
+    RecipeArg,
+    ShardOpt,
+    app,
+    err,
+    handle_errors,
+    out,
+    output_folder,
+    print_json,
+    print_warnings,
+)
+from mergecli.cli.merge import print_plan
+from mergecli.progress import progress_for
+from mergecli.report import human_bytes
+
+
+@app.command()
+@handle_errors
+def moe(
+    recipe: RecipeArg,
+    output: OutputOpt = None,
+    shard_size: ShardOpt = "5GB",
+    dry_run: DryRunOpt = False,
+    json_out: JsonOpt = False,
+    force: ForceOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Upcycle the recipe's experts into a mixture of experts (moe: section): LoRA experts into
+    an Arrow MoE (peft), full fine-tunes into a sparse MoE model (Mixtral, Qwen-MoE)."""
+    from mergecli.moe import plan_moe, run_moe
+
+    spec = mergecli.load_recipe(recipe)
+    target = output_folder(recipe, spec, output, dry_run)
+    plan = plan_moe(spec, shard_size=shard_size)
+    print_warnings(plan.warnings)
+    if dry_run:
+        summary = plan.summary()
+        if json_out:
+            print_json(summary)
+        else:
+            print_plan(summary)
+        return
+    assert target is not None
+    result = run_moe(plan, target, force=force, progress=progress_for(err, quiet))
+    report = result.report
+    print_warnings(report.get("warnings", []))
+    keys = ("output", "kind", "manifest", "layers", "wall_s", "bytes_read", "bytes_written")
+    summary = {k: report[k] for k in (*keys, "peak_rss_bytes") if k in report}
+    if json_out:
+        print_json(summary)
+    elif not quiet:
+        what = (
+            f"Arrow MoE of {len(plan.adapters)} LoRA experts over {len(plan.modules)} modules"
+            if plan.kind == "arrow"
+            else f"{plan.config.architectures[0]} of {len(plan.experts)} experts"
+        )
+        out.print(
+            f"wrote {what} into {report['output']} in {report['wall_s']:.2f} s (read "
+            f"{human_bytes(report['bytes_read'])}, wrote {human_bytes(report['bytes_written'])}, "
+            f"peak memory {human_bytes(report['peak_rss_bytes'])})",
+            highlight=False,
+        )
