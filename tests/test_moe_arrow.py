@@ -122,14 +122,13 @@ def test_report_gives_layers_and_modules(zoo: Path, loras: Path, tmp_path: Path)
     for row in report["layers"]:
         assert 0 <= row["mean_abs_cosine"] <= 1
         assert all(0 < s <= 1 for s in row["singular_value_share"])
-    assert "| layer | modules | mean abs cosine | t0 | t1 | t2 |" in (
-        tmp_path / "out" / "moe_report.md"
-    ).read_text()
+    assert (
+        "| layer | modules | mean abs cosine | t0 | t1 | t2 |"
+        in (tmp_path / "out" / "moe_report.md").read_text()
+    )
 
 
-def test_dry_run_reads_no_tensor_and_writes_nothing(
-    zoo: Path, loras: Path, tmp_path: Path
-) -> None:
+def test_dry_run_reads_no_tensor_and_writes_nothing(zoo: Path, loras: Path, tmp_path: Path) -> None:
     result = run_cli("moe", recipe(zoo, loras, tmp_path, False), "--dry-run", "--json")
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
