@@ -102,7 +102,7 @@ def evaluate(
     if model:
         results = [(str(m), scorer.folder(m)) for m in model]
     else:
-        results = [(spec.merge_method, scorer.recipe(spec))]
+        results = [(spec.merge_method if spec.moe is None else "moe", scorer.recipe(spec))]
     rows = [
         {"model": label, "tasks": r.tasks, "score": r.score, **r.details} for label, r in results
     ]
@@ -158,7 +158,9 @@ def sweep(
     methods: Annotated[
         str | None,
         typer.Option(
-            "--methods", help="Comma-separated methods to compare (default: the recipe's)."
+            "--methods",
+            help="Comma-separated methods to compare, moe for the recipe's mixture of experts "
+            "(default: the recipe's).",
         ),
     ] = None,
     output: OutputOpt = None,

@@ -145,12 +145,24 @@ class Scorer:
 
     def recipe(self, recipe: Recipe) -> Evaluation:
         """Scores of a recipe's merge; a method that selects experts (greedy_soup) selects
-        them first, and ``recipe`` of the result lists the ones kept."""
+        them first, and ``recipe`` of the result lists the ones kept. A recipe with a ``moe:``
+        section is scored as the mixture of experts it builds."""
+        if recipe.moe is not None:
+            return self.moe(recipe)
         if get_method(recipe.merge_method).selects_experts:
             from mergecli.evaluate.greedy import greedy_soup
 
             return greedy_soup(self, recipe)
         return self.merge(recipe)
+
+    def moe(self, recipe: Recipe, tasks: list[Task] | None = None) -> Evaluation:
+        """Scores of the mixture of experts a ``moe:`` recipe builds (in a temporary folder)."""
+        from mergecli.moe import plan_moe, run_moe
+
+        plan = plan_moe(recipe, device=self.device)
+        with tempfile.TemporaryDirectory(prefix="mergecli-eval-") as tmp:
+            folder = run_moe(plan, Path(tmp) / "moe").folder
+            return Evaluation(self.evaluator.score(folder, self._pick(tasks), self.bar), recipe)
 
     def expert_scores(self, recipe: Recipe) -> dict[str, float]:
         """Each task's score of the expert trained for it (tasks without an expert are left out)."""

@@ -25,11 +25,24 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
     return manifest
 
 
+def model_class(folder: Path) -> Any:
+    """The transformers class a local model folder's config names (AutoModelForCausalLM for a
+    Hub id or a class transformers lacks)."""
+    import transformers
+
+    config = folder / "config.json"
+    if config.is_file():
+        names = json.loads(config.read_text()).get("architectures") or []
+        if names and hasattr(transformers, names[0]):
+            return getattr(transformers, names[0])
+    return transformers.AutoModelForCausalLM
+
+
 def load(folder: str | Path, base: Any = None, **kwargs: Any) -> Any:
     """The model an MoE output folder holds.
 
     Arrow: ``peft.create_arrow_model`` over ``base`` (a transformers model, or a folder or Hub
-    id loaded with ``AutoModelForCausalLM``; default: the manifest's base) with the folder's
+    id loaded with the class its config names; default: the manifest's base) with the folder's
     task adapters, general adapters and ArrowConfig. Sparse: the folder itself with
     ``AutoModelForCausalLM``. ``kwargs`` go to ``from_pretrained`` (e.g. ``dtype``).
     """
@@ -42,7 +55,9 @@ def load(folder: str | Path, base: Any = None, **kwargs: Any) -> Any:
     from peft import ArrowConfig, create_arrow_model
 
     if base is None or isinstance(base, str | Path):
-        base = AutoModelForCausalLM.from_pretrained(str(base or manifest["base_model"]), **kwargs)
+        base = model_class(Path(base or manifest["base_model"])).from_pretrained(
+            str(base or manifest["base_model"]), **kwargs
+        )
     general = [str(folder / g) for g in manifest["general"]]
     return create_arrow_model(
         base,
