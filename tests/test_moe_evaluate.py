@@ -109,5 +109,7 @@ def test_sweep_over_checkpoints_accepts_moe(zoo: Path, texts: Path, tmp_path: Pa
         "step",
         "--methods",
         "moe",
+        "-o",
+        tmp_path / "bad",
     )
     assert bad.exit_code == 2 and "has none" in bad.output
