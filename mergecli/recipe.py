@@ -120,6 +120,12 @@ class MoeSection(_Strict):
     """Sparse, qwen2_moe: the model whose MLP is the shared expert (default: the base)."""
     prompts: dict[str, MoePrompts] = Field(default_factory=dict)
     """Sparse: routing prompts per expert name (hidden and cheap_embed gates)."""
+    train_steps: int = Field(0, ge=0)
+    """Sparse: steps of multi-task training of routers and experts (base tensors frozen)."""
+    lr: float = Field(1e-5, gt=0)
+    batch_size: int = Field(8, ge=1)
+    train_data: str | None = None
+    """Sparse: the training texts, a JSONL or text file per task ({task}: each expert's name)."""
 
 
 class Recipe(_Strict):

@@ -307,3 +307,50 @@ def test_missing_expert_tensor_is_named(zoo: Path, tmp_path: Path) -> None:
     )
     with pytest.raises(mergecli.MergeError, match=r"has no tensor .model\.layers\.2\.mlp\.up_proj"):
         plan_moe(mergecli.load_recipe(path))
+
+
+def test_training_updates_routers_and_experts_only(zoo: Path, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    for i, task in enumerate(("math", "code")):
+        (data / task).mkdir(parents=True)
+        lines = [" ".join(f"w{(5 * k + j + 20 * i) % 61}" for j in range(8)) for k in range(10)]
+        (data / task / "train.txt").write_text("\n".join(lines) + "\n")
+    experts = {"math": zoo / "math", "code": zoo / "code"}
+    path = write(
+        tmp_path,
+        zoo / "base",
+        experts,
+        gate_mode="random",
+        batch_size=4,
+        train_data=str(data / "{task}" / "train.txt"),
+    )
+    result = run_cli("moe", path, "--train-steps", "12", "--lr", "0.01", "--json")
+    assert result.exit_code == 0, result.output
+    training = json.loads(result.stdout)["training"]
+    assert len(training["loss"]) == 12 and training["loss"][-1] < training["loss"][0]
+    assert training["examples"] == 20 and list(training["tasks"]) == ["math", "code"]
+    trained = AutoModelForCausalLM.from_pretrained(tmp_path / "out").state_dict()
+    untrained_out = tmp_path / "plain"
+    assert run_cli("moe", path, "--output", untrained_out, "-q").exit_code == 0
+    before = AutoModelForCausalLM.from_pretrained(untrained_out).state_dict()
+    for name, tensor in before.items():
+        changed = not torch.equal(trained[name], tensor)
+        assert changed == (".gate." in name or ".experts." in name), name
+    again = tmp_path / "again"
+    assert (
+        run_cli("moe", path, "--train-steps", "12", "--lr", "0.01", "-o", again, "-q").exit_code
+        == 0
+    )
+    repeat = AutoModelForCausalLM.from_pretrained(again).state_dict()
+    assert all(torch.equal(repeat[k], v) for k, v in trained.items())
+    assert "## Training of routers and experts" in (tmp_path / "out" / "moe_report.md").read_text()
+
+
+def test_training_without_data_says_so(zoo: Path, tmp_path: Path) -> None:
+    path = write(
+        tmp_path, zoo / "base", {"math": zoo / "math", "code": zoo / "code"}, gate_mode="random"
+    )
+    result = run_cli("moe", path, "--train-steps", "3")
+    assert result.exit_code == 2
+    assert "--train-steps: no training data: set moe.train_data" in result.output
+    assert len(result.output.strip().splitlines()) == 1

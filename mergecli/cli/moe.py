@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
+import typer
+
 import mergecli
 from mergecli.cli import (
+    DeviceOpt,
     DryRunOpt,
     ForceOpt,
     JsonOpt,
@@ -34,14 +39,28 @@ def moe(
     json_out: JsonOpt = False,
     force: ForceOpt = False,
     quiet: QuietOpt = False,
+    train_steps: Annotated[
+        int | None,
+        typer.Option(
+            "--train-steps", min=0, help="Train routers and experts N steps (base frozen)."
+        ),
+    ] = None,
+    lr: Annotated[
+        float | None, typer.Option("--lr", min=1e-12, help="Learning rate of the training.")
+    ] = None,
+    device: DeviceOpt = "cpu",
 ) -> None:
     """Upcycle the recipe's experts into a mixture of experts (moe: section): LoRA experts into
     an Arrow MoE (peft), full fine-tunes into a sparse MoE model (Mixtral, Qwen-MoE)."""
     from mergecli.moe import plan_moe, run_moe
 
     spec = mergecli.load_recipe(recipe)
+    if spec.moe is not None and train_steps is not None:
+        spec.moe.train_steps = train_steps
+    if spec.moe is not None and lr is not None:
+        spec.moe.lr = lr
     target = output_folder(recipe, spec, output, dry_run)
-    plan = plan_moe(spec, shard_size=shard_size)
+    plan = plan_moe(spec, shard_size=shard_size, device=device)
     print_warnings(plan.warnings)
     if dry_run:
         summary = plan.summary()
@@ -54,7 +73,8 @@ def moe(
     result = run_moe(plan, target, force=force, progress=progress_for(err, quiet))
     report = result.report
     print_warnings(report.get("warnings", []))
-    keys = ("output", "kind", "manifest", "layers", "wall_s", "bytes_read", "bytes_written")
+    keys = ("output", "kind", "manifest", "layers", "training", "wall_s", "bytes_read")
+    keys = (*keys, "bytes_written")
     summary = {k: report[k] for k in (*keys, "peak_rss_bytes") if k in report}
     if json_out:
         print_json(summary)

@@ -30,7 +30,7 @@ from mergecli.moe.sparse import Copy
 from mergecli.progress import NullProgress, Progress
 from mergecli.report import human_bytes
 from mergecli.sources.adapter import ADAPTER_CONFIG
-from mergecli.sources.checkpoint import CONFIG_FILES, TOKENIZER_FILES, Checkpoint
+from mergecli.sources.checkpoint import CONFIG_FILES, INDEX_NAME, TOKENIZER_FILES, Checkpoint
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
@@ -138,6 +138,29 @@ def _gates(plan: MoePlan, progress: Progress) -> torch.Tensor:
     return gates
 
 
+def _train(plan: MoePlan, folder: Path, progress: Progress) -> dict[str, Any]:
+    """Train routers and experts in place; the folder is rewritten by ``save_pretrained`` (in
+    the layout this transformers version saves) in the output dtype."""
+    from mergecli.moe.train import train
+
+    s = plan.section
+    model, report = train(
+        folder,
+        plan.train_files,
+        s.train_steps,
+        s.lr,
+        s.batch_size,
+        plan.recipe.seed,
+        plan.device,
+        progress,
+    )
+    for old in [*folder.glob("*.safetensors"), folder / INDEX_NAME]:
+        old.unlink(missing_ok=True)
+    biggest = max(shard.nbytes for shard in plan.shards)
+    model.to(plan.out_dtype).save_pretrained(folder, max_shard_size=max(biggest, 1 << 20))
+    return report
+
+
 def gate_report(gates: torch.Tensor) -> list[dict[str, Any]]:
     """Per layer: the routers' pairwise cosines and condition number (mergekit-moe warns
     above 5: prompts too similar, experts underused)."""
@@ -189,6 +212,7 @@ def _write_sparse(plan: MoePlan, folder: Path, progress: Progress) -> dict[str, 
         for name in names:
             if (source / name).is_file():
                 shutil.copyfile(source / name, folder / name)
+    training = _train(plan, folder, progress) if plan.section.train_steps else None
     manifest = {
         "format": "mergecli-moe",
         "version": 1,
@@ -208,6 +232,8 @@ def _write_sparse(plan: MoePlan, folder: Path, progress: Progress) -> dict[str, 
     }
     if merged:
         report["shared_merge"] = merged
+    if training:
+        report["training"] = training
     bad = [r["layer"] for r in report["gates"] if r["condition_number"] > 5]
     if bad and plan.section.gate_mode != "random":
         report["warnings"] = [
@@ -260,6 +286,22 @@ def markdown_report(report: dict[str, Any]) -> str:
             mean = sum(off) / len(off) if off else None
             lines.append(f"| {r['layer']} | {_fmt(r['condition_number'])} | {_fmt(mean)} |")
         lines.append("")
+    if "training" in report:
+        t = report["training"]
+        loss = t["loss"]
+        marks = sorted({0, len(loss) // 4, len(loss) // 2, 3 * len(loss) // 4, len(loss) - 1})
+        lines += [
+            "## Training of routers and experts",
+            "",
+            f"{t['steps']} steps, lr {t['lr']}, batch {t['batch_size']}, seed {t['seed']}, on "
+            f"{t['device']}; {t['examples']} examples of {', '.join(t['tasks'])}; "
+            f"{t['trained_parameters']} parameters trained, {t['frozen_parameters']} frozen.",
+            "",
+            "| step | loss |",
+            "|---|---|",
+            *(f"| {i + 1} | {loss[i]:.4f} |" for i in marks),
+            "",
+        ]
     warnings = report.get("warnings", []) + plan["warnings"]
     if warnings:
         lines += ["## Warnings", "", *(f"- {w}" for w in warnings), ""]

@@ -13,12 +13,13 @@ from mergecli.engine.layout import Shard, files_bytes, parse_size, plan_shards
 from mergecli.errors import RecipeError, ShapeError, SourceError, did_you_mean
 from mergecli.moe.arrow import ArrowAdapter, check_compatible, check_top_k, open_arrow_adapter
 from mergecli.moe.sparse import BASE, SHARED, Copy, Entry, architecture, moe_config, tensor_map
+from mergecli.moe.train import train_files
 from mergecli.recipe import MoePrompts, MoeSection, Recipe
 from mergecli.sources.checkpoint import Checkpoint
 from mergecli.sources.resolve import adapters_base, is_adapter, locate, open_base
 
 ARROW_ONLY = ("router_temperature", "general")
-SPARSE_ONLY = ("gate_mode", "architecture", "shared_expert", "prompts")
+SPARSE_ONLY = ("gate_mode", "architecture", "shared_expert", "prompts", "train_data")
 SHARED_PROMPTS = "shared_expert"
 """The ``moe.prompts`` key of the qwen2_moe shared expert's gate prompts."""
 
@@ -49,6 +50,8 @@ class MoePlan:
     config: Any = None
     out_dtype: torch.dtype = torch.float32
     prompts: list[MoePrompts] | None = None
+    train_files: dict[str, Path] = field(default_factory=dict)
+    device: str = "cpu"
 
     def arrow_config(self) -> dict[str, Any]:
         """peft ArrowConfig's arguments."""
@@ -96,6 +99,7 @@ class MoePlan:
                 "tensors": len(self.entries),
                 "shards": len(self.shards),
                 "out_dtype": str(self.out_dtype).removeprefix("torch."),
+                "train_steps": self.section.train_steps,
             }
         return out | {"bytes_to_write": self.bytes_to_write, "warnings": self.warnings}
 
@@ -139,6 +143,12 @@ def _plan_arrow(
     recipe: Recipe, section: MoeSection, folders: list[Path], names: list[str]
 ) -> MoePlan:
     _refuse(section, SPARSE_ONLY, "an Arrow MoE of LoRA experts")
+    if section.train_steps:
+        raise RecipeError(
+            "moe.train_steps: peft's Arrow router has no trainable weights (its prototypes are "
+            "recomputed from the experts when loaded); training is for sparse MoE outputs",
+            "moe.train_steps",
+        )
     if recipe.merge_method is not None:
         raise RecipeError(
             "merge_method: an Arrow MoE keeps every LoRA expert; leave merge_method out",
@@ -247,6 +257,7 @@ def _plan_sparse(
         int(intermediate["intermediate_size"]) if intermediate else None,
     )
     shards = plan_shards(tensors, parse_size(shard_size))
+    files = train_files(recipe, names) if section.train_steps else {}
     return MoePlan(
         recipe,
         section,
@@ -262,6 +273,8 @@ def _plan_sparse(
         config=moe,
         out_dtype=out_dtype,
         prompts=prompts,
+        train_files=files,
+        device=device,
     )
 
 
