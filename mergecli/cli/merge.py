@@ -131,8 +131,8 @@ def select_experts(
     return chosen.recipe, chosen.details
 
 
-def print_plan(summary: dict[str, Any]) -> None:
-    table = Table(title="merge plan", show_header=False)
+def print_plan(summary: dict[str, Any], title: str = "merge plan") -> None:
+    table = Table(title=title, show_header=False)
     for key, value in summary.items():
         if key == "warnings":
             continue

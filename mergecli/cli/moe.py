@@ -67,7 +67,7 @@ def moe(
         if json_out:
             print_json(summary)
         else:
-            print_plan(summary)
+            print_plan(summary, "moe plan")
         return
     assert target is not None
     result = run_moe(plan, target, force=force, progress=progress_for(err, quiet))
