@@ -354,3 +354,27 @@ def test_training_without_data_says_so(zoo: Path, tmp_path: Path) -> None:
     assert result.exit_code == 2
     assert "--train-steps: no training data: set moe.train_data" in result.output
     assert len(result.output.strip().splitlines()) == 1
+
+
+def test_missing_tokenizer_fails_before_anything_is_written(zoo: Path, tmp_path: Path) -> None:
+    import shutil
+
+    base = tmp_path / "bare"
+    shutil.copytree(zoo / "base", base)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (base / name).unlink(missing_ok=True)
+    path = write(tmp_path, base, {"math": zoo / "math", "code": zoo / "code"}, prompts=PROMPTS)
+    result = run_cli("moe", path)
+    assert result.exit_code == 2 and "no tokenizer in" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+    assert not list(tmp_path.glob(".out.mergecli-tmp-*"))
+
+
+def test_expert_names_must_name_folders(zoo: Path, tmp_path: Path) -> None:
+    path = write(
+        tmp_path, zoo / "base", {"../x": zoo / "math", "code": zoo / "code"}, gate_mode="random"
+    )
+    result = run_cli("moe", path)
+    assert result.exit_code == 2
+    assert "models[0].name: '../x' cannot name a folder of the output" in result.output

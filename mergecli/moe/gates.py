@@ -45,7 +45,9 @@ def load_tokenizer(folder: Path) -> Any:
         return AutoTokenizer.from_pretrained(str(folder))
     except Exception as exc:  # transformers raises OSError, ValueError...
         raise SourceError(
-            f"base_model: no tokenizer in '{folder}' for the gate prompts: {exc}", folder
+            f"base_model: no tokenizer in '{folder}' for the gate prompts: "
+            f"{' '.join(str(exc).split())[:300]}",
+            folder,
         ) from None
 
 

@@ -12,6 +12,7 @@ import torch
 from mergecli.engine.layout import Shard, files_bytes, parse_size, plan_shards
 from mergecli.errors import RecipeError, ShapeError, SourceError, did_you_mean
 from mergecli.moe.arrow import ArrowAdapter, check_compatible, check_top_k, open_arrow_adapter
+from mergecli.moe.gates import load_tokenizer
 from mergecli.moe.sparse import BASE, SHARED, Copy, Entry, architecture, moe_config, tensor_map
 from mergecli.moe.train import train_files
 from mergecli.recipe import MoePrompts, MoeSection, Recipe
@@ -122,6 +123,10 @@ def plan_moe(recipe: Recipe, shard_size: str | int = "5GB", device: str = "cpu")
     duplicate = next((n for i, n in enumerate(names) if n in names[:i]), None)
     if duplicate:
         raise RecipeError(f"models: two experts are named '{duplicate}'; set 'name'", "models")
+    for i, name in enumerate(names):
+        if not name or "/" in name or "\\" in name or name in (".", ".."):
+            key = f"models[{i}].name"
+            raise RecipeError(f"{key}: '{name}' cannot name a folder of the output", key)
     kinds = {is_adapter(f) for f in folders}
     if len(kinds) > 1:
         raise RecipeError(
@@ -241,6 +246,8 @@ def _plan_sparse(
         else:
             tensors.append((entry.out, (1 if entry.shared else len(experts), hidden), out_dtype))
     prompts = _prompts(section, names, arch)
+    if prompts is not None:
+        load_tokenizer(base.path)  # the gates need it: fail now, not after the merge
     merge = None
     if recipe.merge_method is not None:
         from mergecli.engine.plan import plan_merge
