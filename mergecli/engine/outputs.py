@@ -41,7 +41,10 @@ class Card:
 class OutputWriter(Protocol):
     """An output being written into one folder (or into memory)."""
 
-    bytes_written: int
+    @property
+    def bytes_written(self) -> int:
+        """Bytes stored so far."""
+        ...
 
     def merged(
         self, tensor: TensorPlan, inputs: TensorInputs, merged: torch.Tensor | TaskMasks

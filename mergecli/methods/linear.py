@@ -63,6 +63,7 @@ def linear(inputs: TensorInputs, p: Params) -> torch.Tensor:
     "Greedy soup: experts sorted by validation score, each kept only if the uniform average of "
     "the soup scores better; θ = the mean of the kept experts",
     base="unused",
+    selects_experts=True,
     convention="Selection needs an evaluate: section (mergecli merge/sweep run it); "
     "the merge itself averages the experts the selection keeps.",
 )

@@ -112,6 +112,7 @@ def ties(inputs: TensorInputs, p: Params) -> Merged:
     for start, stop in chunks:
         part = inputs.rows(start, stop)
         merged = elect_and_merge(part, trimmed_task_vectors(part, p, thresholds), p)
+        assert isinstance(merged.value, torch.Tensor)
         out[start:stop] = merged.value
         n = part.base.numel() if part.base is not None else 0
         counts = [c + round((k or 0.0) * n) for c, k in zip(counts, merged.kept, strict=True)]
