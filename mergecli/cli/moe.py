@@ -73,8 +73,8 @@ def moe(
     result = run_moe(plan, target, force=force, progress=progress_for(err, quiet))
     report = result.report
     print_warnings(report.get("warnings", []))
-    keys = ("output", "kind", "manifest", "layers", "training", "wall_s", "bytes_read")
-    keys = (*keys, "bytes_written")
+    keys: tuple[str, ...] = ("output", "kind", "manifest", "layers", "training", "wall_s")
+    keys = (*keys, "bytes_read", "bytes_written")
     summary = {k: report[k] for k in (*keys, "peak_rss_bytes") if k in report}
     if json_out:
         print_json(summary)

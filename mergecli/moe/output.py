@@ -205,10 +205,14 @@ def _write_sparse(plan: MoePlan, folder: Path, progress: Progress) -> dict[str, 
     writer.finish()
     shutil.rmtree(folder / ".shared", ignore_errors=True)
     plan.config.save_pretrained(folder)
-    tokenizer = plan.base.path
+    tokenizer: Path = plan.base.path
     if plan.recipe.tokenizer_source and plan.recipe.tokenizer_source != "base":
         tokenizer = plan.recipe.resolve_path(plan.recipe.tokenizer_source)
-    for source, names in ((plan.base.path, CONFIG_FILES[1:]), (tokenizer, TOKENIZER_FILES)):
+    sources: tuple[tuple[Path, tuple[str, ...]], ...] = (
+        (plan.base.path, tuple(CONFIG_FILES[1:])),
+        (tokenizer, tuple(TOKENIZER_FILES)),
+    )
+    for source, names in sources:
         for name in names:
             if (source / name).is_file():
                 shutil.copyfile(source / name, folder / name)

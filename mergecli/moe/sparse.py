@@ -142,7 +142,7 @@ def moe_config(
         config.architectures = ["MixtralForCausalLM"]
     else:
         cls = transformers.Qwen3MoeConfig if arch == "qwen3_moe" else transformers.Qwen2MoeConfig
-        config = cls(**keys)
+        config = cls(**keys)  # type: ignore[assignment]
         config.num_experts = experts
         config.moe_intermediate_size = base["intermediate_size"]
         config.decoder_sparse_step = 1

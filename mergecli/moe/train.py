@@ -62,7 +62,8 @@ def train(
 
     torch.manual_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).to(device)
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+    model = model.to(device)  # type: ignore[arg-type]
     trained = []
     for name, param in model.named_parameters():
         param.requires_grad_(is_trained(name))
