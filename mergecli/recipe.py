@@ -8,7 +8,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from mergecli.errors import MergeError, did_you_mean
+from mergecli.errors import MergeError, RecipeError, did_you_mean
 from mergecli.params import check_value
 
 DTYPES = ("float32", "float64", "bfloat16", "float16")
@@ -93,6 +93,31 @@ class FlexSection(_Strict):
     sizes: list[float] | None = Field(None, min_length=1)
 
 
+class TokenSource(_Strict):
+    """Where a token's embedding comes from in mergekit's ``tokenizer.tokens`` (a model's
+    token, or ``kind: zero``)."""
+
+    kind: Literal["model_token", "zero"]
+    model: str | None = None
+    token_id: int | None = None
+    token: str | None = None
+
+
+class TokenEmbedding(_Strict):
+    """One entry of ``tokenizer.tokens``: the embedding source of a token."""
+
+    source: TokenSource | str | None = None
+    force: bool = False
+
+
+class TokenizerSection(_Strict):
+    """mergekit's ``tokenizer:`` section: the output vocabulary and its embedding sources."""
+
+    source: str = "union"
+    tokens: dict[str, TokenEmbedding] | None = None
+    pad_to_multiple_of: int | None = Field(None, gt=0)
+
+
 class Recipe(_Strict):
     """A merge recipe. Relative paths are resolved against the recipe's folder (then the cwd)."""
 
@@ -103,6 +128,14 @@ class Recipe(_Strict):
     dtype: str = "float32"
     out_dtype: str | None = None
     tokenizer_source: str | None = None
+    """``base`` (default), a model folder or Hub id, or ``union`` (mergekit)."""
+    tokenizer: TokenizerSection | None = None
+    chat_template: str | None = None
+    """A Jinja chat template written into the output's tokenizer_config.json, or ``auto``: the
+    template most of the inputs have (mergekit's key)."""
+    conventions: Literal["mergecli", "mergekit"] = "mergecli"
+    """Whose defaults and behaviour methods follow: mergecli's (the papers') or mergekit
+    0.1.5's (``mergecli.conventions``)."""
     seed: int = 0
     output: str | None = None
     on_missing: Literal["error", "base"] = "error"
@@ -152,6 +185,8 @@ def _fields_at(loc: tuple[Any, ...]) -> list[str]:
             model = EvalTask
         elif part == "flex":
             model = FlexSection
+        elif part == "tokenizer":
+            model = TokenizerSection
     return [n for n in model.model_fields if n != "folder"]
 
 
@@ -160,7 +195,9 @@ def recipe_from_dict(data: Any, folder: Path | None = None, source: str = "recip
     if not isinstance(data, dict):
         raise MergeError(f"{source}: a recipe is a mapping of keys (merge_method, models, ...)")
     if "slices" in data:
-        raise MergeError(f"{source}: 'slices' (layer-stacking merges) are not supported")
+        raise RecipeError(
+            f"{source}: 'slices' (layer-stacking merges) are not supported", key="slices"
+        )
     try:
         recipe = Recipe.model_validate({**data, "folder": folder or Path.cwd()})
     except ValidationError as exc:
@@ -183,6 +220,7 @@ def recipe_from_dict(data: Any, folder: Path | None = None, source: str = "recip
     for i, entry in enumerate(recipe.models):
         for key, value in entry.parameters.items():
             check_value(value, f"{source}: models[{i}].parameters.{key}")
+    check_tokenizer(recipe, source)
     if recipe.rank is not None and recipe.output_format != "lora":
         raise MergeError(f"{source}: rank: only used with output_format: lora")
     for key in ("dtype", "out_dtype"):
@@ -196,6 +234,22 @@ def recipe_from_dict(data: Any, folder: Path | None = None, source: str = "recip
             )
         setattr(recipe, key, value)
     return recipe
+
+
+def check_tokenizer(recipe: Recipe, source: str) -> None:
+    """The tokenizer keys mergekit takes: parsed; those that need a vocabulary remap refused."""
+    if recipe.tokenizer is not None and recipe.tokenizer_source is not None:
+        raise RecipeError(
+            f"{source}: give 'tokenizer' or 'tokenizer_source', not both (as in mergekit)",
+            key="tokenizer",
+        )
+    if recipe.tokenizer_source == "union" or recipe.tokenizer is not None:
+        key = "tokenizer" if recipe.tokenizer is not None else "tokenizer_source"
+        raise RecipeError(
+            f"{source}: {key}: a merged vocabulary (union, per-token embedding sources) is not "
+            "supported yet; use tokenizer_source: base or a model folder",
+            key=key,
+        )
 
 
 def load_recipe(path: str | Path) -> Recipe:

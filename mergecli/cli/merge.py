@@ -26,6 +26,8 @@ from mergecli.cli import (
     print_json,
     print_warnings,
 )
+from mergecli.errors import RecipeError
+from mergecli.methods.registry import CONVENTIONS
 from mergecli.progress import progress_for
 from mergecli.report import human_bytes
 
@@ -44,11 +46,26 @@ def merge(
     json_out: JsonOpt = False,
     force: ForceOpt = False,
     quiet: QuietOpt = False,
+    conventions: Annotated[
+        str | None,
+        typer.Option(
+            "--conventions",
+            help="mergecli (the papers', default) or mergekit (mergekit 0.1.5's defaults and "
+            "behaviour); overrides the recipe's conventions key.",
+        ),
+    ] = None,
 ) -> None:
     """Merge the checkpoints a recipe names into a new model folder."""
     spec = mergecli.load_recipe(recipe)
     if allow_bin:
         spec.allow_bin = True
+    if conventions is not None:
+        if conventions not in CONVENTIONS:
+            raise RecipeError(
+                f"--conventions: '{conventions}' is not one of {', '.join(CONVENTIONS)}",
+                key="conventions",
+            )
+        spec.conventions = conventions  # type: ignore[assignment]
     target = output_folder(recipe, spec, output, dry_run)
     selection: dict[str, Any] = {}
     if mergecli.get_method(spec.merge_method).selects_experts and not dry_run:

@@ -9,11 +9,12 @@ from typing import Any
 import psutil
 import torch
 
+from mergecli.conventions import apply_conventions, parameter_position
 from mergecli.engine.layout import Shard, files_bytes, parse_size, plan_shards
 from mergecli.engine.lora_output import LoraLayout, plan_lora_output
 from mergecli.engine.task_artifact import TaskArtifactLayout, plan_task_artifact
 from mergecli.errors import MergeError, did_you_mean
-from mergecli.layers import count_layers, layer_index, layer_position
+from mergecli.layers import count_layers, layer_index
 from mergecli.methods import REQUIRED, MethodSpec, Param, Params, get_method
 from mergecli.methods.inputs import row_chunks
 from mergecli.methods.statistics import Statistic
@@ -233,19 +234,22 @@ def check_parameter_names(recipe: Recipe, method: MethodSpec) -> list[str]:
 
 
 def resolve_params(recipe: Recipe, method: MethodSpec, name: str, position: float) -> Params:
-    """The parameters of one tensor: per-model value, else global value, else default."""
+    """The parameters of one tensor: per-model value, else global value, else default (of the
+    recipe's conventions); ``conventions`` too, for the methods that follow mergekit's."""
+    conventions = recipe.conventions
     out: Params = {}
     for param in method.params:
+        default = param.default_for(conventions)
 
-        def one(raw: Any, key: str, param: Param = param) -> Any:
-            value = resolve_value(raw, name, position)
+        def one(raw: Any, key: str, param: Param = param, default: Any = default) -> Any:
+            value = resolve_value(raw, name, position, conventions)
             if value is None or value is REQUIRED:
                 if param.required:
                     raise MergeError(f"{key}: '{method.name}' needs '{param.name}' (for {name})")
-                return param.default
+                return default
             return param.coerce(value, key)
 
-        glob = recipe.parameters.get(param.name, param.default)
+        glob = recipe.parameters.get(param.name, default)
         if param.per_model:
             out[param.name] = [
                 one(m.parameters.get(param.name, glob), f"models[{i}].parameters.{param.name}")
@@ -253,6 +257,7 @@ def resolve_params(recipe: Recipe, method: MethodSpec, name: str, position: floa
             ]
         else:
             out[param.name] = one(glob, f"parameters.{param.name}")
+    out["conventions"] = conventions
     return out
 
 
@@ -284,14 +289,14 @@ def plan_merge(recipe: Recipe, device: str = "cpu", shard_size: str | int = "5GB
     if recipe.temporal is not None:
         raise MergeError("temporal: this recipe folds experts over time; run 'mergecli temporal'")
     method = get_method(recipe.merge_method).resolve(recipe.parameters)
-    notes = check_parameter_names(recipe, method)
+    recipe, notes = apply_conventions(recipe, method)
+    notes += check_parameter_names(recipe, method)
     n = len(recipe.models)
-    if n < method.min_models or (method.max_models and n > method.max_models):
-        want = (
-            f"exactly {method.min_models}"
-            if method.min_models == method.max_models
-            else f"at least {method.min_models}"
-        )
+    least, most = method.min_models, method.max_models
+    if recipe.conventions == "mergekit" and method.mergekit_models is not None:
+        least, most = method.mergekit_models
+    if n < least or (most and n > most):
+        want = f"exactly {least}" if least == most else f"at least {least}"
         raise MergeError(f"models: '{method.name}' needs {want} models, the recipe lists {n}")
     try:
         shard_bytes = parse_size(shard_size)
@@ -312,9 +317,13 @@ def plan_merge(recipe: Recipe, device: str = "cpu", shard_size: str | int = "5GB
     ]
     if not float_dtypes:
         raise MergeError(f"{reference.label}: '{reference.path}' has no floating-point tensors")
+    given_dtype = recipe.out_dtype
+    mergekit = recipe.conventions == "mergekit"
+    if given_dtype is None and mergekit and "dtype" in recipe.model_fields_set:
+        given_dtype = recipe.dtype  # mergekit writes in dtype when out_dtype is unset
     out_dtype = (
-        getattr(torch, recipe.out_dtype)
-        if recipe.out_dtype
+        getattr(torch, given_dtype)
+        if given_dtype
         else max(set(float_dtypes), key=float_dtypes.count)
     )
     compute_dtype = torch.float64 if recipe.dtype == "float64" else torch.float32
@@ -335,7 +344,8 @@ def plan_merge(recipe: Recipe, device: str = "cpu", shard_size: str | int = "5GB
             notes.append(f"{name}: missing from an expert, kept from the base (on_missing: base)")
             tensors.append(TensorPlan(name, info.shape, out_dtype, merge=False))
             continue
-        params = resolve_params(recipe, method, name, layer_position(name, num_layers))
+        position = parameter_position(name, num_layers, recipe.conventions)
+        params = resolve_params(recipe, method, name, position)
         if method.check:
             method.check(params, name)
         tensors.append(TensorPlan(name, info.shape, out_dtype, True, params, layer_index(name)))

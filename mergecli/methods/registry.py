@@ -13,6 +13,10 @@ if TYPE_CHECKING:
 
 REQUIRED: Any = object()
 """Default of a parameter the recipe must give."""
+SAME: Any = object()
+"""``Param.mergekit`` of a parameter whose default is the same under both conventions."""
+CONVENTIONS = ("mergecli", "mergekit")
+"""The recipe's ``conventions``: mergecli's (the papers') or mergekit 0.1.5's."""
 
 Params = dict[str, Any]
 """Resolved parameters for one tensor: per-model parameters are lists with one value per expert."""
@@ -28,10 +32,16 @@ class Param:
     help: str = ""
     per_model: bool = False
     choices: tuple[str, ...] | None = None
+    mergekit: Any = SAME
+    """The default under ``conventions: mergekit`` when it differs from ``default``."""
 
     @property
     def required(self) -> bool:
         return self.default is REQUIRED
+
+    def default_for(self, conventions: str) -> Any:
+        """The default under these conventions."""
+        return self.default if conventions != "mergekit" or self.mergekit is SAME else self.mergekit
 
     def coerce(self, value: Any, key: str) -> Any:
         """Check and convert one resolved scalar value; key names it in the recipe."""
@@ -94,6 +104,12 @@ class MethodSpec:
     """For a method whose merged task vector is Σ ct τt (a linear combination): the ct of one
     tensor's parameters, or None when these parameters make it no such combination. Lets LoRA
     experts merge into an exact LoRA output by concatenating their ranks."""
+    mergekit: str = ""
+    """What ``conventions: mergekit`` changes beyond parameter defaults (mergekit 0.1.5's
+    behaviour that the method then reproduces); the method reads ``p["conventions"]``."""
+    mergekit_models: tuple[int, int | None] | None = None
+    """(min, max) experts under ``conventions: mergekit`` where they differ (mergekit's base is
+    an endpoint of slerp, nearswap and arcee_fusion)."""
     composes: str | None = None
     """The parameter naming another method that this one wraps (``lines``' base_method): the
     recipe then also takes that method's parameters, and its statistics and checks apply."""
