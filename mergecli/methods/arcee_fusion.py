@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from mergecli.methods.inputs import TensorInputs
-from mergecli.methods.registry import Params, merge_method
+from mergecli.methods.registry import IGNORED_WEIGHT, Params, merge_method
 
 QUANTILES = (0.25, 0.5, 0.75)
 
@@ -33,6 +33,7 @@ def fusion_threshold(scores: torch.Tensor) -> float:
     max_models=1,
     convention="Quantiles are exact (mergekit 0.1.5 samples a million entries with replacement "
     "from larger tensors); the base model and the one expert are the two models.",
+    ignored=IGNORED_WEIGHT,
 )
 def arcee_fusion(inputs: TensorInputs, p: Params) -> torch.Tensor:
     assert inputs.base is not None

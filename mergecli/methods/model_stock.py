@@ -50,7 +50,7 @@ def stock_ratios(tvs: list[torch.Tensor], filter_wise: bool, mergekit: bool) -> 
     denominator = 1 + (m - 1) * c
     singular = denominator.abs() < SINGULAR if mergekit else denominator == 0
     ratio = torch.where(singular, 0, m * c / denominator.where(~singular, 1))
-    return ratio.reshape((*shape[:-1], 1)) if filter_wise and len(shape) > 1 else ratio
+    return ratio.reshape((*shape[:-1], 1)) if filter_wise else ratio.reshape(1)
 
 
 @merge_method(

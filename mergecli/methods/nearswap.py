@@ -6,7 +6,7 @@ import torch
 
 from mergecli.errors import RecipeError
 from mergecli.methods.inputs import TensorInputs
-from mergecli.methods.registry import REQUIRED, Param, Params, merge_method
+from mergecli.methods.registry import IGNORED_WEIGHT, REQUIRED, Param, Params, merge_method
 
 
 def check_t(p: Params, name: str) -> None:
@@ -24,6 +24,7 @@ def check_t(p: Params, name: str) -> None:
     elementwise=True,
     convention="abs(θ1 − θ0) is clamped to 1e-6 (mergekit 0.1.5); the base model and the one "
     "expert are the two models.",
+    ignored=IGNORED_WEIGHT,
 )
 def nearswap(inputs: TensorInputs, p: Params) -> torch.Tensor:
     assert inputs.base is not None

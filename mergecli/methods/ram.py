@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from mergecli.methods.inputs import TensorInputs
-from mergecli.methods.registry import Param, Params, merge_method
+from mergecli.methods.registry import IGNORED_WEIGHT, Param, Params, merge_method
 
 EPSILON = Param("epsilon", 1e-5, help="entries with abs(τt) ≤ ε do not contribute")
 
@@ -25,6 +25,7 @@ def contributions(inputs: TensorInputs, epsilon: float) -> tuple[torch.Tensor, t
     "averaged over the experts that change them; θ = θ0 + Σt τt·[abs τt > ε] / max(nt, 1)",
     params=(EPSILON,),
     elementwise=True,
+    ignored=IGNORED_WEIGHT,
 )
 def ram(inputs: TensorInputs, p: Params) -> torch.Tensor:
     tvs, counts = contributions(inputs, p["epsilon"])
@@ -43,6 +44,7 @@ def ram(inputs: TensorInputs, p: Params) -> torch.Tensor:
     ),
     convention="ρt is counted per tensor (the paper counts over the whole model), its "
     "denominator clamped to ε (mergekit 0.1.5).",
+    ignored=IGNORED_WEIGHT,
 )
 def ramplus_tl(inputs: TensorInputs, p: Params) -> torch.Tensor:
     tvs, counts = contributions(inputs, p["epsilon"])

@@ -16,6 +16,7 @@ REQUIRED: Any = object()
 SAME: Any = object()
 """``Param.mergekit`` of a parameter whose default is the same under both conventions."""
 CONVENTIONS = ("mergecli", "mergekit")
+IGNORED_WEIGHT = {"weight": "this method does not weigh the models (mergekit ignores it too)"}
 """The recipe's ``conventions``: mergecli's (the papers') or mergekit 0.1.5's."""
 
 Params = dict[str, Any]

@@ -6,7 +6,7 @@ import torch
 
 from mergecli.methods.inputs import TensorInputs
 from mergecli.methods.linear import INT8_MASK
-from mergecli.methods.registry import Param, Params, merge_method
+from mergecli.methods.registry import IGNORED_WEIGHT, Param, Params, merge_method
 
 
 def variance_mask(tvs: torch.Tensor, topk: float) -> torch.Tensor:
@@ -33,7 +33,7 @@ def variance_mask(tvs: torch.Tensor, topk: float) -> torch.Tensor:
             help="fraction of the entries of nonzero variance kept (1: all)",
         ),
     ),
-    ignored=INT8_MASK,
+    ignored={**INT8_MASK, **IGNORED_WEIGHT},
     convention="Weights ηt = mean(τt²)/Σs mean(τs²) (uniform when that sum < 1e-6) from the "
     "selected τt; a zero vote sum elects +1; the weighted sum is divided by the agreeing "
     "weights clamped to 1e-6 (mergekit 0.1.5; the FuseChat paper's Algorithm 1).",

@@ -11,7 +11,7 @@ import torch
 from mergecli.errors import MergeError
 from mergecli.methods.inputs import TensorInputs
 from mergecli.methods.linear import WEIGHT
-from mergecli.methods.registry import Param, Params, merge_method
+from mergecli.methods.registry import IGNORED_WEIGHT, Param, Params, merge_method
 
 NUSLERP_EPS = 1e-8
 
@@ -157,6 +157,7 @@ def karcher_mean(tensors: list[torch.Tensor], max_iter: int, tol: float) -> torc
     "config.",
     mergekit="the base model, when given, is one of the averaged models (mergekit adds it to "
     "the inputs)",
+    ignored=IGNORED_WEIGHT,
 )
 def karcher(inputs: TensorInputs, p: Params) -> torch.Tensor:
     tensors = inputs.weights()
