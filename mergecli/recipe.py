@@ -8,6 +8,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from mergecli.chat_template import check_chat_template
 from mergecli.errors import MergeError, RecipeError, did_you_mean
 from mergecli.params import check_value
 
@@ -221,6 +222,7 @@ def recipe_from_dict(data: Any, folder: Path | None = None, source: str = "recip
         for key, value in entry.parameters.items():
             check_value(value, f"{source}: models[{i}].parameters.{key}")
     check_tokenizer(recipe, source)
+    check_chat_template(recipe.chat_template, source)
     if recipe.rank is not None and recipe.output_format != "lora":
         raise MergeError(f"{source}: rank: only used with output_format: lora")
     for key in ("dtype", "out_dtype"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -9,6 +10,7 @@ import pytest
 import torch
 
 import mergecli
+from mergecli.chat_template import resolve_chat_template
 from mergecli.conventions import mergekit_position
 from mergecli.errors import RecipeError
 from mergecli.params import resolve_value
@@ -115,3 +117,32 @@ def test_tokenizer_keys_parse_and_union_is_refused_in_one_line(zoo: Path) -> Non
     section = {"source": "union", "tokens": {"<x>": {"source": {"kind": "zero"}}}}
     with pytest.raises(RecipeError, match="tokenizer: a merged vocabulary"):
         recipe_from_dict({**base, "tokenizer": section})
+
+
+def test_chat_template_text_and_auto(zoo: Path, tmp_path: Path) -> None:
+    template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    data = {
+        "merge_method": "linear",
+        "models": [{"model": str(zoo / "math")}, {"model": str(zoo / "code")}],
+        "chat_template": template,
+        "output": str(tmp_path / "out"),
+    }
+    result = run_cli("merge", write_recipe(tmp_path, data, "r.yaml"), "--quiet")
+    assert result.exit_code == 0, result.output
+    written = json.loads((tmp_path / "out" / "tokenizer_config.json").read_text())
+    assert written["chat_template"] == template
+    assert resolve_chat_template("auto", [tmp_path / "out", zoo / "math"]) == template
+    with pytest.raises(RecipeError, match="chat_template"):
+        recipe_from_dict({**data, "chat_template": "chatml"})
+
+
+def test_docs_conventions_table_matches_the_registry() -> None:
+    from scripts.methods_table import (
+        CONVENTIONS_BEGIN,
+        CONVENTIONS_END,
+        conventions_table,
+        readme_table,
+    )
+
+    docs = (Path(__file__).parents[1] / "docs" / "methods.md").read_text()
+    assert readme_table(docs, CONVENTIONS_BEGIN, CONVENTIONS_END) == conventions_table()

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from mergecli.chat_template import resolve_chat_template, write_chat_template
 from mergecli.engine.lora_output import lora_summary, write_adapter_config
 from mergecli.engine.output import atomic_folder, check_output, copy_model_files
 from mergecli.engine.plan import MergePlan, Rows, TensorPlan
@@ -189,6 +190,11 @@ def _run_merge(plan: MergePlan, output: Path, force: bool, progress: Progress) -
         writer.finish()
         if plan.lora is None:
             copy_model_files(plan.reference.path, tokenizer_folder(plan), folder, plan.out_dtype)
+            template = resolve_chat_template(
+                plan.recipe.chat_template, [s.path for s in (plan.base, *plan.experts) if s]
+            )
+            if template is not None:
+                write_chat_template(folder, template)
         else:
             write_adapter_config(folder, plan.lora)
         wall = time.perf_counter() - started

@@ -17,7 +17,7 @@ from mergecli.methods.statistics import LargestMagnitudes, Statistic, floor_rank
 from mergecli.methods.ties import (
     L1_RESCALE,
     MERGE_FUNC,
-    MERGEKIT_CONSENSUS,
+    MERGEKIT_ELECTION,
     MERGEKIT_IGNORED,
     SCOPE,
     SIGN,
@@ -161,7 +161,7 @@ def breadcrumbs(inputs: TensorInputs, p: Params) -> torch.Tensor:
     check=check_fractions,
     ignored=MERGEKIT_IGNORED,
     convention=CONVENTION + " Election and disjoint merge as in ties.",
-    mergekit=MERGEKIT_TRIM + "; " + MERGEKIT_CONSENSUS,
+    mergekit=MERGEKIT_TRIM + "; " + MERGEKIT_ELECTION,
 )
 def breadcrumbs_ties(inputs: TensorInputs, p: Params) -> torch.Tensor:
     if p["conventions"] == "mergekit":

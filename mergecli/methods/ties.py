@@ -44,9 +44,9 @@ L1_RESCALE = Param(
 MERGEKIT_IGNORED = INT8_MASK
 MERGEKIT_CONSENSUS = (
     "the sign is elected from the weighted sum (Σ wt τ̂t ≥ 0 → +1); entries whose sign equals it "
-    "are summed as wt τ̂t and divided by Σ wt over them (normalize; 0 → 1); merge_func max is "
-    "refused"
+    "are summed as wt τ̂t and divided by Σ wt over them (normalize; 0 → 1)"
 )
+MERGEKIT_ELECTION = MERGEKIT_CONSENSUS + "; merge_func max is refused"
 
 
 def check_mergekit(p: Params, name: str) -> None:
@@ -134,7 +134,7 @@ def model_scope_thresholds(
     ignored=MERGEKIT_IGNORED,
     elementwise=lambda p: p["scope"] == "model" and not p["rescale"],
     mergekit="scope tensor keeps k = max(1, ⌊density·n⌋) entries (density ≥ 1: all); "
-    + MERGEKIT_CONSENSUS,
+    + MERGEKIT_ELECTION,
     convention=(
         "scope: model (original TIES code) is the default; mergekit and peft trim per tensor "
         "(scope: tensor). k = ceil(density·n) (peft: floor); entries equal to the k-th "
@@ -209,7 +209,7 @@ def ties_whole(inputs: TensorInputs, p: Params) -> torch.Tensor:
     convention="Masks depend only on (seed, expert index, tensor name); drawn on the CPU.",
     elementwise=lambda p: p["conventions"] != "mergekit",
     mergekit="rescale keeps each task vector's L1 norm (whole tensor) instead of ÷ density; "
-    "density ≥ 1 keeps everything; " + MERGEKIT_CONSENSUS,
+    "density ≥ 1 keeps everything; " + MERGEKIT_ELECTION,
 )
 def dare_ties(inputs: TensorInputs, p: Params) -> torch.Tensor:
     if p["conventions"] == "mergekit":
