@@ -113,6 +113,7 @@ def placed(text: str, folder: Path) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="*", help="recipe names (default: all)")
+    parser.add_argument("--float32-only", action="store_true", help="skip the half-precision runs")
     args = parser.parse_args()
     mergekit_yaml = ensure_mergekit()
     rows = []
@@ -124,6 +125,8 @@ def main() -> None:
             (half, placed(raw, zoo(getattr(torch, half)))),
             ("float32", yaml.safe_dump({**data, "dtype": "float32"})),
         ]
+        if args.float32_only:
+            variants = variants[1:]
         if data["merge_method"] in RANDOM:
             exact = {
                 **data,
