@@ -12,6 +12,7 @@ import torch
 
 from mergecli.methods import TensorInputs, get_method
 from mergecli.methods.registry import SAME
+from mergecli.methods.result import as_merged
 
 RNG = np.random.default_rng(7)
 BASE = RNG.normal(size=(6, 10))
@@ -33,7 +34,7 @@ def run(method: str, tvs: list[np.ndarray], conventions: str = "mergecli", **giv
         expert_weights=[torch.tensor(BASE + tv) for tv in tvs],
         expert_deltas=[None] * len(tvs),
     )
-    return spec.fn(inputs, p).numpy()
+    return as_merged(spec.fn(inputs, p), len(tvs)).value.numpy()
 
 
 def test_nearswap() -> None:

@@ -144,7 +144,7 @@ def test_task_names_default_to_folders_and_must_be_unique(zoo: Path, tmp_path: P
     for m in recipe["models"]:
         del m["name"]
     plan = mergecli.plan_merge(recipe_from_dict(recipe))
-    assert plan.artifact is not None and plan.artifact.tasks == list(EXPERTS)
+    assert plan.summary()["artifact_tasks"] == list(EXPERTS)
     recipe["models"][2]["name"] = "math"
     result = run_cli("merge", write_recipe(tmp_path, recipe))
     assert result.exit_code == 2

@@ -12,16 +12,16 @@ from typing import Any
 
 import torch
 
-from mergecli.errors import MergeError
+from mergecli.errors import OutputError
 from mergecli.sources import CONFIG_FILES, TOKENIZER_FILES
 
 
 def check_output(output: Path, force: bool) -> None:
     """Refuse an existing output unless force (checked before any tensor is read)."""
     if output.exists() and not force:
-        raise MergeError(f"output '{output}' exists; use --force to replace it")
+        raise OutputError(f"output '{output}' exists; use --force to replace it", path=output)
     if output.exists() and not output.is_dir():
-        raise MergeError(f"output '{output}' exists and is not a folder")
+        raise OutputError(f"output '{output}' exists and is not a folder", path=output)
 
 
 @contextlib.contextmanager

@@ -6,6 +6,7 @@ import torch
 
 from mergecli.methods.inputs import TensorInputs
 from mergecli.methods.registry import IGNORED_WEIGHT, Params, merge_method
+from mergecli.methods.result import Merged, kept_fraction
 
 QUANTILES = (0.25, 0.5, 0.75)
 
@@ -35,10 +36,9 @@ def fusion_threshold(scores: torch.Tensor) -> float:
     "from larger tensors); the base model and the one expert are the two models.",
     ignored=IGNORED_WEIGHT,
 )
-def arcee_fusion(inputs: TensorInputs, p: Params) -> torch.Tensor:
+def arcee_fusion(inputs: TensorInputs, p: Params) -> Merged:
     assert inputs.base is not None
     (expert,) = inputs.weights()
     scores = importance(expert, inputs.base)
     mask = (scores >= fusion_threshold(scores)).to(expert.dtype)
-    inputs.kept[0] = float(mask.mean())
-    return inputs.base + (expert - inputs.base) * mask
+    return Merged(inputs.base + (expert - inputs.base) * mask, [kept_fraction(mask)])

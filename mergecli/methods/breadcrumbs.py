@@ -7,13 +7,14 @@ from collections.abc import Callable
 
 import torch
 
-from mergecli.errors import MergeError
+from mergecli.errors import RecipeError
 from mergecli.methods import mergekit
 from mergecli.methods.inputs import TensorInputs
 from mergecli.methods.linear import LAMBDA, WEIGHT, weighted_sum
 from mergecli.methods.registry import Param, Params, merge_method
+from mergecli.methods.result import Kept, Merged, kept_fraction
 from mergecli.methods.sparsify import kth_largest, model_scope_values
-from mergecli.methods.statistics import LargestMagnitudes, Statistic, floor_rank
+from mergecli.methods.statistics import Handle, LargestMagnitudes, Statistic, floor_rank
 from mergecli.methods.ties import (
     L1_RESCALE,
     MERGE_FUNC,
@@ -26,7 +27,7 @@ from mergecli.methods.ties import (
     mergekit_combine,
 )
 
-THRESHOLDS = "breadcrumbs.thresholds"
+THRESHOLDS: Handle[list[list[float]]] = Handle("breadcrumbs.thresholds")
 
 DENSITY = Param("density", 0.9, help="fraction of entries kept", per_model=True, mergekit=1.0)
 MERGEKIT_TRIM = (
@@ -56,7 +57,7 @@ def breadcrumb_trim(tv: torch.Tensor, top: float, low: float) -> torch.Tensor:
 
 def breadcrumbs_trimmed(inputs: TensorInputs, p: Params) -> list[torch.Tensor]:
     """Every task vector without its top γ and its bottom magnitudes, within ``scope``
-    (L1-rescaled with ``rescale``)."""
+    (L1-rescaled with ``rescale``; ``kept_fraction`` of each is what it keeps)."""
     tvs = inputs.task_vectors()
     if p["conventions"] == "mergekit" and p["scope"] == "tensor":
         return [
@@ -73,8 +74,6 @@ def breadcrumbs_trimmed(inputs: TensorInputs, p: Params) -> list[torch.Tensor]:
     trimmed = [
         breadcrumb_trim(tv, top, low) for tv, (top, low) in zip(tvs, thresholds, strict=True)
     ]
-    for t, x in enumerate(trimmed):
-        inputs.kept[t] = float((x != 0).sum()) / max(x.numel(), 1)
     if p["rescale"]:
         trimmed = [mergekit.l1_rescaled(tv, x) for tv, x in zip(tvs, trimmed, strict=True)]
     return trimmed
@@ -97,9 +96,10 @@ def check_fractions(p: Params, name: str) -> None:
         return  # mergekit clamps: density ≥ 1 keeps all, density + gamma > 1 drops no bottom
     for t, (d, g) in enumerate(zip(p["density"], p["gamma"], strict=True)):
         if not (0 <= d <= 1 and 0 <= g <= 1 and d + g <= 1):
-            raise MergeError(
+            raise RecipeError(
                 f"models[{t}]: breadcrumbs needs 0 ≤ density, 0 ≤ gamma and density + gamma ≤ 1 "
-                f"(got density {d}, gamma {g} for '{name}')"
+                f"(got density {d}, gamma {g} for '{name}')",
+                key=f"models[{t}].parameters",
             )
 
 
@@ -122,19 +122,22 @@ def check_fractions(p: Params, name: str) -> None:
     convention=CONVENTION,
     mergekit=MERGEKIT_TRIM + "; abs(Σ wt) < 1e-8 is not divided by",
 )
-def breadcrumbs(inputs: TensorInputs, p: Params) -> torch.Tensor:
+def breadcrumbs(inputs: TensorInputs, p: Params) -> Merged:
+    trimmed = breadcrumbs_trimmed(inputs, p)
+    kept: Kept = [kept_fraction(x) for x in trimmed]
     if p["conventions"] == "mergekit":
         return mergekit.combine(
             inputs,
-            breadcrumbs_trimmed(inputs, p),
+            trimmed,
             p["weight"],
             consensus=None,
             normalize=p["normalize"],
             lam=p["lambda"],
+            kept=kept,
         )
-    merged = weighted_sum(breadcrumbs_trimmed(inputs, p), p["weight"], p["normalize"], inputs.name)
+    merged = weighted_sum(trimmed, p["weight"], p["normalize"], inputs.name)
     assert inputs.base is not None
-    return inputs.base + p["lambda"] * merged
+    return Merged(inputs.base + p["lambda"] * merged, kept)
 
 
 @merge_method(
@@ -163,7 +166,7 @@ def breadcrumbs(inputs: TensorInputs, p: Params) -> torch.Tensor:
     convention=CONVENTION + " Election and disjoint merge as in ties.",
     mergekit=MERGEKIT_TRIM + "; " + MERGEKIT_ELECTION,
 )
-def breadcrumbs_ties(inputs: TensorInputs, p: Params) -> torch.Tensor:
+def breadcrumbs_ties(inputs: TensorInputs, p: Params) -> Merged:
     if p["conventions"] == "mergekit":
         return mergekit_combine(inputs, breadcrumbs_trimmed(inputs, p), p)
     return elect_and_merge(inputs, breadcrumbs_trimmed(inputs, p), p)

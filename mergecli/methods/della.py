@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from mergecli.errors import MergeError, RecipeError
+from mergecli.errors import RecipeError
 from mergecli.methods import mergekit
 from mergecli.methods.inputs import TensorInputs
 from mergecli.methods.linear import LAMBDA, WEIGHT, weighted_sum
 from mergecli.methods.registry import Param, Params, merge_method
+from mergecli.methods.result import Kept, Merged, kept_fraction
 from mergecli.methods.sparsify import disjoint_merge, elect_sign
 from mergecli.methods.ties import MERGEKIT_CONSENSUS, MERGEKIT_IGNORED, NORMALIZE, mergekit_combine
 
@@ -37,34 +38,34 @@ def della_drop(
     density: float,
     epsilon: float,
     rescale: bool = True,
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, float]:
     """mt ⊙ τt / p (rescale) or mt ⊙ τt, with mt ~ Bernoulli(p) seeded per (seed, expert,
-    tensor)."""
+    tensor); and the fraction of entries the mask keeps."""
     probability = keep_probabilities(tv, density, epsilon)
     mask = inputs.bernoulli_mask(t, probability)
     kept = tv * mask
-    return kept / probability.to(tv.dtype) if rescale else kept
+    return (kept / probability.to(tv.dtype) if rescale else kept), kept_fraction(mask)
 
 
-def della_sparse(inputs: TensorInputs, p: Params) -> list[torch.Tensor]:
-    """The dropped and rescaled task vectors under the recipe's conventions."""
+def della_sparse(inputs: TensorInputs, p: Params) -> tuple[list[torch.Tensor], Kept]:
+    """The dropped and rescaled task vectors under the recipe's conventions, and the fraction
+    of entries each one's mask keeps."""
     tvs = inputs.task_vectors()
-    if p["conventions"] != "mergekit":
-        return [
-            della_drop(inputs, t, tv, p["density"][t], p["epsilon"][t], p["rescale"])
-            for t, tv in enumerate(tvs)
-        ]
-    out = []
+    out: list[torch.Tensor] = []
+    kept: Kept = []
     for t, tv in enumerate(tvs):
         d, e = p["density"][t], p["epsilon"][t]
-        if d >= 1:
-            out.append(tv)
+        if p["conventions"] != "mergekit":
+            x, k = della_drop(inputs, t, tv, d, e, p["rescale"])
+        elif d >= 1:
+            x, k = tv, 1.0
         elif d <= 0:
-            out.append(torch.zeros_like(tv))
+            x, k = torch.zeros_like(tv), 0.0
         else:
-            keep = keep_probabilities(tv, d, e)
-            out.append(mergekit.bernoulli(inputs, t, tv, keep, p["rescale"]))
-    return out
+            x, k = mergekit.bernoulli(inputs, t, tv, keep_probabilities(tv, d, e), p["rescale"])
+        out.append(x)
+        kept.append(k)
+    return out, kept
 
 
 def check_della(p: Params, name: str) -> None:
@@ -79,9 +80,10 @@ def check_della(p: Params, name: str) -> None:
         return
     for t, (d, e) in enumerate(zip(p["density"], p["epsilon"], strict=True)):
         if not (e >= 0 and d - e > 0 and d + e <= 1):
-            raise MergeError(
+            raise RecipeError(
                 f"models[{t}]: della needs epsilon ≥ 0 and 0 < density ± epsilon ≤ 1 "
-                f"(got density {d}, epsilon {e} for '{name}')"
+                f"(got density {d}, epsilon {e} for '{name}')",
+                key=f"models[{t}].parameters",
             )
 
 
@@ -123,14 +125,14 @@ def check_della(p: Params, name: str) -> None:
     mergekit="rescale keeps each task vector's L1 norm (whole tensor) instead of ÷ p; "
     "density ≥ 1 keeps everything; " + MERGEKIT_CONSENSUS,
 )
-def della(inputs: TensorInputs, p: Params) -> torch.Tensor:
-    dropped = della_sparse(inputs, p)
+def della(inputs: TensorInputs, p: Params) -> Merged:
+    dropped, _ = della_sparse(inputs, p)
     if p["conventions"] == "mergekit":
         return mergekit_combine(inputs, dropped, p)
     merge_func = "mean" if p["normalize"] else "sum"
-    merged = disjoint_merge(inputs, dropped, p["weight"], elect_sign(dropped, "mass"), merge_func)
+    merged = disjoint_merge(dropped, p["weight"], elect_sign(dropped, "mass"), merge_func)
     assert inputs.base is not None
-    return inputs.base + p["lambda"] * merged
+    return Merged(inputs.base + p["lambda"] * merged.value, merged.kept)
 
 
 @merge_method(
@@ -163,12 +165,18 @@ def della(inputs: TensorInputs, p: Params) -> torch.Tensor:
     mergekit="rescale keeps each task vector's L1 norm (whole tensor) instead of ÷ p; "
     "density ≥ 1 keeps everything; abs(Σ wt) < 1e-8 is not divided by",
 )
-def della_linear(inputs: TensorInputs, p: Params) -> torch.Tensor:
-    dropped = della_sparse(inputs, p)
+def della_linear(inputs: TensorInputs, p: Params) -> Merged:
+    dropped, kept = della_sparse(inputs, p)
     if p["conventions"] == "mergekit":
         return mergekit.combine(
-            inputs, dropped, p["weight"], consensus=None, normalize=p["normalize"], lam=p["lambda"]
+            inputs,
+            dropped,
+            p["weight"],
+            consensus=None,
+            normalize=p["normalize"],
+            lam=p["lambda"],
+            kept=kept,
         )
     merged = weighted_sum(dropped, p["weight"], p["normalize"], inputs.name)
     assert inputs.base is not None
-    return inputs.base + p["lambda"] * merged
+    return Merged(inputs.base + p["lambda"] * merged, kept)

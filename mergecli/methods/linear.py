@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from mergecli.errors import MergeError
+from mergecli.errors import RecipeError
 from mergecli.methods import mergekit
 from mergecli.methods.inputs import TensorInputs
 from mergecli.methods.registry import Param, Params, merge_method
+from mergecli.methods.result import Merged
 from mergecli.methods.sparsify import dare_drop
 
 WEIGHT = Param("weight", 1.0, help="per-model weight wt", per_model=True)
@@ -34,7 +35,9 @@ def weighted_sum(
     if normalize:
         total = sum(weights)
         if total == 0:
-            raise MergeError(f"{name}: the weights sum to 0, cannot normalize")
+            raise RecipeError(
+                f"{name}: the weights sum to 0, cannot normalize", key="parameters.weight"
+            )
         out /= total
     return out
 
@@ -71,7 +74,6 @@ def linear(inputs: TensorInputs, p: Params) -> torch.Tensor:
     "Greedy soup: experts sorted by validation score, each kept only if the uniform average of "
     "the soup scores better; θ = the mean of the kept experts",
     base="unused",
-    selects_experts=True,
     convention="Selection needs an evaluate: section (mergecli merge/sweep run it); "
     "the merge itself averages the experts the selection keeps.",
 )
@@ -89,7 +91,7 @@ def greedy_soup(inputs: TensorInputs, p: Params) -> torch.Tensor:
     ignored=INT8_MASK,
     mergekit=MERGEKIT_SUM,
 )
-def task_arithmetic(inputs: TensorInputs, p: Params) -> torch.Tensor:
+def task_arithmetic(inputs: TensorInputs, p: Params) -> torch.Tensor | Merged:
     if p["conventions"] == "mergekit":
         return mergekit.combine(
             inputs,
@@ -120,19 +122,25 @@ def task_arithmetic(inputs: TensorInputs, p: Params) -> torch.Tensor:
     mergekit=f"rescale keeps each task vector's L1 norm (whole tensor) instead of ÷ density; "
     f"density ≥ 1 keeps everything; {MERGEKIT_SUM}",
 )
-def dare_linear(inputs: TensorInputs, p: Params) -> torch.Tensor:
+def dare_linear(inputs: TensorInputs, p: Params) -> Merged:
     if p["conventions"] == "mergekit":
-        sparse = [
-            tv if d >= 1 else mergekit.bernoulli(inputs, t, tv, d, p["rescale"])
-            for t, (tv, d) in enumerate(zip(inputs.task_vectors(), p["density"], strict=True))
-        ]
+        sparse, fractions = mergekit.sparsified(inputs, p["density"], p["rescale"])
         return mergekit.combine(
-            inputs, sparse, p["weight"], consensus=None, normalize=p["normalize"], lam=p["lambda"]
+            inputs,
+            sparse,
+            p["weight"],
+            consensus=None,
+            normalize=p["normalize"],
+            lam=p["lambda"],
+            kept=fractions,
         )
-    dropped = [
-        dare_drop(inputs, t, tv, p["density"][t], p["rescale"])
-        for t, tv in enumerate(inputs.task_vectors())
-    ]
-    merged = weighted_sum(dropped, p["weight"], p["normalize"], inputs.name)
+    dropped, kept = zip(
+        *(
+            dare_drop(inputs, t, tv, p["density"][t], p["rescale"])
+            for t, tv in enumerate(inputs.task_vectors())
+        ),
+        strict=True,
+    )
+    merged = weighted_sum(list(dropped), p["weight"], p["normalize"], inputs.name)
     assert inputs.base is not None
-    return merged.mul_(p["lambda"]).add_(inputs.base)
+    return Merged(merged.mul_(p["lambda"]).add_(inputs.base), list(kept))

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import torch
 
 from mergecli.methods.inputs import TensorInputs
+from mergecli.methods.result import Kept, Merged, kept_fraction
 from mergecli.methods.sparsify import kth_largest, magnitude_trim
 from mergecli.ops import abs_sum64
 
@@ -59,14 +60,28 @@ def outliers(tv: torch.Tensor, density: float, gamma: float, rescale: bool) -> t
 
 def bernoulli(
     inputs: TensorInputs, t: int, tv: torch.Tensor, keep: float | torch.Tensor, rescale: bool
-) -> torch.Tensor:
-    """A random keep-mask (probability ``keep``), L1-rescaled when ``rescale``.
+) -> tuple[torch.Tensor, float]:
+    """A random keep-mask (probability ``keep``) applied, L1-rescaled when ``rescale``; and the
+    fraction of entries the mask keeps.
 
     The mask is mergecli's seeded one (mergekit draws from torch's global generator)."""
     mask = inputs.bernoulli_mask(t, keep)
-    inputs.kept[t] = int(torch.count_nonzero(mask)) / max(mask.numel(), 1)
     masked = tv * mask
-    return l1_rescaled(tv, masked) if rescale else masked
+    return (l1_rescaled(tv, masked) if rescale else masked), kept_fraction(mask)
+
+
+def sparsified(
+    inputs: TensorInputs, densities: Sequence[float], rescale: bool
+) -> tuple[list[torch.Tensor], Kept]:
+    """DARE under mergekit's conventions: each task vector through ``bernoulli`` (density ≥ 1
+    keeps it whole); the sparse vectors and the fractions their masks keep."""
+    out: list[torch.Tensor] = []
+    kept: Kept = []
+    for t, (tv, d) in enumerate(zip(inputs.task_vectors(), densities, strict=True)):
+        x, k = (tv, 1.0) if d >= 1 else bernoulli(inputs, t, tv, d, rescale)
+        out.append(x)
+        kept.append(k)
+    return out, kept
 
 
 def combine(
@@ -77,10 +92,13 @@ def combine(
     consensus: str | None,
     normalize: bool,
     lam: float,
-) -> torch.Tensor:
-    """θ0 + λ · (the weighted, elected, normalized sum of the sparse task vectors)."""
+    kept: Kept | None = None,
+) -> Merged:
+    """θ0 + λ · (the weighted, elected, normalized sum of the sparse task vectors); kept: the
+    agreeing non-zero entries with consensus, else ``kept`` (None: the report counts)."""
     assert inputs.base is not None
     weighted = [x * w for x, w in zip(sparse, weights, strict=True)]
+    fractions: Kept = list(kept) if kept is not None else [None] * len(sparse)
     if consensus is None:
         mixed = torch.stack(weighted).sum(0)
         divisor = float(sum(weights))
@@ -92,16 +110,14 @@ def combine(
         votes = stacked.sum(0) if consensus == "mass" else signs.sum(0)
         gamma = torch.where(votes >= 0, 1.0, -1.0).to(stacked.dtype)
         agree = (signs == gamma).to(stacked.dtype)
-        for t in range(len(sparse)):
-            kept = agree[t] * (sparse[t] != 0)
-            inputs.kept[t] = int(torch.count_nonzero(kept)) / max(kept.numel(), 1)
+        fractions = [kept_fraction(agree[t] * (sparse[t] != 0)) for t in range(len(sparse))]
         mixed = (stacked * agree).sum(0)
         if normalize:
             shape = (-1,) + (1,) * (stacked.dim() - 1)
             w = torch.tensor(list(weights), dtype=stacked.dtype, device=stacked.device)
-            divisor = (w.reshape(shape) * agree).sum(0)
-            divisor[divisor == 0] = 1
-            mixed /= divisor
+            agreeing = (w.reshape(shape) * agree).sum(0)
+            agreeing[agreeing == 0] = 1
+            mixed /= agreeing
     if lam != 1:
         mixed *= lam
-    return inputs.base + mixed
+    return Merged(inputs.base + mixed, fractions)

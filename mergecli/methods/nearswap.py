@@ -11,7 +11,9 @@ from mergecli.methods.registry import IGNORED_WEIGHT, REQUIRED, Param, Params, m
 
 def check_t(p: Params, name: str) -> None:
     if p["t"] < 0:
-        raise RecipeError(f"parameters.t: nearswap needs t ≥ 0, got {p['t']} for '{name}'", "t")
+        raise RecipeError(
+            f"parameters.t: nearswap needs t ≥ 0, got {p['t']} for '{name}'", key="parameters.t"
+        )
 
 
 @merge_method(

@@ -6,17 +6,18 @@ import torch
 
 from mergecli.methods.inputs import TensorInputs
 from mergecli.methods.registry import IGNORED_WEIGHT, Param, Params, merge_method
+from mergecli.methods.result import Kept, Merged, kept_fraction
 
 EPSILON = Param("epsilon", 1e-5, help="entries with abs(τt) ≤ ε do not contribute")
 
 
-def contributions(inputs: TensorInputs, epsilon: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The task vectors (zero where abs ≤ ε) and how many experts contribute to each entry."""
+def contributions(inputs: TensorInputs, epsilon: float) -> tuple[torch.Tensor, torch.Tensor, Kept]:
+    """The task vectors (zero where abs ≤ ε), how many experts contribute to each entry, and
+    the fraction of its entries each expert contributes."""
     tvs = torch.stack(inputs.task_vectors())
     active = tvs.abs() > epsilon
-    for t in range(tvs.shape[0]):
-        inputs.kept[t] = float(active[t].float().mean())
-    return tvs * active, active.sum(0)
+    kept: Kept = [kept_fraction(active[t]) for t in range(tvs.shape[0])]
+    return tvs * active, active.sum(0), kept
 
 
 @merge_method(
@@ -27,10 +28,10 @@ def contributions(inputs: TensorInputs, epsilon: float) -> tuple[torch.Tensor, t
     elementwise=True,
     ignored=IGNORED_WEIGHT,
 )
-def ram(inputs: TensorInputs, p: Params) -> torch.Tensor:
-    tvs, counts = contributions(inputs, p["epsilon"])
+def ram(inputs: TensorInputs, p: Params) -> Merged:
+    tvs, counts, kept = contributions(inputs, p["epsilon"])
     assert inputs.base is not None
-    return inputs.base + tvs.sum(0) / counts.clamp(min=1)
+    return Merged(inputs.base + tvs.sum(0) / counts.clamp(min=1), kept)
 
 
 @merge_method(
@@ -46,8 +47,8 @@ def ram(inputs: TensorInputs, p: Params) -> torch.Tensor:
     "denominator clamped to ε (mergekit 0.1.5).",
     ignored=IGNORED_WEIGHT,
 )
-def ramplus_tl(inputs: TensorInputs, p: Params) -> torch.Tensor:
-    tvs, counts = contributions(inputs, p["epsilon"])
+def ramplus_tl(inputs: TensorInputs, p: Params) -> Merged:
+    tvs, counts, kept = contributions(inputs, p["epsilon"])
     active = tvs != 0
     unique, shared = counts == 1, counts > 1
     n_shared = (active & shared).reshape(len(tvs), -1).sum(1).to(tvs.dtype)
@@ -59,4 +60,4 @@ def ramplus_tl(inputs: TensorInputs, p: Params) -> torch.Tensor:
         min=1
     )
     assert inputs.base is not None
-    return inputs.base + merged
+    return Merged(inputs.base + merged, kept)

@@ -7,6 +7,7 @@ import torch
 from mergecli.methods.inputs import TensorInputs
 from mergecli.methods.linear import INT8_MASK
 from mergecli.methods.registry import IGNORED_WEIGHT, Param, Params, merge_method
+from mergecli.methods.result import Kept, Merged, kept_fraction
 
 
 def variance_mask(tvs: torch.Tensor, topk: float) -> torch.Tensor:
@@ -38,7 +39,7 @@ def variance_mask(tvs: torch.Tensor, topk: float) -> torch.Tensor:
     "selected τt; a zero vote sum elects +1; the weighted sum is divided by the agreeing "
     "weights clamped to 1e-6 (mergekit 0.1.5; the FuseChat paper's Algorithm 1).",
 )
-def sce(inputs: TensorInputs, p: Params) -> torch.Tensor:
+def sce(inputs: TensorInputs, p: Params) -> Merged:
     tvs = torch.stack(inputs.task_vectors())
     tvs = tvs * variance_mask(tvs, p["select_topk"])
     gamma = torch.where(tvs.sum(0) >= 0, 1.0, -1.0).to(tvs.dtype)
@@ -48,8 +49,7 @@ def sce(inputs: TensorInputs, p: Params) -> torch.Tensor:
     eta = energy / total if abs(total) >= 1e-6 else torch.full_like(energy, 1 / len(energy))
     shape = (-1,) + (1,) * (tvs.dim() - 1)
     weights = eta.reshape(shape) * agree
-    for t in range(tvs.shape[0]):
-        inputs.kept[t] = int(torch.count_nonzero(agree[t] * (tvs[t] != 0))) / max(tvs[t].numel(), 1)
+    kept: Kept = [kept_fraction(agree[t] * (tvs[t] != 0)) for t in range(tvs.shape[0])]
     merged = (tvs * weights).sum(0) / weights.sum(0).clamp(min=1e-6)
     assert inputs.base is not None
-    return inputs.base + merged
+    return Merged(inputs.base + merged, kept)

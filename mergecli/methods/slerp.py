@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from mergecli.errors import MergeError
+from mergecli.errors import RecipeError
 from mergecli.methods.inputs import TensorInputs
 from mergecli.methods.registry import Param, Params, merge_method
 from mergecli.ops import cosine64, sumsq64
@@ -45,7 +45,9 @@ def slerp_mergekit(a: torch.Tensor, b: torch.Tensor, t: float, eps: float = 1e-8
 
 def check_t(p: Params, name: str) -> None:
     if not 0 <= p["t"] <= 1:
-        raise MergeError(f"parameters.t: slerp needs t in [0, 1], got {p['t']} for '{name}'")
+        raise RecipeError(
+            f"parameters.t: slerp needs t in [0, 1], got {p['t']} for '{name}'", key="parameters.t"
+        )
 
 
 @merge_method(

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from mergecli.errors import MergeError
+from mergecli.errors import ShapeError
 from mergecli.methods.inputs import TensorInputs
 from mergecli.methods.linear import WEIGHT
 from mergecli.methods.registry import IGNORED_WEIGHT, Param, Params, merge_method
@@ -93,9 +93,10 @@ def multislerp(inputs: TensorInputs, p: Params) -> torch.Tensor:
     if mean_norm < eps:
         if len(tensors) == 2:
             return (tensors[0] * w[0] + tensors[1] * w[1]) + offset
-        raise MergeError(
+        raise ShapeError(
             f"{inputs.name}: multislerp's weighted mean direction is zero (antipodal models "
-            "with balancing weights); change the weights"
+            "with balancing weights); change the weights",
+            tensor=inputs.name,
         )
     mean = mean / mean_norm
     tangents = units - (units * mean).sum(-1, keepdim=True) * mean

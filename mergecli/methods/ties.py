@@ -11,6 +11,7 @@ from mergecli.methods import mergekit
 from mergecli.methods.inputs import TensorInputs, row_chunks
 from mergecli.methods.linear import INT8_MASK, LAMBDA, RESCALE_HELP, WEIGHT
 from mergecli.methods.registry import Param, Params, merge_method
+from mergecli.methods.result import Merged
 from mergecli.methods.sparsify import (
     dare_drop,
     disjoint_merge,
@@ -19,9 +20,9 @@ from mergecli.methods.sparsify import (
     model_scope_values,
     tensor_threshold,
 )
-from mergecli.methods.statistics import KthLargestMagnitude, Statistic
+from mergecli.methods.statistics import Handle, KthLargestMagnitude, Statistic
 
-THRESHOLDS = "ties.thresholds"
+THRESHOLDS: Handle[list[float]] = Handle("ties.thresholds")
 BLOCK_ELEMENTS = 1 << 20
 """Entries per row block of a large tensor that TIES merges whole."""
 
@@ -59,7 +60,7 @@ def check_mergekit(p: Params, name: str) -> None:
         )
 
 
-def mergekit_combine(inputs: TensorInputs, sparse: list[torch.Tensor], p: Params) -> torch.Tensor:
+def mergekit_combine(inputs: TensorInputs, sparse: list[torch.Tensor], p: Params) -> Merged:
     """mergekit's election and merge of sparsified task vectors (merge_func sum: no division)."""
     normalize = p["normalize"] and p.get("merge_func", "mean") == "mean"
     return mergekit.combine(
@@ -72,17 +73,19 @@ def mergekit_combine(inputs: TensorInputs, sparse: list[torch.Tensor], p: Params
     )
 
 
-def ties_vector(inputs: TensorInputs, trimmed: list[torch.Tensor], p: Params) -> torch.Tensor:
+def ties_vector(trimmed: list[torch.Tensor], p: Params) -> Merged:
     """τm: the disjoint merge of the trimmed task vectors around the elected sign."""
     merge_func = "sum" if p["merge_func"] == "mean" and not p["normalize"] else p["merge_func"]
     gamma = elect_sign(trimmed, p["sign"])
-    return disjoint_merge(inputs, trimmed, p["weight"], gamma, merge_func)
+    return disjoint_merge(trimmed, p["weight"], gamma, merge_func)
 
 
-def elect_and_merge(inputs: TensorInputs, trimmed: list[torch.Tensor], p: Params) -> torch.Tensor:
+def elect_and_merge(inputs: TensorInputs, trimmed: list[torch.Tensor], p: Params) -> Merged:
     """θ0 + λ · disjoint merge of the trimmed task vectors around the elected sign."""
     assert inputs.base is not None
-    return ties_vector(inputs, trimmed, p).mul_(p["lambda"]).add_(inputs.base)
+    merged = ties_vector(trimmed, p)
+    assert isinstance(merged.value, torch.Tensor)
+    return Merged(merged.value.mul_(p["lambda"]).add_(inputs.base), merged.kept)
 
 
 def trim_thresholds(inputs: TensorInputs, p: Params) -> list[float]:
@@ -144,7 +147,7 @@ def model_scope_thresholds(
         "imply scope: tensor."
     ),
 )
-def ties(inputs: TensorInputs, p: Params) -> torch.Tensor:
+def ties(inputs: TensorInputs, p: Params) -> Merged:
     """Once the thresholds are known TIES is elementwise: a large tensor (merged whole, as
     scope: tensor needs) is trimmed, elected and merged in row blocks, so its temporaries are
     those of one block."""
@@ -160,15 +163,14 @@ def ties(inputs: TensorInputs, p: Params) -> torch.Tensor:
     counts = [0] * inputs.num_experts
     for start, stop in chunks:
         part = inputs.rows(start, stop)
-        trimmed = trimmed_task_vectors(part, p, thresholds)
-        out[start:stop] = elect_and_merge(part, trimmed, p)
+        merged = elect_and_merge(part, trimmed_task_vectors(part, p, thresholds), p)
+        out[start:stop] = merged.value
         n = part.base.numel() if part.base is not None else 0
-        counts = [c + round((k or 0.0) * n) for c, k in zip(counts, part.kept, strict=True)]
-    inputs.kept = [c / inputs.base.numel() for c in counts]
-    return out
+        counts = [c + round((k or 0.0) * n) for c, k in zip(counts, merged.kept, strict=True)]
+    return Merged(out, [c / inputs.base.numel() for c in counts])
 
 
-def ties_whole(inputs: TensorInputs, p: Params) -> torch.Tensor:
+def ties_whole(inputs: TensorInputs, p: Params) -> Merged:
     """TIES on the whole tensor: with L1 rescaling (which needs each whole trimmed task
     vector's norm) or under mergekit's conventions (its trim with scope: tensor)."""
     tvs = inputs.task_vectors()
@@ -211,15 +213,12 @@ def ties_whole(inputs: TensorInputs, p: Params) -> torch.Tensor:
     mergekit="rescale keeps each task vector's L1 norm (whole tensor) instead of ÷ density; "
     "density ≥ 1 keeps everything; " + MERGEKIT_ELECTION,
 )
-def dare_ties(inputs: TensorInputs, p: Params) -> torch.Tensor:
+def dare_ties(inputs: TensorInputs, p: Params) -> Merged:
     if p["conventions"] == "mergekit":
-        sparse = [
-            tv if d >= 1 else mergekit.bernoulli(inputs, t, tv, d, p["rescale"])
-            for t, (tv, d) in enumerate(zip(inputs.task_vectors(), p["density"], strict=True))
-        ]
+        sparse, _ = mergekit.sparsified(inputs, p["density"], p["rescale"])
         return mergekit_combine(inputs, sparse, p)
     dropped = [
-        dare_drop(inputs, t, tv, p["density"][t], p["rescale"])
+        dare_drop(inputs, t, tv, p["density"][t], p["rescale"])[0]
         for t, tv in enumerate(inputs.task_vectors())
     ]
     return elect_and_merge(inputs, dropped, p)
