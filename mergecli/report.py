@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import yaml
+
+from mergecli.jsonsafe import strict_json
 
 if TYPE_CHECKING:
     from mergecli.engine.plan import MergePlan
@@ -104,7 +105,12 @@ def markdown_report(report: dict[str, Any]) -> str:
 
 
 def write_reports(folder: Path, report: dict[str, Any]) -> None:
-    (folder / "merge_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    """merge_report.json (strict JSON: a non-finite figure is null, with a warning) and .md."""
+    text, notes = strict_json(report)
+    if notes:
+        report["plan"]["warnings"] += notes
+        text = strict_json(report)[0]
+    (folder / "merge_report.json").write_text(text + "\n")
     (folder / "merge_report.md").write_text(markdown_report(report))
 
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from mergecli.engine.finite import check_finite
 from mergecli.engine.plan import LOOKAHEAD, READ_AHEAD_BYTES, MergePlan, Rows, TensorPlan
 from mergecli.methods import TensorInputs
 
@@ -32,6 +33,10 @@ def _read(plan: MergePlan, tensor: TensorPlan, rows: Rows, timer: Timer) -> list
     out = []
     for source in plan.read_sources(tensor):
         t = source.read(tensor.name, rows)
+        info = source.info(tensor.name)
+        check_finite(
+            t, tensor.name, source.label, info.file, plan.recipe.on_nonfinite, plan.warnings
+        )
         timer.bytes_read += t.nbytes
         if cuda:
             out.append(t.pin_memory())

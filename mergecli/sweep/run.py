@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 from typing import Any
 
 from mergecli.errors import MergeError
 from mergecli.evaluate import Evaluation, Scorer
+from mergecli.jsonsafe import strict_json
 from mergecli.recipe import Recipe
 from mergecli.sweep.grid import Axis, apply_point, grid_points
 
@@ -59,7 +59,7 @@ def write_table(table: dict[str, Any], folder: Path, stem: str = "sweep") -> lis
     """``stem.json`` (everything) and ``stem.csv`` (one row per point) in ``folder``."""
     folder.mkdir(parents=True, exist_ok=True)
     json_path, csv_path = folder / f"{stem}.json", folder / f"{stem}.csv"
-    json_path.write_text(json.dumps(table, indent=2) + "\n")
+    json_path.write_text(strict_json(table)[0] + "\n")
     labels = list(table["grid"])
     with csv_path.open("w", newline="") as handle:
         writer = csv.writer(handle)
