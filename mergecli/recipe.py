@@ -8,7 +8,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from mergecli.errors import MergeError, did_you_mean
+from mergecli.errors import MergeError, RecipeError, did_you_mean
 from mergecli.params import check_value
 
 DTYPES = ("float32", "float64", "bfloat16", "float16")
@@ -106,6 +106,8 @@ class Recipe(_Strict):
     seed: int = 0
     output: str | None = None
     on_missing: Literal["error", "base"] = "error"
+    on_nonfinite: Literal["error", "warn"] = "error"
+    """``warn``: merge tensors holding NaN/Inf anyway (one warning each) instead of stopping."""
     allow_bin: bool = False
     output_format: Literal["model", "lora"] = "model"
     """``lora``: write a PEFT LoRA adapter of the merged model over the base."""
@@ -127,9 +129,31 @@ class Recipe(_Strict):
         return self.folder / path
 
     def model_name(self, index: int) -> str:
-        """The expert's task name: ``models[i].name`` or the folder's name."""
-        entry = self.models[index]
-        return entry.name or Path(entry.model.rstrip("/").split("@")[0]).name
+        """The expert's task name (one rule for every command): ``models[i].name``, else the
+        folder's name, else (when another expert's folder has the same name) the shortest
+        trailing part of its path that tells them apart (``runA/step-800``); an expert listed
+        twice gets ``#i`` (its index) the second time."""
+        return self.task_names()[index]
+
+    def task_names(self) -> list[str]:
+        """``model_name`` of every expert, in order."""
+        parts = [Path(m.model.rstrip("/").split("@")[0]).parts or ("",) for m in self.models]
+        unnamed = [i for i, m in enumerate(self.models) if not m.name]
+        names = []
+        for i, entry in enumerate(self.models):
+            if entry.name:
+                names.append(entry.name)
+                continue
+            own, k = parts[i], 1
+            while k < len(own) and any(
+                parts[j][-k:] == own[-k:] and parts[j] != own for j in unnamed if j != i
+            ):
+                k += 1
+            names.append("/".join(own[-k:]))
+        return [
+            f"{name}#{i}" if not self.models[i].name and name in names[:i] else name
+            for i, name in enumerate(names)
+        ]
 
 
 def _location(loc: tuple[Any, ...]) -> str:
@@ -183,6 +207,8 @@ def recipe_from_dict(data: Any, folder: Path | None = None, source: str = "recip
     for i, entry in enumerate(recipe.models):
         for key, value in entry.parameters.items():
             check_value(value, f"{source}: models[{i}].parameters.{key}")
+    check_task_names(recipe, source)
+    check_tokenizer_source(recipe, source)
     if recipe.rank is not None and recipe.output_format != "lora":
         raise MergeError(f"{source}: rank: only used with output_format: lora")
     for key in ("dtype", "out_dtype"):
@@ -196,6 +222,36 @@ def recipe_from_dict(data: Any, folder: Path | None = None, source: str = "recip
             )
         setattr(recipe, key, value)
     return recipe
+
+
+def check_task_names(recipe: Recipe, source: str) -> None:
+    """Task names are unique (every command names experts by them): a ``name`` given twice, or
+    equal to another expert's derived name, is an error."""
+    names = recipe.task_names()
+    for i, name in enumerate(names):
+        if name in names[:i]:
+            first = names.index(name)
+            raise RecipeError(
+                f"{source}: models[{i}].name: task name '{name}' is also the name of "
+                f"models[{first}]; give each expert its own name",
+                key=f"models[{i}].name",
+            )
+
+
+def check_tokenizer_source(recipe: Recipe, source: str) -> None:
+    """``tokenizer_source`` is ``base`` or an existing folder (whose tokenizer is copied)."""
+    value = recipe.tokenizer_source
+    if value is None or value == "base" or recipe.resolve_path(value).is_dir():
+        return
+    hint = (
+        " (mergekit's 'union' vocabulary is not supported: give 'base' or a folder)"
+        if value == "union" or value.startswith("model:")
+        else ""
+    )
+    raise RecipeError(
+        f"{source}: tokenizer_source: '{value}' is neither 'base' nor an existing folder{hint}",
+        key="tokenizer_source",
+    )
 
 
 def load_recipe(path: str | Path) -> Recipe:

@@ -9,6 +9,7 @@ from typing import Any
 import psutil
 import torch
 
+from mergecli.engine.checks import adapter_warnings, check_bounds, check_weights, model_warnings
 from mergecli.engine.layout import Shard, files_bytes, parse_size, plan_shards
 from mergecli.engine.lora_output import LoraLayout, plan_lora_output
 from mergecli.engine.task_artifact import TaskArtifactLayout, plan_task_artifact
@@ -285,6 +286,8 @@ def plan_merge(recipe: Recipe, device: str = "cpu", shard_size: str | int = "5GB
         raise MergeError("temporal: this recipe folds experts over time; run 'mergecli temporal'")
     method = get_method(recipe.merge_method).resolve(recipe.parameters)
     notes = check_parameter_names(recipe, method)
+    check_bounds(recipe, method)
+    notes += model_warnings(recipe)
     n = len(recipe.models)
     if n < method.min_models or (method.max_models and n > method.max_models):
         want = (
@@ -300,6 +303,7 @@ def plan_merge(recipe: Recipe, device: str = "cpu", shard_size: str | int = "5GB
     torch_device = resolve_device(device)
 
     base, experts = open_models(recipe)
+    notes += adapter_warnings(recipe, base, experts)
     if method.base == "required" and base is None:
         raise MergeError(f"base_model: '{method.name}' needs a base model")
     reference = base or experts[0]
@@ -343,6 +347,7 @@ def plan_merge(recipe: Recipe, device: str = "cpu", shard_size: str | int = "5GB
     if extra:
         notes.append(f"{len(extra)} tensors only in experts are not written (e.g. {extra[0]})")
 
+    notes += check_weights(method, {t.name: t.params for t in tensors if t.merge})
     statistics = (
         method.statistics({t.name: t.params for t in tensors if t.merge}, notes.append)
         if method.statistics

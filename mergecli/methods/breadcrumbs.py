@@ -10,7 +10,7 @@ import torch
 from mergecli.errors import MergeError
 from mergecli.methods.inputs import TensorInputs
 from mergecli.methods.linear import LAMBDA, WEIGHT, weighted_sum
-from mergecli.methods.registry import Param, Params, merge_method
+from mergecli.methods.registry import DROPPED, FRACTION, Param, Params, merge_method
 from mergecli.methods.sparsify import kth_largest, model_scope_values
 from mergecli.methods.statistics import LargestMagnitudes, Statistic, floor_rank
 from mergecli.methods.ties import (
@@ -24,8 +24,14 @@ from mergecli.methods.ties import (
 
 THRESHOLDS = "breadcrumbs.thresholds"
 
-DENSITY = Param("density", 0.9, help="fraction of entries kept", per_model=True)
-GAMMA = Param("gamma", 0.01, help="fraction of the largest magnitudes dropped", per_model=True)
+DENSITY = Param("density", 0.9, help="fraction of entries kept", per_model=True, bounds=FRACTION)
+GAMMA = Param(
+    "gamma",
+    0.01,
+    help="fraction of the largest magnitudes dropped",
+    per_model=True,
+    bounds=DROPPED,
+)
 CONVENTION = (
     "Entries of magnitude rank r (1 = largest) are kept when ⌊γn⌋ < r ≤ ⌊(γ+density)n⌋ "
     "(products rounded to 9 decimals; mergekit keeps ⌊density·n⌋ below the top ⌊γn⌋). "

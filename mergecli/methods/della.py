@@ -7,7 +7,7 @@ import torch
 from mergecli.errors import MergeError
 from mergecli.methods.inputs import TensorInputs
 from mergecli.methods.linear import LAMBDA, WEIGHT
-from mergecli.methods.registry import Param, Params, merge_method
+from mergecli.methods.registry import FRACTION, NON_NEGATIVE, Param, Params, merge_method
 from mergecli.methods.sparsify import disjoint_merge, elect_sign
 from mergecli.methods.ties import MERGEKIT_IGNORED, NORMALIZE
 
@@ -53,8 +53,14 @@ def check_della(p: Params, name: str) -> None:
     "rank, rescale kept entries by 1/p, then TIES election and disjoint mean; θ = θ0 + λ τm",
     params=(
         WEIGHT,
-        Param("density", 0.5, help="mean keep probability", per_model=True),
-        Param("epsilon", 0.1, help="spread ε of the keep probabilities", per_model=True),
+        Param("density", 0.5, help="mean keep probability", per_model=True, bounds=FRACTION),
+        Param(
+            "epsilon",
+            0.1,
+            help="spread ε of the keep probabilities",
+            per_model=True,
+            bounds=NON_NEGATIVE,
+        ),
         LAMBDA,
         NORMALIZE,
     ),

@@ -6,7 +6,7 @@ import torch
 
 from mergecli.errors import MergeError
 from mergecli.methods.inputs import TensorInputs
-from mergecli.methods.registry import Param, Params, merge_method
+from mergecli.methods.registry import FRACTION, Param, Params, merge_method
 from mergecli.methods.sparsify import dare_drop
 
 WEIGHT = Param("weight", 1.0, help="per-model weight wt", per_model=True)
@@ -88,7 +88,7 @@ def task_arithmetic(inputs: TensorInputs, p: Params) -> torch.Tensor:
     params=(
         WEIGHT,
         LAMBDA,
-        Param("density", 0.5, help="keep probability", per_model=True),
+        Param("density", 0.5, help="keep probability", per_model=True, bounds=FRACTION),
         Param("normalize", False, bool, "divide the sum by Σ wt"),
         Param("rescale", True, bool, "divide kept entries by density (mergekit's option)"),
     ),

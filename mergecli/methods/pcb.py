@@ -7,7 +7,7 @@ import torch
 from mergecli.errors import MergeError
 from mergecli.methods.inputs import TensorInputs
 from mergecli.methods.linear import LAMBDA
-from mergecli.methods.registry import Param, Params, merge_method
+from mergecli.methods.registry import FRACTION, Param, Params, merge_method
 
 TAIL = 1e-4
 """Fraction clipped at each end of the magnitudes (0.01%)."""
@@ -48,7 +48,10 @@ def check_ratio(p: Params, name: str) -> None:
     "pcb",
     "PCB: clip 0.01% magnitude tails, β = exp(M·N(abs τt)²) ⊙ tanh(τt ⊙ Σs τs), keep the top "
     "ratio of β per row weighted by its min–max value; τm = Σ βt τt / Σ βt; θ = θ0 + λ τm",
-    params=(Param("ratio", 0.1, help="fraction of entries of each task vector kept"), LAMBDA),
+    params=(
+        Param("ratio", 0.1, help="fraction of entries of each task vector kept", bounds=FRACTION),
+        LAMBDA,
+    ),
     check=check_ratio,
     convention=(
         "A row is one task vector's tensor, flattened (the PCB reference code flattens the "

@@ -8,7 +8,7 @@ import torch
 
 from mergecli.errors import MergeError
 from mergecli.methods.inputs import TensorInputs
-from mergecli.methods.registry import Param, Params, merge_method
+from mergecli.methods.registry import UNIT, Param, Params, merge_method
 from mergecli.ops import cosine64, sumsq64
 
 PARALLEL = 0.9995
@@ -36,7 +36,7 @@ def check_t(p: Params, name: str) -> None:
     "slerp",
     "Spherical interpolation of exactly two models at t (0: the first, 1: the second); with a "
     "base model the two task vectors are interpolated and added to θ0",
-    params=(Param("t", 0.5, help="interpolation position in [0, 1]"),),
+    params=(Param("t", 0.5, help="interpolation position", bounds=UNIT),),
     base="optional",
     min_models=2,
     max_models=2,

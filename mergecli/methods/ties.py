@@ -8,7 +8,7 @@ import torch
 
 from mergecli.methods.inputs import TensorInputs, row_chunks
 from mergecli.methods.linear import LAMBDA, WEIGHT
-from mergecli.methods.registry import Param, Params, merge_method
+from mergecli.methods.registry import FRACTION, Param, Params, merge_method
 from mergecli.methods.sparsify import (
     dare_drop,
     disjoint_merge,
@@ -75,7 +75,13 @@ def model_scope_thresholds(
     "agree with γ; θ = θ0 + λ τm",
     params=(
         WEIGHT,
-        Param("density", 0.2, help="fraction of entries kept by magnitude", per_model=True),
+        Param(
+            "density",
+            0.2,
+            help="fraction of entries kept by magnitude",
+            per_model=True,
+            bounds=FRACTION,
+        ),
         LAMBDA,
         SCOPE,
         MERGE_FUNC,
@@ -122,7 +128,7 @@ def ties(inputs: TensorInputs, p: Params) -> torch.Tensor:
     "disjoint merge on τ̃ (no magnitude trim)",
     params=(
         WEIGHT,
-        Param("density", 0.5, help="keep probability", per_model=True),
+        Param("density", 0.5, help="keep probability", per_model=True, bounds=FRACTION),
         LAMBDA,
         MERGE_FUNC,
         SIGN,
