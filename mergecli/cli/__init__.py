@@ -5,19 +5,33 @@ Each feature's commands live in a module of this package and register on ``app``
 
 from __future__ import annotations
 
-import functools
-import json
 import os
+import signal
 import sys
-from collections.abc import Callable
-from pathlib import Path
-from typing import Annotated, Any, TypeVar
 
-import typer
-from rich.console import Console
+STARTUP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
-import mergecli
-from mergecli.errors import MergeError
+
+def _exit_at_startup(signum: int, _frame: object) -> None:
+    """Before a command runs nothing has been written: leave at once, one line."""
+    sys.stderr.write(f"interrupted ({signal.Signals(signum).name}) before starting\n")
+    os._exit(128 + signum)
+
+
+for _signum in STARTUP_SIGNALS:
+    signal.signal(_signum, _exit_at_startup)
+
+import functools  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Annotated, Any, TypeVar  # noqa: E402
+
+import typer  # noqa: E402
+from rich.console import Console  # noqa: E402
+
+import mergecli  # noqa: E402
+from mergecli.errors import MergeError  # noqa: E402
+from mergecli.jsonsafe import strict_json  # noqa: E402
 
 app = typer.Typer(
     name="mergecli",
@@ -34,6 +48,10 @@ RecipeArg = Annotated[Path, typer.Argument(help="YAML recipe", show_default=Fals
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or tables.")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Replace an existing output folder.")]
+WaitOpt = Annotated[
+    bool,
+    typer.Option("--wait", help="Wait for another run writing the same output, not fail."),
+]
 DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N or auto.")]
 ShardOpt = Annotated[str, typer.Option("--shard-size", help="Largest output shard (5GB, 500MB).")]
 DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Print the plan; read no tensor.")]
@@ -60,9 +78,9 @@ def handle_errors(fn: F) -> F:
         except MergeError as exc:
             err.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True)
             raise typer.Exit(2) from None
-        except KeyboardInterrupt:
-            err.print("interrupted; nothing was written")
-            raise typer.Exit(130) from None
+        except KeyboardInterrupt as exc:
+            err.print(f"{interrupted_line(exc)}; the output was not written", highlight=False)
+            raise typer.Exit(exit_code(exc)) from None
         except Exception as exc:
             if os.environ.get("MERGECLI_DEBUG"):
                 raise
@@ -95,7 +113,10 @@ def root(
 
 
 def print_json(data: Any) -> None:
-    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+    """Strict JSON on stdout: a non-finite number becomes null, with a warning on stderr."""
+    text, notes = strict_json(data)
+    print_warnings(notes)
+    sys.stdout.write(text + "\n")
 
 
 def print_warnings(warnings: list[str]) -> None:
@@ -103,8 +124,39 @@ def print_warnings(warnings: list[str]) -> None:
         err.print(f"[yellow]warning:[/] {warning}", highlight=False)
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised in the main thread like Ctrl-C so that the same cleanup runs
+    (temporary folder removed, lock released)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_interrupted(signum: int, _frame: object) -> None:
+    raise Interrupted(signum)
+
+
+def interrupted_line(exc: BaseException) -> str:
+    return f"interrupted ({exc.args[0]})" if isinstance(exc, Interrupted) else "interrupted"
+
+
+def exit_code(exc: BaseException) -> int:
+    """130 for Ctrl-C, 128 + the signal's number for SIGTERM (143) and SIGHUP (129)."""
+    return 128 + exc.signum if isinstance(exc, Interrupted) else 130
+
+
 def main() -> None:
-    app()
+    """The ``mergecli`` entry point: Ctrl-C, SIGTERM and SIGHUP at any moment give one line and
+    exit 130, 143 or 129."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _raise_interrupted)
+    try:
+        app()
+    except KeyboardInterrupt as exc:
+        sys.stderr.write(f"{interrupted_line(exc)}\n")
+        sys.exit(exit_code(exc))
 
 
 from mergecli.cli import analyze, evaluate, flex, merge, temporal  # noqa: E402,F401  (command registration)

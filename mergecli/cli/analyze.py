@@ -10,7 +10,6 @@ from rich.console import Console
 from rich.table import Table
 
 import mergecli
-from mergecli.analyze import analyze_interference, analyze_over_checkpoints
 from mergecli.cli import (
     DeviceOpt,
     JsonOpt,
@@ -89,6 +88,7 @@ def interference(
     quiet: QuietOpt = False,
 ) -> None:
     """Sign conflicts, overlap, magnitude ratio, cosine, variance, TIES and TALL figures."""
+    from mergecli.analyze import analyze_interference, analyze_over_checkpoints
     from mergecli.analyze.plots import write_plots, write_sweep_plot
 
     spec = mergecli.load_recipe(recipe)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
@@ -27,6 +26,7 @@ from mergecli.cli import (
 )
 from mergecli.cli.analyze import analyze_app, show
 from mergecli.errors import MergeError
+from mergecli.jsonsafe import strict_json
 from mergecli.progress import count_bar_for
 
 
@@ -65,7 +65,7 @@ def write_results(
 
     with atomic_folder(target, force) as folder:
         figure(result, folder / f"{stem}.png")
-        (folder / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+        (folder / f"{stem}.json").write_text(strict_json(result)[0] + "\n")
     result["files"] = [str(target / f"{stem}.json"), str(target / f"{stem}.png")]
 
 
@@ -109,7 +109,7 @@ def evaluate(
     data = {"metric": scorer.metric, "higher_is_better": scorer.higher_is_better, "rows": rows}
     if output is not None:
         output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(json.dumps(data, indent=2) + "\n")
+        output.write_text(strict_json(data)[0] + "\n")
     if json_out:
         print_json(data)
     elif not quiet:

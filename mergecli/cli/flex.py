@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.table import Table
@@ -18,6 +17,7 @@ from mergecli.cli import (
     OutputOpt,
     QuietOpt,
     ShardOpt,
+    WaitOpt,
     app,
     err,
     handle_errors,
@@ -27,10 +27,13 @@ from mergecli.cli import (
     print_warnings,
 )
 from mergecli.errors import MergeError
-from mergecli.evaluate import Scorer
-from mergecli.flex import FlexResult, plan_flex, run_flex
+from mergecli.jsonsafe import strict_json
 from mergecli.progress import count_bar_for, progress_for
 from mergecli.report import human_bytes
+
+if TYPE_CHECKING:
+    from mergecli.evaluate import Scorer
+    from mergecli.flex import FlexResult
 
 
 def parse_sizes(size: float | None, sizes: str | None) -> list[float] | None:
@@ -89,9 +92,13 @@ def flex(
     dry_run: DryRunOpt = False,
     json_out: JsonOpt = False,
     force: ForceOpt = False,
+    wait: WaitOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Merge the recipe's experts into artifacts of the given sizes (1 to M models)."""
+    from mergecli.evaluate import Scorer
+    from mergecli.flex import plan_flex, run_flex
+
     spec = mergecli.load_recipe(recipe)
     if method is not None:
         spec.merge_method = method
@@ -116,7 +123,7 @@ def flex(
         return
     assert target is not None
     scorer = Scorer(spec, device, count_bar_for(err, quiet or json_out)) if evaluate else None
-    result = run_flex(plan, target, force=force, progress=progress_for(err, quiet))
+    result = run_flex(plan, target, force=force, progress=progress_for(err, quiet), wait=wait)
     summary = result_summary(result)
     if scorer is not None:
         summary["evaluation"] = evaluate_sizes(spec, scorer, result)
@@ -137,7 +144,7 @@ def evaluate_sizes(spec: mergecli.Recipe, scorer: Scorer, result: FlexResult) ->
     json_path, png_path = result.output / "flex_scores.json", result.output / "flex_scores.png"
     sizes_figure(scores, png_path)
     scores["files"] = [str(json_path), str(png_path)]
-    json_path.write_text(json.dumps(scores, indent=2) + "\n")
+    json_path.write_text(strict_json(scores)[0] + "\n")
     return scores
 
 

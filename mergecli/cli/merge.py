@@ -18,6 +18,7 @@ from mergecli.cli import (
     QuietOpt,
     RecipeArg,
     ShardOpt,
+    WaitOpt,
     app,
     err,
     handle_errors,
@@ -43,6 +44,7 @@ def merge(
     ] = False,
     json_out: JsonOpt = False,
     force: ForceOpt = False,
+    wait: WaitOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Merge the checkpoints a recipe names into a new model folder."""
@@ -63,7 +65,9 @@ def merge(
             print_plan(summary)
         return
     assert target is not None
-    result = mergecli.run_merge(plan, target, force=force, progress=progress_for(err, quiet))
+    result = mergecli.run_merge(
+        plan, target, force=force, progress=progress_for(err, quiet), wait=wait
+    )
     report = result.report
     summary = {
         key: report[key]
@@ -197,6 +201,7 @@ def export(
     shard_size: ShardOpt = "5GB",
     json_out: JsonOpt = False,
     force: ForceOpt = False,
+    wait: WaitOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Write one task of an artifact as a standard checkpoint that from_pretrained loads."""
@@ -205,9 +210,38 @@ def export(
 
     opened = open_artifact(artifact)
     folder = export_task(
-        opened, task, output, force=force, shard_size=shard_size, progress=progress_for(err, quiet)
+        opened,
+        task,
+        output,
+        force=force,
+        shard_size=shard_size,
+        progress=progress_for(err, quiet),
+        wait=wait,
     )
     if json_out:
         print_json({"artifact": str(artifact), "task": task, "output": str(folder)})
     elif not quiet:
         out.print(f"exported task {task} to {folder}", highlight=False)
+
+
+@app.command()
+@handle_errors
+def cleanup(
+    folder: Annotated[Path, typer.Argument(help="The folder that holds the outputs.")] = Path("."),
+    remove: Annotated[bool, typer.Option("--remove", help="Delete them (default: list).")] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """List (or remove) the temporary folders that interrupted runs left beside their outputs."""
+    from mergecli.engine.output import remove_stale_in, stale_folders
+
+    found = remove_stale_in(folder) if remove else stale_folders(folder)
+    verb = "removed" if remove else "stale"
+    if json_out:
+        print_json({"folder": str(folder), verb: [str(p) for p in found]})
+        return
+    for path in found:
+        out.print(f"{verb}: {path}", highlight=False)
+    if not found:
+        out.print(f"no temporary folders of interrupted runs in {folder}", highlight=False)
+    elif not remove:
+        out.print("run 'mergecli cleanup --remove' to delete them", highlight=False)

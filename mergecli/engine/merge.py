@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from mergecli.engine.finite import check_finite
 from mergecli.engine.lora_output import lora_summary, write_adapter_config
 from mergecli.engine.output import atomic_folder, check_output, copy_model_files
 from mergecli.engine.plan import MergePlan, Rows, TensorPlan
@@ -167,19 +168,23 @@ def run_merge(
     output: str | Path,
     force: bool = False,
     progress: Progress | None = None,
+    wait: bool = False,
 ) -> MergeResult:
-    """Execute a plan into ``output`` (atomically) and return the report."""
+    """Execute a plan into ``output`` (atomically, under the output's lock; ``wait`` for a run
+    that holds it instead of failing) and return the report."""
     with compute_threads():
-        return _run_merge(plan, Path(output).resolve(), force, progress or NullProgress())
+        return _run_merge(plan, Path(output).resolve(), force, progress or NullProgress(), wait)
 
 
-def _run_merge(plan: MergePlan, output: Path, force: bool, progress: Progress) -> MergeResult:
+def _run_merge(
+    plan: MergePlan, output: Path, force: bool, progress: Progress, wait: bool
+) -> MergeResult:
     check_output(output, force)
     timer = Timer()
     started = time.perf_counter()
-    stats = gather_statistics(plan, timer, progress)
     per_tensor: dict[str, Any] = {}
-    with atomic_folder(output, force) as folder:
+    with atomic_folder(output, force, wait, plan.bytes_to_write) as folder:
+        stats = gather_statistics(plan, timer, progress)
         writer: ShardWriter | TaskArtifactWriter = (
             TaskArtifactWriter(folder, plan.artifact, plan.method.name)
             if plan.artifact
@@ -260,6 +265,7 @@ def merge_stream(
             if isinstance(inputs, TensorInputs):
                 start = time.perf_counter()
                 merged = merge_tensor(plan, tensor, inputs, stats)
+                check_merged(plan, tensor, merged)
                 if per_tensor is not None:
                     # the report's sums run on the writer thread, beside the next merge
                     sums = figures.setdefault(tensor.name, [])
@@ -309,6 +315,13 @@ def merge_tensor(
         raise
     except Exception as exc:
         raise MergeError(f"{plan.method.name} failed on '{tensor.name}': {exc}") from exc
+
+
+def check_merged(plan: MergePlan, tensor: TensorPlan, merged: torch.Tensor | TaskMasks) -> None:
+    """The finite-value guard on what the method returned."""
+    values = merged.unified if isinstance(merged, TaskMasks) else merged
+    label = f"{plan.method.name} (merged)"
+    check_finite(values, tensor.name, label, None, plan.recipe.on_nonfinite, plan.warnings)
 
 
 def stored(

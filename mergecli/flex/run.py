@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from mergecli.engine.merge import WRITE_QUEUE, merge_tensor, tokenizer_folder
-from mergecli.engine.output import atomic_folder, check_output, copy_model_files
+from mergecli.engine.merge import WRITE_QUEUE, check_merged, merge_tensor, tokenizer_folder
+from mergecli.engine.output import atomic_folder, check_output, check_space, copy_model_files
 from mergecli.engine.plan import TensorPlan
 from mergecli.engine.stream import Timer, stream_inputs
 from mergecli.engine.task_artifact import pack_mask
@@ -97,20 +97,25 @@ def size_folder(target: float) -> str:
 
 
 def run_flex(
-    plan: FlexPlan, output: str | Path, force: bool = False, progress: Progress | None = None
+    plan: FlexPlan,
+    output: str | Path,
+    force: bool = False,
+    progress: Progress | None = None,
+    wait: bool = False,
 ) -> FlexResult:
     """Write one artifact per target into ``output`` (the artifact itself for one target, one
-    ``size-<target>`` folder per target otherwise), atomically."""
+    ``size-<target>`` folder per target otherwise), atomically, under the output's lock."""
     progress = progress or NullProgress()
     output = Path(output).resolve()
     check_output(output, force)
     timer, started = Timer(), time.perf_counter()
-    grams = block_grams(plan.merge, plan.blocks, timer, progress)
-    similarity_s = time.perf_counter() - started
-    steps, states = decide_states(plan, grams)
-    order_s = time.perf_counter() - started - similarity_s
     results = []
-    with atomic_folder(output, force) as root:
+    with atomic_folder(output, force, wait) as root:
+        grams = block_grams(plan.merge, plan.blocks, timer, progress)
+        similarity_s = time.perf_counter() - started
+        steps, states = decide_states(plan, grams)
+        order_s = time.perf_counter() - started - similarity_s
+        check_space(output, sum(plan.sizes.stored_bytes(s.partition) for s in states))
         folders = [root] if len(states) == 1 else [root / size_folder(s.target) for s in states]
         writers = []
         for folder, state in zip(folders, states, strict=True):
@@ -249,6 +254,7 @@ def tensor_values(
             group_inputs(plan, inputs, weights, tvs, group),
             stats.get(group, {}),
         )
+        check_merged(plan.merge, tensor, merged)
         if isinstance(merged, TaskMasks):
             assert inputs.base is not None
             stored["base", None, None] = inputs.base.to(dtype)
