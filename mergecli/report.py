@@ -29,22 +29,22 @@ def _fmt(value: Any) -> str:
 
 def markdown_report(report: dict[str, Any]) -> str:
     """The human-readable merge report."""
-    timing, totals = report["timing"], report["totals"]
+    run, totals = report["run"], report["totals"]
+    timing = run["timing"]
     lines = [
         f"# Merge report: `{report['method']}`",
         "",
         "| input | path | size | fingerprint |",
         "|---|---|---|---|",
         *(
-            f"| {i['role']} | `{i['path']}` | {human_bytes(i['bytes'])} | `{i['fingerprint']}` |"
-            for i in report["inputs"]
+            f"| {i['role']} | `{path}` | {human_bytes(i['bytes'])} | `{i['fingerprint']}` |"
+            for i, path in zip(report["inputs"], run["inputs"], strict=True)
         ),
         "",
         f"Wall time {timing['wall_s']:.2f} s (busy: read {timing['read_s']:.2f} s, compute "
         f"{timing['compute_s']:.2f} s, write {timing['write_s']:.2f} s); read "
         f"{human_bytes(report['bytes_read'])}, wrote {human_bytes(report['bytes_written'])}, "
-        f"peak resident memory {human_bytes(report['peak_rss_bytes'])}, device "
-        f"{report['device']}.",
+        f"peak resident memory {human_bytes(run['peak_rss_bytes'])}, device {run['device']}.",
         "",
     ]
     experts = [i["role"] for i in report["inputs"] if i["role"] != "base"]

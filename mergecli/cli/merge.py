@@ -57,6 +57,7 @@ def merge(
         spec, selection = select_experts(spec, device, quiet or json_out)
     plan = mergecli.plan_merge(spec, device=device, shard_size=shard_size)
     print_warnings(plan.warnings)
+    printed = len(plan.warnings)
     if dry_run:
         summary = plan.summary()
         if json_out:
@@ -69,21 +70,17 @@ def merge(
         plan, target, force=force, progress=progress_for(err, quiet), wait=wait
     )
     report = result.report
+    print_warnings(plan.warnings[printed:])
+    run = report["run"]
     summary = {
-        key: report[key]
-        for key in (
-            "output",
-            "method",
-            "totals",
-            "timing",
-            "bytes_read",
-            "bytes_written",
-            "peak_rss_bytes",
-            "device",
-            "artifact",
-            "lora",
-        )
-        if key in report
+        "output": run["output"],
+        **{
+            key: report[key]
+            for key in ("method", "totals", "bytes_read", "bytes_written", "artifact", "lora")
+            if key in report
+        },
+        **{key: run[key] for key in ("timing", "peak_rss_bytes", "device")},
+        "warnings": report["plan"]["warnings"],
     }
     summary.update(selection)
     if json_out:
@@ -96,13 +93,13 @@ def merge(
                 f"{len(soup['expert_scores'])} experts",
                 highlight=False,
             )
-        t = report["timing"]
+        t = run["timing"]
         out.print(
             f"merged {report['plan']['tensors']} tensors with {report['method']} into "
-            f"{report['output']} in {t['wall_s']:.2f} s "
+            f"{run['output']} in {t['wall_s']:.2f} s "
             f"(read {human_bytes(report['bytes_read'])}, wrote "
             f"{human_bytes(report['bytes_written'])}, peak memory "
-            f"{human_bytes(report['peak_rss_bytes'])})",
+            f"{human_bytes(run['peak_rss_bytes'])})",
             highlight=False,
         )
         if "lora" in report:
@@ -118,7 +115,7 @@ def merge(
             out.print(
                 f"task-mask artifact of {len(artifact['tasks'])} tasks "
                 f"({', '.join(artifact['tasks'])}): {artifact['size_in_models']:.3f} models on "
-                f"disk; 'mergecli export {report['output']} --task NAME --output DIR' rebuilds one",
+                f"disk; 'mergecli export {run['output']} --task NAME --output DIR' rebuilds one",
                 highlight=False,
             )
 

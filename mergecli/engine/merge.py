@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime
+import platform
 import resource
 import time
 from collections import deque
@@ -25,6 +27,8 @@ from mergecli.methods import TaskMasks, TensorInputs
 from mergecli.progress import NullProgress, Progress
 from mergecli.report import model_card, write_reports
 
+VOLATILE_PLAN = ("base", "experts", "device", "peak_memory_estimate")
+"""Plan figures that depend on the machine or the paths: in the report's ``run`` section."""
 WRITE_QUEUE = 2
 """Merged pieces (tensors or row chunks) waiting to be written, at most."""
 BLOCK = 1 << 20
@@ -182,6 +186,7 @@ def _run_merge(
     check_output(output, force)
     timer = Timer()
     started = time.perf_counter()
+    started_at = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     per_tensor: dict[str, Any] = {}
     with atomic_folder(output, force, wait, plan.bytes_to_write) as folder:
         stats = gather_statistics(plan, timer, progress)
@@ -197,7 +202,9 @@ def _run_merge(
         else:
             write_adapter_config(folder, plan.lora)
         wall = time.perf_counter() - started
-        report = build_report(plan, output, per_tensor, timer, writer.bytes_written, wall)
+        report = build_report(
+            plan, output, per_tensor, timer, writer.bytes_written, wall, started_at
+        )
         if isinstance(writer, TaskArtifactWriter):
             report["artifact"] = writer.summary()
         if plan.lora is not None:
@@ -361,42 +368,44 @@ def build_report(
     timer: Timer,
     bytes_written: int,
     wall: float,
+    started: str,
 ) -> dict[str, Any]:
-    """The merge report: inputs, parameters, per-tensor figures, totals and timings."""
+    """The merge report: inputs, parameters, per-tensor figures and totals; what differs from
+    one run of the same recipe to the next (timings, memory, paths, host, device) sits under
+    ``run``, so two runs' reports are otherwise identical."""
     inputs = ([("base", plan.base)] if plan.base else []) + list(
         zip(plan.expert_names, plan.experts, strict=True)
     )
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    totals = summarize(per_tensor, len(plan.experts))
+    summary = plan.summary()
     return {
         "mergecli_report": 1,
-        "output": str(output),
         "recipe": plan.recipe.model_dump(mode="json", exclude={"folder"}),
         "method": plan.method.name,
         "inputs": [
-            {
-                "role": role,
-                "path": str(src.path),
-                "bytes": src.nbytes,
-                "fingerprint": src.fingerprint(),
-            }
+            {"role": role, "bytes": src.nbytes, "fingerprint": src.fingerprint()}
             for role, src in inputs
         ],
-        "plan": plan.summary(),
-        "totals": totals,
+        "plan": {k: v for k, v in summary.items() if k not in VOLATILE_PLAN},
+        "totals": summarize(per_tensor, len(plan.experts)),
         "tensors": per_tensor,
-        "timing": {
-            "wall_s": wall,
-            "read_s": timer.read,
-            "compute_s": timer.compute,
-            "write_s": timer.write,
-        },
         "bytes_read": timer.bytes_read,
         "bytes_written": bytes_written,
-        "throughput_bytes_per_s": timer.bytes_read / wall if wall > 0 else None,
-        "peak_rss_bytes": peak,
-        "threads": torch.get_num_threads(),
-        "device": str(plan.device),
+        "run": {
+            "output": str(output),
+            "inputs": [str(src.path) for _, src in inputs],
+            "host": platform.node(),
+            "started": started,
+            "timing": {
+                "wall_s": wall,
+                "read_s": timer.read,
+                "compute_s": timer.compute,
+                "write_s": timer.write,
+            },
+            "throughput_bytes_per_s": timer.bytes_read / wall if wall > 0 else None,
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "threads": torch.get_num_threads(),
+            **{k: summary[k] for k in VOLATILE_PLAN},
+        },
     }
 
 

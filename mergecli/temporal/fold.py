@@ -200,8 +200,8 @@ def _run(
     return {
         "model": label,
         "output": str(output),
-        "wall_s": report["timing"]["wall_s"],
-        "peak_rss_bytes": report["peak_rss_bytes"],
+        "wall_s": report["run"]["timing"]["wall_s"],
+        "peak_rss_bytes": report["run"]["peak_rss_bytes"],
     }
 
 
