@@ -131,8 +131,9 @@ class Recipe(_Strict):
     def model_name(self, index: int) -> str:
         """The expert's task name (one rule for every command): ``models[i].name``, else the
         folder's name, else (when another expert's folder has the same name) the shortest
-        trailing part of its path that tells them apart (``runA/step-800``); an expert listed
-        twice gets ``#i`` (its index) the second time."""
+        trailing part of its path that tells them apart (``runA/step-800``); a name that an
+        earlier expert already has (an expert listed twice, a ``name`` given twice) gets ``#i``,
+        its index."""
         return self.task_names()[index]
 
     def task_names(self) -> list[str]:
@@ -150,10 +151,7 @@ class Recipe(_Strict):
             ):
                 k += 1
             names.append("/".join(own[-k:]))
-        return [
-            f"{name}#{i}" if not self.models[i].name and name in names[:i] else name
-            for i, name in enumerate(names)
-        ]
+        return [f"{name}#{i}" if name in names[:i] else name for i, name in enumerate(names)]
 
 
 def _location(loc: tuple[Any, ...]) -> str:
@@ -207,7 +205,6 @@ def recipe_from_dict(data: Any, folder: Path | None = None, source: str = "recip
     for i, entry in enumerate(recipe.models):
         for key, value in entry.parameters.items():
             check_value(value, f"{source}: models[{i}].parameters.{key}")
-    check_task_names(recipe, source)
     check_tokenizer_source(recipe, source)
     if recipe.rank is not None and recipe.output_format != "lora":
         raise MergeError(f"{source}: rank: only used with output_format: lora")
@@ -222,20 +219,6 @@ def recipe_from_dict(data: Any, folder: Path | None = None, source: str = "recip
             )
         setattr(recipe, key, value)
     return recipe
-
-
-def check_task_names(recipe: Recipe, source: str) -> None:
-    """Task names are unique (every command names experts by them): a ``name`` given twice, or
-    equal to another expert's derived name, is an error."""
-    names = recipe.task_names()
-    for i, name in enumerate(names):
-        if name in names[:i]:
-            first = names.index(name)
-            raise RecipeError(
-                f"{source}: models[{i}].name: task name '{name}' is also the name of "
-                f"models[{first}]; give each expert its own name",
-                key=f"models[{i}].name",
-            )
 
 
 def check_tokenizer_source(recipe: Recipe, source: str) -> None:

@@ -100,6 +100,13 @@ def model_warnings(recipe: Recipe) -> list[str]:
                 f"models[{first}] and models[{i}] share the folder name '{folder}': their task "
                 f"names are '{recipe.model_name(first)}' and '{recipe.model_name(i)}'"
             )
+    for i, entry in enumerate(recipe.models):
+        named = [m.name for m in recipe.models[:i]]
+        if entry.name and entry.name in named:
+            notes.append(
+                f"models[{i}].name '{entry.name}' is also the name of "
+                f"models[{named.index(entry.name)}]: it is called '{recipe.model_name(i)}'"
+            )
     return notes
 
 
