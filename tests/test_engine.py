@@ -141,8 +141,8 @@ def test_report_and_model_card(zoo: Path, tmp_path: Path) -> None:
     assert [i["role"] for i in report["inputs"]] == ["base", *EXPERTS]
     assert all(len(i["fingerprint"]) == 16 and i["bytes"] > 0 for i in report["inputs"])
     assert report["recipe"]["merge_method"] == "ties"
-    assert set(report["timing"]) == {"wall_s", "read_s", "compute_s", "write_s"}
-    assert report["peak_rss_bytes"] > 0 and report["bytes_written"] > 0
+    assert set(report["run"]["timing"]) == {"wall_s", "read_s", "compute_s", "write_s"}
+    assert report["run"]["peak_rss_bytes"] > 0 and report["bytes_written"] > 0
     name = "model.layers.0.mlp.gate_proj.weight"
     row = report["tensors"][name]
     base, expert = load_state(zoo / "base")[name], load_state(zoo / "math")[name]

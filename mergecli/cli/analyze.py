@@ -102,7 +102,12 @@ def interference(
         progress.stop()
     plots: list[Path] = []
     if plot is not None:
-        plots = [write_sweep_plot(result, plot)] if over_checkpoints else write_plots(result, plot)
+        from mergecli.engine.output import output_errors
+
+        with output_errors(plot.resolve()):
+            plots = (
+                [write_sweep_plot(result, plot)] if over_checkpoints else write_plots(result, plot)
+            )
         result["plots"] = [str(p) for p in plots]
     points = result["points"] if over_checkpoints else [result]
     print_warnings(list(dict.fromkeys(w for point in points for w in point["warnings"])))

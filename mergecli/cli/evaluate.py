@@ -108,8 +108,11 @@ def evaluate(
     ]
     data = {"metric": scorer.metric, "higher_is_better": scorer.higher_is_better, "rows": rows}
     if output is not None:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(strict_json(data)[0] + "\n")
+        from mergecli.engine.output import output_errors
+
+        with output_errors(output.resolve()):
+            output.parent.mkdir(parents=True, exist_ok=True)
+            output.write_text(strict_json(data)[0] + "\n")
     if json_out:
         print_json(data)
     elif not quiet:
@@ -187,7 +190,10 @@ def sweep(
     table, best = sweep_grid(spec, axes, scorer, patience)
     result = mergecli.run_merge(mergecli.plan_merge(best, device=device), target, force=force)
     table["output"] = str(result.output)
-    table["files"] = [str(p) for p in write_table(table, result.output)]
+    from mergecli.engine.output import output_errors
+
+    with output_errors(result.output):
+        table["files"] = [str(p) for p in write_table(table, result.output)]
     if json_out:
         print_json(table)
     elif not quiet:

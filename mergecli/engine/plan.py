@@ -363,7 +363,6 @@ def plan_merge(recipe: Recipe, device: str = "cpu", shard_size: str | int = "5GB
     else:
         shards = plan_shards(specs, shard_bytes)
     if method.output == "task_masks":
-        check_task_names(recipe)
         metadata = {"mergecli_method": method.name}
         artifact = plan_task_artifact(
             specs,
@@ -389,19 +388,6 @@ def plan_merge(recipe: Recipe, device: str = "cpu", shard_size: str | int = "5GB
         artifact,
         lora,
     )
-
-
-def check_task_names(recipe: Recipe) -> None:
-    """Task names of an artifact must be unique: ``export --task NAME`` picks one."""
-    seen: dict[str, int] = {}
-    for i in range(len(recipe.models)):
-        name = recipe.model_name(i)
-        if name in seen:
-            raise MergeError(
-                f"models[{i}]: task name '{name}' is also the name of models[{seen[name]}]; "
-                "set models[].name to tell the tasks apart"
-            )
-        seen[name] = i
 
 
 def differing_buffer(name: str, reference: Source, experts: list[Source]) -> list[str]:

@@ -9,7 +9,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from mergecli.engine.layout import parse_size
-from mergecli.engine.plan import MergePlan, TensorPlan, check_task_names, plan_merge
+from mergecli.engine.plan import MergePlan, TensorPlan, plan_merge
 from mergecli.errors import MergeError, did_you_mean
 from mergecli.flex.blocks import Block, cut_blocks
 from mergecli.flex.size import SizeModel
@@ -101,7 +101,6 @@ def plan_flex(
             f"merge_method: Channel Merging stores one merged block per cluster; '{method.name}' "
             "writes task masks (use strategy: flexmerge)"
         )
-    check_task_names(recipe)
     blocks = cut_blocks(merge.tensors, options.granularity)
     shared = [t for t in merge.tensors if not t.merge]
     sizes = SizeModel(
