@@ -47,8 +47,8 @@ OPERATIONS = ("merge", "flex", "temporal", "export")
 MARKS = (".mergecli-tmp-", ".mergecli-old-", ".mergecli-lock", ".tmp-")
 
 
-def mergecli(*args: object) -> list[str]:
-    return [sys.executable, "-m", "mergecli", *map(str, args), "--quiet"]
+def mergecli(*args: object, quiet: bool = True) -> list[str]:
+    return [sys.executable, "-m", "mergecli", *map(str, args), *(["--quiet"] if quiet else [])]
 
 
 def run(cmd: list[str]) -> subprocess.CompletedProcess[str]:
@@ -66,6 +66,7 @@ class Bench:
 
     def __init__(self, root: Path) -> None:
         self.root = root
+        root.mkdir()
         write_random_experts(root, 12, (512, 512), 3, seed=0, varied=True)
         models = [{"model": str(root / f"e{t}")} for t in range(3)]
         common = {"base_model": str(root / "base"), "models": models}
@@ -85,7 +86,9 @@ class Bench:
         self.artifact = root / "artifact"
         self.check(run([*mergecli("merge", artifact, "--output", self.artifact)]))
         self.state0 = root / "state0"
-        self.check(run(mergecli("temporal", "init", self.state0, "--base", root / "base")))
+        self.check(
+            run(mergecli("temporal", "init", self.state0, "--base", root / "base", quiet=False))
+        )
         self.reference: dict[str, Path] = {}
         self.seconds: dict[str, float] = {}
         for op in OPERATIONS:
@@ -166,6 +169,7 @@ def one_run(bench: Bench, op: str, name: str, rng: random.Random, work: Path) ->
     process = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
     time.sleep(rng.uniform(0, bench.seconds[op]))
     killed = process.poll() is None
+    writing = killed and bool(marks(target))
     if killed:
         process.send_signal(SIGNALS[name])
     _, stderr = process.communicate()
@@ -193,6 +197,7 @@ def one_run(bench: Bench, op: str, name: str, rng: random.Random, work: Path) ->
         "op": op,
         "signal": name,
         "killed": killed,
+        "writing": writing,
         "exit": code,
         "output_checked": checked,
         "left_by_kill": left_by_kill,
@@ -308,13 +313,15 @@ def main() -> None:
             if not args.json:
                 row = rows[-1]
                 status = "ok" if not row["problems"] else "; ".join(row["problems"])
-                print(f"{i + 1:3d} {op:8s} {name:7s} killed={row['killed']!s:5s} {status}")
+                when = "writing" if row["writing"] else "killed" if row["killed"] else "finished"
+                print(f"{i + 1:3d} {op:8s} {name:7s} {when:8s} {status}", flush=True)
         extra = {"nan_expert": nan_expert(bench, work), "concurrent": concurrent(bench, work)}
         disk_note, extra["disk_full"] = disk_full(bench, work)
     kinds = Counter(f"{r['op']}/{r['signal']}" for r in rows if r["killed"])
     summary = {
         "runs": len(rows),
         "kills": sum(r["killed"] for r in rows),
+        "kills_while_writing": sum(r["writing"] for r in rows),
         "kills_by_kind": dict(sorted(kinds.items())),
         "outputs_checked": sum(r["output_checked"] for r in rows),
         "temporary_folders_left_by_kill": sum(r["left_by_kill"] for r in rows),
