@@ -351,9 +351,10 @@ def test_signals_mid_merge_give_one_line_and_leave_nothing(
 
 
 def test_ctrl_c_during_start_up_is_one_line() -> None:
-    script = (
-        "import os, signal\nimport mergecli.cli\nos.kill(os.getpid(), signal.SIGINT)\n"
-        "import time\ntime.sleep(5)\n"
+    script = (  # the signal arrives while the entry point imports the CLI
+        "import os, signal, time\nimport mergecli.cli as cli, mergecli.entry as entry\n"
+        "cli.main = lambda: (os.kill(os.getpid(), signal.SIGINT), time.sleep(5))\n"
+        "entry.main()\n"
     )
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     done = subprocess.run(

@@ -5,33 +5,20 @@ Each feature's commands live in a module of this package and register on ``app``
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
 
-STARTUP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+import typer
+from rich.console import Console
 
-
-def _exit_at_startup(signum: int, _frame: object) -> None:
-    """Before a command runs nothing has been written: leave at once, one line."""
-    sys.stderr.write(f"interrupted ({signal.Signals(signum).name}) before starting\n")
-    os._exit(128 + signum)
-
-
-for _signum in STARTUP_SIGNALS:
-    signal.signal(_signum, _exit_at_startup)
-
-import functools  # noqa: E402
-from collections.abc import Callable  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Annotated, Any, TypeVar  # noqa: E402
-
-import typer  # noqa: E402
-from rich.console import Console  # noqa: E402
-
-import mergecli  # noqa: E402
-from mergecli.errors import MergeError  # noqa: E402
-from mergecli.jsonsafe import strict_json  # noqa: E402
+import mergecli
+from mergecli.errors import MergeError
+from mergecli.jsonsafe import strict_json
 
 app = typer.Typer(
     name="mergecli",
