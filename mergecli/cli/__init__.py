@@ -11,7 +11,7 @@ import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
 from rich.console import Console
@@ -62,13 +62,16 @@ def handle_errors(fn: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
+        except KeyboardInterrupt as exc:
+            exit_interrupted(exc.signum if isinstance(exc, Interrupted) else signal.SIGINT)
         except MergeError as exc:
+            if RECEIVED:  # a signal raised inside a method may come back wrapped
+                exit_interrupted(RECEIVED[-1])
             err.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True)
             raise typer.Exit(2) from None
-        except KeyboardInterrupt as exc:
-            err.print(f"{interrupted_line(exc)}; the output was not written", highlight=False)
-            raise typer.Exit(exit_code(exc)) from None
         except Exception as exc:
+            if RECEIVED:  # or as another error, raised inside a C extension's callback
+                exit_interrupted(RECEIVED[-1])
             if os.environ.get("MERGECLI_DEBUG"):
                 raise
             err.print(
@@ -79,6 +82,13 @@ def handle_errors(fn: F) -> F:
             raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def exit_interrupted(signum: int) -> NoReturn:
+    """One line and exit 128 + the signal's number (Ctrl-C 130, SIGHUP 129, SIGTERM 143)."""
+    name = signal.Signals(signum).name
+    err.print(f"interrupted ({name}); the output was not written", highlight=False)
+    raise typer.Exit(128 + signum) from None
 
 
 def version_callback(value: bool) -> None:
@@ -111,6 +121,10 @@ def print_warnings(warnings: list[str]) -> None:
         err.print(f"[yellow]warning:[/] {warning}", highlight=False)
 
 
+RECEIVED: list[int] = []
+"""The signals this process was sent (Ctrl-C, SIGTERM, SIGHUP), once ``main`` handles them."""
+
+
 class Interrupted(KeyboardInterrupt):
     """SIGTERM or SIGHUP, raised in the main thread like Ctrl-C so that the same cleanup runs
     (temporary folder removed, lock released)."""
@@ -121,29 +135,21 @@ class Interrupted(KeyboardInterrupt):
 
 
 def _raise_interrupted(signum: int, _frame: object) -> None:
+    RECEIVED.append(signum)
     raise Interrupted(signum)
-
-
-def interrupted_line(exc: BaseException) -> str:
-    return f"interrupted ({exc.args[0]})" if isinstance(exc, Interrupted) else "interrupted"
-
-
-def exit_code(exc: BaseException) -> int:
-    """130 for Ctrl-C, 128 + the signal's number for SIGTERM (143) and SIGHUP (129)."""
-    return 128 + exc.signum if isinstance(exc, Interrupted) else 130
 
 
 def main() -> None:
     """The ``mergecli`` entry point: Ctrl-C, SIGTERM and SIGHUP at any moment give one line and
-    exit 130, 143 or 129."""
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    for signum in (signal.SIGTERM, signal.SIGHUP):
+    exit 130, 143 or 129 (128 + the signal's number)."""
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, _raise_interrupted)
     try:
         app()
     except KeyboardInterrupt as exc:
-        sys.stderr.write(f"{interrupted_line(exc)}\n")
-        sys.exit(exit_code(exc))
+        signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
+        sys.stderr.write(f"interrupted ({signal.Signals(signum).name})\n")
+        sys.exit(128 + signum)
 
 
 from mergecli.cli import analyze, evaluate, flex, merge, temporal  # noqa: E402,F401  (command registration)
