@@ -12,10 +12,11 @@ uninterrupted run), then checks:
 - the next run into the same output succeeds, gives the same output, and leaves no temporary
   folder or lock file of any run (a killed run's included).
 
-Then, once each: a NaN expert (exit 2, nothing written), two concurrent runs into one output
+First, once each: a NaN expert (exit 2, nothing written), two concurrent runs into one output
 (one succeeds, the other fails at once naming it, or waits with --wait), and a full disk on a
 small tmpfs (mounted when the machine allows it, else skipped): the free-space check refuses
 at once, and two runs that each fit but not together end with one clean "No space" error.
+Ctrl-C stops the runs and prints the summary of those done.
 """
 
 from __future__ import annotations
@@ -315,17 +316,25 @@ def main() -> None:
         bench = Bench(root / "bench")
         work = root / "work"
         work.mkdir()
-        rows = []
-        for i in range(args.runs):
-            op, name = OPERATIONS[i % len(OPERATIONS)], rng.choice(list(SIGNALS))
-            rows.append(one_run(bench, op, name, rng, work))
-            if not args.json:
-                row = rows[-1]
-                status = "ok" if not row["problems"] else "; ".join(row["problems"])
-                when = "writing" if row["writing"] else "killed" if row["killed"] else "finished"
-                print(f"{i + 1:3d} {op:8s} {name:7s} {when:8s} {status}", flush=True)
         extra = {"nan_expert": nan_expert(bench, work), "concurrent": concurrent(bench, work)}
         disk_note, extra["disk_full"] = disk_full(bench, work)
+        if not args.json:
+            print(f"NaN expert, concurrent runs, disk full ({disk_note}): {extra}", flush=True)
+        rows: list[dict[str, Any]] = []
+        stop = signal.signal(signal.SIGINT, signal.default_int_handler)
+        try:
+            for i in range(args.runs):
+                op, name = OPERATIONS[i % len(OPERATIONS)], rng.choice(list(SIGNALS))
+                rows.append(one_run(bench, op, name, rng, work))
+                if not args.json:
+                    row = rows[-1]
+                    status = "ok" if not row["problems"] else "; ".join(row["problems"])
+                    when = "writing" if row["writing"] else "killed" if row["killed"] else "ended"
+                    print(f"{i + 1:3d} {op:8s} {name:7s} {when:8s} {status}", flush=True)
+        except KeyboardInterrupt:  # Ctrl-C: the summary of the runs done so far
+            print(f"stopped after {len(rows)} runs", flush=True)
+        finally:
+            signal.signal(signal.SIGINT, stop)
     kinds = Counter(f"{r['op']}/{r['signal']}" for r in rows if r["killed"])
     summary = {
         "runs": len(rows),
