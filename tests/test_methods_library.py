@@ -427,9 +427,9 @@ def test_statistics_state_is_a_fixed_histogram(
 
 BAD = {
     "della epsilon": ("della", {"epsilon": 0.6}, ["della needs", "epsilon", "models[0]"]),
-    "slerp t": ("slerp", {"t": 1.5}, ["t in [0, 1]", "parameters.t"]),
+    "slerp t": ("slerp", {"t": 1.5}, ["t must lie in [0, 1]", "parameters.t"]),
     "breadcrumbs fractions": ("breadcrumbs", {"density": 0.95, "gamma": 0.1}, ["density + gamma"]),
-    "pcb ratio": ("pcb", {"ratio": 0}, ["0 < ratio"]),
+    "pcb ratio": ("pcb", {"ratio": 0}, ["parameters.ratio", "ratio must lie in (0, 1]"]),
     "consensus k": ("consensus", {"k": 4}, ["parameters.k", "0 ≤ k ≤ 3"]),
     "lines alpha": ("lines", {"beta": 1.0}, ["needs 'alpha'"]),
     "lines typo": (

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 
-from mergecli.errors import MergeError
 from mergecli.methods.inputs import TensorInputs
 from mergecli.methods.linear import LAMBDA
 from mergecli.methods.registry import FRACTION, Param, Params, merge_method
@@ -39,11 +38,6 @@ def pcb_weights(tvs: torch.Tensor, ratio: float) -> tuple[torch.Tensor, torch.Te
     return torch.sign(tvs) * magnitude, weights
 
 
-def check_ratio(p: Params, name: str) -> None:
-    if not 0 < p["ratio"] <= 1:
-        raise MergeError(f"parameters.ratio: pcb needs 0 < ratio ≤ 1, got {p['ratio']} ({name})")
-
-
 @merge_method(
     "pcb",
     "PCB: clip 0.01% magnitude tails, β = exp(M·N(abs τt)²) ⊙ tanh(τt ⊙ Σs τs), keep the top "
@@ -52,7 +46,6 @@ def check_ratio(p: Params, name: str) -> None:
         Param("ratio", 0.1, help="fraction of entries of each task vector kept", bounds=FRACTION),
         LAMBDA,
     ),
-    check=check_ratio,
     convention=(
         "A row is one task vector's tensor, flattened (the PCB reference code flattens the "
         "whole model instead: here statistics are per tensor). Clip positions, the kept top "

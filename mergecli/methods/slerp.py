@@ -6,7 +6,6 @@ import math
 
 import torch
 
-from mergecli.errors import MergeError
 from mergecli.methods.inputs import TensorInputs
 from mergecli.methods.registry import UNIT, Param, Params, merge_method
 from mergecli.ops import cosine64, sumsq64
@@ -27,11 +26,6 @@ def slerp_pair(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
     )
 
 
-def check_t(p: Params, name: str) -> None:
-    if not 0 <= p["t"] <= 1:
-        raise MergeError(f"parameters.t: slerp needs t in [0, 1], got {p['t']} for '{name}'")
-
-
 @merge_method(
     "slerp",
     "Spherical interpolation of exactly two models at t (0: the first, 1: the second); with a "
@@ -40,7 +34,6 @@ def check_t(p: Params, name: str) -> None:
     base="optional",
     min_models=2,
     max_models=2,
-    check=check_t,
     convention=(
         "Per tensor, flattened; abs(cos) > 0.9995 or a zero vector → linear interpolation. "
         "mergekit interpolates base_model's weights with the other model's; here a base model "
