@@ -3,8 +3,9 @@
     python -m scripts.fault_injection --runs 50 [--seed 0] [--json]
 
 Each run starts one of ``merge``, ``flex``, ``temporal add`` and ``export`` (in turn) as a
-subprocess, sends it SIGKILL, SIGTERM or SIGINT after a random delay (up to the length of an
-uninterrupted run), then checks:
+subprocess, sends it SIGKILL, SIGTERM or SIGINT at a random moment (half of the runs: any time
+up to the length of an uninterrupted run; the other half: within a second of its temporary
+folder's appearance, while it writes), then checks:
 
 - an output that exists is complete and identical (tensors, config, manifest; reports but for
   their volatile ``run`` section) to the uninterrupted run's;
@@ -177,7 +178,12 @@ def one_run(bench: Bench, op: str, name: str, rng: random.Random, work: Path) ->
     cmd = bench.command(op, target)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
     process = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
-    time.sleep(rng.uniform(0, bench.seconds[op]))
+    if rng.random() < 0.5:  # any moment
+        time.sleep(rng.uniform(0, bench.seconds[op]))
+    else:  # while writing: once its temporary folder exists, within the next second
+        while process.poll() is None and not marks(target):
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0, 1.0))
     killed = process.poll() is None
     writing = killed and bool(marks(target))
     if killed:
