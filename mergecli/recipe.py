@@ -8,7 +8,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from mergecli.errors import MergeError, RecipeError, did_you_mean
+from mergecli.errors import RecipeError, SourceError, did_you_mean
 from mergecli.params import check_value
 
 DTYPES = ("float32", "float64", "bfloat16", "float16")
@@ -178,11 +178,13 @@ def _fields_at(loc: tuple[Any, ...]) -> list[str]:
 
 
 def recipe_from_dict(data: Any, folder: Path | None = None, source: str = "recipe") -> Recipe:
-    """Validate a recipe mapping; one-line MergeError naming the key on any problem."""
+    """Validate a recipe mapping; one-line RecipeError naming the key on any problem."""
     if not isinstance(data, dict):
-        raise MergeError(f"{source}: a recipe is a mapping of keys (merge_method, models, ...)")
+        raise RecipeError(f"{source}: a recipe is a mapping of keys (merge_method, models, ...)")
     if "slices" in data:
-        raise MergeError(f"{source}: 'slices' (layer-stacking merges) are not supported")
+        raise RecipeError(
+            f"{source}: 'slices' (layer-stacking merges) are not supported", key="slices"
+        )
     try:
         recipe = Recipe.model_validate({**data, "folder": folder or Path.cwd()})
     except ValidationError as exc:
@@ -193,29 +195,31 @@ def recipe_from_dict(data: Any, folder: Path | None = None, source: str = "recip
         if err["type"] == "extra_forbidden":
             key = str(loc[-1])
             hint = did_you_mean(key, _fields_at(loc[:-1]))
-            raise MergeError(f"{source}: unknown key '{where}'{hint}") from None
+            raise RecipeError(f"{source}: unknown key '{where}'{hint}", key=where) from None
         if err["type"] == "missing":
-            raise MergeError(f"{source}: missing required key '{where}'") from None
-        raise MergeError(f"{source}: {where}: {err['msg']}") from None
+            raise RecipeError(f"{source}: missing required key '{where}'", key=where) from None
+        raise RecipeError(f"{source}: {where}: {err['msg']}", key=where) from None
     section = recipe.evaluate
     if section is not None and (section.metric is None) == (section.command is None):
-        raise MergeError(f"{source}: evaluate: give exactly one of 'metric' and 'command'")
+        raise RecipeError(
+            f"{source}: evaluate: give exactly one of 'metric' and 'command'", key="evaluate"
+        )
     for key, value in recipe.parameters.items():
-        check_value(value, f"{source}: parameters.{key}")
+        check_value(value, f"parameters.{key}", source)
     for i, entry in enumerate(recipe.models):
         for key, value in entry.parameters.items():
-            check_value(value, f"{source}: models[{i}].parameters.{key}")
+            check_value(value, f"models[{i}].parameters.{key}", source)
     check_tokenizer_source(recipe, source)
     if recipe.rank is not None and recipe.output_format != "lora":
-        raise MergeError(f"{source}: rank: only used with output_format: lora")
+        raise RecipeError(f"{source}: rank: only used with output_format: lora", key="rank")
     for key in ("dtype", "out_dtype"):
         value = getattr(recipe, key)
         if value is None:
             continue
         value = DTYPE_ALIASES.get(value, value)
         if value not in DTYPES:
-            raise MergeError(
-                f"{source}: {key}: unknown dtype '{value}'{did_you_mean(value, DTYPES)}"
+            raise RecipeError(
+                f"{source}: {key}: unknown dtype '{value}'{did_you_mean(value, DTYPES)}", key=key
             )
         setattr(recipe, key, value)
     return recipe
@@ -241,11 +245,11 @@ def load_recipe(path: str | Path) -> Recipe:
     """Read and validate a YAML recipe file."""
     path = Path(path)
     if not path.is_file():
-        raise MergeError(f"recipe '{path}' does not exist")
+        raise SourceError(f"recipe '{path}' does not exist", path=path)
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
-        raise MergeError(f"{path}: invalid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+        raise RecipeError(f"{path}: invalid YAML{where}: {getattr(exc, 'problem', exc)}") from None
     return recipe_from_dict(data, path.parent.resolve(), str(path))

@@ -16,6 +16,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import mergecli
+from mergecli.engine.runner import Runner
+from mergecli.methods.breadcrumbs import THRESHOLDS
 from mergecli.methods.inputs import seed_for
 from mergecli.methods.statistics import BINS, LargestMagnitudes
 from mergecli.recipe import recipe_from_dict
@@ -82,6 +84,7 @@ TIES_CASES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(TIES_CASES))
 def test_ties_options(zoo: Path, tmp_path: Path, case: str) -> None:
     options = TIES_CASES[case]
@@ -110,6 +113,7 @@ def test_ties_options(zoo: Path, tmp_path: Path, case: str) -> None:
 # ---- breadcrumbs -------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scope", ["tensor", "model"])
 def test_breadcrumbs(zoo: Path, tmp_path: Path, scope: str) -> None:
     densities, gammas = (0.6, 0.5, 0.8), (0.05, 0.1, 0.013)
@@ -164,7 +168,7 @@ def test_model_scope_breadcrumbs_thresholds_equal_kthvalue(zoo: Path, tmp_path: 
         )
     )
     assert plan.passes == 3
-    stats = mergecli.engine.merge.gather_statistics(plan, mergecli.engine.stream.Timer(), _null())
+    stats = mergecli.engine.merge.statistics(plan, Runner())
     base, experts = dense.load_inputs(zoo)
     for t, whole in enumerate(dense.concatenated(base, experts)):
         n = whole.numel()
@@ -172,18 +176,13 @@ def test_model_scope_breadcrumbs_thresholds_equal_kthvalue(zoo: Path, tmp_path: 
             math.floor(round(gammas[t] * n, 9)),
             math.floor(round((gammas[t] + densities[t]) * n, 9)),
         ]
-        assert stats["breadcrumbs.thresholds"][t] == [dense.kth_largest(whole, r) for r in ranks]
-
-
-def _null() -> Any:
-    from mergecli.progress import NullProgress
-
-    return NullProgress()
+        assert stats[THRESHOLDS][t] == [dense.kth_largest(whole, r) for r in ranks]
 
 
 # ---- della -------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_della(zoo: Path, tmp_path: Path) -> None:
     densities, epsilons = (0.5, 0.4, 0.7), (0.1, 0.2, 0.05)
     got = merged(
@@ -254,6 +253,7 @@ def test_della_keeps_density_and_preserves_the_mean(zoo: Path, tmp_path: Path) -
     assert float(tv[got != 0].abs().mean()) > float(tv[got == 0].abs().mean())
 
 
+@pytest.mark.slow
 def test_della_reruns_are_byte_identical_across_thread_counts(zoo: Path, tmp_path: Path) -> None:
     outs = []
     before = torch.get_num_threads()
@@ -279,6 +279,7 @@ def test_della_reruns_are_byte_identical_across_thread_counts(zoo: Path, tmp_pat
 # ---- magmax, slerp, model_stock ----------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_magmax(zoo: Path, tmp_path: Path) -> None:
     got = merged(zoo, tmp_path, "magmax", {"lambda": 0.9})
 
@@ -291,6 +292,7 @@ def test_magmax(zoo: Path, tmp_path: Path) -> None:
     assert_states_close(got, expected(zoo, fn))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("with_base", [True, False])
 def test_slerp(zoo: Path, tmp_path: Path, with_base: bool) -> None:
     names = EXPERTS[:2]
@@ -312,6 +314,7 @@ def test_slerp(zoo: Path, tmp_path: Path, with_base: bool) -> None:
         torch.testing.assert_close(got[name], want.float(), atol=1e-6, rtol=0, msg=name)
 
 
+@pytest.mark.slow
 def test_model_stock(zoo: Path, tmp_path: Path) -> None:
     got = merged(zoo, tmp_path, "model_stock")
     base, experts = dense.load_inputs(zoo)
@@ -328,6 +331,7 @@ def test_model_stock(zoo: Path, tmp_path: Path) -> None:
 # ---- lines ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_lines_over_task_arithmetic(zoo: Path, tmp_path: Path) -> None:
     got = merged(
         zoo, tmp_path, "lines", {"alpha": 0.3, "beta": 0.6, "lambda": 0.5}, {"weight": WEIGHTS}
@@ -358,11 +362,13 @@ def test_lines_over_model_scope_ties(zoo: Path, tmp_path: Path) -> None:
 # ---- pcb, tsv ------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_pcb(zoo: Path, tmp_path: Path) -> None:
     got = merged(zoo, tmp_path, "pcb", {"ratio": 0.2, "lambda": 1.2})
     assert_states_close(got, expected(zoo, lambda n, b, tvs: b + 1.2 * dense.pcb_vector(tvs, 0.2)))
 
 
+@pytest.mark.slow
 def test_tsv(zoo: Path, tmp_path: Path) -> None:
     got = merged(zoo, tmp_path, "tsv", {"alpha": 0.9})
     assert_states_close(got, expected(zoo, lambda n, b, tvs: b + 0.9 * dense.tsv_delta(tvs, n)))
@@ -371,6 +377,7 @@ def test_tsv(zoo: Path, tmp_path: Path) -> None:
 # ---- consensus -----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("use_ties", [False, True])
 def test_consensus(zoo: Path, tmp_path: Path, use_ties: bool) -> None:
     lambdas = (0.4, 0.6, 0.5)

@@ -144,7 +144,7 @@ def test_task_names_default_to_folders_and_are_made_unique(zoo: Path, tmp_path: 
     for m in recipe["models"]:
         del m["name"]
     plan = mergecli.plan_merge(recipe_from_dict(recipe))
-    assert plan.artifact is not None and plan.artifact.tasks == list(EXPERTS)
+    assert plan.summary()["artifact_tasks"] == list(EXPERTS)
     recipe["models"][2]["name"] = "math"
     recipe["models"][0]["name"] = "math"
     result = run_cli("merge", write_recipe(tmp_path, recipe), "--json")

@@ -17,7 +17,7 @@ import typer
 from rich.console import Console
 
 import mergecli
-from mergecli.errors import MergeError
+from mergecli.errors import MergeError, RecipeError
 from mergecli.jsonsafe import strict_json
 
 app = typer.Typer(
@@ -51,7 +51,9 @@ def output_folder(recipe: Path, spec: Any, output: Path | None, dry_run: bool) -
     """--output, else the recipe's ``output``; an error when neither is given (unless dry run)."""
     target = output or (spec.resolve_path(spec.output) if spec.output else None)
     if target is None and not dry_run:
-        raise MergeError(f"{recipe}: no output folder: set 'output' in the recipe or --output")
+        raise RecipeError(
+            f"{recipe}: no output folder: set 'output' in the recipe or --output", key="output"
+        )
     return target
 
 

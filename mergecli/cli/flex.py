@@ -26,20 +26,22 @@ from mergecli.cli import (
     print_json,
     print_warnings,
 )
-from mergecli.errors import MergeError
-from mergecli.jsonsafe import strict_json
+from mergecli.errors import RecipeError
+from mergecli.evaluate import Scorer
+from mergecli.flex import plan_flex, run_flex
+from mergecli.flex.report import result_summary
 from mergecli.progress import count_bar_for, progress_for
 from mergecli.report import human_bytes
+from mergecli.sweep.sizes import score_flex
 
 if TYPE_CHECKING:
-    from mergecli.evaluate import Scorer
-    from mergecli.flex import FlexResult
+    pass
 
 
 def parse_sizes(size: float | None, sizes: str | None) -> list[float] | None:
     """--size or --sizes (comma-separated) as a list; None when neither is given."""
     if size is not None and sizes is not None:
-        raise MergeError("--size and --sizes: give one of them")
+        raise RecipeError("--size and --sizes: give one of them", key="--size")
     if size is not None:
         return [size]
     if sizes is None:
@@ -47,7 +49,9 @@ def parse_sizes(size: float | None, sizes: str | None) -> list[float] | None:
     try:
         return [float(x) for x in sizes.split(",") if x.strip()]
     except ValueError:
-        raise MergeError(f"--sizes: '{sizes}' is not a comma-separated list of numbers") from None
+        raise RecipeError(
+            f"--sizes: '{sizes}' is not a comma-separated list of numbers", key="--sizes"
+        ) from None
 
 
 @app.command()
@@ -96,8 +100,6 @@ def flex(
     quiet: QuietOpt = False,
 ) -> None:
     """Merge the recipe's experts into artifacts of the given sizes (1 to M models)."""
-    from mergecli.evaluate import Scorer
-    from mergecli.flex import plan_flex, run_flex
 
     spec = mergecli.load_recipe(recipe)
     if method is not None:
@@ -126,26 +128,13 @@ def flex(
     result = run_flex(plan, target, force=force, progress=progress_for(err, quiet), wait=wait)
     summary = result_summary(result)
     if scorer is not None:
-        summary["evaluation"] = evaluate_sizes(spec, scorer, result)
+        summary["evaluation"] = score_flex(spec, scorer, result)
     if json_out:
         print_json(summary)
     elif not quiet:
         print_result(summary)
         if scorer is not None:
             print_scores(summary["evaluation"])
-
-
-def evaluate_sizes(spec: mergecli.Recipe, scorer: Scorer, result: FlexResult) -> dict[str, Any]:
-    """Scores of every size, written as flex_scores.json and flex_scores.png in the output."""
-    from mergecli.sweep.plots import sizes_figure
-    from mergecli.sweep.sizes import score_sizes
-
-    scores = score_sizes(spec, scorer, [(r.target, r.size, r.folder) for r in result.results])
-    json_path, png_path = result.output / "flex_scores.json", result.output / "flex_scores.png"
-    sizes_figure(scores, png_path)
-    scores["files"] = [str(json_path), str(png_path)]
-    json_path.write_text(strict_json(scores)[0] + "\n")
-    return scores
 
 
 def print_scores(scores: dict[str, Any]) -> None:
@@ -166,25 +155,6 @@ def print_scores(scores: dict[str, Any]) -> None:
     if scores.get("gain_1x_2x") is not None:
         out.print(f"1× → 2×: {scores['gain_1x_2x']:+.4g} ({scores['metric']})", highlight=False)
     out.print(f"wrote {', '.join(scores['files'])}", highlight=False)
-
-
-def result_summary(result: FlexResult) -> dict[str, Any]:
-    return {
-        "output": str(result.output),
-        "timing": result.timing,
-        "sizes": [
-            {
-                "target": r.target,
-                "size": r.size,
-                "folder": str(r.folder),
-                "stored_bytes": r.report["stored_bytes"],
-                "steps_applied": r.report["steps_applied"],
-                "groups_per_block": {g["block"]: g["groups"] for g in r.report["groups_per_block"]},
-            }
-            for r in result.results
-        ],
-        "merge_order": result.order,
-    }
 
 
 def print_summary(summary: dict[str, Any]) -> None:

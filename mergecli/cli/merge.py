@@ -27,7 +27,7 @@ from mergecli.cli import (
     print_json,
     print_warnings,
 )
-from mergecli.progress import progress_for
+from mergecli.progress import count_bar_for, progress_for
 from mergecli.report import human_bytes
 
 
@@ -52,10 +52,14 @@ def merge(
     if allow_bin:
         spec.allow_bin = True
     target = output_folder(recipe, spec, output, dry_run)
-    selection: dict[str, Any] = {}
-    if mergecli.get_method(spec.merge_method).selects_experts and not dry_run:
-        spec, selection = select_experts(spec, device, quiet or json_out)
-    plan = mergecli.plan_merge(spec, device=device, shard_size=shard_size)
+    if dry_run:  # headers only: a selecting method's plan lists every expert
+        plan = mergecli.plan_merge(spec, device, shard_size, experts_selected=True)
+        selection: dict[str, Any] = {}
+    else:
+        from mergecli.evaluate import plan_with_selection
+
+        bar = count_bar_for(err, quiet or json_out)
+        plan, selection = plan_with_selection(spec, device, shard_size, bar)
     print_warnings(plan.warnings)
     printed = len(plan.warnings)
     if dry_run:
@@ -120,18 +124,6 @@ def merge(
             )
 
 
-def select_experts(
-    spec: mergecli.Recipe, device: str, quiet: bool
-) -> tuple[mergecli.Recipe, dict[str, Any]]:
-    """Run a selecting method's choice of experts (greedy_soup) with the recipe's evaluator."""
-    from mergecli.evaluate import Scorer
-    from mergecli.progress import count_bar_for
-
-    chosen = Scorer(spec, device, count_bar_for(err, quiet)).recipe(spec)
-    assert chosen.recipe is not None
-    return chosen.recipe, chosen.details
-
-
 def print_plan(summary: dict[str, Any]) -> None:
     table = Table(title="merge plan", show_header=False)
     for key, value in summary.items():
@@ -149,7 +141,7 @@ def print_plan(summary: dict[str, Any]) -> None:
 @handle_errors
 def methods(json_out: JsonOpt = False) -> None:
     """List every merging method with its parameters, defaults and definition."""
-    rows = []
+    rows: list[dict[str, Any]] = []
     for spec in mergecli.list_methods():
         rows.append(
             {

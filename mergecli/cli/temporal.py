@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-import click
 import typer
 import yaml
 from rich.table import Table
@@ -24,7 +23,7 @@ from mergecli.cli import (
     print_json,
     print_warnings,
 )
-from mergecli.errors import MergeError, did_you_mean
+from mergecli.errors import RecipeError, did_you_mean
 from mergecli.progress import progress_for
 from mergecli.report import human_bytes
 
@@ -39,7 +38,7 @@ class TemporalGroup(TyperGroup):
     command, so that click suggests the command.
     """
 
-    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
         first = args[0] if args else "-"
         mistyped = not Path(first).exists() and did_you_mean(first, self.commands)
         if not first.startswith("-") and first not in self.commands and not mistyped:
@@ -75,11 +74,15 @@ def parse_params(raw: list[str]) -> dict[str, Any]:
     for item in raw:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            raise MergeError(f"--param '{item}': expected KEY=VALUE, e.g. density=0.3")
+            raise RecipeError(
+                f"--param '{item}': expected KEY=VALUE, e.g. density=0.3", key="--param"
+            )
         try:
             params[key.strip()] = yaml.safe_load(value)
         except yaml.YAMLError:
-            raise MergeError(f"--param '{item}': the value is not valid YAML") from None
+            raise RecipeError(
+                f"--param '{item}': the value is not valid YAML", key="--param"
+            ) from None
     return params
 
 

@@ -15,11 +15,10 @@ from typing import Any
 
 from mergecli.engine.merge import merge_state, run_merge
 from mergecli.engine.plan import plan_merge, resolve_device
-from mergecli.errors import MergeError, did_you_mean
+from mergecli.errors import MergeError, RecipeError, did_you_mean
 from mergecli.evaluate.builtin import BuiltinEvaluator, MergedState
 from mergecli.evaluate.command import CommandEvaluator
 from mergecli.evaluate.tasks import Task, resolve_tasks
-from mergecli.methods import get_method
 from mergecli.progress import CountBar
 from mergecli.recipe import Recipe
 
@@ -83,38 +82,31 @@ class Scorer:
 
     def folder(self, folder: Path) -> Evaluation:
         """Scores of a checkpoint folder or of a task-conditional artifact folder."""
-        from mergecli.artifacts import open_artifact
-
-        try:
-            open_artifact(folder)
-        except MergeError:
-            return self.model(folder)
-        return self.artifact(folder)
+        return self.artifact(folder) if is_artifact(folder) else self.model(folder)
 
     def model(self, folder: Path, tasks: list[Task] | None = None) -> Evaluation:
         """Scores of a checkpoint folder (cached by path)."""
         tasks = self._pick(tasks)
         key = (folder.resolve(), tuple(t.name for t in tasks))
         if key not in self._models:
-            self._models[key] = self.evaluator.score(folder, tasks, self.bar)  # type: ignore[arg-type]
+            self._models[key] = self.evaluator.score(folder, tasks, self.bar)
         return Evaluation(dict(self._models[key]))
 
     def merge(self, recipe: Recipe, tasks: list[Task] | None = None) -> Evaluation:
-        """Scores of the model a recipe merges, without selection (the listed experts)."""
+        """Scores of the model a recipe merges, without selection (the listed experts; a
+        selecting method's are scored by ``mergecli.evaluate.score_recipe``)."""
         tasks = self._pick(tasks)
-        plan = plan_merge(recipe, device=self.device)
-        if plan.artifact is not None:
-            with tempfile.TemporaryDirectory(prefix="mergecli-eval-") as tmp:
-                folder = run_merge(plan, Path(tmp) / "artifact").output
-                return Evaluation(self.artifact(folder, tasks).tasks, recipe)
-        if isinstance(self.evaluator, BuiltinEvaluator):
+        plan = plan_merge(recipe, device=self.device, experts_selected=True)
+        if isinstance(self.evaluator, BuiltinEvaluator) and plan.output.memory_error() is None:
             state = merge_state(plan)
             return Evaluation(
                 self.evaluator.score(MergedState(state, plan.reference.path), tasks, self.bar),
                 recipe,
             )
         with tempfile.TemporaryDirectory(prefix="mergecli-eval-") as tmp:
-            folder = run_merge(plan, Path(tmp) / "model").output
+            folder = run_merge(plan, Path(tmp) / "merged").output
+            if is_artifact(folder):
+                return Evaluation(self.artifact(folder, tasks).tasks, recipe)
             return Evaluation(self.evaluator.score(folder, tasks, self.bar), recipe)
 
     def artifact(self, folder: Path, tasks: list[Task] | None = None) -> Evaluation:
@@ -130,9 +122,10 @@ class Scorer:
         for task in self._pick(tasks):
             name = self.expert_names[task.expert] if task.expert is not None else task.name
             if name not in names:
-                raise MergeError(
+                raise RecipeError(
                     f"evaluate.tasks.{task.name}: the artifact {folder} has no task '{name}'"
-                    f"{did_you_mean(name, names)}; its tasks: {', '.join(names)}"
+                    f"{did_you_mean(name, names)}; its tasks: {', '.join(names)}",
+                    key=f"evaluate.tasks.{task.name}",
                 )
             if isinstance(self.evaluator, BuiltinEvaluator):
                 source = MergedState(task_state_dict(opened, name), opened.model_files())
@@ -143,15 +136,6 @@ class Scorer:
                 scores.update(self.evaluator.score(exported, [task], self.bar))
         return Evaluation(scores)
 
-    def recipe(self, recipe: Recipe) -> Evaluation:
-        """Scores of a recipe's merge; a method that selects experts (greedy_soup) selects
-        them first, and ``recipe`` of the result lists the ones kept."""
-        if get_method(recipe.merge_method).selects_experts:
-            from mergecli.evaluate.greedy import greedy_soup
-
-            return greedy_soup(self, recipe)
-        return self.merge(recipe)
-
     def expert_scores(self, recipe: Recipe) -> dict[str, float]:
         """Each task's score of the expert trained for it (tasks without an expert are left out)."""
         return {
@@ -161,3 +145,14 @@ class Scorer:
             for task in self.tasks
             if task.expert is not None
         }
+
+
+def is_artifact(folder: Path) -> bool:
+    """Whether a folder is a task-conditional artifact (else a checkpoint)."""
+    from mergecli.artifacts import open_artifact
+
+    try:
+        open_artifact(folder)
+    except MergeError:
+        return False
+    return True

@@ -13,6 +13,7 @@ from mergecli.jsonsafe import strict_json
 
 if TYPE_CHECKING:
     from mergecli.flex.plan import FlexPlan
+    from mergecli.flex.run import FlexResult
 
 REPORT = "flex_report.json"
 PICTURE = "flex_report.png"
@@ -133,3 +134,24 @@ def write_size_reports(items: list[tuple[Path, dict[str, Any]]]) -> None:
         fig.draw_artist(title)
         plt.imsave(folder / PICTURE, np.asarray(fig.canvas.buffer_rgba()))  # type: ignore[attr-defined]
     plt.close(fig)
+
+
+def result_summary(result: FlexResult) -> dict[str, Any]:
+    """What ``run_flex`` wrote, in short: per size its folder, bytes, steps and groups per
+    block, and the merge order."""
+    return {
+        "output": str(result.output),
+        "timing": result.timing,
+        "sizes": [
+            {
+                "target": r.target,
+                "size": r.size,
+                "folder": str(r.folder),
+                "stored_bytes": r.report["stored_bytes"],
+                "steps_applied": r.report["steps_applied"],
+                "groups_per_block": {g["block"]: g["groups"] for g in r.report["groups_per_block"]},
+            }
+            for r in result.results
+        ],
+        "merge_order": result.order,
+    }

@@ -7,12 +7,13 @@ from collections.abc import Callable
 
 import torch
 
-from mergecli.errors import MergeError
+from mergecli.errors import RecipeError
 from mergecli.methods.inputs import TensorInputs
 from mergecli.methods.linear import LAMBDA, WEIGHT, weighted_sum
 from mergecli.methods.registry import DROPPED, FRACTION, Param, Params, merge_method
+from mergecli.methods.result import Merged, kept_fraction
 from mergecli.methods.sparsify import kth_largest, model_scope_values
-from mergecli.methods.statistics import LargestMagnitudes, Statistic, floor_rank
+from mergecli.methods.statistics import Handle, LargestMagnitudes, Statistic, floor_rank
 from mergecli.methods.ties import (
     MERGE_FUNC,
     MERGEKIT_IGNORED,
@@ -22,7 +23,7 @@ from mergecli.methods.ties import (
     elect_and_merge,
 )
 
-THRESHOLDS = "breadcrumbs.thresholds"
+THRESHOLDS: Handle[list[list[float]]] = Handle("breadcrumbs.thresholds")
 
 DENSITY = Param("density", 0.9, help="fraction of entries kept", per_model=True, bounds=FRACTION)
 GAMMA = Param(
@@ -53,7 +54,8 @@ def breadcrumb_trim(tv: torch.Tensor, top: float, low: float) -> torch.Tensor:
 
 
 def breadcrumbs_trimmed(inputs: TensorInputs, p: Params) -> list[torch.Tensor]:
-    """Every task vector without its top γ and its bottom magnitudes, within ``scope``."""
+    """Every task vector without its top γ and its bottom magnitudes, within ``scope``
+    (``kept_fraction`` of each is what it keeps)."""
     tvs = inputs.task_vectors()
     if p["scope"] == "model":
         thresholds = inputs.stats[THRESHOLDS]
@@ -65,8 +67,6 @@ def breadcrumbs_trimmed(inputs: TensorInputs, p: Params) -> list[torch.Tensor]:
     trimmed = [
         breadcrumb_trim(tv, top, low) for tv, (top, low) in zip(tvs, thresholds, strict=True)
     ]
-    for t, x in enumerate(trimmed):
-        inputs.kept[t] = float((x != 0).sum()) / max(x.numel(), 1)
     return trimmed
 
 
@@ -84,9 +84,10 @@ def model_scope_thresholds(
 def check_fractions(p: Params, name: str) -> None:
     for t, (d, g) in enumerate(zip(p["density"], p["gamma"], strict=True)):
         if not (0 <= d <= 1 and 0 <= g <= 1 and d + g <= 1):
-            raise MergeError(
+            raise RecipeError(
                 f"models[{t}]: breadcrumbs needs 0 ≤ density, 0 ≤ gamma and density + gamma ≤ 1 "
-                f"(got density {d}, gamma {g} for '{name}')"
+                f"(got density {d}, gamma {g} for '{name}')",
+                key=f"models[{t}].parameters",
             )
 
 
@@ -107,10 +108,11 @@ def check_fractions(p: Params, name: str) -> None:
     ignored=MERGEKIT_IGNORED,
     convention=CONVENTION,
 )
-def breadcrumbs(inputs: TensorInputs, p: Params) -> torch.Tensor:
-    merged = weighted_sum(breadcrumbs_trimmed(inputs, p), p["weight"], p["normalize"], inputs.name)
+def breadcrumbs(inputs: TensorInputs, p: Params) -> Merged:
+    trimmed = breadcrumbs_trimmed(inputs, p)
+    merged = weighted_sum(trimmed, p["weight"], p["normalize"], inputs.name)
     assert inputs.base is not None
-    return inputs.base + p["lambda"] * merged
+    return Merged(inputs.base + p["lambda"] * merged, [kept_fraction(x) for x in trimmed])
 
 
 @merge_method(
@@ -122,5 +124,5 @@ def breadcrumbs(inputs: TensorInputs, p: Params) -> torch.Tensor:
     ignored=MERGEKIT_IGNORED,
     convention=CONVENTION + " Election and disjoint merge as in ties.",
 )
-def breadcrumbs_ties(inputs: TensorInputs, p: Params) -> torch.Tensor:
+def breadcrumbs_ties(inputs: TensorInputs, p: Params) -> Merged:
     return elect_and_merge(inputs, breadcrumbs_trimmed(inputs, p), p)

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from mergecli.errors import MergeError
+from mergecli.errors import RecipeError
 from mergecli.methods.inputs import TensorInputs
 from mergecli.methods.linear import LAMBDA, WEIGHT
 from mergecli.methods.registry import FRACTION, NON_NEGATIVE, Param, Params, merge_method
+from mergecli.methods.result import Merged
 from mergecli.methods.sparsify import disjoint_merge, elect_sign
 from mergecli.methods.ties import MERGEKIT_IGNORED, NORMALIZE
 
@@ -41,9 +42,10 @@ def della_drop(
 def check_della(p: Params, name: str) -> None:
     for t, (d, e) in enumerate(zip(p["density"], p["epsilon"], strict=True)):
         if not (e >= 0 and d - e > 0 and d + e <= 1):
-            raise MergeError(
+            raise RecipeError(
                 f"models[{t}]: della needs epsilon ≥ 0 and 0 < density ± epsilon ≤ 1 "
-                f"(got density {d}, epsilon {e} for '{name}')"
+                f"(got density {d}, epsilon {e} for '{name}')",
+                key=f"models[{t}].parameters",
             )
 
 
@@ -76,12 +78,12 @@ def check_della(p: Params, name: str) -> None:
         "weighted by wt (normalize: false sums them)."
     ),
 )
-def della(inputs: TensorInputs, p: Params) -> torch.Tensor:
+def della(inputs: TensorInputs, p: Params) -> Merged:
     dropped = [
         della_drop(inputs, t, tv, p["density"][t], p["epsilon"][t])
         for t, tv in enumerate(inputs.task_vectors())
     ]
     merge_func = "mean" if p["normalize"] else "sum"
-    merged = disjoint_merge(inputs, dropped, p["weight"], elect_sign(dropped, "mass"), merge_func)
+    merged = disjoint_merge(dropped, p["weight"], elect_sign(dropped, "mass"), merge_func)
     assert inputs.base is not None
-    return inputs.base + p["lambda"] * merged
+    return Merged(inputs.base + p["lambda"] * merged.value, merged.kept)

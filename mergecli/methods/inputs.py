@@ -5,9 +5,10 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
+
+from mergecli.methods.statistics import StatValues
 
 
 def seed_for(seed: int, expert: int, tensor_name: str) -> int:
@@ -43,8 +44,8 @@ class TensorInputs:
     seed: int = 0
     layer: int | None = None
     num_layers: int = 0
-    stats: dict[str, Any] = field(default_factory=dict)
-    kept: list[float | None] = field(default_factory=list)
+    stats: StatValues = field(default_factory=lambda: StatValues())
+    """The whole-model statistics the method declared, by handle."""
     generators: dict[int, torch.Generator] = field(default_factory=dict)
     """The experts' generators, shared by the row chunks of one tensor: chunk after chunk
     continues the whole tensor's random stream."""
@@ -52,23 +53,24 @@ class TensorInputs:
     """The experts' indices in the recipe when these inputs hold a subset of them (FlexMerge's
     groups): seeds follow the recipe's index, not the position in the subset."""
 
-    def __post_init__(self) -> None:
-        if not self.kept:
-            self.kept = [None] * len(self.expert_weights)
-
     @property
     def num_experts(self) -> int:
         return len(self.expert_weights)
 
     def task_vectors(self) -> list[torch.Tensor]:
-        """τt = θt − θ0 for every expert (computed in place from the expert weights once)."""
+        """τt = θt − θ0 for every expert, computed once; no tensor returned before is changed.
+
+        The inputs then hold the task vectors in place of the weights (so that a piece holds
+        one tensor per expert); ``weights()`` afterwards gives θ0 + τt, which may differ from
+        θt in the last bit: call it first when both are needed exactly.
+        """
         if self.base is None:
             raise ValueError(f"{self.name}: task vectors need a base model")
         for t, delta in enumerate(self.expert_deltas):
             if delta is None:
                 weight = self.expert_weights[t]
                 assert weight is not None
-                self.expert_deltas[t] = weight.sub_(self.base)
+                self.expert_deltas[t] = weight - self.base
                 self.expert_weights[t] = None
         return [d for d in self.expert_deltas if d is not None]
 

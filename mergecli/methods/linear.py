@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from mergecli.errors import MergeError
+from mergecli.errors import RecipeError
 from mergecli.methods.inputs import TensorInputs
 from mergecli.methods.registry import FRACTION, Param, Params, merge_method
+from mergecli.methods.result import Merged
 from mergecli.methods.sparsify import dare_drop
 
 WEIGHT = Param("weight", 1.0, help="per-model weight wt", per_model=True)
@@ -23,7 +24,9 @@ def weighted_sum(
     if normalize:
         total = sum(weights)
         if total == 0:
-            raise MergeError(f"{name}: the weights sum to 0, cannot normalize")
+            raise RecipeError(
+                f"{name}: the weights sum to 0, cannot normalize", key="parameters.weight"
+            )
         out /= total
     return out
 
@@ -95,11 +98,14 @@ def task_arithmetic(inputs: TensorInputs, p: Params) -> torch.Tensor:
     convention="Masks depend only on (seed, expert index, tensor name); drawn on the CPU.",
     elementwise=True,
 )
-def dare_linear(inputs: TensorInputs, p: Params) -> torch.Tensor:
-    dropped = [
-        dare_drop(inputs, t, tv, p["density"][t], p["rescale"])
-        for t, tv in enumerate(inputs.task_vectors())
-    ]
-    merged = weighted_sum(dropped, p["weight"], p["normalize"], inputs.name)
+def dare_linear(inputs: TensorInputs, p: Params) -> Merged:
+    dropped, kept = zip(
+        *(
+            dare_drop(inputs, t, tv, p["density"][t], p["rescale"])
+            for t, tv in enumerate(inputs.task_vectors())
+        ),
+        strict=True,
+    )
+    merged = weighted_sum(list(dropped), p["weight"], p["normalize"], inputs.name)
     assert inputs.base is not None
-    return merged.mul_(p["lambda"]).add_(inputs.base)
+    return Merged(merged.mul_(p["lambda"]).add_(inputs.base), list(kept))

@@ -7,6 +7,7 @@ import torch
 from mergecli.methods.inputs import TensorInputs
 from mergecli.methods.linear import LAMBDA
 from mergecli.methods.registry import FRACTION, Param, Params, merge_method
+from mergecli.methods.result import Kept, Merged
 
 TAIL = 1e-4
 """Fraction clipped at each end of the magnitudes (0.01%)."""
@@ -54,11 +55,10 @@ def pcb_weights(tvs: torch.Tensor, ratio: float) -> tuple[torch.Tensor, torch.Te
         "ones. Min–max normalisation of a constant row gives 0."
     ),
 )
-def pcb(inputs: TensorInputs, p: Params) -> torch.Tensor:
+def pcb(inputs: TensorInputs, p: Params) -> Merged:
     tvs = inputs.task_vectors()
     clipped, weights = pcb_weights(torch.stack([tv.reshape(-1) for tv in tvs]), p["ratio"])
-    for t in range(len(tvs)):
-        inputs.kept[t] = float((weights[t] > 0).sum()) / max(weights.shape[1], 1)
+    kept: Kept = [float((weights[t] > 0).sum()) / max(weights.shape[1], 1) for t in range(len(tvs))]
     merged = (clipped * weights).sum(0) / weights.sum(0).clamp_min(1e-12)
     assert inputs.base is not None
-    return inputs.base + p["lambda"] * merged.reshape(inputs.base.shape)
+    return Merged(inputs.base + p["lambda"] * merged.reshape(inputs.base.shape), kept)

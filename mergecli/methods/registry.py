@@ -6,7 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Literal
 
-from mergecli.errors import MergeError, RecipeError, did_you_mean
+from mergecli.errors import RecipeError, UnknownMethodError, did_you_mean
 
 if TYPE_CHECKING:
     from mergecli.methods.statistics import Statistic
@@ -70,24 +70,25 @@ class Param:
         """Check and convert one resolved scalar value; key names it in the recipe."""
         if self.choices is not None:
             if value not in self.choices:
-                raise MergeError(
+                raise RecipeError(
                     f"{key}: '{value}' is not one of {', '.join(self.choices)}"
-                    + did_you_mean(str(value), self.choices)
+                    + did_you_mean(str(value), self.choices),
+                    key=key,
                 )
             return value
         if self.kind is bool:
             if not isinstance(value, bool):
-                raise MergeError(f"{key}: expected true or false, got {value!r}")
+                raise RecipeError(f"{key}: expected true or false, got {value!r}", key=key)
             return value
         if self.kind in (int, float):
             if isinstance(value, bool) or not isinstance(value, int | float):
-                raise MergeError(f"{key}: expected a number, got {value!r}")
+                raise RecipeError(f"{key}: expected a number, got {value!r}", key=key)
             if self.kind is int and float(value) != int(value):
-                raise MergeError(f"{key}: expected a whole number, got {value!r}")
+                raise RecipeError(f"{key}: expected a whole number, got {value!r}", key=key)
             self.check_bounds(value, key)
             return self.kind(value)
         if not isinstance(value, self.kind):
-            raise MergeError(f"{key}: expected a {self.kind.__name__}, got {value!r}")
+            raise RecipeError(f"{key}: expected a {self.kind.__name__}, got {value!r}", key=key)
         return value
 
     def check_bounds(self, value: float, key: str) -> None:
@@ -101,7 +102,13 @@ class Param:
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """A merging method: its function, parameters and requirements."""
+    """A merging method: its function, parameters and requirements.
+
+    Every field describes the method itself: ``output`` is the type ``fn`` returns, and
+    ``elementwise`` and ``coefficients`` are facts about its arithmetic that the engine (row
+    pieces) and the LoRA output (exact pairs) rely on. ``selects_experts`` marks a method whose
+    definition includes choosing experts by evaluation (the evaluation layer runs it).
+    """
 
     name: str
     fn: Callable[..., Any]
@@ -118,7 +125,7 @@ class MethodSpec:
     ignored: dict[str, str] = field(default_factory=dict)
     """Parameters accepted for compatibility and ignored, with the reason shown to the user."""
     check: Callable[[Params, str], None] | None = None
-    """Raises MergeError when one tensor's resolved parameters are invalid (called while
+    """Raises RecipeError when one tensor's resolved parameters are invalid (called while
     planning, with the tensor's name)."""
     output: Literal["model", "task_masks"] = "model"
     """What ``fn`` returns per tensor: merged weights ("model"), or a ``TaskMasks`` that the
@@ -129,9 +136,9 @@ class MethodSpec:
     with results equal to the whole tensor's bit for bit."""
     selects_experts: bool = False
     """The method chooses which listed experts to merge by scoring candidate merges
-    (greedy_soup): ``mergecli merge`` and ``mergecli sweep`` run that selection with the
-    recipe's ``evaluate:`` section first (``mergecli.evaluate.greedy``); ``fn`` then merges the
-    experts selected."""
+    (greedy_soup): ``plan_merge`` refuses it, ``mergecli.evaluate.plan_with_selection`` and
+    ``score_recipe`` run that selection with the recipe's ``evaluate:`` section first; ``fn``
+    then merges the experts selected."""
     coefficients: Callable[[Params], list[float] | None] | None = None
     """For a method whose merged task vector is Σ ct τt (a linear combination): the ct of one
     tensor's parameters, or None when these parameters make it no such combination. Lets LoRA
@@ -159,18 +166,22 @@ class MethodSpec:
         key = f"parameters.{self.composes}"
         name = parameters.get(self.composes, own.default)
         if not isinstance(name, str):
-            raise MergeError(f"{key}: expected one method name for the whole merge, got {name!r}")
+            raise RecipeError(
+                f"{key}: expected one method name for the whole merge, got {name!r}", key=key
+            )
         inner = get_method(name, key)
         if inner.composes or inner.output != "model" or inner.base == "unused":
-            raise MergeError(
+            raise RecipeError(
                 f"{key}: '{name}' cannot be wrapped by '{self.name}', which needs a method that "
-                "merges task vectors into one model (task_arithmetic, ties, dare_ties, ...)"
+                "merges task vectors into one model (task_arithmetic, ties, dare_ties, ...)",
+                key=key,
             )
         clash = next((p.name for p in inner.params if self.param(p.name)), None)
         if clash:
-            raise MergeError(
+            raise RecipeError(
                 f"{key}: '{name}' has a parameter '{clash}' of its own, which '{self.name}' "
-                "also takes; choose another base method"
+                "also takes; choose another base method",
+                key=key,
             )
         return replace(
             self,
@@ -195,7 +206,8 @@ def merge_method(
     params: tuple[Param, ...] = (),
     **options: Any,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Register ``fn(inputs, params) -> merged weights`` as a merging method."""
+    """Register ``fn(inputs, params)`` as a merging method; it returns the merged tensor (or
+    ``TaskMasks``), or a ``Merged`` with the fractions it kept."""
 
     def register(fn: Callable[..., Any]) -> Callable[..., Any]:
         if name in _REGISTRY:
@@ -207,14 +219,16 @@ def merge_method(
 
 
 def get_method(name: str, key: str = "merge_method") -> MethodSpec:
-    """The registered method called ``name``; MergeError (naming the recipe ``key``) with a
+    """The registered method called ``name``; UnknownMethodError (naming the recipe ``key``) with a
     suggestion otherwise."""
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise MergeError(
+        raise UnknownMethodError(
             f"{key}: unknown method '{name}'{did_you_mean(name, _REGISTRY)}; "
-            "'mergecli methods' lists them"
+            "'mergecli methods' lists them",
+            method=name,
+            key=key,
         ) from None
 
 

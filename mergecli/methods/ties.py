@@ -9,6 +9,7 @@ import torch
 from mergecli.methods.inputs import TensorInputs, row_chunks
 from mergecli.methods.linear import LAMBDA, WEIGHT
 from mergecli.methods.registry import FRACTION, Param, Params, merge_method
+from mergecli.methods.result import Merged
 from mergecli.methods.sparsify import (
     dare_drop,
     disjoint_merge,
@@ -17,9 +18,9 @@ from mergecli.methods.sparsify import (
     model_scope_values,
     tensor_threshold,
 )
-from mergecli.methods.statistics import KthLargestMagnitude, Statistic
+from mergecli.methods.statistics import Handle, KthLargestMagnitude, Statistic
 
-THRESHOLDS = "ties.thresholds"
+THRESHOLDS: Handle[list[float]] = Handle("ties.thresholds")
 BLOCK_ELEMENTS = 1 << 20
 """Entries per row block of a large tensor that TIES merges whole."""
 
@@ -32,17 +33,19 @@ SCOPE = Param("scope", "model", str, "where the top-k is taken", choices=("model
 MERGEKIT_IGNORED = {"int8_mask": "a mergekit memory option that mergecli does not need"}
 
 
-def ties_vector(inputs: TensorInputs, trimmed: list[torch.Tensor], p: Params) -> torch.Tensor:
+def ties_vector(trimmed: list[torch.Tensor], p: Params) -> Merged:
     """τm: the disjoint merge of the trimmed task vectors around the elected sign."""
     merge_func = "sum" if p["merge_func"] == "mean" and not p["normalize"] else p["merge_func"]
     gamma = elect_sign(trimmed, p["sign"])
-    return disjoint_merge(inputs, trimmed, p["weight"], gamma, merge_func)
+    return disjoint_merge(trimmed, p["weight"], gamma, merge_func)
 
 
-def elect_and_merge(inputs: TensorInputs, trimmed: list[torch.Tensor], p: Params) -> torch.Tensor:
+def elect_and_merge(inputs: TensorInputs, trimmed: list[torch.Tensor], p: Params) -> Merged:
     """θ0 + λ · disjoint merge of the trimmed task vectors around the elected sign."""
     assert inputs.base is not None
-    return ties_vector(inputs, trimmed, p).mul_(p["lambda"]).add_(inputs.base)
+    merged = ties_vector(trimmed, p)
+    assert isinstance(merged.value, torch.Tensor)
+    return Merged(merged.value.mul_(p["lambda"]).add_(inputs.base), merged.kept)
 
 
 def trim_thresholds(inputs: TensorInputs, p: Params) -> list[float]:
@@ -100,7 +103,7 @@ def model_scope_thresholds(
         "imply scope: tensor."
     ),
 )
-def ties(inputs: TensorInputs, p: Params) -> torch.Tensor:
+def ties(inputs: TensorInputs, p: Params) -> Merged:
     """Once the thresholds are known TIES is elementwise: a large tensor (merged whole, as
     scope: tensor needs) is trimmed, elected and merged in row blocks, so its temporaries are
     those of one block."""
@@ -114,12 +117,12 @@ def ties(inputs: TensorInputs, p: Params) -> torch.Tensor:
     counts = [0] * inputs.num_experts
     for start, stop in chunks:
         part = inputs.rows(start, stop)
-        trimmed = trimmed_task_vectors(part, p, thresholds)
-        out[start:stop] = elect_and_merge(part, trimmed, p)
+        merged = elect_and_merge(part, trimmed_task_vectors(part, p, thresholds), p)
+        assert isinstance(merged.value, torch.Tensor)
+        out[start:stop] = merged.value
         n = part.base.numel() if part.base is not None else 0
-        counts = [c + round((k or 0.0) * n) for c, k in zip(counts, part.kept, strict=True)]
-    inputs.kept = [c / inputs.base.numel() for c in counts]
-    return out
+        counts = [c + round((k or 0.0) * n) for c, k in zip(counts, merged.kept, strict=True)]
+    return Merged(out, [c / inputs.base.numel() for c in counts])
 
 
 @merge_method(
@@ -139,9 +142,9 @@ def ties(inputs: TensorInputs, p: Params) -> torch.Tensor:
     convention="Masks depend only on (seed, expert index, tensor name); drawn on the CPU.",
     elementwise=True,
 )
-def dare_ties(inputs: TensorInputs, p: Params) -> torch.Tensor:
+def dare_ties(inputs: TensorInputs, p: Params) -> Merged:
     dropped = [
-        dare_drop(inputs, t, tv, p["density"][t], p["rescale"])
+        dare_drop(inputs, t, tv, p["density"][t], p["rescale"])[0]
         for t, tv in enumerate(inputs.task_vectors())
     ]
     return elect_and_merge(inputs, dropped, p)

@@ -20,8 +20,8 @@ from typing import Any
 
 from mergecli.analyze.runs import Point, run_checkpoints, sweep_points
 from mergecli.analyze.sweep import point_recipe
-from mergecli.errors import MergeError, did_you_mean
-from mergecli.evaluate import Scorer
+from mergecli.errors import RecipeError, did_you_mean
+from mergecli.evaluate import Scorer, score_recipe
 from mergecli.methods import get_method
 from mergecli.recipe import Recipe
 
@@ -39,17 +39,19 @@ def best_steps(recipe: Recipe, scorer: Scorer) -> dict[str, dict[str, Any]]:
         tasks = [t for t in scorer.tasks if t.expert == i]
         name = recipe.model_name(i)
         if not tasks:
-            raise MergeError(
+            raise RecipeError(
                 f"--by tstar: no evaluate task has '{name}' as its expert, so its "
-                "best-validation step is unknown (set evaluate.tasks.<task>.expert)"
+                "best-validation step is unknown (set evaluate.tasks.<task>.expert)",
+                key="--by",
             )
         scores = {step: scorer.model(path, tasks).score for step, path in run.items()}
         steps = list(scores)
         out[name] = {"scores": scores, "tstar": steps[scorer.best(list(scores.values()))]}
     if not out:
-        raise MergeError(
+        raise RecipeError(
             "--over-checkpoints: no expert names a training-run folder with checkpoint-<step> "
-            "subfolders"
+            "subfolders",
+            key="--over-checkpoints",
         )
     return out
 
@@ -70,7 +72,7 @@ def tstar_points(recipe: Recipe, tstar: dict[str, int], multiples: list[float]) 
                 paths.append(path)
                 continue
             target = multiple * tstar[recipe.model_name(i)]
-            step = min(run, key=lambda s, t=target: (abs(s - t), s))
+            step = nearest(run, target)
             error += abs(target - step) / tstar[recipe.model_name(i)]
             steps.append(step)
             paths.append(run[step])
@@ -78,6 +80,11 @@ def tstar_points(recipe: Recipe, tstar: dict[str, int], multiples: list[float]) 
         if key not in best or error < best[key][0]:
             best[key] = (error, Point(None, multiple, steps, paths))
     return sorted((point for _, point in best.values()), key=lambda p: p.fraction)
+
+
+def nearest(steps: dict[int, Path], target: float) -> int:
+    """The step closest to ``target`` (ties: the earlier step)."""
+    return min(steps, key=lambda s: (abs(s - target), s))
 
 
 def method_recipe(recipe: Recipe, method: str) -> Recipe:
@@ -104,7 +111,7 @@ def sweep_durations(
 ) -> dict[str, Any]:
     """Merged and expert scores at each training duration, per method."""
     if by not in BY:
-        raise MergeError(f"--by: '{by}' is not step or tstar{did_you_mean(by, BY)}")
+        raise RecipeError(f"--by: '{by}' is not step or tstar{did_you_mean(by, BY)}", key="--by")
     methods = methods or [recipe.merge_method]
     for method in methods:
         get_method(method, "--methods")
@@ -137,7 +144,7 @@ def sweep_durations(
             "methods": {},
         }
         for method in methods:
-            merged = scorer.recipe(method_recipe(at, method))
+            merged = score_recipe(scorer, method_recipe(at, method))
             row["methods"][method] = {
                 "tasks": merged.tasks,
                 "score": merged.score,
