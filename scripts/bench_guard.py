@@ -14,11 +14,11 @@ import tempfile
 import time
 from pathlib import Path
 
+import mergecli.engine.stream as stream
 import torch
 
 import mergecli
 import mergecli.engine.merge as merge
-import mergecli.engine.stream as stream
 from mergecli.recipe import recipe_from_dict
 from tests.helpers import write_random_experts
 

@@ -27,7 +27,6 @@ from mergecli.methods.statistics import StatValues
 from mergecli.progress import Progress
 from mergecli.report import model_card, write_reports
 
-
 VOLATILE_PLAN = ("base", "experts", "device", "peak_memory_estimate")
 """Plan figures that depend on the machine or the paths: in the report's ``run`` section."""
 
