@@ -193,7 +193,8 @@ def one_run(bench: Bench, op: str, name: str, rng: random.Random, work: Path) ->
     code = process.returncode
     # a signal in the interpreter's own start-up, before mergecli's handlers exist, ends the
     # process silently (exit -signal): allowed, since nothing can have been written yet
-    early = killed and code == -SIGNALS[name] and not stderr.strip() and not marks(target)
+    early = killed and name != "SIGKILL" and code == -SIGNALS[name] and not stderr.strip()
+    early = early and not marks(target)
     early = early and (op == "temporal" or not target.exists())  # a state exists beforehand
     if killed and code not in (0, EXIT[name]) and not early:
         problems.append(f"exit {code} after {name}: {stderr.strip()[-300:]}")
