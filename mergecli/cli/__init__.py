@@ -150,9 +150,9 @@ def main() -> None:
     try:
         app()
     except KeyboardInterrupt as exc:
-        signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
-        sys.stderr.write(f"interrupted ({signal.Signals(signum).name})\n")
-        sys.exit(128 + signum)
+        code = exc.signum if isinstance(exc, Interrupted) else int(signal.SIGINT)
+        sys.stderr.write(f"interrupted ({signal.Signals(code).name})\n")
+        sys.exit(128 + code)
 
 
 from mergecli.cli import analyze, evaluate, flex, merge, temporal  # noqa: E402,F401  (command registration)
