@@ -14,11 +14,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import mergecli.engine.stream as stream
 import torch
 
 import mergecli
+import mergecli.engine.finite as finite
 import mergecli.engine.merge as merge
+import mergecli.engine.runner as runner
 from mergecli.recipe import recipe_from_dict
 from tests.helpers import write_random_experts
 
@@ -26,7 +27,7 @@ from tests.helpers import write_random_experts
 def main() -> None:
     methods = sys.argv[1:] or ["task_arithmetic", "ties", "linear"]
     spent = [0.0, 0]
-    guard = stream.check_finite
+    guard = finite.check_finite
 
     def timed(t: torch.Tensor, *args: object) -> None:
         start = time.thread_time()
@@ -34,7 +35,7 @@ def main() -> None:
         spent[0] += time.thread_time() - start
         spent[1] += t.nbytes
 
-    stream.check_finite = merge.check_finite = timed  # type: ignore[assignment]
+    runner.check_finite = merge.check_finite = timed  # type: ignore[assignment]
     with tempfile.TemporaryDirectory() as scratch:
         root = Path(scratch)
         write_random_experts(root, 16, (1024, 1024), 3, seed=0, varied=False)

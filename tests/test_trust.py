@@ -350,6 +350,40 @@ def test_signals_mid_merge_give_one_line_and_leave_nothing(
     assert not (small / "out").exists() and not leftovers(small)
 
 
+REPEAT_SCRIPT = """
+import os, shutil, signal, sys
+import mergecli.engine.output as output
+from mergecli.engine.writer import ShardWriter
+original_write, original_rmtree = ShardWriter.write, shutil.rmtree
+def write(self, name, tensor):
+    os.kill(os.getpid(), signal.SIGINT)
+    original_write(self, name, tensor)
+def rmtree(path, *args, **kwargs):  # the cleanup the first signal started meets a second one
+    os.kill(os.getpid(), signal.SIGTERM)
+    original_rmtree(path, *args, **kwargs)
+ShardWriter.write = write
+output.shutil = type(shutil)("shutil_with_a_second_signal")
+output.shutil.__dict__.update({**vars(shutil), "rmtree": rmtree})
+sys.argv = ["mergecli", "merge", sys.argv[1], "--quiet"]
+from mergecli.cli import main
+main()
+"""
+
+
+def test_a_second_signal_during_cleanup_lets_the_cleanup_finish(small: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, "-c", REPEAT_SCRIPT, str(recipe(small))],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 130, done.stderr
+    assert done.stderr.strip().splitlines() == ["interrupted (SIGINT); the output was not written"]
+    assert not (small / "out").exists() and not leftovers(small)
+
+
 def test_ctrl_c_during_start_up_is_one_line() -> None:
     script = (  # the signal arrives while the entry point imports the CLI
         "import os, signal, time\nimport mergecli.cli as cli, mergecli.entry as entry\n"

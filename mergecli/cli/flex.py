@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
@@ -27,15 +27,8 @@ from mergecli.cli import (
     print_warnings,
 )
 from mergecli.errors import RecipeError
-from mergecli.evaluate import Scorer
-from mergecli.flex import plan_flex, run_flex
-from mergecli.flex.report import result_summary
 from mergecli.progress import count_bar_for, progress_for
 from mergecli.report import human_bytes
-from mergecli.sweep.sizes import score_flex
-
-if TYPE_CHECKING:
-    pass
 
 
 def parse_sizes(size: float | None, sizes: str | None) -> list[float] | None:
@@ -100,6 +93,10 @@ def flex(
     quiet: QuietOpt = False,
 ) -> None:
     """Merge the recipe's experts into artifacts of the given sizes (1 to M models)."""
+    from mergecli.evaluate import Scorer
+    from mergecli.flex import plan_flex, run_flex
+    from mergecli.flex.report import result_summary
+    from mergecli.sweep.sizes import score_flex
 
     spec = mergecli.load_recipe(recipe)
     if method is not None:
