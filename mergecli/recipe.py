@@ -140,6 +140,8 @@ class Recipe(_Strict):
     seed: int = 0
     output: str | None = None
     on_missing: Literal["error", "base"] = "error"
+    on_nonfinite: Literal["error", "warn"] = "error"
+    """``warn``: merge tensors holding NaN/Inf anyway (one warning each) instead of stopping."""
     allow_bin: bool = False
     output_format: Literal["model", "lora"] = "model"
     """``lora``: write a PEFT LoRA adapter of the merged model over the base."""
@@ -161,9 +163,29 @@ class Recipe(_Strict):
         return self.folder / path
 
     def model_name(self, index: int) -> str:
-        """The expert's task name: ``models[i].name`` or the folder's name."""
-        entry = self.models[index]
-        return entry.name or Path(entry.model.rstrip("/").split("@")[0]).name
+        """The expert's task name (one rule for every command): ``models[i].name``, else the
+        folder's name, else (when another expert's folder has the same name) the shortest
+        trailing part of its path that tells them apart (``runA/step-800``); a name that an
+        earlier expert already has (an expert listed twice, a ``name`` given twice) gets ``#i``,
+        its index."""
+        return self.task_names()[index]
+
+    def task_names(self) -> list[str]:
+        """``model_name`` of every expert, in order."""
+        parts = [Path(m.model.rstrip("/").split("@")[0]).parts or ("",) for m in self.models]
+        unnamed = [i for i, m in enumerate(self.models) if not m.name]
+        names = []
+        for i, entry in enumerate(self.models):
+            if entry.name:
+                names.append(entry.name)
+                continue
+            own, k = parts[i], 1
+            while k < len(own) and any(
+                parts[j][-k:] == own[-k:] and parts[j] != own for j in unnamed if j != i
+            ):
+                k += 1
+            names.append("/".join(own[-k:]))
+        return [f"{name}#{i}" if name in names[:i] else name for i, name in enumerate(names)]
 
 
 def _location(loc: tuple[Any, ...]) -> str:
@@ -241,19 +263,36 @@ def recipe_from_dict(data: Any, folder: Path | None = None, source: str = "recip
 
 
 def check_tokenizer(recipe: Recipe, source: str) -> None:
-    """The tokenizer keys mergekit takes: parsed; those that need a vocabulary remap refused."""
+    """The tokenizer keys mergekit takes: parsed; a merged vocabulary (mergekit's ``tokenizer``
+    section) refused; ``tokenizer_source`` checked by ``check_tokenizer_source``."""
     if recipe.tokenizer is not None and recipe.tokenizer_source is not None:
         raise RecipeError(
             f"{source}: give 'tokenizer' or 'tokenizer_source', not both (as in mergekit)",
             key="tokenizer",
         )
-    if recipe.tokenizer_source == "union" or recipe.tokenizer is not None:
-        key = "tokenizer" if recipe.tokenizer is not None else "tokenizer_source"
+    if recipe.tokenizer is not None:
         raise RecipeError(
-            f"{source}: {key}: a merged vocabulary (union, per-token embedding sources) is not "
-            "supported yet; use tokenizer_source: base or a model folder",
-            key=key,
+            f"{source}: tokenizer: a merged vocabulary (union, per-token embedding sources) is "
+            "not supported yet; use tokenizer_source: base or a model folder",
+            key="tokenizer",
         )
+    check_tokenizer_source(recipe, source)
+
+
+def check_tokenizer_source(recipe: Recipe, source: str) -> None:
+    """``tokenizer_source`` is ``base`` or an existing folder (whose tokenizer is copied)."""
+    value = recipe.tokenizer_source
+    if value is None or value == "base" or recipe.resolve_path(value).is_dir():
+        return
+    hint = (
+        " (mergekit's 'union' vocabulary is not supported: give 'base' or a folder)"
+        if value == "union" or value.startswith("model:")
+        else ""
+    )
+    raise RecipeError(
+        f"{source}: tokenizer_source: '{value}' is neither 'base' nor an existing folder{hint}",
+        key="tokenizer_source",
+    )
 
 
 def load_recipe(path: str | Path) -> Recipe:

@@ -54,7 +54,11 @@ def call(
         value = params.get(param.name, param.default)
         if param.per_model and not isinstance(value, list):
             value = [value] * len(experts)
-        resolved[param.name] = value
+        key = f"parameters.{param.name}"
+        if isinstance(value, list):
+            resolved[param.name] = [param.coerce(v, key) for v in value]
+        else:
+            resolved[param.name] = param.coerce(value, key)
     resolved["conventions"] = params.get("conventions", "mergecli")
     if spec.check is not None:
         spec.check(resolved, name)

@@ -12,6 +12,7 @@ import psutil
 import torch
 
 from mergecli.conventions import apply_conventions, parameter_position
+from mergecli.engine.checks import adapter_warnings, check_bounds, check_weights, model_warnings
 from mergecli.engine.layout import files_bytes, parse_size, plan_shards
 from mergecli.engine.lora_output import LoraAdapter, plan_lora_output
 from mergecli.engine.outputs import ModelFolder, Output, RowPolicy
@@ -93,6 +94,8 @@ class InputPlan:
             self.compute_dtype,
             self.recipe.seed,
             self.num_layers,
+            self.recipe.on_nonfinite,
+            self.warnings,
         )
 
 
@@ -334,6 +337,8 @@ def plan_merge(
         )
     recipe, notes = apply_conventions(recipe, method)
     notes += check_parameter_names(recipe, method)
+    check_bounds(recipe, method)
+    notes += model_warnings(recipe)
     n = len(recipe.models)
     least, most = method.min_models, method.max_models
     if recipe.conventions == "mergekit" and method.mergekit_models is not None:
@@ -349,6 +354,7 @@ def plan_merge(
         raise RecipeError(f"--shard-size: {exc}", key="--shard-size") from None
     inputs = plan_inputs(recipe, device, method, notes)
     tensors = inputs.tensors
+    notes += check_weights(method, {t.name: t.params for t in tensors if t.merge})
     statistics = (
         method.statistics({t.name: t.params for t in tensors if t.merge}, notes.append)
         if method.statistics
@@ -370,6 +376,7 @@ def plan_inputs(
     torch_device = resolve_device(device)
 
     base, experts = open_models(recipe)
+    notes += adapter_warnings(recipe, base, experts)
     if method and method.base == "required" and base is None:
         raise RecipeError(f"base_model: '{method.name}' needs a base model", key="base_model")
     reference = base or experts[0]
@@ -452,7 +459,6 @@ def plan_output(
     shards = plan_shards(specs, shard_bytes)
     if method.output != "task_masks":
         return ModelFolder(shards, metadata)
-    check_task_names(recipe)
     return TaskMaskArtifact(
         plan_task_artifact(
             specs,
@@ -463,20 +469,6 @@ def plan_output(
             metadata,
         )
     )
-
-
-def check_task_names(recipe: Recipe) -> None:
-    """Task names of an artifact must be unique: ``export --task NAME`` picks one."""
-    seen: dict[str, int] = {}
-    for i in range(len(recipe.models)):
-        name = recipe.model_name(i)
-        if name in seen:
-            raise RecipeError(
-                f"models[{i}]: task name '{name}' is also the name of models[{seen[name]}]; "
-                "set models[].name to tell the tasks apart",
-                key=f"models[{i}].name",
-            )
-        seen[name] = i
 
 
 def differing_buffer(name: str, reference: Source, experts: list[Source]) -> list[str]:

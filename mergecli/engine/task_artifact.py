@@ -79,7 +79,7 @@ def plan_task_artifact(
 ) -> TaskArtifactLayout:
     """The layout of an artifact holding ``tensors`` in its base and ``merged`` as unified
     vectors and masks."""
-    packed = [
+    packed: list[tuple[str, tuple[int, ...], torch.dtype]] = [
         (name, (packed_numel(int(np.prod(shape))),), torch.uint8) for name, shape, _ in merged
     ]
     return TaskArtifactLayout(

@@ -11,7 +11,7 @@ from mergecli.errors import RecipeError
 from mergecli.methods import mergekit
 from mergecli.methods.inputs import TensorInputs
 from mergecli.methods.linear import LAMBDA, WEIGHT, weighted_sum
-from mergecli.methods.registry import Param, Params, merge_method
+from mergecli.methods.registry import DROPPED, FRACTION, Param, Params, merge_method
 from mergecli.methods.result import Kept, Merged, kept_fraction
 from mergecli.methods.sparsify import kth_largest, model_scope_values
 from mergecli.methods.statistics import Handle, LargestMagnitudes, Statistic, floor_rank
@@ -29,12 +29,25 @@ from mergecli.methods.ties import (
 
 THRESHOLDS: Handle[list[list[float]]] = Handle("breadcrumbs.thresholds")
 
-DENSITY = Param("density", 0.9, help="fraction of entries kept", per_model=True, mergekit=1.0)
+DENSITY = Param(
+    "density",
+    0.9,
+    help="fraction of entries kept",
+    per_model=True,
+    mergekit=1.0,
+    bounds=FRACTION,
+)
 MERGEKIT_TRIM = (
     "scope tensor keeps, of the magnitudes sorted ascending, positions [b, b + ⌊density·n⌋) with "
     "b = max(0, n − ⌊density·n⌋ − ⌊gamma·n⌋); density ≥ 1 keeps everything (gamma unused)"
 )
-GAMMA = Param("gamma", 0.01, help="fraction of the largest magnitudes dropped", per_model=True)
+GAMMA = Param(
+    "gamma",
+    0.01,
+    help="fraction of the largest magnitudes dropped",
+    per_model=True,
+    bounds=DROPPED,
+)
 CONVENTION = (
     "Entries of magnitude rank r (1 = largest) are kept when ⌊γn⌋ < r ≤ ⌊(γ+density)n⌋ "
     "(products rounded to 9 decimals; mergekit keeps ⌊density·n⌋ below the top ⌊γn⌋). "

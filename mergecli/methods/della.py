@@ -8,7 +8,7 @@ from mergecli.errors import RecipeError
 from mergecli.methods import mergekit
 from mergecli.methods.inputs import TensorInputs
 from mergecli.methods.linear import LAMBDA, WEIGHT, weighted_sum
-from mergecli.methods.registry import Param, Params, merge_method
+from mergecli.methods.registry import FRACTION, NON_NEGATIVE, Param, Params, merge_method
 from mergecli.methods.result import Kept, Merged, kept_fraction
 from mergecli.methods.sparsify import disjoint_merge, elect_sign
 from mergecli.methods.ties import MERGEKIT_CONSENSUS, MERGEKIT_IGNORED, NORMALIZE, mergekit_combine
@@ -93,13 +93,21 @@ def check_della(p: Params, name: str) -> None:
     "rank, rescale kept entries by 1/p, then TIES election and disjoint mean; θ = θ0 + λ τm",
     params=(
         WEIGHT,
-        Param("density", 0.5, help="mean keep probability", per_model=True, mergekit=1.0),
+        Param(
+            "density",
+            0.5,
+            help="mean keep probability",
+            per_model=True,
+            mergekit=1.0,
+            bounds=FRACTION,
+        ),
         Param(
             "epsilon",
             0.1,
             help="spread ε of the keep probabilities",
             per_model=True,
             mergekit=0.15,
+            bounds=NON_NEGATIVE,
         ),
         LAMBDA,
         NORMALIZE,

@@ -7,7 +7,7 @@ import torch
 from mergecli.errors import RecipeError
 from mergecli.methods import mergekit
 from mergecli.methods.inputs import TensorInputs
-from mergecli.methods.registry import Param, Params, merge_method
+from mergecli.methods.registry import FRACTION, Param, Params, merge_method
 from mergecli.methods.result import Merged
 from mergecli.methods.sparsify import dare_drop
 
@@ -74,6 +74,7 @@ def linear(inputs: TensorInputs, p: Params) -> torch.Tensor:
     "Greedy soup: experts sorted by validation score, each kept only if the uniform average of "
     "the soup scores better; θ = the mean of the kept experts",
     base="unused",
+    selects_experts=True,
     convention="Selection needs an evaluate: section (mergecli merge/sweep run it); "
     "the merge itself averages the experts the selection keeps.",
 )
@@ -112,7 +113,9 @@ def task_arithmetic(inputs: TensorInputs, p: Params) -> torch.Tensor | Merged:
     params=(
         WEIGHT,
         LAMBDA,
-        Param("density", 0.5, help="keep probability", per_model=True, mergekit=1.0),
+        Param(
+            "density", 0.5, help="keep probability", per_model=True, mergekit=1.0, bounds=FRACTION
+        ),
         Param("normalize", False, bool, "divide the sum by Σ wt"),
         Param("rescale", True, bool, RESCALE_HELP),
     ),

@@ -6,7 +6,14 @@ import torch
 
 from mergecli.errors import RecipeError
 from mergecli.methods.inputs import TensorInputs
-from mergecli.methods.registry import IGNORED_WEIGHT, REQUIRED, Param, Params, merge_method
+from mergecli.methods.registry import (
+    IGNORED_WEIGHT,
+    NON_NEGATIVE,
+    REQUIRED,
+    Param,
+    Params,
+    merge_method,
+)
 
 
 def check_t(p: Params, name: str) -> None:
@@ -19,7 +26,14 @@ def check_t(p: Params, name: str) -> None:
 @merge_method(
     "nearswap",
     "NearSwap: w = clamp(t / abs(θ1 − θ0), 0, 1) per entry; θ = w θ1 + (1 − w) θ0",
-    params=(Param("t", REQUIRED, help="distance below which the expert's value is taken"),),
+    params=(
+        Param(
+            "t",
+            REQUIRED,
+            help="distance below which the expert's value is taken",
+            bounds=NON_NEGATIVE,
+        ),
+    ),
     min_models=1,
     max_models=1,
     check=check_t,

@@ -5,10 +5,12 @@ from __future__ import annotations
 import torch
 
 from mergecli.methods.inputs import TensorInputs
-from mergecli.methods.registry import IGNORED_WEIGHT, Param, Params, merge_method
+from mergecli.methods.registry import IGNORED_WEIGHT, NON_NEGATIVE, Param, Params, merge_method
 from mergecli.methods.result import Kept, Merged, kept_fraction
 
-EPSILON = Param("epsilon", 1e-5, help="entries with abs(τt) ≤ ε do not contribute")
+EPSILON = Param(
+    "epsilon", 1e-5, help="entries with abs(τt) ≤ ε do not contribute", bounds=NON_NEGATIVE
+)
 
 
 def contributions(inputs: TensorInputs, epsilon: float) -> tuple[torch.Tensor, torch.Tensor, Kept]:
@@ -39,8 +41,8 @@ def ram(inputs: TensorInputs, p: Params) -> Merged:
     "RAM+ (tensor-local): as ram, with each expert's unique entries scaled by "
     "1 + r·clamp(ρt, 0, α), ρt = its shared / its unique contributing entries in the tensor",
     params=(
-        Param("r", 0.1, help="rescaling strength r"),
-        Param("alpha", 0.2, help="upper clamp α of ρt"),
+        Param("r", 0.1, help="rescaling strength r", bounds=NON_NEGATIVE),
+        Param("alpha", 0.2, help="upper clamp α of ρt", bounds=NON_NEGATIVE),
         EPSILON,
     ),
     convention="ρt is counted per tensor (the paper counts over the whole model), its "

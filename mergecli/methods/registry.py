@@ -24,6 +24,37 @@ Params = dict[str, Any]
 
 
 @dataclass(frozen=True)
+class Bounds:
+    """The interval a numeric parameter lies in; ``open`` ends exclude their value."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def __contains__(self, value: float) -> bool:
+        low, high = self.low, self.high
+        return (low is None or (value > low if self.low_open else value >= low)) and (
+            high is None or (value < high if self.high_open else value <= high)
+        )
+
+    def __str__(self) -> str:
+        low = "-∞" if self.low is None else f"{self.low:g}"
+        high = "∞" if self.high is None else f"{self.high:g}"
+        return f"{'(' if self.low_open else '['}{low}, {high}{')' if self.high_open else ']'}"
+
+
+FRACTION = Bounds(0, 1, low_open=True)
+"""(0, 1]: a density or kept fraction (0 would keep nothing: the merge is the base)."""
+UNIT = Bounds(0, 1)
+"""[0, 1]: an interpolation position."""
+DROPPED = Bounds(0, 1, high_open=True)
+"""[0, 1): a fraction dropped (1 would drop everything)."""
+NON_NEGATIVE = Bounds(0)
+AT_LEAST_ONE = Bounds(1)
+
+
+@dataclass(frozen=True)
 class Param:
     """A recipe parameter of a method."""
 
@@ -35,6 +66,8 @@ class Param:
     choices: tuple[str, ...] | None = None
     mergekit: Any = SAME
     """The default under ``conventions: mergekit`` when it differs from ``default``."""
+    bounds: Bounds | None = None
+    """The range of a numeric value, checked before any tensor is read."""
 
     @property
     def required(self) -> bool:
@@ -63,10 +96,19 @@ class Param:
                 raise RecipeError(f"{key}: expected a number, got {value!r}", key=key)
             if self.kind is int and float(value) != int(value):
                 raise RecipeError(f"{key}: expected a whole number, got {value!r}", key=key)
+            self.check_bounds(value, key)
             return self.kind(value)
         if not isinstance(value, self.kind):
             raise RecipeError(f"{key}: expected a {self.kind.__name__}, got {value!r}", key=key)
         return value
+
+    def check_bounds(self, value: float, key: str) -> None:
+        """A one-line RecipeError naming ``key`` when a number lies outside ``bounds``."""
+        if self.bounds is not None and value not in self.bounds:
+            what = f" ({self.help})" if self.help else ""
+            raise RecipeError(
+                f"{key}: {self.name} must lie in {self.bounds}{what}, got {value!r}", key=key
+            )
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ import torch
 
 from mergecli.methods.inputs import TensorInputs
 from mergecli.methods.linear import INT8_MASK
-from mergecli.methods.registry import IGNORED_WEIGHT, Param, Params, merge_method
+from mergecli.methods.registry import FRACTION, IGNORED_WEIGHT, Param, Params, merge_method
 from mergecli.methods.result import Kept, Merged, kept_fraction
 
 
@@ -32,6 +32,7 @@ def variance_mask(tvs: torch.Tensor, topk: float) -> torch.Tensor:
             "select_topk",
             1.0,
             help="fraction of the entries of nonzero variance kept (1: all)",
+            bounds=FRACTION,
         ),
     ),
     ignored={**INT8_MASK, **IGNORED_WEIGHT},

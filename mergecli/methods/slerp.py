@@ -6,9 +6,8 @@ import math
 
 import torch
 
-from mergecli.errors import RecipeError
 from mergecli.methods.inputs import TensorInputs
-from mergecli.methods.registry import Param, Params, merge_method
+from mergecli.methods.registry import UNIT, Param, Params, merge_method
 from mergecli.ops import cosine64, sumsq64
 
 PARALLEL = 0.9995
@@ -43,23 +42,15 @@ def slerp_mergekit(a: torch.Tensor, b: torch.Tensor, t: float, eps: float = 1e-8
     )
 
 
-def check_t(p: Params, name: str) -> None:
-    if not 0 <= p["t"] <= 1:
-        raise RecipeError(
-            f"parameters.t: slerp needs t in [0, 1], got {p['t']} for '{name}'", key="parameters.t"
-        )
-
-
 @merge_method(
     "slerp",
     "Spherical interpolation of exactly two models at t (0: the first, 1: the second); with a "
     "base model the two task vectors are interpolated and added to θ0",
-    params=(Param("t", 0.5, help="interpolation position in [0, 1]"),),
+    params=(Param("t", 0.5, help="interpolation position", bounds=UNIT),),
     base="optional",
     min_models=2,
     max_models=2,
     mergekit_models=(1, 1),
-    check=check_t,
     ignored={"weight": "slerp interpolates at t (mergekit ignores a weight too)"},
     convention=(
         "Per tensor, flattened; abs(cos) > 0.9995 or a zero vector → linear interpolation. "

@@ -11,7 +11,14 @@ import torch
 from mergecli.errors import ShapeError
 from mergecli.methods.inputs import TensorInputs
 from mergecli.methods.linear import WEIGHT
-from mergecli.methods.registry import IGNORED_WEIGHT, Param, Params, merge_method
+from mergecli.methods.registry import (
+    AT_LEAST_ONE,
+    IGNORED_WEIGHT,
+    NON_NEGATIVE,
+    Param,
+    Params,
+    merge_method,
+)
 
 NUSLERP_EPS = 1e-8
 
@@ -70,7 +77,7 @@ def nuslerp(inputs: TensorInputs, p: Params) -> torch.Tensor:
     params=(
         WEIGHT,
         Param("normalize_weights", True, bool, "divide the weights by their sum"),
-        Param("eps", 1e-8, help="added to norms"),
+        Param("eps", 1e-8, help="added to norms", bounds=NON_NEGATIVE),
     ),
     base="optional",
     convention="One model is returned as is; a weighted mean direction of norm < eps falls back "
@@ -150,8 +157,13 @@ def karcher_mean(tensors: list[torch.Tensor], max_iter: int, tol: float) -> torc
     "Karcher mean: the Riemannian centre of mass of the models' directions on the unit sphere "
     "(fixed-point iteration of the mean log map), scaled by the models' mean norm",
     params=(
-        Param("max_iter", 10, int, "iterations of the fixed point at most"),
-        Param("tol", 1e-5, help="stop when the mean log map is shorter; ignore norms below it"),
+        Param("max_iter", 10, int, "iterations of the fixed point at most", bounds=AT_LEAST_ONE),
+        Param(
+            "tol",
+            1e-5,
+            help="stop when the mean log map is shorter; ignore norms below it",
+            bounds=NON_NEGATIVE,
+        ),
     ),
     base="optional",
     convention="Per tensor, flattened, equal weights; the base model only supplies layout and "

@@ -10,7 +10,7 @@ from mergecli.errors import RecipeError
 from mergecli.methods import mergekit
 from mergecli.methods.inputs import TensorInputs, row_chunks
 from mergecli.methods.linear import INT8_MASK, LAMBDA, RESCALE_HELP, WEIGHT
-from mergecli.methods.registry import Param, Params, merge_method
+from mergecli.methods.registry import FRACTION, Param, Params, merge_method
 from mergecli.methods.result import Merged
 from mergecli.methods.sparsify import (
     dare_drop,
@@ -124,6 +124,7 @@ def model_scope_thresholds(
             help="fraction of entries kept by magnitude",
             per_model=True,
             mergekit=1.0,
+            bounds=FRACTION,
         ),
         LAMBDA,
         SCOPE,
@@ -164,6 +165,7 @@ def ties(inputs: TensorInputs, p: Params) -> Merged:
     for start, stop in chunks:
         part = inputs.rows(start, stop)
         merged = elect_and_merge(part, trimmed_task_vectors(part, p, thresholds), p)
+        assert isinstance(merged.value, torch.Tensor)
         out[start:stop] = merged.value
         n = part.base.numel() if part.base is not None else 0
         counts = [c + round((k or 0.0) * n) for c, k in zip(counts, merged.kept, strict=True)]
@@ -193,7 +195,9 @@ def ties_whole(inputs: TensorInputs, p: Params) -> Merged:
     "disjoint merge on τ̃ (no magnitude trim)",
     params=(
         WEIGHT,
-        Param("density", 0.5, help="keep probability", per_model=True, mergekit=1.0),
+        Param(
+            "density", 0.5, help="keep probability", per_model=True, mergekit=1.0, bounds=FRACTION
+        ),
         LAMBDA,
         MERGE_FUNC,
         SIGN,
