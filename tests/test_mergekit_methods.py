@@ -43,7 +43,7 @@ def test_nearswap() -> None:
     np.testing.assert_allclose(run("nearswap", TVS[:1], t=0.05), w * b + (1 - w) * BASE, atol=1e-12)
 
 
-def test_ram_and_ramplus() -> None:
+def test_ramplus_tl_and_ram() -> None:
     tvs = [np.where(np.abs(tv) > 0.08, tv, 0.0) for tv in TVS]
     active = [np.abs(tv) > 1e-5 for tv in tvs]
     n = sum(a.astype(float) for a in active)

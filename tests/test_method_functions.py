@@ -247,6 +247,24 @@ def test_della(normalize: bool) -> None:
     close(got, want)
 
 
+@pytest.mark.parametrize("normalize", [True, False])
+def test_della_linear(normalize: bool) -> None:
+    base, experts = tensors()
+    density, epsilon = [0.4, 0.5, 0.6], [0.1, 0.2, 0.3]
+    total = torch.zeros_like(base)
+    for t, e in enumerate(experts):
+        tv = e - base
+        keep = dense.della_keep(tv, density[t], epsilon[t])
+        total += WEIGHTS[t] * tv * (uniform(t, base.shape) < keep) / keep.float()
+    if normalize:
+        total /= sum(WEIGHTS)
+    got = call(
+        "della_linear", base, experts, weight=WEIGHTS, density=density, epsilon=epsilon,
+        normalize=normalize, **{"lambda": 0.8},
+    )  # fmt: skip
+    close(got, base + 0.8 * total)
+
+
 def test_della_refuses_probabilities_outside_zero_one() -> None:
     base, experts = tensors()
     with pytest.raises(RecipeError) as caught:

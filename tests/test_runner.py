@@ -61,6 +61,7 @@ def test_work_units_over_parts_of_the_read_plan_make_the_whole_merge(zoo: Path) 
                 "merge_func": "mean",
                 "sign": "mass",
                 "normalize": True,
+                "rescale": False,
             },
         ),
     ],

@@ -28,7 +28,6 @@ from mergecli.cli import (
     print_warnings,
 )
 from mergecli.errors import RecipeError
-from mergecli.methods.registry import CONVENTIONS
 from mergecli.progress import count_bar_for, progress_for
 from mergecli.report import human_bytes
 
@@ -62,6 +61,8 @@ def merge(
     if allow_bin:
         spec.allow_bin = True
     if conventions is not None:
+        from mergecli.methods.registry import CONVENTIONS
+
         if conventions not in CONVENTIONS:
             raise RecipeError(
                 f"--conventions: '{conventions}' is not one of {', '.join(CONVENTIONS)}",

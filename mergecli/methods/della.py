@@ -13,6 +13,18 @@ from mergecli.methods.result import Kept, Merged, kept_fraction
 from mergecli.methods.sparsify import disjoint_merge, elect_sign
 from mergecli.methods.ties import MERGEKIT_CONSENSUS, MERGEKIT_IGNORED, NORMALIZE, mergekit_combine
 
+DENSITY = Param(
+    "density", 0.5, help="mean keep probability", per_model=True, mergekit=1.0, bounds=FRACTION
+)
+EPSILON = Param(
+    "epsilon",
+    0.1,
+    help="spread ε of the keep probabilities",
+    per_model=True,
+    mergekit=0.15,
+    bounds=NON_NEGATIVE,
+)
+
 
 def keep_probabilities(tv: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
     """pi = (density − ε) + 2ε · rank / (n − 1) per row, rank 0 = smallest abs (float64).
@@ -93,22 +105,8 @@ def check_della(p: Params, name: str) -> None:
     "rank, rescale kept entries by 1/p, then TIES election and disjoint mean; θ = θ0 + λ τm",
     params=(
         WEIGHT,
-        Param(
-            "density",
-            0.5,
-            help="mean keep probability",
-            per_model=True,
-            mergekit=1.0,
-            bounds=FRACTION,
-        ),
-        Param(
-            "epsilon",
-            0.1,
-            help="spread ε of the keep probabilities",
-            per_model=True,
-            mergekit=0.15,
-            bounds=NON_NEGATIVE,
-        ),
+        DENSITY,
+        EPSILON,
         LAMBDA,
         NORMALIZE,
         Param(
@@ -149,14 +147,8 @@ def della(inputs: TensorInputs, p: Params) -> Merged:
     "(normalize: ÷ Σ wt)",
     params=(
         WEIGHT,
-        Param("density", 0.5, help="mean keep probability", per_model=True, mergekit=1.0),
-        Param(
-            "epsilon",
-            0.1,
-            help="spread ε of the keep probabilities",
-            per_model=True,
-            mergekit=0.15,
-        ),
+        DENSITY,
+        EPSILON,
         LAMBDA,
         Param("normalize", False, bool, "divide the sum by Σ wt"),
         Param(
