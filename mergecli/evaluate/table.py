@@ -3,12 +3,12 @@ folders, per task and their mean."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from mergecli.evaluate.score import Evaluation, Scorer
 from mergecli.evaluate.selection import score_recipe
+from mergecli.jsonsafe import strict_json
 from mergecli.recipe import Recipe
 
 
@@ -28,6 +28,9 @@ def evaluation_table(
     ]
     data = {"metric": scorer.metric, "higher_is_better": scorer.higher_is_better, "rows": rows}
     if output is not None:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(json.dumps(data, indent=2) + "\n")
+        from mergecli.engine.output import output_errors
+
+        with output_errors(output.resolve()):
+            output.parent.mkdir(parents=True, exist_ok=True)
+            output.write_text(strict_json(data)[0] + "\n")
     return data

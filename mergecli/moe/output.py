@@ -212,10 +212,10 @@ def _write_sparse(plan: MoePlan, folder: Path, progress: Progress) -> dict[str, 
         (plan.base.path, tuple(CONFIG_FILES[1:])),
         (tokenizer, tuple(TOKENIZER_FILES)),
     )
-    for source, names in sources:
+    for origin, names in sources:
         for name in names:
-            if (source / name).is_file():
-                shutil.copyfile(source / name, folder / name)
+            if (origin / name).is_file():
+                shutil.copyfile(origin / name, folder / name)
     training = _train(plan, folder, progress) if plan.section.train_steps else None
     manifest = {
         "format": "mergecli-moe",
