@@ -256,7 +256,7 @@ def test_merge_on_ray_is_byte_identical(
     assert _files(tmp_path / "ray") == _files(tmp_path / "local")
     assert _close(remote.report["tensors"], local.report["tensors"])
     assert _close(remote.report["totals"], local.report["totals"])
-    placed = remote.report["executor"]
+    placed = remote.report["run"]["executor"]
     assert [t["shard"] for t in placed["tasks"]] == [s.name for s in shards]
     assert placed["statistics"] == ("shards" if spec["merge_method"] == "ties" else "none")
 

@@ -10,7 +10,6 @@ from rich.console import Console
 from rich.table import Table
 
 import mergecli
-from mergecli.analyze import analyze_interference, analyze_over_checkpoints
 from mergecli.cli import (
     DeviceOpt,
     JsonOpt,
@@ -94,6 +93,7 @@ def interference(
     quiet: QuietOpt = False,
 ) -> None:
     """Sign conflicts, overlap, magnitude ratio, cosine, variance, TIES and TALL figures."""
+    from mergecli.analyze import analyze_interference, analyze_over_checkpoints
     from mergecli.analyze.plots import write_plots, write_sweep_plot
 
     spec = mergecli.load_recipe(recipe)
@@ -112,7 +112,12 @@ def interference(
         progress.stop()
     plots: list[Path] = []
     if plot is not None:
-        plots = [write_sweep_plot(result, plot)] if over_checkpoints else write_plots(result, plot)
+        from mergecli.engine.output import output_errors
+
+        with output_errors(plot.resolve()):
+            plots = (
+                [write_sweep_plot(result, plot)] if over_checkpoints else write_plots(result, plot)
+            )
         result["plots"] = [str(p) for p in plots]
     points = result["points"] if over_checkpoints else [result]
     print_warnings(list(dict.fromkeys(w for point in points for w in point["warnings"])))

@@ -139,7 +139,9 @@ def sweep(
     methods: Annotated[
         str | None,
         typer.Option(
-            "--methods", help="Comma-separated methods to compare (default: the recipe's)."
+            "--methods",
+            help="Comma-separated methods to compare, moe for the recipe's mixture of experts "
+            "(default: the recipe's).",
         ),
     ] = None,
     output: OutputOpt = None,

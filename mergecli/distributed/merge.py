@@ -14,6 +14,7 @@ layout is the driver's.
 
 from __future__ import annotations
 
+import datetime
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -162,9 +163,10 @@ def run_merge_on_ray(
     shard_size: str | int,
     force: bool = False,
     progress: Progress | None = None,
+    wait: bool = False,
 ) -> MergeResult:
     """``run_merge`` with one Ray task per output shard (model folders only); the same files,
-    and a report whose ``executor`` entry says which node wrote which shard."""
+    and a report whose ``run.executor`` entry says which node wrote which shard."""
     if not isinstance(plan.output, ModelFolder):
         raise MergeError(
             "--executor ray splits merges into model folders by shard; a LoRA adapter or "
@@ -174,10 +176,11 @@ def run_merge_on_ray(
     progress = progress or NullProgress()
     check_output(output, force)
     started = time.perf_counter()
+    started_at = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     unit = Unit(plan.recipe, str(plan.device), shard_size)
     named, gathered = distributed_statistics(plan, unit, executor, progress)
     shards = plan.output.shards
-    with atomic_folder(output, force) as folder:
+    with atomic_folder(output, force, wait, plan.bytes_to_write) as folder:
         progress.start("merging (Ray)", len(plan.tensors), 0)
         for index in range(len(shards)):
             executor.submit(
@@ -203,8 +206,8 @@ def run_merge_on_ray(
             (folder / INDEX_NAME).write_text(index_json(shards))
         copy_model_files(plan.reference.path, plan.tokenizer_folder, folder, plan.out_dtype)
         wall = time.perf_counter() - started
-        report = build_report(plan, output, per_tensor, timer, written, wall)
-        report["executor"] = {"kind": "ray", "statistics": gathered, "tasks": tasks}
+        report = build_report(plan, output, per_tensor, timer, written, wall, started_at)
+        report["run"]["executor"] = {"kind": "ray", "statistics": gathered, "tasks": tasks}
         write_reports(folder, report, [])
         (folder / "README.md").write_text(model_card(plan))
     progress.stop()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +41,11 @@ class Evaluation:
     @property
     def score(self) -> float:
         return math.fsum(self.tasks.values()) / len(self.tasks)
+
+
+EvaluationCall = str | Callable[..., Evaluation]
+"""What ``Scorer.each`` runs per call: the name of a Scorer method, or a function of the scorer
+and the call's arguments (``mergecli.evaluate.score_recipe``)."""
 
 
 class Scorer:
@@ -78,12 +83,12 @@ class Scorer:
         self.placements: list[dict[str, Any]] = []
         """Where each evaluation that ran as a Ray task ran (host, pid, node id), in order."""
 
-    def each(self, kind: str, calls: list[tuple[Any, ...]]) -> Iterator[Evaluation]:
-        """``self.<kind>(*args)`` (kind: merge, model, artifact or folder; recipe:
-        ``score_recipe(self, *args)``) for each args tuple, in order: here one after the other,
-        or all at once as tasks of the Ray executor (each task scoring with a Scorer of its own;
-        results and errors come back in order). A consumer that stops early cancels or skips
-        the rest."""
+    def each(self, kind: EvaluationCall, calls: list[tuple[Any, ...]]) -> Iterator[Evaluation]:
+        """``self.<kind>(*args)`` (kind names one: merge, model, artifact or folder) or
+        ``kind(self, *args)`` (a function such as ``score_recipe``) for each args tuple, in
+        order: here one after the other, or all at once as tasks of the Ray executor (each task
+        scoring with a Scorer of its own; results and errors come back in order). A consumer
+        that stops early cancels or skips the rest."""
         if self.executor is None or self.executor.kind == "local":
             for args in calls:
                 yield _call(self, kind, *args)
@@ -95,7 +100,8 @@ class Scorer:
         for done, args in zip(self.executor.results(), calls, strict=True):
             if done.error is not None:
                 raise done.error
-            self.placements.append({"call": kind, **done.where})
+            name = kind if isinstance(kind, str) else kind.__name__
+            self.placements.append({"call": name, **done.where})
             if kind == "model":
                 tasks = self._pick(args[1] if len(args) > 1 else None)
                 key = (Path(args[0]).resolve(), tuple(t.name for t in tasks))
@@ -188,6 +194,15 @@ class Scorer:
             table["executor"] = summary
         return table
 
+    def moe(self, recipe: Recipe, tasks: list[Task] | None = None) -> Evaluation:
+        """Scores of the mixture of experts a ``moe:`` recipe builds (in a temporary folder)."""
+        from mergecli.moe import plan_moe, run_moe
+
+        plan = plan_moe(recipe, device=self.device)
+        with tempfile.TemporaryDirectory(prefix="mergecli-eval-") as tmp:
+            folder = run_moe(plan, Path(tmp) / "moe").folder
+            return Evaluation(self.evaluator.score(folder, self._pick(tasks), self.bar), recipe)
+
     def expert_scores(self, recipe: Recipe) -> dict[str, float]:
         """Each task's score of the expert trained for it (tasks without an expert are left out)."""
         mine = [task for task in self.tasks if task.expert is not None]
@@ -197,18 +212,16 @@ class Scorer:
         }
 
 
-def _call(scorer: Scorer, kind: str, *args: Any) -> Evaluation:
-    """One evaluation of ``Scorer.each``: a Scorer method, or ``score_recipe`` for "recipe"
-    (a selecting method's candidates scored on the scorer too)."""
-    if kind == "recipe":
-        from mergecli.evaluate.selection import score_recipe
-
-        return score_recipe(scorer, *args)
+def _call(scorer: Scorer, kind: EvaluationCall, *args: Any) -> Evaluation:
+    """One evaluation of ``Scorer.each``: the Scorer method ``kind`` names, or ``kind`` itself
+    called with the scorer."""
+    if not isinstance(kind, str):
+        return kind(scorer, *args)
     result: Evaluation = getattr(scorer, kind)(*args)
     return result
 
 
-def _score_task(spec: Recipe, device: str, kind: str, *args: Any) -> Evaluation:
+def _score_task(spec: Recipe, device: str, kind: EvaluationCall, *args: Any) -> Evaluation:
     """One evaluation on a Ray worker, with a Scorer built there from the same recipe."""
     return _call(Scorer(spec, device), kind, *args)
 

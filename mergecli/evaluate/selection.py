@@ -19,7 +19,10 @@ from mergecli.recipe import Recipe
 
 def score_recipe(scorer: Scorer, recipe: Recipe) -> Evaluation:
     """Scores of a recipe's merge; a selecting method selects its experts first, and the
-    result's ``recipe`` lists the ones kept (``details`` records the selection)."""
+    result's ``recipe`` lists the ones kept (``details`` records the selection). A recipe with
+    a ``moe:`` section is scored as the mixture of experts it builds."""
+    if recipe.moe is not None:
+        return scorer.moe(recipe)
     if get_method(recipe.merge_method).selects_experts:
         return greedy_soup(scorer, recipe)
     return scorer.merge(recipe)

@@ -8,7 +8,8 @@ sweep picks one checkpoint per run:
   score on the expert's own task is best; ties: the earlier), each run taking the checkpoint
   nearest m·T* (ties: the earlier). Multiples that pick the same checkpoints give one point.
 
-At each point every method merges the chosen checkpoints; the expert score is the mean over
+At each point every method merges the chosen checkpoints (``moe``: upcycles them into the
+recipe's mixture of experts); the expert score is the mean over
 tasks of each task's expert on its own task. An expert that is not a run is the same at every
 point.
 """
@@ -21,12 +22,14 @@ from typing import Any
 from mergecli.analyze.runs import Point, run_checkpoints, sweep_points
 from mergecli.analyze.sweep import point_recipe
 from mergecli.errors import RecipeError, did_you_mean
-from mergecli.evaluate import Scorer
+from mergecli.evaluate import Scorer, score_recipe
 from mergecli.methods import get_method
 from mergecli.recipe import Recipe
 
 MULTIPLES = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0)
 BY = ("step", "tstar")
+MOE = "moe"
+"""The method name of the recipe's mixture of experts in a sweep."""
 
 
 def best_steps(recipe: Recipe, scorer: Scorer) -> dict[str, dict[str, Any]]:
@@ -90,7 +93,9 @@ def nearest(steps: dict[int, Path], target: float) -> int:
 
 def method_recipe(recipe: Recipe, method: str) -> Recipe:
     """The recipe merged with another method: parameters that method does not take are
-    dropped."""
+    dropped. ``moe`` is the recipe's mixture of experts (its ``moe:`` section), unchanged."""
+    if method == MOE:
+        return recipe
     spec = get_method(method, "--methods").resolve(recipe.parameters)
     keep = set(spec.param_names)
     models = [
@@ -99,7 +104,7 @@ def method_recipe(recipe: Recipe, method: str) -> Recipe:
     ]
     parameters = {k: v for k, v in recipe.parameters.items() if k in keep}
     return recipe.model_copy(
-        update={"merge_method": method, "parameters": parameters, "models": models}
+        update={"merge_method": method, "parameters": parameters, "models": models, "moe": None}
     )
 
 
@@ -113,9 +118,15 @@ def sweep_durations(
     """Merged and expert scores at each training duration, per method."""
     if by not in BY:
         raise RecipeError(f"--by: '{by}' is not step or tstar{did_you_mean(by, BY)}", key="--by")
-    methods = methods or [recipe.merge_method]
+    methods = methods or [recipe.merge_method or MOE]
     for method in methods:
-        get_method(method, "--methods")
+        if method != MOE:
+            get_method(method, "--methods")
+        elif recipe.moe is None:
+            raise RecipeError(
+                "--methods: moe upcycles with the recipe's moe: section; it has none",
+                key="--methods",
+            )
     result: dict[str, Any] = {
         "by": by,
         "metric": scorer.metric,
@@ -145,7 +156,7 @@ def sweep_durations(
             "methods": {},
         }
         candidates = [(method_recipe(at, method),) for method in methods]
-        for method, merged in zip(methods, scorer.each("recipe", candidates), strict=True):
+        for method, merged in zip(methods, scorer.each(score_recipe, candidates), strict=True):
             row["methods"][method] = {
                 "tasks": merged.tasks,
                 "score": merged.score,

@@ -8,11 +8,11 @@ tasks; the experts' mean on their own tasks is the reference it approaches at MÃ
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mergecli.evaluate import Scorer
+from mergecli.jsonsafe import strict_json
 from mergecli.recipe import Recipe
 
 if TYPE_CHECKING:
@@ -65,5 +65,5 @@ def score_flex(recipe: Recipe, scorer: Scorer, result: FlexResult) -> dict[str, 
     json_path, png_path = result.output / f"{SCORES}.json", result.output / f"{SCORES}.png"
     sizes_figure(scores, png_path)
     scores["files"] = [str(json_path), str(png_path)]
-    json_path.write_text(json.dumps(scores, indent=2) + "\n")
+    json_path.write_text(strict_json(scores)[0] + "\n")
     return scores
