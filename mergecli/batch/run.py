@@ -230,7 +230,9 @@ def preview(batch: Batch, options: RunOptions | None = None) -> list[dict[str, A
             row["action"] = "run"
         else:
             try:
-                plan = plan_merge(entry.recipe, options.device, options.shard_size)
+                plan = plan_merge(  # headers only: a selecting method's plan lists every expert
+                    entry.recipe, options.device, options.shard_size, experts_selected=True
+                )
                 needs = {n: prints[n] or "" for n in entry.needs}
                 mine = fingerprint(entry, plan, needs, options)
             except MergeError as exc:

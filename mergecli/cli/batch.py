@@ -8,8 +8,6 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from mergecli.batch import BatchDisplay, RunOptions, load_batch, run_batch
-from mergecli.batch.run import preview
 from mergecli.cli import (
     DeviceOpt,
     DryRunOpt,
@@ -53,6 +51,9 @@ def batch(
     quiet: QuietOpt = False,
 ) -> None:
     """Run several recipes, one using another's output by name; finished ones are skipped."""
+    from mergecli.batch import BatchDisplay, RunOptions, load_batch, run_batch
+    from mergecli.batch.run import preview
+
     spec = load_batch(file, work_dir, output)
     options = RunOptions(device, shard_size, force)
     if dry_run:
