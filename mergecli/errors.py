@@ -95,6 +95,16 @@ class EvaluationError(MergeError):
     """An evaluator, its data or its command failed."""
 
 
+class BatchError(MergeError):
+    """Recipes of a batch failed (``failed``) or did not run because one they need failed
+    (``blocked``); the others ran or were skipped."""
+
+    def __init__(self, message: str, failed: list[str], blocked: list[str]) -> None:
+        super().__init__(message)
+        self.failed = failed
+        self.blocked = blocked
+
+
 def did_you_mean(word: str, choices: Iterable[str]) -> str:
     """Return ' (did you mean 'x'?)' for the closest choice, or '' when nothing is close."""
     close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)

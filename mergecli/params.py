@@ -6,6 +6,8 @@ A value is, as in mergekit, one of
   (``mergecli.layers.layer_position``), the list's points spread evenly from 0 to 1;
 - a list of ``{filter: substring, value: ...}``: the first entry whose filter occurs in the
   tensor name applies, an entry without ``filter`` is the fallback; its value may be a gradient.
+  Under ``conventions: mergekit`` the first entry that matches, has no filter or has filter
+  ``"*"`` applies, wherever it sits in the list (mergekit 0.1.5's rule).
 """
 
 from __future__ import annotations
@@ -48,10 +50,18 @@ def check_value(raw: Any, key: str, source: str | None = None) -> None:
     )
 
 
-def resolve_value(raw: Any, tensor_name: str, position: float) -> Any:
+def resolve_value(
+    raw: Any, tensor_name: str, position: float, conventions: str = "mergecli"
+) -> Any:
     """The scalar value of a (checked) parameter value for one tensor; None if no filter matches."""
     if not isinstance(raw, list):
         return raw
+    if isinstance(raw[0], dict) and conventions == "mergekit":
+        for entry in raw:
+            pattern = entry.get("filter")
+            if pattern is None or pattern == "*" or pattern in tensor_name:
+                return resolve_value(entry["value"], tensor_name, position, conventions)
+        return None
     if isinstance(raw[0], dict):
         fallback = None
         for entry in raw:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import yaml
+
+from mergecli.jsonsafe import strict_json
 
 if TYPE_CHECKING:
     from mergecli.engine.plan import MergePlan
@@ -29,22 +30,22 @@ def fmt(value: Any) -> str:
 
 def markdown_report(report: dict[str, Any], sections: Sequence[str] = ()) -> str:
     """The human-readable merge report; ``sections``: the output's Markdown lines."""
-    timing, totals = report["timing"], report["totals"]
+    run, totals = report["run"], report["totals"]
+    timing = run["timing"]
     lines = [
         f"# Merge report: `{report['method']}`",
         "",
         "| input | path | size | fingerprint |",
         "|---|---|---|---|",
         *(
-            f"| {i['role']} | `{i['path']}` | {human_bytes(i['bytes'])} | `{i['fingerprint']}` |"
-            for i in report["inputs"]
+            f"| {i['role']} | `{path}` | {human_bytes(i['bytes'])} | `{i['fingerprint']}` |"
+            for i, path in zip(report["inputs"], run["inputs"], strict=True)
         ),
         "",
         f"Wall time {timing['wall_s']:.2f} s (busy: read {timing['read_s']:.2f} s, compute "
         f"{timing['compute_s']:.2f} s, write {timing['write_s']:.2f} s); read "
         f"{human_bytes(report['bytes_read'])}, wrote {human_bytes(report['bytes_written'])}, "
-        f"peak resident memory {human_bytes(report['peak_rss_bytes'])}, device "
-        f"{report['device']}.",
+        f"peak resident memory {human_bytes(run['peak_rss_bytes'])}, device {run['device']}.",
         "",
     ]
     experts = [i["role"] for i in report["inputs"] if i["role"] != "base"]
@@ -78,7 +79,12 @@ def markdown_report(report: dict[str, Any], sections: Sequence[str] = ()) -> str
 
 
 def write_reports(folder: Path, report: dict[str, Any], sections: list[str]) -> None:
-    (folder / "merge_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    """merge_report.json (strict JSON: a non-finite figure is null, with a warning) and .md."""
+    text, notes = strict_json(report)
+    if notes:
+        report["plan"]["warnings"] += notes
+        text = strict_json(report)[0]
+    (folder / "merge_report.json").write_text(text + "\n")
     (folder / "merge_report.md").write_text(markdown_report(report, sections))
 
 

@@ -144,9 +144,9 @@ def test_report_and_model_card(zoo: Path, tmp_path: Path) -> None:
     assert [i["role"] for i in report["inputs"]] == ["base", *EXPERTS]
     assert all(len(i["fingerprint"]) == 16 and i["bytes"] > 0 for i in report["inputs"])
     assert report["recipe"]["merge_method"] == "ties"
-    assert set(report["timing"]) == {"wall_s", "read_s", "compute_s", "write_s"}
+    assert set(report["run"]["timing"]) == {"wall_s", "read_s", "compute_s", "write_s"}
     # the in-process merge reports this process's peak resident memory, taken during the run
-    assert peak_before <= report["peak_rss_bytes"] <= peak_after
+    assert peak_before <= report["run"]["peak_rss_bytes"] <= peak_after
     assert report["bytes_written"] == sum(
         p.stat().st_size for p in (tmp_path / "out").iterdir() if p.suffix == ".safetensors"
     )

@@ -6,6 +6,8 @@ METHODS.md formula written out here: no files, no CLI, milliseconds per test.
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
@@ -52,7 +54,12 @@ def call(
         value = params.get(param.name, param.default)
         if param.per_model and not isinstance(value, list):
             value = [value] * len(experts)
-        resolved[param.name] = value
+        key = f"parameters.{param.name}"
+        if isinstance(value, list):
+            resolved[param.name] = [param.coerce(v, key) for v in value]
+        else:
+            resolved[param.name] = param.coerce(value, key)
+    resolved["conventions"] = params.get("conventions", "mergecli")
     if spec.check is not None:
         spec.check(resolved, name)
     inputs = TensorInputs(
@@ -240,6 +247,24 @@ def test_della(normalize: bool) -> None:
     close(got, want)
 
 
+@pytest.mark.parametrize("normalize", [True, False])
+def test_della_linear(normalize: bool) -> None:
+    base, experts = tensors()
+    density, epsilon = [0.4, 0.5, 0.6], [0.1, 0.2, 0.3]
+    total = torch.zeros_like(base)
+    for t, e in enumerate(experts):
+        tv = e - base
+        keep = dense.della_keep(tv, density[t], epsilon[t])
+        total += WEIGHTS[t] * tv * (uniform(t, base.shape) < keep) / keep.float()
+    if normalize:
+        total /= sum(WEIGHTS)
+    got = call(
+        "della_linear", base, experts, weight=WEIGHTS, density=density, epsilon=epsilon,
+        normalize=normalize, **{"lambda": 0.8},
+    )  # fmt: skip
+    close(got, base + 0.8 * total)
+
+
 def test_della_refuses_probabilities_outside_zero_one() -> None:
     base, experts = tensors()
     with pytest.raises(RecipeError) as caught:
@@ -393,6 +418,7 @@ def test_emr_unified_vector_and_masks() -> None:
 
 
 def test_every_method_has_a_test_here() -> None:
-    tested = [name.removeprefix("test_") for name in globals() if name.startswith("test_")]
+    here = [*globals(), *vars(importlib.import_module("tests.test_mergekit_methods"))]
+    tested = [name.removeprefix("test_") for name in here if name.startswith("test_")]
     missing = [m.name for m in list_methods() if not any(t.startswith(m.name) for t in tested)]
     assert not missing, f"methods without an in-memory test: {missing}"

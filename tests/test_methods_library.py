@@ -60,11 +60,11 @@ def merged(zoo: Path, tmp: Path, method: str, *args: Any, **kwargs: Any) -> dict
     return load_state(out)
 
 
-def assert_states_close(got: dict, want: dict) -> None:
+def assert_states_close(got: dict, want: dict, atol: float = 1e-6) -> None:
     assert set(got) == set(want)
     for name, tensor in want.items():
         assert got[name].dtype == torch.float32
-        torch.testing.assert_close(got[name], tensor, atol=1e-6, rtol=0, msg=name)
+        torch.testing.assert_close(got[name], tensor, atol=atol, rtol=0, msg=name)
 
 
 def expected(zoo: Path, fn: Any, names: tuple[str, ...] = EXPERTS) -> dict[str, torch.Tensor]:
@@ -371,7 +371,10 @@ def test_pcb(zoo: Path, tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_tsv(zoo: Path, tmp_path: Path) -> None:
     got = merged(zoo, tmp_path, "tsv", {"alpha": 0.9})
-    assert_states_close(got, expected(zoo, lambda n, b, tvs: b + 0.9 * dense.tsv_delta(tvs, n)))
+    want = expected(zoo, lambda n, b, tvs: b + 0.9 * dense.tsv_delta(tvs, n))
+    # mergecli's SVDs run in float32 (its documented convention), the reference's in float64:
+    # they agree to ~1e-5 of the weights (0.1), and the float32 result varies with threads
+    assert_states_close(got, want, atol=1e-5)
 
 
 # ---- consensus -----------------------------------------------------------------------------------
@@ -434,9 +437,9 @@ def test_statistics_state_is_a_fixed_histogram(
 
 BAD = {
     "della epsilon": ("della", {"epsilon": 0.6}, ["della needs", "epsilon", "models[0]"]),
-    "slerp t": ("slerp", {"t": 1.5}, ["t in [0, 1]", "parameters.t"]),
+    "slerp t": ("slerp", {"t": 1.5}, ["t must lie in [0, 1]", "parameters.t"]),
     "breadcrumbs fractions": ("breadcrumbs", {"density": 0.95, "gamma": 0.1}, ["density + gamma"]),
-    "pcb ratio": ("pcb", {"ratio": 0}, ["0 < ratio"]),
+    "pcb ratio": ("pcb", {"ratio": 0}, ["parameters.ratio", "ratio must lie in (0, 1]"]),
     "consensus k": ("consensus", {"k": 4}, ["parameters.k", "0 ≤ k ≤ 3"]),
     "lines alpha": ("lines", {"beta": 1.0}, ["needs 'alpha'"]),
     "lines typo": (

@@ -61,6 +61,7 @@ def test_work_units_over_parts_of_the_read_plan_make_the_whole_merge(zoo: Path) 
                 "merge_func": "mean",
                 "sign": "mass",
                 "normalize": True,
+                "rescale": False,
             },
         ),
     ],
@@ -74,7 +75,7 @@ def test_methods_leave_their_inputs_unchanged(method: str, params: dict) -> None
     inputs = TensorInputs("w", base.clone(), [w.clone() for w in weights], [None, None])
     inputs.stats = StatValues({RESCALERS: [1.0, 1.0]})
     held = inputs.weights()
-    merged = as_merged(get_method(method).fn(inputs, params), 2)
+    merged = as_merged(get_method(method).fn(inputs, {**params, "conventions": "mergecli"}), 2)
     assert torch.equal(inputs.base, base)
     for got, want in zip(held, weights, strict=True):
         assert torch.equal(got, want)

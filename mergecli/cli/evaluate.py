@@ -24,6 +24,8 @@ from mergecli.cli import (
     print_json,
 )
 from mergecli.cli.analyze import analyze_app, show
+from mergecli.cli.executor import AddressOpt, ExecutorOpt
+from mergecli.distributed.executor import executor_for
 from mergecli.errors import RecipeError
 from mergecli.evaluate.protocol import describe
 from mergecli.progress import count_bar_for
@@ -33,11 +35,14 @@ def _fmt(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def _scorer(recipe: Path, device: str, quiet: bool) -> tuple[mergecli.Recipe, Any]:
+def _scorer(
+    recipe: Path, device: str, quiet: bool, executor: str, address: str | None
+) -> tuple[mergecli.Recipe, Any]:
     from mergecli.evaluate import Scorer
 
     spec = mergecli.load_recipe(recipe)
-    return spec, Scorer(spec, device, count_bar_for(err, quiet))
+    runner = executor_for(executor, address)
+    return spec, Scorer(spec, device, count_bar_for(err, quiet), runner)
 
 
 def _target(recipe: Path, spec: mergecli.Recipe, output: Path | None, force: bool) -> Path:
@@ -76,13 +81,15 @@ def evaluate(
         Path | None, typer.Option("--output", "-o", help="Also write the scores as JSON here.")
     ] = None,
     device: DeviceOpt = "cpu",
+    executor: ExecutorOpt = "local",
+    address: AddressOpt = None,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Score the recipe's merge (in memory where the evaluator allows) or given checkpoints."""
     from mergecli.evaluate.table import evaluation_table
 
-    spec, scorer = _scorer(recipe, device, quiet or json_out)
+    spec, scorer = _scorer(recipe, device, quiet or json_out, executor, address)
     data = evaluation_table(scorer, spec, model, output)
     rows = data["rows"]
     if json_out:
@@ -149,11 +156,15 @@ def sweep(
     methods: Annotated[
         str | None,
         typer.Option(
-            "--methods", help="Comma-separated methods to compare (default: the recipe's)."
+            "--methods",
+            help="Comma-separated methods to compare, moe for the recipe's mixture of experts "
+            "(default: the recipe's).",
         ),
     ] = None,
     output: OutputOpt = None,
     device: DeviceOpt = "cpu",
+    executor: ExecutorOpt = "local",
+    address: AddressOpt = None,
     json_out: JsonOpt = False,
     force: ForceOpt = False,
     quiet: QuietOpt = False,
@@ -181,6 +192,7 @@ def sweep(
             parse_axes(grid, spec) if grid else None,
             stop_patience,
             [int(v) for v in parse_values(seeds, "--seeds")] if seeds is not None else None,
+            executor_for(executor, address),
         )
         _durations(result, target, json_out, quiet, force)
         return
@@ -193,7 +205,7 @@ def sweep(
             "--stop-patience: selects checkpoints of runs; add --over-checkpoints",
             key="--stop-patience",
         )
-    spec, scorer = _scorer(recipe, device, quiet or json_out)
+    spec, scorer = _scorer(recipe, device, quiet or json_out, executor, address)
     assert grid is not None
     axes = parse_grid(grid, spec)
     target = _target(recipe, spec, output, force)
@@ -347,6 +359,8 @@ def landscape(
     ] = None,
     output: OutputOpt = None,
     device: DeviceOpt = "cpu",
+    executor: ExecutorOpt = "local",
+    address: AddressOpt = None,
     json_out: JsonOpt = False,
     force: ForceOpt = False,
     quiet: QuietOpt = False,
@@ -363,7 +377,9 @@ def landscape(
     names = [n.strip() for value in models for n in value.split(",") if n.strip()]
     values = [float(a) for a in parse_values(alphas, "--alphas")]
     target = _target(recipe, spec, output, force) if output else None
-    scorer = Scorer(spec, device, count_bar_for(err, quiet or json_out))
+    scorer = Scorer(
+        spec, device, count_bar_for(err, quiet or json_out), executor_for(executor, address)
+    )
     result = run_landscape(spec, scorer, names, path, values, task)
     if target is not None:
         write_results(result, target, force, "landscape", landscape_figure)

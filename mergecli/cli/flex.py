@@ -17,6 +17,7 @@ from mergecli.cli import (
     OutputOpt,
     QuietOpt,
     ShardOpt,
+    WaitOpt,
     app,
     err,
     handle_errors,
@@ -25,13 +26,11 @@ from mergecli.cli import (
     print_json,
     print_warnings,
 )
+from mergecli.cli.executor import AddressOpt, ExecutorOpt
+from mergecli.distributed.executor import RayExecutor, executor_for
 from mergecli.errors import RecipeError
-from mergecli.evaluate import Scorer
-from mergecli.flex import plan_flex, run_flex
-from mergecli.flex.report import result_summary
 from mergecli.progress import count_bar_for, progress_for
 from mergecli.report import human_bytes
-from mergecli.sweep.sizes import score_flex
 
 
 def parse_sizes(size: float | None, sizes: str | None) -> list[float] | None:
@@ -88,13 +87,22 @@ def flex(
         ),
     ] = False,
     device: DeviceOpt = "cpu",
+    executor: ExecutorOpt = "local",
+    address: AddressOpt = None,
     shard_size: ShardOpt = "5GB",
     dry_run: DryRunOpt = False,
     json_out: JsonOpt = False,
     force: ForceOpt = False,
+    wait: WaitOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Merge the recipe's experts into artifacts of the given sizes (1 to M models)."""
+    from mergecli.distributed.flex import similarity_on_ray
+    from mergecli.evaluate import Scorer
+    from mergecli.flex import plan_flex, run_flex
+    from mergecli.flex.report import result_summary
+    from mergecli.sweep.sizes import score_flex
+
     spec = mergecli.load_recipe(recipe)
     if method is not None:
         spec.merge_method = method
@@ -118,8 +126,18 @@ def flex(
             print_summary(summary)
         return
     assert target is not None
-    scorer = Scorer(spec, device, count_bar_for(err, quiet or json_out)) if evaluate else None
-    result = run_flex(plan, target, force=force, progress=progress_for(err, quiet))
+    runner = executor_for(executor, address)
+    similarity = (
+        similarity_on_ray(runner, spec, overrides, device, shard_size)
+        if isinstance(runner, RayExecutor)
+        else None
+    )
+    bar = count_bar_for(err, quiet or json_out)
+    scorer = Scorer(spec, device, bar, runner) if evaluate else None
+    progress = progress_for(err, quiet)
+    result = run_flex(
+        plan, target, force=force, progress=progress, similarity=similarity, wait=wait
+    )
     summary = result_summary(result)
     if scorer is not None:
         summary["evaluation"] = score_flex(spec, scorer, result)

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import typer
 import yaml
 from rich.table import Table
 from typer.core import TyperGroup
 
+import mergecli
 from mergecli.cli import (
     DeviceOpt,
     JsonOpt,
@@ -24,11 +25,10 @@ from mergecli.cli import (
 )
 from mergecli.errors import RecipeError, did_you_mean
 from mergecli.progress import progress_for
-from mergecli.recipe import load_recipe
 from mergecli.report import human_bytes
-from mergecli.temporal import StepResult, add_expert, init_state
-from mergecli.temporal import replay as replay_recipe
-from mergecli.temporal import status as state_status
+
+if TYPE_CHECKING:
+    from mergecli.temporal import StepResult
 
 
 class TemporalGroup(TyperGroup):
@@ -130,6 +130,8 @@ def init(
             "keep_steps": keep_steps,
         },
     }
+    from mergecli.temporal import init_state
+
     _, warnings = init_state(state, settings, force=force)
     print_warnings(warnings)
     if json_out:
@@ -156,6 +158,8 @@ def add(
     quiet: QuietOpt = False,
 ) -> None:
     """Fold the next expert into a state: writes the new deploy and init models atomically."""
+    from mergecli.temporal import add_expert
+
     result = add_expert(
         state, expert, name, device, shard_size, new_progress=lambda: progress_for(err, quiet)
     )
@@ -186,6 +190,8 @@ def step_line(result: StepResult) -> str:
 @handle_errors
 def status(state: StateArg, json_out: JsonOpt = False) -> None:
     """Show a state's strategies, its sequence of experts and its sizes on disk."""
+    from mergecli.temporal import status as state_status
+
     info = state_status(state)
     if json_out:
         print_json(info)
@@ -236,7 +242,9 @@ def replay(
     quiet: QuietOpt = False,
 ) -> None:
     """Fold a recipe's experts in order (resumes an interrupted run of the same recipe)."""
-    spec = load_recipe(recipe)
+    from mergecli.temporal import replay as replay_recipe
+
+    spec = mergecli.load_recipe(recipe)
 
     def on_step(step: StepResult) -> None:
         print_warnings(step.warnings)

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from mergecli.engine.layout import Shard
-from mergecli.engine.outputs import Card, Written
+from mergecli.engine.outputs import Card, Sharded, Written
 from mergecli.engine.read_plan import TensorPlan
 from mergecli.engine.writer import ShardWriter
 from mergecli.errors import RecipeError, SourceError
@@ -276,18 +276,13 @@ class LoraAdapter:
         )
 
 
-class LoraWriter:
+class LoraWriter(Sharded):
     """Writes each merged weight's LoRA pair (or the tensor whole); copied tensors are the
     base's and are not written."""
 
     def __init__(self, layout: LoraLayout, shards: ShardWriter, folder: Path) -> None:
+        super().__init__(shards, folder)
         self.layout = layout
-        self.shards = shards
-        self.folder = folder
-
-    @property
-    def bytes_written(self) -> int:
-        return self.shards.bytes_written
 
     def merged(
         self, tensor: TensorPlan, inputs: TensorInputs, merged: torch.Tensor | TaskMasks
@@ -298,9 +293,6 @@ class LoraWriter:
 
     def copied(self, tensor: TensorPlan, value: torch.Tensor) -> Written:
         return []
-
-    def write(self, name: str, value: Any) -> None:
-        self.shards.write(name, value)
 
     def finish(self, per_tensor: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
         self.shards.finish()

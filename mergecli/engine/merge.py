@@ -3,6 +3,8 @@ sums the report's figures and hands the result to the output plug-in."""
 
 from __future__ import annotations
 
+import datetime
+import platform
 import resource
 import time
 from dataclasses import dataclass
@@ -12,17 +14,21 @@ from typing import Any
 import torch
 
 from mergecli.engine.figures import ReportSums, summarize
+from mergecli.engine.finite import check_finite
 from mergecli.engine.output import atomic_folder, check_output
 from mergecli.engine.outputs import InMemory, OutputWriter
 from mergecli.engine.plan import MergePlan, TensorPlan
 from mergecli.engine.runner import Pass, Piece, Runner, Timer, WriteQueue
 from mergecli.engine.threads import compute_threads
 from mergecli.errors import MergeError, OutputError, ShapeError
-from mergecli.methods import TensorInputs
+from mergecli.methods import TaskMasks, TensorInputs
 from mergecli.methods.result import Merged, as_merged
 from mergecli.methods.statistics import StatValues
 from mergecli.progress import Progress
 from mergecli.report import model_card, write_reports
+
+VOLATILE_PLAN = ("base", "experts", "device", "peak_memory_estimate")
+"""Plan figures that depend on the machine or the paths: in the report's ``run`` section."""
 
 
 @dataclass
@@ -78,17 +84,22 @@ def run_merge(
     output: str | Path,
     force: bool = False,
     progress: Progress | None = None,
+    wait: bool = False,
 ) -> MergeResult:
-    """Execute a plan into ``output`` (atomically) and return the report."""
+    """Execute a plan into ``output`` (atomically, under the output's lock; ``wait`` for a run
+    that holds it instead of failing) and return the report."""
     with compute_threads():
-        return _run_merge(plan, Path(output).resolve(), force, Runner(progress))
+        return _run_merge(plan, Path(output).resolve(), force, Runner(progress), wait)
 
 
-def _run_merge(plan: MergePlan, output: Path, force: bool, runner: Runner) -> MergeResult:
+def _run_merge(
+    plan: MergePlan, output: Path, force: bool, runner: Runner, wait: bool
+) -> MergeResult:
     check_output(output, force)
     started = time.perf_counter()
-    stats = statistics(plan, runner)
-    with atomic_folder(output, force) as folder:
+    started_at = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+    with atomic_folder(output, force, wait, plan.bytes_to_write) as folder:
+        stats = statistics(plan, runner)
         writer = plan.output.open(folder, plan)
         sums, store = ReportSums(), Store(writer, runner.timer)
         passes: list[Pass] = [MergePass(plan, stats, runner.timer), sums, store]
@@ -96,7 +107,9 @@ def _run_merge(plan: MergePlan, output: Path, force: bool, runner: Runner) -> Me
         per_tensor = {n: {**r, **store.extra.get(n, {})} for n, r in sums.per_tensor().items()}
         section, lines = writer.finish(per_tensor)
         wall = time.perf_counter() - started
-        report = build_report(plan, output, per_tensor, runner.timer, writer.bytes_written, wall)
+        report = build_report(
+            plan, output, per_tensor, runner.timer, writer.bytes_written, wall, started_at
+        )
         report.update(section)
         write_reports(folder, report, lines)
         (folder / "README.md").write_text(model_card(plan))
@@ -134,13 +147,19 @@ def merge_tensor(
     """The method's result for one tensor; an unexpected failure names the tensor."""
     inputs.stats = stats
     try:
-        return as_merged(plan.method.fn(inputs, tensor.params), inputs.num_experts)
+        merged = as_merged(plan.method.fn(inputs, tensor.params), inputs.num_experts)
     except MergeError:
         raise
     except Exception as exc:
         raise ShapeError(
             f"{plan.method.name} failed on '{tensor.name}': {exc}", tensor=tensor.name
         ) from exc
+    # the finite-value guard on what the method returned (every merge goes through here)
+    value = merged.value
+    values = value.unified if isinstance(value, TaskMasks) else value
+    label = f"{plan.method.name} (merged)"
+    check_finite(values, tensor.name, label, None, plan.recipe.on_nonfinite, plan.warnings)
+    return merged
 
 
 def build_report(
@@ -150,40 +169,42 @@ def build_report(
     timer: Timer,
     bytes_written: int,
     wall: float,
+    started: str,
 ) -> dict[str, Any]:
-    """The merge report: inputs, parameters, per-tensor figures, totals and timings."""
+    """The merge report: inputs, parameters, per-tensor figures and totals; what differs from
+    one run of the same recipe to the next (timings, memory, paths, host, device) sits under
+    ``run``, so two runs' reports are otherwise identical."""
     inputs = ([("base", plan.base)] if plan.base else []) + list(
         zip(plan.expert_names, plan.experts, strict=True)
     )
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    totals = summarize(per_tensor, len(plan.experts))
+    summary = plan.summary()
     return {
         "mergecli_report": 1,
-        "output": str(output),
         "recipe": plan.recipe.model_dump(mode="json", exclude={"folder"}),
         "method": plan.method.name,
         "inputs": [
-            {
-                "role": role,
-                "path": str(src.path),
-                "bytes": src.nbytes,
-                "fingerprint": src.fingerprint(),
-            }
+            {"role": role, "bytes": src.nbytes, "fingerprint": src.fingerprint()}
             for role, src in inputs
         ],
-        "plan": plan.summary(),
-        "totals": totals,
+        "plan": {k: v for k, v in summary.items() if k not in VOLATILE_PLAN},
+        "totals": summarize(per_tensor, len(plan.experts)),
         "tensors": per_tensor,
-        "timing": {
-            "wall_s": wall,
-            "read_s": timer.read,
-            "compute_s": timer.compute,
-            "write_s": timer.write,
-        },
         "bytes_read": timer.bytes_read,
         "bytes_written": bytes_written,
-        "throughput_bytes_per_s": timer.bytes_read / wall if wall > 0 else None,
-        "peak_rss_bytes": peak,
-        "threads": torch.get_num_threads(),
-        "device": str(plan.device),
+        "run": {
+            "output": str(output),
+            "inputs": [str(src.path) for _, src in inputs],
+            "host": platform.node(),
+            "started": started,
+            "timing": {
+                "wall_s": wall,
+                "read_s": timer.read,
+                "compute_s": timer.compute,
+                "write_s": timer.write,
+            },
+            "throughput_bytes_per_s": timer.bytes_read / wall if wall > 0 else None,
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "threads": torch.get_num_threads(),
+            **{k: summary[k] for k in VOLATILE_PLAN},
+        },
     }

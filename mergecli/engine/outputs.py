@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
+from mergecli.chat_template import resolve_chat_template, write_chat_template
 from mergecli.engine.layout import Shard
 from mergecli.engine.output import copy_model_files
 from mergecli.engine.read_plan import TensorPlan
@@ -126,17 +127,9 @@ class ModelFolder:
         return Card("Merged model", "This model was merged")
 
 
-class ModelWriter:
-    """Writes a model folder: every tensor in the output dtype, then config and tokenizer."""
-
-    def __init__(self, shards: ShardWriter, folder: Path, plan: MergePlan) -> None:
-        self.shards = shards
-        self.folder = folder
-        self.plan = plan
-
-    @property
-    def bytes_written(self) -> int:
-        return self.shards.bytes_written
+class WholeModel:
+    """What an output holding one model stores: each tensor under its name, a merged one in
+    the output dtype, a copied one as read."""
 
     def merged(
         self, tensor: TensorPlan, inputs: TensorInputs, merged: torch.Tensor | TaskMasks
@@ -147,18 +140,42 @@ class ModelWriter:
     def copied(self, tensor: TensorPlan, value: torch.Tensor) -> Written:
         return [(tensor.name, value)]
 
+
+class Sharded:
+    """An output writer that stores its values in safetensors shards."""
+
+    def __init__(self, shards: ShardWriter, folder: Path) -> None:
+        self.shards = shards
+        self.folder = folder
+
+    @property
+    def bytes_written(self) -> int:
+        return self.shards.bytes_written
+
     def write(self, name: str, value: Any) -> None:
         self.shards.write(name, value)
+
+
+class ModelWriter(WholeModel, Sharded):
+    """Writes a model folder: every tensor in the output dtype, then config and tokenizer."""
+
+    def __init__(self, shards: ShardWriter, folder: Path, plan: MergePlan) -> None:
+        super().__init__(shards, folder)
+        self.plan = plan
 
     def finish(self, per_tensor: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
         self.shards.finish()
         copy_model_files(
             self.plan.reference.path, self.plan.tokenizer_folder, self.folder, self.plan.out_dtype
         )
+        sources = [s.path for s in (self.plan.base, *self.plan.experts) if s]
+        template = resolve_chat_template(self.plan.recipe.chat_template, sources)
+        if template is not None:
+            write_chat_template(self.folder, template)
         return {}, []
 
 
-class InMemory:
+class InMemory(WholeModel):
     """The merged model's state dict in memory, on the plan's device (evaluation)."""
 
     merged_rows = False
@@ -181,15 +198,6 @@ class InMemory:
 
     def card(self, plan: MergePlan) -> Card:
         return Card("Merged model", "This model was merged")
-
-    def merged(
-        self, tensor: TensorPlan, inputs: TensorInputs, merged: torch.Tensor | TaskMasks
-    ) -> tuple[Written, dict[str, Any]]:
-        assert isinstance(merged, torch.Tensor)
-        return [(tensor.name, merged.to(tensor.out_dtype))], {}
-
-    def copied(self, tensor: TensorPlan, value: torch.Tensor) -> Written:
-        return [(tensor.name, value)]
 
     def write(self, name: str, value: Any) -> None:
         self.state[name] = value

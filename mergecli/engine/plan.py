@@ -11,6 +11,8 @@ from typing import Any
 import psutil
 import torch
 
+from mergecli.conventions import apply_conventions, parameter_position
+from mergecli.engine.checks import adapter_warnings, check_bounds, check_weights, model_warnings
 from mergecli.engine.layout import files_bytes, parse_size, plan_shards
 from mergecli.engine.lora_output import LoraAdapter, plan_lora_output
 from mergecli.engine.outputs import ModelFolder, Output, RowPolicy
@@ -29,7 +31,7 @@ from mergecli.errors import (
     UnknownParameterError,
     did_you_mean,
 )
-from mergecli.layers import count_layers, layer_index, layer_position
+from mergecli.layers import count_layers, layer_index
 from mergecli.methods import REQUIRED, MethodSpec, Param, Params, get_method
 from mergecli.methods.inputs import row_chunks
 from mergecli.methods.statistics import Statistic
@@ -92,6 +94,8 @@ class InputPlan:
             self.compute_dtype,
             self.recipe.seed,
             self.num_layers,
+            self.recipe.on_nonfinite,
+            self.warnings,
         )
 
 
@@ -252,21 +256,24 @@ def check_parameter_names(recipe: Recipe, method: MethodSpec) -> list[str]:
 
 
 def resolve_params(recipe: Recipe, method: MethodSpec, name: str, position: float) -> Params:
-    """The parameters of one tensor: per-model value, else global value, else default."""
+    """The parameters of one tensor: per-model value, else global value, else default (of the
+    recipe's conventions); ``conventions`` too, for the methods that follow mergekit's."""
+    conventions = recipe.conventions
     out: Params = {}
     for param in method.params:
+        default = param.default_for(conventions)
 
-        def one(raw: Any, key: str, param: Param = param) -> Any:
-            value = resolve_value(raw, name, position)
+        def one(raw: Any, key: str, param: Param = param, default: Any = default) -> Any:
+            value = resolve_value(raw, name, position, conventions)
             if value is None or value is REQUIRED:
                 if param.required:
                     raise RecipeError(
                         f"{key}: '{method.name}' needs '{param.name}' (for {name})", key=key
                     )
-                return param.default
+                return default
             return param.coerce(value, key)
 
-        glob = recipe.parameters.get(param.name, param.default)
+        glob = recipe.parameters.get(param.name, default)
         if param.per_model:
             out[param.name] = [
                 one(m.parameters.get(param.name, glob), f"models[{i}].parameters.{param.name}")
@@ -274,6 +281,7 @@ def resolve_params(recipe: Recipe, method: MethodSpec, name: str, position: floa
             ]
         else:
             out[param.name] = one(glob, f"parameters.{param.name}")
+    out["conventions"] = conventions
     return out
 
 
@@ -327,14 +335,16 @@ def plan_merge(
             "mergecli.evaluate.plan_with_selection(recipe) runs the selection and plans it",
             key="merge_method",
         )
-    notes = check_parameter_names(recipe, method)
+    recipe, notes = apply_conventions(recipe, method)
+    notes += check_parameter_names(recipe, method)
+    check_bounds(recipe, method)
+    notes += model_warnings(recipe)
     n = len(recipe.models)
-    if n < method.min_models or (method.max_models and n > method.max_models):
-        want = (
-            f"exactly {method.min_models}"
-            if method.min_models == method.max_models
-            else f"at least {method.min_models}"
-        )
+    least, most = method.min_models, method.max_models
+    if recipe.conventions == "mergekit" and method.mergekit_models is not None:
+        least, most = method.mergekit_models
+    if n < least or (most and n > most):
+        want = f"exactly {least}" if least == most else f"at least {least}"
         raise RecipeError(
             f"models: '{method.name}' needs {want} models, the recipe lists {n}", key="models"
         )
@@ -344,6 +354,7 @@ def plan_merge(
         raise RecipeError(f"--shard-size: {exc}", key="--shard-size") from None
     inputs = plan_inputs(recipe, device, method, notes)
     tensors = inputs.tensors
+    notes += check_weights(method, {t.name: t.params for t in tensors if t.merge})
     statistics = (
         method.statistics({t.name: t.params for t in tensors if t.merge}, notes.append)
         if method.statistics
@@ -365,6 +376,7 @@ def plan_inputs(
     torch_device = resolve_device(device)
 
     base, experts = open_models(recipe)
+    notes += adapter_warnings(recipe, base, experts)
     if method and method.base == "required" and base is None:
         raise RecipeError(f"base_model: '{method.name}' needs a base model", key="base_model")
     reference = base or experts[0]
@@ -380,9 +392,13 @@ def plan_inputs(
             f"{reference.label}: '{reference.path}' has no floating-point tensors",
             path=reference.path,
         )
+    given_dtype = recipe.out_dtype
+    mergekit = recipe.conventions == "mergekit"
+    if given_dtype is None and mergekit and "dtype" in recipe.model_fields_set:
+        given_dtype = recipe.dtype  # mergekit writes in dtype when out_dtype is unset
     out_dtype = (
-        getattr(torch, recipe.out_dtype)
-        if recipe.out_dtype
+        getattr(torch, given_dtype)
+        if given_dtype
         else max(set(float_dtypes), key=float_dtypes.count)
     )
     compute_dtype = torch.float64 if recipe.dtype == "float64" else torch.float32
@@ -404,7 +420,11 @@ def plan_inputs(
             tensors.append(TensorPlan(name, info.shape, out_dtype, merge=False))
             continue
         params = (
-            resolve_params(recipe, method, name, layer_position(name, num_layers)) if method else {}
+            resolve_params(
+                recipe, method, name, parameter_position(name, num_layers, recipe.conventions)
+            )
+            if method
+            else {}
         )
         if method and method.check:
             method.check(params, name)
@@ -439,7 +459,6 @@ def plan_output(
     shards = plan_shards(specs, shard_bytes)
     if method.output != "task_masks":
         return ModelFolder(shards, metadata)
-    check_task_names(recipe)
     return TaskMaskArtifact(
         plan_task_artifact(
             specs,
@@ -450,20 +469,6 @@ def plan_output(
             metadata,
         )
     )
-
-
-def check_task_names(recipe: Recipe) -> None:
-    """Task names of an artifact must be unique: ``export --task NAME`` picks one."""
-    seen: dict[str, int] = {}
-    for i in range(len(recipe.models)):
-        name = recipe.model_name(i)
-        if name in seen:
-            raise RecipeError(
-                f"models[{i}]: task name '{name}' is also the name of models[{seen[name]}]; "
-                "set models[].name to tell the tasks apart",
-                key=f"models[{i}].name",
-            )
-        seen[name] = i
 
 
 def differing_buffer(name: str, reference: Source, experts: list[Source]) -> list[str]:

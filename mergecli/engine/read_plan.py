@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from mergecli.engine.finite import Mode
 from mergecli.methods import Params
 from mergecli.sources import Source
 
@@ -62,6 +63,9 @@ class ReadPlan:
     compute_dtype: torch.dtype
     seed: int = 0
     num_layers: int = 0
+    on_nonfinite: Mode = "error"
+    """The finite-value guard on every piece read (``warn``: one warning per tensor)."""
+    warnings: list[str] = field(default_factory=list)
 
     def sources(self, tensor: TensorPlan) -> list[Source]:
         if not tensor.merge:

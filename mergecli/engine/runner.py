@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 import torch
 
+from mergecli.engine.finite import check_finite
 from mergecli.engine.read_plan import LOOKAHEAD, READ_AHEAD_BYTES, ReadPlan, Rows, TensorPlan
 from mergecli.methods import TensorInputs
 from mergecli.methods.statistics import Statistic, StatValues
@@ -182,6 +183,8 @@ class Runner:
         out = []
         for source in read.sources(tensor):
             t = source.read(tensor.name, rows)
+            file = source.info(tensor.name).file
+            check_finite(t, tensor.name, source.label, file, read.on_nonfinite, read.warnings)
             self.timer.bytes_read += t.nbytes
             if cuda:
                 out.append(t.pin_memory())

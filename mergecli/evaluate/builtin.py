@@ -121,19 +121,7 @@ class BuiltinEvaluator:
     def _skeleton(self, folder: Path) -> tuple[PreTrainedModel, str]:
         import transformers
 
-        kind, config = model_kind(folder)
-        if self.metric == "accuracy" and kind != "classification":
-            raise RecipeError(
-                f"evaluate.metric: accuracy needs a sequence-classification model; "
-                f"{folder} holds a {kind} language model (use loss or perplexity)",
-                key="evaluate.metric",
-            )
-        if self.metric == "perplexity" and kind == "classification":
-            raise RecipeError(
-                f"evaluate.metric: perplexity needs a language model; {folder} holds a "
-                "sequence classifier (use loss or accuracy)",
-                key="evaluate.metric",
-            )
+        kind, config = self._check_kind(folder)
         key = json.dumps(config, sort_keys=True)
         if key not in self._models:
             cls = getattr(transformers, config["architectures"][0], None)
@@ -147,17 +135,48 @@ class BuiltinEvaluator:
             self._models[key] = model.eval()
         return self._models[key], kind
 
+    def _check_kind(self, folder: Path) -> tuple[str, dict[str, Any]]:
+        """The folder's model kind and config; an error where the metric does not apply."""
+        kind, config = model_kind(folder)
+        if self.metric == "accuracy" and kind != "classification":
+            raise RecipeError(
+                f"evaluate.metric: accuracy needs a sequence-classification model; "
+                f"{folder} holds a {kind} language model (use loss or perplexity)",
+                key="evaluate.metric",
+            )
+        if self.metric == "perplexity" and kind == "classification":
+            raise RecipeError(
+                f"evaluate.metric: perplexity needs a language model; {folder} holds a "
+                "sequence classifier (use loss or accuracy)",
+                key="evaluate.metric",
+            )
+        return kind, config
+
     def load(self, source: ModelSource) -> tuple[torch.nn.Module, str, Path]:
         """The model of a folder or of merged tensors, its kind, and its tokenizer's folder."""
         if isinstance(source, MergedState):
             model, kind = self._skeleton(source.reference)
             _load_state(model, source.state, str(source.reference))
             return model, kind, source.reference
+        if (source / "moe.json").is_file():
+            return self._moe(source)
         model, kind = self._skeleton(source)
         checkpoint = Checkpoint(source, str(source))
         state = {name: checkpoint.read(name) for name in checkpoint.tensor_names()}
         _load_state(model, state, str(source))
         return model, kind, source
+
+    def _moe(self, folder: Path) -> tuple[torch.nn.Module, str, Path]:
+        """A ``mergecli moe`` output: loaded as it loads (the Arrow peft model over its base, or
+        the sparse MoE model); its tokenizer is the base's for Arrow."""
+        from mergecli.moe import load, read_manifest
+
+        manifest = read_manifest(folder)
+        reference = folder if manifest["kind"] == "sparse" else Path(manifest["base_model"])
+        self._check_kind(reference)
+        kind, _ = model_kind(reference)
+        model = load(folder, dtype=torch.float32).to(self.device).eval()
+        return model, kind, reference
 
     def _tokenizer(self, folder: Path) -> tuple[Any, str]:
         from transformers import AutoTokenizer

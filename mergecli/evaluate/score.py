@@ -10,10 +10,12 @@ from __future__ import annotations
 import copy
 import math
 import tempfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mergecli.distributed.executor import LocalExecutor, RayExecutor, Resources
 from mergecli.engine.merge import merge_state, run_merge
 from mergecli.engine.plan import plan_merge, resolve_device
 from mergecli.errors import MergeError, RecipeError, did_you_mean
@@ -42,6 +44,11 @@ class Evaluation:
         return math.fsum(self.tasks.values()) / len(self.tasks)
 
 
+EvaluationCall = str | Callable[..., Evaluation]
+"""What ``Scorer.each`` runs per call: the name of a Scorer method, or a function of the scorer
+and the call's arguments (``mergecli.evaluate.score_recipe``)."""
+
+
 class Scorer:
     """A recipe's ``evaluate:`` section, ready to score models and merges on a device."""
 
@@ -50,12 +57,15 @@ class Scorer:
         recipe: Recipe,
         device: str = "cpu",
         bar: CountBar | None = None,
+        executor: LocalExecutor | RayExecutor | None = None,
+        resources: Resources | None = None,
+        *,
         split: Split = "validation",
     ) -> None:
+        self.spec = recipe
         self.tasks = resolve_tasks(recipe, split)
         self.split = split
         """``validation`` (``evaluate.data``, what selection reads) or ``test``."""
-        self._recipe = recipe
         section = recipe.evaluate
         assert section is not None
         self.device = device
@@ -73,14 +83,49 @@ class Scorer:
         self.bar = bar or CountBar()
         self.expert_names = [recipe.model_name(i) for i in range(len(recipe.models))]
         self._models: dict[tuple[Path, tuple[str, ...]], dict[str, float]] = {}
+        self.executor = executor
+        self.resources = resources or Resources.for_device(device)
+        self.placements: list[dict[str, Any]] = []
+        """Where each evaluation that ran as a Ray task ran (host, pid, node id), in order."""
+
+    def each(self, kind: EvaluationCall, calls: list[tuple[Any, ...]]) -> Iterator[Evaluation]:
+        """``self.<kind>(*args)`` (kind names one: merge, model, artifact or folder) or
+        ``kind(self, *args)`` (a function such as ``score_recipe``) for each args tuple, in
+        order: here one after the other, or all at once as tasks of the Ray executor (each task
+        scoring with a Scorer of its own; results and errors come back in order). A consumer
+        that stops early cancels or skips the rest."""
+        if self.executor is None or self.executor.kind == "local":
+            for args in calls:
+                yield _call(self, kind, *args)
+            return
+        for args in calls:
+            self.executor.submit(
+                _score_task,
+                self.spec,
+                self.device,
+                self.split,
+                kind,
+                *args,
+                resources=self.resources,
+            )
+        for done, args in zip(self.executor.results(), calls, strict=True):
+            if done.error is not None:
+                raise done.error
+            name = kind if isinstance(kind, str) else kind.__name__
+            self.placements.append({"call": name, **done.where})
+            if kind == "model":
+                tasks = self._pick(args[1] if len(args) > 1 else None)
+                key = (Path(args[0]).resolve(), tuple(t.name for t in tasks))
+                self._models[key] = dict(done.value.tasks)
+            yield done.value
 
     def on_test(self) -> Scorer | None:
         """This scorer on the test data (``evaluate.test_data``), sharing its evaluator and bar;
         None when the recipe names no test data."""
-        if not has_test_data(self._recipe):
+        if not has_test_data(self.spec):
             return None
         other = copy.copy(self)
-        other.tasks = resolve_tasks(self._recipe, "test")
+        other.tasks = resolve_tasks(self.spec, "test")
         other.split = "test"
         other._models = {}
         return other
@@ -157,15 +202,53 @@ class Scorer:
                 scores.update(self.evaluator.score(exported, [task], self.bar))
         return Evaluation(scores)
 
+    def placement_summary(self) -> dict[str, Any] | None:
+        """Which node did what, for a table's ``executor`` entry (None when all ran here)."""
+        if not self.placements:
+            return None
+        return {"kind": "ray", "tasks": self.placements}
+
+    def record_placements(self, table: dict[str, Any]) -> dict[str, Any]:
+        """``table`` with an ``executor`` entry saying which node did what, where Ray ran any
+        evaluation (the rest of the table is the same whichever executor ran it)."""
+        summary = self.placement_summary()
+        if summary is not None:
+            table["executor"] = summary
+        return table
+
+    def moe(self, recipe: Recipe, tasks: list[Task] | None = None) -> Evaluation:
+        """Scores of the mixture of experts a ``moe:`` recipe builds (in a temporary folder)."""
+        from mergecli.moe import plan_moe, run_moe
+
+        plan = plan_moe(recipe, device=self.device)
+        with tempfile.TemporaryDirectory(prefix="mergecli-eval-") as tmp:
+            folder = run_moe(plan, Path(tmp) / "moe").folder
+            return Evaluation(self.evaluator.score(folder, self._pick(tasks), self.bar), recipe)
+
     def expert_scores(self, recipe: Recipe) -> dict[str, float]:
         """Each task's score of the expert trained for it (tasks without an expert are left out)."""
+        mine = [task for task in self.tasks if task.expert is not None]
+        calls = [(recipe.resolve_path(recipe.models[t.expert].model), [t]) for t in mine]  # type: ignore[index]
         return {
-            task.name: self.model(
-                recipe.resolve_path(recipe.models[task.expert].model), [task]
-            ).tasks[task.name]
-            for task in self.tasks
-            if task.expert is not None
+            t.name: e.tasks[t.name] for t, e in zip(mine, self.each("model", calls), strict=True)
         }
+
+
+def _call(scorer: Scorer, kind: EvaluationCall, *args: Any) -> Evaluation:
+    """One evaluation of ``Scorer.each``: the Scorer method ``kind`` names, or ``kind`` itself
+    called with the scorer."""
+    if not isinstance(kind, str):
+        return kind(scorer, *args)
+    result: Evaluation = getattr(scorer, kind)(*args)
+    return result
+
+
+def _score_task(
+    spec: Recipe, device: str, split: Split, kind: EvaluationCall, *args: Any
+) -> Evaluation:
+    """One evaluation on a Ray worker, with a Scorer built there from the same recipe and
+    split."""
+    return _call(Scorer(spec, device, split=split), kind, *args)
 
 
 def is_artifact(folder: Path) -> bool:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from mergecli.distributed.executor import LocalExecutor, RayExecutor
 from mergecli.engine.plan import MergePlan, plan_merge
 from mergecli.evaluate.greedy import greedy_soup
 from mergecli.evaluate.protocol import protocol, report
@@ -19,22 +20,29 @@ from mergecli.recipe import Recipe
 
 def score_recipe(scorer: Scorer, recipe: Recipe) -> Evaluation:
     """Scores of a recipe's merge; a selecting method selects its experts first, and the
-    result's ``recipe`` lists the ones kept (``details`` records the selection)."""
+    result's ``recipe`` lists the ones kept (``details`` records the selection). A recipe with
+    a ``moe:`` section is scored as the mixture of experts it builds."""
+    if recipe.moe is not None:
+        return scorer.moe(recipe)
     if get_method(recipe.merge_method).selects_experts:
         return greedy_soup(scorer, recipe)
     return scorer.merge(recipe)
 
 
 def plan_with_selection(
-    recipe: Recipe, device: str = "cpu", shard_size: str | int = "5GB", bar: CountBar | None = None
+    recipe: Recipe,
+    device: str = "cpu",
+    shard_size: str | int = "5GB",
+    bar: CountBar | None = None,
+    executor: LocalExecutor | RayExecutor | None = None,
 ) -> tuple[MergePlan, dict[str, Any]]:
     """The merge plan of a recipe, its experts selected first when its method selects them
-    (greedy_soup, on the validation data); also the selection's record (empty for other
-    methods), with the selected merge's test scores under ``test`` when the recipe names
-    ``evaluate.test_data``."""
+    (greedy_soup, on the validation data; the experts' scores as Ray tasks with a Ray
+    executor); also the selection's record (empty for other methods), with the selected
+    merge's test scores under ``test`` when the recipe names ``evaluate.test_data``."""
     if not get_method(recipe.merge_method).selects_experts:
         return plan_merge(recipe, device=device, shard_size=shard_size), {}
-    scorer = Scorer(recipe, device, bar)
+    scorer = Scorer(recipe, device, bar, executor)
     chosen = greedy_soup(scorer, recipe)
     assert chosen.recipe is not None
     test = scorer.on_test()

@@ -9,7 +9,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from mergecli.engine.layout import parse_size
-from mergecli.engine.plan import MergePlan, TensorPlan, check_task_names, plan_merge
+from mergecli.engine.plan import MergePlan, TensorPlan, plan_merge
 from mergecli.errors import RecipeError, did_you_mean
 from mergecli.flex.blocks import Block, cut_blocks
 from mergecli.flex.size import SizeModel
@@ -107,7 +107,6 @@ def plan_flex(
             "writes task masks (use strategy: flexmerge)",
             key="merge_method",
         )
-    check_task_names(recipe)
     blocks = cut_blocks(merge.tensors, options.granularity)
     shared = [t for t in merge.tensors if not t.merge]
     sizes = SizeModel(

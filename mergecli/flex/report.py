@@ -3,13 +3,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from mergecli.flex.order import Step
+from mergecli.jsonsafe import strict_json
 
 if TYPE_CHECKING:
     from mergecli.flex.plan import FlexPlan
@@ -93,7 +93,7 @@ def write_size_reports(items: list[tuple[Path, dict[str, Any]]]) -> None:
     """``flex_report.json`` and the blocks × tasks picture ``flex_report.png`` in each folder
     (one figure redrawn per size: the labels are laid out once)."""
     for folder, report in items:
-        (folder / REPORT).write_text(json.dumps(report, indent=1) + "\n")
+        (folder / REPORT).write_text(strict_json(report, indent=1)[0] + "\n")
     import matplotlib
 
     matplotlib.use("Agg")

@@ -8,6 +8,7 @@ number of sizes.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ import numpy as np
 import torch
 
 from mergecli.engine.merge import merge_tensor
-from mergecli.engine.output import atomic_folder, check_output
+from mergecli.engine.output import atomic_folder, check_output, check_space
 from mergecli.engine.plan import TensorPlan
 from mergecli.engine.runner import Each, Piece, Runner, WriteQueue
 from mergecli.engine.task_artifact import pack_mask
@@ -97,20 +98,28 @@ def size_folder(target: float) -> str:
 
 
 def run_flex(
-    plan: FlexPlan, output: str | Path, force: bool = False, progress: Progress | None = None
+    plan: FlexPlan,
+    output: str | Path,
+    force: bool = False,
+    progress: Progress | None = None,
+    similarity: Callable[[FlexPlan], list[np.ndarray]] | None = None,
+    wait: bool = False,
 ) -> FlexResult:
     """Write one artifact per target into ``output`` (the artifact itself for one target, one
-    ``size-<target>`` folder per target otherwise), atomically."""
+    ``size-<target>`` folder per target otherwise), atomically, under the output's lock.
+    ``similarity`` computes the blocks' Gram matrices instead of the similarity pass here (on a
+    Ray cluster)."""
     progress = progress or NullProgress()
     output = Path(output).resolve()
     check_output(output, force)
     runner, started = Runner(progress), time.perf_counter()
-    grams = block_grams(plan.merge, plan.blocks, runner)
-    similarity_s = time.perf_counter() - started
-    steps, states = decide_states(plan, grams)
-    order_s = time.perf_counter() - started - similarity_s
     results = []
-    with atomic_folder(output, force) as root:
+    with atomic_folder(output, force, wait) as root:
+        grams = similarity(plan) if similarity else block_grams(plan.merge, plan.blocks, runner)
+        similarity_s = time.perf_counter() - started
+        steps, states = decide_states(plan, grams)
+        order_s = time.perf_counter() - started - similarity_s
+        check_space(output, sum(plan.sizes.stored_bytes(s.partition) for s in states))
         folders = [root] if len(states) == 1 else [root / size_folder(s.target) for s in states]
         writers = []
         for folder, state in zip(folders, states, strict=True):

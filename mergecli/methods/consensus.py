@@ -8,16 +8,18 @@ import torch
 
 from mergecli.errors import RecipeError
 from mergecli.methods.inputs import TensorInputs
-from mergecli.methods.registry import Param, Params, merge_method
+from mergecli.methods.registry import FRACTION, NON_NEGATIVE, Param, Params, merge_method
 from mergecli.methods.result import Kept, Merged
 from mergecli.methods.sparsify import disjoint_merge, elect_sign
 from mergecli.methods.statistics import Statistic
 from mergecli.methods.task_masks import TaskMasks
 from mergecli.methods.ties import SCOPE, model_scope_thresholds, trimmed_task_vectors
 
-MASK_LAMBDA = Param("lambda", 0.6, help="mask threshold λt", per_model=True)
+MASK_LAMBDA = Param("lambda", 0.6, help="mask threshold λt", per_model=True, bounds=NON_NEGATIVE)
 USE_TIES = Param("use_ties", False, bool, "τMTL is the TIES merge instead of Σ τt")
-TIES_DENSITY = Param("density", 0.2, help="TIES density (with use_ties)", per_model=True)
+TIES_DENSITY = Param(
+    "density", 0.2, help="TIES density (with use_ties)", per_model=True, bounds=FRACTION
+)
 TIES_SCOPE = Param("scope", "model", str, "TIES scope (with use_ties)", choices=SCOPE.choices)
 CONVENTION = (
     "Masks compare strictly: mt = [abs(τt) > λt·abs(τMTL − τt)]. use_ties: τMTL is TIES with "

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from mergecli.errors import RecipeError
 from mergecli.methods.inputs import TensorInputs
 from mergecli.methods.linear import LAMBDA
-from mergecli.methods.registry import Param, Params, merge_method
+from mergecli.methods.registry import FRACTION, Param, Params, merge_method
 from mergecli.methods.result import Kept, Merged
 
 TAIL = 1e-4
@@ -40,20 +39,14 @@ def pcb_weights(tvs: torch.Tensor, ratio: float) -> tuple[torch.Tensor, torch.Te
     return torch.sign(tvs) * magnitude, weights
 
 
-def check_ratio(p: Params, name: str) -> None:
-    if not 0 < p["ratio"] <= 1:
-        raise RecipeError(
-            f"parameters.ratio: pcb needs 0 < ratio ≤ 1, got {p['ratio']} ({name})",
-            key="parameters.ratio",
-        )
-
-
 @merge_method(
     "pcb",
     "PCB: clip 0.01% magnitude tails, β = exp(M·N(abs τt)²) ⊙ tanh(τt ⊙ Σs τs), keep the top "
     "ratio of β per row weighted by its min–max value; τm = Σ βt τt / Σ βt; θ = θ0 + λ τm",
-    params=(Param("ratio", 0.1, help="fraction of entries of each task vector kept"), LAMBDA),
-    check=check_ratio,
+    params=(
+        Param("ratio", 0.1, help="fraction of entries of each task vector kept", bounds=FRACTION),
+        LAMBDA,
+    ),
     convention=(
         "A row is one task vector's tensor, flattened (the PCB reference code flattens the "
         "whole model instead: here statistics are per tensor). Clip positions, the kept top "

@@ -13,9 +13,45 @@ if TYPE_CHECKING:
 
 REQUIRED: Any = object()
 """Default of a parameter the recipe must give."""
+SAME: Any = object()
+"""``Param.mergekit`` of a parameter whose default is the same under both conventions."""
+CONVENTIONS = ("mergecli", "mergekit")
+IGNORED_WEIGHT = {"weight": "this method does not weigh the models (mergekit ignores it too)"}
+"""The recipe's ``conventions``: mergecli's (the papers') or mergekit 0.1.5's."""
 
 Params = dict[str, Any]
 """Resolved parameters for one tensor: per-model parameters are lists with one value per expert."""
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """The interval a numeric parameter lies in; ``open`` ends exclude their value."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def __contains__(self, value: float) -> bool:
+        low, high = self.low, self.high
+        return (low is None or (value > low if self.low_open else value >= low)) and (
+            high is None or (value < high if self.high_open else value <= high)
+        )
+
+    def __str__(self) -> str:
+        low = "-∞" if self.low is None else f"{self.low:g}"
+        high = "∞" if self.high is None else f"{self.high:g}"
+        return f"{'(' if self.low_open else '['}{low}, {high}{')' if self.high_open else ']'}"
+
+
+FRACTION = Bounds(0, 1, low_open=True)
+"""(0, 1]: a density or kept fraction (0 would keep nothing: the merge is the base)."""
+UNIT = Bounds(0, 1)
+"""[0, 1]: an interpolation position."""
+DROPPED = Bounds(0, 1, high_open=True)
+"""[0, 1): a fraction dropped (1 would drop everything)."""
+NON_NEGATIVE = Bounds(0)
+AT_LEAST_ONE = Bounds(1)
 
 
 @dataclass(frozen=True)
@@ -28,10 +64,18 @@ class Param:
     help: str = ""
     per_model: bool = False
     choices: tuple[str, ...] | None = None
+    mergekit: Any = SAME
+    """The default under ``conventions: mergekit`` when it differs from ``default``."""
+    bounds: Bounds | None = None
+    """The range of a numeric value, checked before any tensor is read."""
 
     @property
     def required(self) -> bool:
         return self.default is REQUIRED
+
+    def default_for(self, conventions: str) -> Any:
+        """The default under these conventions."""
+        return self.default if conventions != "mergekit" or self.mergekit is SAME else self.mergekit
 
     def coerce(self, value: Any, key: str) -> Any:
         """Check and convert one resolved scalar value; key names it in the recipe."""
@@ -52,10 +96,19 @@ class Param:
                 raise RecipeError(f"{key}: expected a number, got {value!r}", key=key)
             if self.kind is int and float(value) != int(value):
                 raise RecipeError(f"{key}: expected a whole number, got {value!r}", key=key)
+            self.check_bounds(value, key)
             return self.kind(value)
         if not isinstance(value, self.kind):
             raise RecipeError(f"{key}: expected a {self.kind.__name__}, got {value!r}", key=key)
         return value
+
+    def check_bounds(self, value: float, key: str) -> None:
+        """A one-line RecipeError naming ``key`` when a number lies outside ``bounds``."""
+        if self.bounds is not None and value not in self.bounds:
+            what = f" ({self.help})" if self.help else ""
+            raise RecipeError(
+                f"{key}: {self.name} must lie in {self.bounds}{what}, got {value!r}", key=key
+            )
 
 
 @dataclass(frozen=True)
@@ -101,6 +154,12 @@ class MethodSpec:
     """For a method whose merged task vector is Σ ct τt (a linear combination): the ct of one
     tensor's parameters, or None when these parameters make it no such combination. Lets LoRA
     experts merge into an exact LoRA output by concatenating their ranks."""
+    mergekit: str = ""
+    """What ``conventions: mergekit`` changes beyond parameter defaults (mergekit 0.1.5's
+    behaviour that the method then reproduces); the method reads ``p["conventions"]``."""
+    mergekit_models: tuple[int, int | None] | None = None
+    """(min, max) experts under ``conventions: mergekit`` where they differ (mergekit's base is
+    an endpoint of slerp, nearswap and arcee_fusion)."""
     composes: str | None = None
     """The parameter naming another method that this one wraps (``lines``' base_method): the
     recipe then also takes that method's parameters, and its statistics and checks apply."""
@@ -176,9 +235,13 @@ def merge_method(
     return register
 
 
-def get_method(name: str, key: str = "merge_method") -> MethodSpec:
+def get_method(name: str | None, key: str = "merge_method") -> MethodSpec:
     """The registered method called ``name``; UnknownMethodError (naming the recipe ``key``) with a
     suggestion otherwise."""
+    if name is None:  # an MoE recipe may leave it out; every merge needs it
+        raise RecipeError(
+            f"missing required key '{key}' (an MoE recipe runs with 'mergecli moe')", key=key
+        )
     try:
         return _REGISTRY[name]
     except KeyError:

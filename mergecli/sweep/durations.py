@@ -11,7 +11,8 @@ sweep picks one checkpoint per run:
 With a patience P, one more point takes each run's early-stopped checkpoint (Alg. 1 of the
 undertraining paper, on the recipe's validation metric; ``stopping.early_stop``).
 
-At each point every method merges the chosen checkpoints; the expert score is the mean over
+At each point every method merges the chosen checkpoints (``moe``: upcycles them into the
+recipe's mixture of experts); the expert score is the mean over
 tasks of each task's expert on its own task. An expert that is not a run is the same at every
 point.
 """
@@ -23,6 +24,7 @@ from typing import Any
 
 from mergecli.analyze.runs import Point, run_checkpoints, sweep_points
 from mergecli.analyze.sweep import point_recipe
+from mergecli.distributed.executor import LocalExecutor, RayExecutor
 from mergecli.errors import RecipeError, did_you_mean
 from mergecli.evaluate import Scorer, score_recipe
 from mergecli.evaluate.protocol import protocol, report
@@ -36,6 +38,8 @@ from mergecli.sweep.stopping import checkpoint_scores, early_stop, tstar_steps
 
 MULTIPLES = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0)
 BY = ("step", "tstar")
+MOE = "moe"
+"""The method name of the recipe's mixture of experts in a sweep."""
 
 
 def tstar_points(recipe: Recipe, tstar: dict[str, int], multiples: list[float]) -> list[Point]:
@@ -71,7 +75,9 @@ def nearest(steps: dict[int, Path], target: float) -> int:
 
 def method_recipe(recipe: Recipe, method: str) -> Recipe:
     """The recipe merged with another method: parameters that method does not take are
-    dropped."""
+    dropped. ``moe`` is the recipe's mixture of experts (its ``moe:`` section), unchanged."""
+    if method == MOE:
+        return recipe
     spec = get_method(method, "--methods").resolve(recipe.parameters)
     keep = set(spec.param_names)
     models = [
@@ -80,7 +86,7 @@ def method_recipe(recipe: Recipe, method: str) -> Recipe:
     ]
     parameters = {k: v for k, v in recipe.parameters.items() if k in keep}
     return recipe.model_copy(
-        update={"merge_method": method, "parameters": parameters, "models": models}
+        update={"merge_method": method, "parameters": parameters, "models": models, "moe": None}
     )
 
 
@@ -105,10 +111,18 @@ def sweep_durations(
     """
     if by not in BY:
         raise RecipeError(f"--by: '{by}' is not step or tstar{did_you_mean(by, BY)}", key="--by")
-    methods = methods or [recipe.merge_method]
+    methods = methods or [recipe.merge_method or MOE]
     for method in methods:
-        get_method(method, "--methods")
-    tuned = {m: method_axes(axes or [], method_recipe(recipe, m)) for m in methods}
+        if method != MOE:
+            get_method(method, "--methods")
+        elif recipe.moe is None:
+            raise RecipeError(
+                "--methods: moe upcycles with the recipe's moe: section; it has none",
+                key="--methods",
+            )
+    tuned = {
+        m: [] if m == MOE else method_axes(axes or [], method_recipe(recipe, m)) for m in methods
+    }
     unused = [a.label for a in axes or [] if not any(a in t for t in tuned.values())]
     if unused:
         raise RecipeError(
@@ -174,7 +188,7 @@ def sweep_durations(
         method: rows[scorer.best([r["methods"][method]["score"] for r in rows])]["x"]
         for method in methods
     }
-    return result
+    return scorer.record_placements(result)
 
 
 def sweep_training(
@@ -187,13 +201,15 @@ def sweep_training(
     axes: list[Axis] | None = None,
     patience: int | None = None,
     seeds: list[int] | None = None,
+    executor: LocalExecutor | RayExecutor | None = None,
 ) -> dict[str, Any]:
-    """``sweep_durations`` on the recipe's validation data, reported on its
-    ``evaluate.test_data`` when it names one; with ``seeds``, once per seed (``{seed}`` in the
-    recipe's paths) and aggregated as mean ± std (``mergecli.seeds.over_seeds``)."""
+    """``sweep_durations`` on the recipe's validation data (evaluations as Ray tasks with a Ray
+    ``executor``), reported on its ``evaluate.test_data`` when it names one; with ``seeds``,
+    once per seed (``{seed}`` in the recipe's paths) and aggregated as mean ± std
+    (``mergecli.seeds.over_seeds``)."""
 
     def run(one: Recipe) -> dict[str, Any]:
-        scorer = Scorer(one, device, bar)
+        scorer = Scorer(one, device, bar, executor)
         return sweep_durations(
             one, scorer, by, methods, multiples, axes, scorer.on_test(), patience
         )

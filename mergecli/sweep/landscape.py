@@ -118,14 +118,14 @@ def landscape(
     chosen = _tasks(scorer, recipe, entries, tasks)
     curves: dict[str, list[float]] = {t.name: [] for t in chosen}
     handle = scorer.bar.add("landscape", len(alphas))
-    for alpha in alphas:
-        scores = scorer.merge(path_recipe(recipe, entries, path, alpha), chosen).tasks
-        for name, value in scores.items():
+    calls = [(path_recipe(recipe, entries, path, alpha), chosen) for alpha in alphas]
+    for merged in scorer.each("merge", calls):
+        for name, value in merged.tasks.items():
             curves[name].append(value)
         scorer.bar.advance(handle)
     scorer.bar.done(handle)
     mean = [sum(c[i] for c in curves.values()) / len(curves) for i in range(len(alphas))]
-    return {
+    result: dict[str, Any] = {
         "path": path,
         "path_formula": FORMULAS[path],
         "models": [m.name or m.model for m in entries],
@@ -137,6 +137,7 @@ def landscape(
         "barrier": barrier(mean, scorer.higher_is_better),
         "task_barriers": {n: barrier(c, scorer.higher_is_better) for n, c in curves.items()},
     }
+    return scorer.record_placements(result)
 
 
 def _tasks(scorer: Scorer, recipe: Recipe, entries: list[ModelEntry], names: list[str] | None):

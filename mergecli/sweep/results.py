@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from mergecli.engine.output import atomic_folder
+from mergecli.jsonsafe import strict_json
 
 
 def write_results(
@@ -21,5 +21,5 @@ def write_results(
     paths are added to ``result["files"]``."""
     with atomic_folder(target, force) as folder:
         figure(result, folder / f"{stem}.png")
-        (folder / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+        (folder / f"{stem}.json").write_text(strict_json(result)[0] + "\n")
     result["files"] = [str(target / f"{stem}.json"), str(target / f"{stem}.png")]

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 from typing import Any
 
 from mergecli.engine.merge import run_merge
+from mergecli.engine.output import output_errors
 from mergecli.engine.plan import plan_merge
 from mergecli.errors import RecipeError
 from mergecli.evaluate import Evaluation, Scorer, score_recipe
 from mergecli.evaluate.protocol import protocol, report
+from mergecli.jsonsafe import strict_json
 from mergecli.recipe import Recipe
 from mergecli.sweep.grid import Axis, apply_point, grid_points
 
@@ -34,8 +35,8 @@ def sweep_grid(
     best: tuple[int, Evaluation] | None = None
     since_best = 0
     handle = scorer.bar.add("sweep", len(points))
-    for point in points:
-        result = score_recipe(scorer, apply_point(recipe, axes, point))
+    candidates = [(apply_point(recipe, axes, point),) for point in points]
+    for point, result in zip(points, scorer.each(score_recipe, candidates), strict=False):
         rows.append(
             {"parameters": point, "tasks": result.tasks, "score": result.score, **result.details}
         )
@@ -64,7 +65,7 @@ def sweep_grid(
     reported = report(test, best[1].recipe)
     if reported is not None:
         table["test"] = reported
-    return table, best[1].recipe
+    return scorer.record_placements(table), best[1].recipe
 
 
 def sweep(
@@ -83,7 +84,8 @@ def sweep(
     plan = plan_merge(best, device=device, experts_selected=True)  # best lists a soup's choice
     result = run_merge(plan, output, force=force)
     table["output"] = str(result.output)
-    table["files"] = [str(p) for p in write_table(table, result.output)]
+    with output_errors(result.output):
+        table["files"] = [str(p) for p in write_table(table, result.output)]
     return table
 
 
@@ -91,7 +93,7 @@ def write_table(table: dict[str, Any], folder: Path, stem: str = "sweep") -> lis
     """``stem.json`` (everything) and ``stem.csv`` (one row per point) in ``folder``."""
     folder.mkdir(parents=True, exist_ok=True)
     json_path, csv_path = folder / f"{stem}.json", folder / f"{stem}.csv"
-    json_path.write_text(json.dumps(table, indent=2) + "\n")
+    json_path.write_text(strict_json(table)[0] + "\n")
     labels = list(table["grid"])
     with csv_path.open("w", newline="") as handle:
         writer = csv.writer(handle)

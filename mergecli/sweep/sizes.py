@@ -10,12 +10,12 @@ data (``test``, ``experts_test``, ``test_gain_1x_2x``), the numbers to report.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mergecli.evaluate import Scorer
 from mergecli.evaluate.protocol import protocol
+from mergecli.jsonsafe import strict_json
 from mergecli.recipe import Recipe
 
 if TYPE_CHECKING:
@@ -34,20 +34,22 @@ def score_sizes(
     """Scores of (target, deployed size, artifact folder) triples, and the experts'."""
     handle = scorer.bar.add("scoring sizes", len(sizes))
     rows: list[dict[str, Any]] = []
-    for target, size, folder in sizes:
-        result = scorer.artifact(folder)
-        row = {
-            "target": target,
-            "size": size,
-            "folder": str(folder),
-            "tasks": result.tasks,
-            "score": result.score,
-        }
-        if test is not None:
-            on_test = test.artifact(folder)
-            row["test"] = {"tasks": on_test.tasks, "score": on_test.score}
-        rows.append(row)
+    results = scorer.each("artifact", [(folder,) for _, _, folder in sizes])
+    on_test = test.each("artifact", [(folder,) for _, _, folder in sizes]) if test else None
+    for (target, size, folder), result in zip(sizes, results, strict=True):
+        rows.append(
+            {
+                "target": target,
+                "size": size,
+                "folder": str(folder),
+                "tasks": result.tasks,
+                "score": result.score,
+            }
+        )
         scorer.bar.advance(handle)
+    if on_test is not None:
+        for row, tested in zip(rows, on_test, strict=True):
+            row["test"] = {"tasks": tested.tasks, "score": tested.score}
     scorer.bar.done(handle)
     experts = scorer.expert_scores(recipe)
     by_target = {r["target"]: r["score"] for r in rows}
@@ -69,7 +71,7 @@ def score_sizes(
             sum(experts_test.values()) / len(experts_test) if experts_test else None
         )
         scores["test_gain_1x_2x"] = _gain({r["target"]: r["test"]["score"] for r in rows})
-    return scores
+    return scorer.record_placements(scores)
 
 
 def _gain(by_target: dict[float, float]) -> float | None:
@@ -88,5 +90,5 @@ def score_flex(recipe: Recipe, scorer: Scorer, result: FlexResult) -> dict[str, 
     json_path, png_path = result.output / f"{SCORES}.json", result.output / f"{SCORES}.png"
     sizes_figure(scores, png_path)
     scores["files"] = [str(json_path), str(png_path)]
-    json_path.write_text(json.dumps(scores, indent=2) + "\n")
+    json_path.write_text(strict_json(scores)[0] + "\n")
     return scores

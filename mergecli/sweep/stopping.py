@@ -130,5 +130,6 @@ def checkpoint_scores(recipe: Recipe, scorer: Scorer) -> dict[str, dict[int, flo
         run = run_checkpoints(recipe.resolve_path(entry.model))
         tasks = [t for t in scorer.tasks if t.expert == i]
         if run and tasks:
-            out[recipe.model_name(i)] = {s: scorer.model(p, tasks).score for s, p in run.items()}
+            scores = scorer.each("model", [(path, tasks) for path in run.values()])
+            out[recipe.model_name(i)] = {s: e.score for s, e in zip(run, scores, strict=True)}
     return out

@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from mergecli.engine.checks import model_warnings
 from mergecli.engine.merge import run_merge
 from mergecli.engine.plan import MergePlan, plan_merge
 from mergecli.errors import RecipeError, SourceError
@@ -207,8 +208,8 @@ def _run(
     return {
         "model": label,
         "output": str(output),
-        "wall_s": report["timing"]["wall_s"],
-        "peak_rss_bytes": report["peak_rss_bytes"],
+        "wall_s": report["run"]["timing"]["wall_s"],
+        "peak_rss_bytes": report["run"]["peak_rss_bytes"],
     }
 
 
@@ -243,7 +244,8 @@ def fold(
             seed=step_seed(settings["seed"], step),
         )
         plan = plan_merge(recipe, device, shard_size)  # also checks the expert against the base
-        warnings = list(plan.warnings)
+        on_purpose = model_warnings(recipe)  # the EMA's recipe lists the base at step 1
+        warnings = [w for w in plan.warnings if w not in on_purpose]
         if "ema" in (temporal.init, temporal.deploy):
             merges.append(_run(plan, folder / step_dir / "ema", new, "ema", new_progress))
             new.ema = str(step_dir / "ema")
