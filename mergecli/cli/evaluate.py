@@ -27,7 +27,6 @@ from mergecli.cli.analyze import analyze_app, show
 from mergecli.cli.executor import AddressOpt, ExecutorOpt
 from mergecli.distributed.executor import executor_for
 from mergecli.errors import RecipeError
-from mergecli.evaluate.protocol import describe
 from mergecli.progress import count_bar_for
 
 
@@ -43,6 +42,12 @@ def _scorer(
     spec = mergecli.load_recipe(recipe)
     runner = executor_for(executor, address)
     return spec, Scorer(spec, device, count_bar_for(err, quiet), runner)
+
+
+def _describe(protocol: dict[str, str]) -> str:
+    from mergecli.evaluate.protocol import describe
+
+    return describe(protocol)
 
 
 def _target(recipe: Path, spec: mergecli.Recipe, output: Path | None, force: bool) -> Path:
@@ -219,7 +224,7 @@ def sweep(
         test = f", test {_fmt(table['test']['score'])}" if "test" in table else ""
         out.print(
             f"best {table['best']['parameters']} → validation {_fmt(table['best']['score'])}"
-            f"{test} ({describe(table['protocol'])}); "
+            f"{test} ({_describe(table['protocol'])}); "
             f"wrote {table['output']} and {', '.join(Path(f).name for f in table['files'])}",
             highlight=False,
         )
@@ -265,7 +270,7 @@ def _durations(
     tested = result["protocol"]["reported_on"] == "test"
     table = Table(
         title=f"merged {result['metric']} against training duration "
-        f"({'multiples of T*' if by_tstar else 'steps'}); {describe(result['protocol'])}"
+        f"({'multiples of T*' if by_tstar else 'steps'}); {_describe(result['protocol'])}"
     )
     table.add_column("× T*" if by_tstar else "step", justify="right")
     table.add_column("checkpoints")
