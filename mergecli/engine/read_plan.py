@@ -75,11 +75,17 @@ class ReadPlan:
 
     @classmethod
     def copies(
-        cls, tensors: list[TensorPlan], source: Readable, on_nonfinite: Mode = "error"
+        cls,
+        tensors: list[TensorPlan],
+        source: Readable,
+        on_nonfinite: Mode = "error",
+        warnings: list[str] | None = None,
     ) -> ReadPlan:
         """Each of ``tensors`` read whole from ``source`` and handed on as stored."""
         cpu = torch.device("cpu")
-        return cls(tensors, whole, None, [], source, cpu, torch.float32, on_nonfinite=on_nonfinite)
+        return cls(
+            tensors, whole, None, [], source, cpu, torch.float32, 0, 0, on_nonfinite, warnings or []
+        )
 
     def sources(self, tensor: TensorPlan) -> list[Readable]:
         if not tensor.merge:
