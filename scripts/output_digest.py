@@ -185,8 +185,8 @@ def export_and_moe(root: Path, work: Path) -> Iterator[str]:
     from mergecli.artifacts.export import export_task
     from mergecli.moe import plan_moe, run_moe
 
-    for artifact, task in (("tall_masks", "b"), ("flexmerge", "c")):
-        label = f"export-{artifact}"
+    for artifact, task in (("tall_masks", "b"), ("flexmerge/size-1.5", "c")):
+        label = f"export-{artifact.split('/')[0]}"
         export_task(open_artifact(work / artifact), task, work / label, shard_size="200KB")
         yield from folder_digests(label, work / label)
     prompts = {x: {"positive": [f"w{i} w{i + 1}"], "negative": ["w40"]} for i, x in enumerate("ab")}
