@@ -24,7 +24,14 @@ from peft import LoraConfig
 
 from scripts.fixtures import make_adapter, make_base, make_expert
 
-VOLATILE = {"timing", "threads", "peak_rss_bytes", "peak_memory_estimate", "throughput_bytes_per_s"}
+VOLATILE = {
+    "timing",
+    "threads",
+    "peak_rss_bytes",
+    "peak_memory_estimate",
+    "throughput_bytes_per_s",
+    "started",
+}
 """Report keys that measure the run rather than describe the output."""
 
 RECIPES: dict[str, dict[str, Any]] = {
@@ -108,7 +115,7 @@ def file_digest(path: Path) -> str:
     if path.suffix == ".json":
         data = json.dumps(scrub(json.loads(data)), sort_keys=True).encode()
     elif path.name.endswith("report.md"):
-        data = b"\n".join(x for x in data.split(b"\n") if not x.startswith(b"Wall time"))
+        data = b"\n".join(x for x in data.split(b"\n") if b"Wall time" not in x)
     elif path.suffix == ".png":
         return "(figure)"
     return hashlib.sha256(data).hexdigest()[:16]
