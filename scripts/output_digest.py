@@ -2,10 +2,10 @@
 
 ``python -m scripts.output_digest FIXTURES [--out DIGESTS.txt]`` builds the tiny fixtures in
 FIXTURES (once; reused afterwards), runs every method family, the LoRA and task-mask outputs,
-FlexMerge, ``analyze interference``, an in-memory merge and a temporal replay through the
-library, and prints one line per output file: its path and the sha256 of its bytes (reports
-and manifests without their timing and memory fields). Two checkouts that print the same
-lines write the same files.
+FlexMerge, ``analyze interference``, an in-memory merge, a temporal replay, ``export`` of
+artifacts' tasks and ``moe`` (sparse and Arrow) through the library, and prints one line per
+output file: its path and the sha256 of its bytes (reports and manifests without their timing
+and memory fields). Two checkouts that print the same lines write the same files.
 """
 
 from __future__ import annotations
@@ -24,7 +24,14 @@ from peft import LoraConfig
 
 from scripts.fixtures import make_adapter, make_base, make_expert
 
-VOLATILE = {"timing", "threads", "peak_rss_bytes", "peak_memory_estimate", "throughput_bytes_per_s"}
+VOLATILE = {
+    "timing",
+    "threads",
+    "peak_rss_bytes",
+    "peak_memory_estimate",
+    "throughput_bytes_per_s",
+    "started",
+}
 """Report keys that measure the run rather than describe the output."""
 
 RECIPES: dict[str, dict[str, Any]] = {
@@ -69,6 +76,18 @@ def build_fixtures(root: Path) -> None:
     (root / "done").write_text("")
 
 
+def arrow_adapters(root: Path) -> list[Path]:
+    """Three LoRA adapters of one rank for an Arrow MoE (built once, beside the fixtures)."""
+    folders = [root / "arrow" / x for x in ("X", "Y", "G")]
+    if not (root / "arrow" / "done").is_file():
+        shutil.rmtree(root / "arrow", ignore_errors=True)
+        config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"])
+        for i, folder in enumerate(folders):
+            make_adapter(root / "base", folder, config, seed=300 + i, scale=0.3)
+        (root / "arrow" / "done").write_text("")
+    return folders
+
+
 def recipe(root: Path, spec: dict[str, Any]) -> Any:
     from mergecli.recipe import recipe_from_dict
 
@@ -96,7 +115,7 @@ def file_digest(path: Path) -> str:
     if path.suffix == ".json":
         data = json.dumps(scrub(json.loads(data)), sort_keys=True).encode()
     elif path.name.endswith("report.md"):
-        data = b"\n".join(x for x in data.split(b"\n") if not x.startswith(b"Wall time"))
+        data = b"\n".join(x for x in data.split(b"\n") if b"Wall time" not in x)
     elif path.suffix == ".png":
         return "(figure)"
     return hashlib.sha256(data).hexdigest()[:16]
@@ -163,6 +182,45 @@ def digests(root: Path, work: Path) -> Iterator[str]:
     )
     replay(temporal)
     yield from folder_digests("temporal", work / "temporal")
+    yield from export_and_moe(root, work)
+
+
+def export_and_moe(root: Path, work: Path) -> Iterator[str]:
+    """Tasks exported from the task-mask and FlexMerge artifacts above; sparse MoE models
+    (random and cheap_embed gates, shared tensors merged) and an Arrow MoE with GenKnowSub."""
+    from mergecli.artifacts import open_artifact
+    from mergecli.artifacts.export import export_task
+    from mergecli.moe import plan_moe, run_moe
+
+    for artifact, task in (("tall_masks", "b"), ("flexmerge/size-1.5", "c")):
+        label = f"export-{artifact.split('/')[0]}"
+        export_task(open_artifact(work / artifact), task, work / label, shard_size="200KB")
+        yield from folder_digests(label, work / label)
+    prompts = {x: {"positive": [f"w{i} w{i + 1}"], "negative": ["w40"]} for i, x in enumerate("ab")}
+    x, y, g = arrow_adapters(root)
+    specs: dict[str, dict[str, Any]] = {
+        "moe-random": {"models": "ab", "moe": {"gate_mode": "random"}},
+        "moe-cheap": {"models": "ab", "moe": {"gate_mode": "cheap_embed", "prompts": prompts}},
+        "moe-merged": {
+            "models": "ab",
+            "merge_method": "task_arithmetic",
+            "out_dtype": "bfloat16",
+            "moe": {"gate_mode": "random"},
+        },
+    }
+    for label, spec in specs.items():
+        run_moe(plan_moe(recipe(root, {**spec, "seed": 5}), shard_size="200KB"), work / label)
+        yield from folder_digests(label, work / label)
+    from mergecli.recipe import recipe_from_dict
+
+    arrow = {
+        "base_model": str(root / "base"),
+        "models": [{"model": str(x)}, {"model": str(y)}],
+        "moe": {"top_k": 2, "general": [str(g)]},
+        "seed": 5,
+    }
+    run_moe(plan_moe(recipe_from_dict(arrow, root)), work / "moe-arrow")
+    yield from folder_digests("moe-arrow", work / "moe-arrow")
 
 
 def main() -> None:

@@ -12,8 +12,9 @@ from safetensors.torch import load_file
 from transformers import LlamaForCausalLM
 
 import mergecli
+from mergecli.engine.runner import Runner
 from mergecli.moe import load, plan_moe
-from mergecli.moe.arrow import module_stats
+from mergecli.moe.arrow_output import prototypes
 from scripts.fixtures import make_adapter
 from tests.helpers import run_cli, write_recipe
 
@@ -97,8 +98,7 @@ def test_prototypes_equal_an_independent_svd(
 ) -> None:
     plan = plan_moe(mergecli.load_recipe(recipe(zoo, loras, tmp_path, general)))
     assert len(plan.modules) == 3 * 3  # q, v, up in three layers
-    for module in plan.modules:
-        stats = module_stats(plan.adapters, plan.general, module)
+    for module, stats in zip(plan.modules, prototypes(plan, Runner()), strict=True):
         mean_a = mean_b = 0.0
         if general:
             factors = [dense_factors(loras / g, module) for g in GENERAL]

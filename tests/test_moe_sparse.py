@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,9 @@ from transformers import (
 )
 
 import mergecli
-from mergecli.moe import load, plan_moe
+from mergecli.engine.output import output_lock
+from mergecli.errors import OutputError
+from mergecli.moe import load, plan_moe, run_moe
 from scripts.fixtures import VOCAB, save_model
 from tests.helpers import load_state, run_cli, write_recipe
 
@@ -239,6 +242,34 @@ def test_qwen2_experts_make_qwen2_moe_with_a_shared_expert(qwen_zoo: Path, tmp_p
     assert type(model).__name__ == "Qwen2MoeForCausalLM"
     with torch.no_grad():
         assert torch.isfinite(model(input_ids=INPUT).logits).all()
+
+
+def test_a_locked_output_is_refused_or_waited_for(zoo: Path, tmp_path: Path) -> None:
+    experts = {"math": zoo / "math", "code": zoo / "code"}
+    path = write(tmp_path, zoo / "base", experts, gate_mode="random")
+    plan = plan_moe(mergecli.load_recipe(path))
+    out = tmp_path / "out"
+    with output_lock(out):
+        with pytest.raises(OutputError) as error:
+            run_moe(plan, out)
+        assert "being written by another mergecli run" in str(error.value)
+    assert not out.exists()
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with output_lock(out):
+            held.set()
+            release.wait(10)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    held.wait(10)
+    threading.Timer(0.5, release.set).start()
+    result = run_moe(plan, out, wait=True)
+    holder.join()
+    assert result.report["bytes_read"] == sum(
+        t.nbytes for name, t in load_state(out).items() if ".gate." not in name
+    )
 
 
 def test_shared_tensors_merged_with_a_merge_method(zoo: Path, tmp_path: Path) -> None:

@@ -8,9 +8,10 @@ import pytest
 import torch
 
 import mergecli
-from mergecli.engine.merge import MergePass, Store, merge_state, statistics
+from mergecli.engine.merge import MergePass, merge_state, statistics
 from mergecli.engine.outputs import InMemory
 from mergecli.engine.runner import Runner
+from mergecli.engine.store import Store
 from mergecli.methods import TensorInputs, get_method
 from mergecli.methods.emr import RESCALERS
 from mergecli.methods.result import as_merged

@@ -16,6 +16,7 @@ from mergecli.cli import (
     QuietOpt,
     RecipeArg,
     ShardOpt,
+    WaitOpt,
     app,
     err,
     handle_errors,
@@ -38,6 +39,7 @@ def moe(
     dry_run: DryRunOpt = False,
     json_out: JsonOpt = False,
     force: ForceOpt = False,
+    wait: WaitOpt = False,
     quiet: QuietOpt = False,
     train_steps: Annotated[
         int | None,
@@ -70,7 +72,7 @@ def moe(
             print_plan(summary, "moe plan")
         return
     assert target is not None
-    result = run_moe(plan, target, force=force, progress=progress_for(err, quiet))
+    result = run_moe(plan, target, force=force, progress=progress_for(err, quiet), wait=wait)
     report = result.report
     print_warnings(report.get("warnings", []))
     keys: tuple[str, ...] = ("output", "kind", "manifest", "layers", "training", "wall_s")

@@ -23,11 +23,12 @@ from typing import Any
 from mergecli.distributed.executor import RayExecutor, Resources
 from mergecli.engine.figures import ReportSums
 from mergecli.engine.layout import Shard, index_json
-from mergecli.engine.merge import MergePass, MergeResult, Store, build_report, statistics
+from mergecli.engine.merge import MergePass, MergeResult, build_report, statistics
 from mergecli.engine.output import atomic_folder, check_output, copy_model_files
 from mergecli.engine.outputs import ModelFolder, ModelWriter
 from mergecli.engine.plan import MergePlan, plan_merge
 from mergecli.engine.runner import Observe, Runner, Timer
+from mergecli.engine.store import Store
 from mergecli.engine.threads import compute_threads
 from mergecli.engine.writer import ShardWriter
 from mergecli.errors import MergeError

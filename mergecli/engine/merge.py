@@ -16,9 +16,10 @@ import torch
 from mergecli.engine.figures import ReportSums, summarize
 from mergecli.engine.finite import check_finite
 from mergecli.engine.output import atomic_folder, check_output
-from mergecli.engine.outputs import InMemory, OutputWriter
+from mergecli.engine.outputs import InMemory
 from mergecli.engine.plan import MergePlan, TensorPlan
 from mergecli.engine.runner import Pass, Piece, Runner, Timer, WriteQueue
+from mergecli.engine.store import Store
 from mergecli.engine.threads import compute_threads
 from mergecli.errors import MergeError, OutputError, ShapeError
 from mergecli.methods import TaskMasks, TensorInputs
@@ -53,30 +54,6 @@ class MergePass:
         start = time.perf_counter()
         piece.merged = merge_tensor(self.plan, piece.tensor, piece.inputs, self.stats)
         self.timer.compute += time.perf_counter() - start
-
-
-class Store:
-    """The output pass: what the output writes for each piece, queued for the writer thread;
-    the output's per-tensor figures (a LoRA pair's energy kept) in ``extra``."""
-
-    def __init__(self, writer: OutputWriter, timer: Timer) -> None:
-        self.writer = writer
-        self.timer = timer
-        self.extra: dict[str, dict[str, Any]] = {}
-
-    def piece(self, piece: Piece, queue: WriteQueue) -> None:
-        start = time.perf_counter()
-        if piece.inputs is None:
-            assert piece.raw is not None
-            written = self.writer.copied(piece.tensor, piece.raw)
-        else:
-            written, extra = self.writer.merged(piece.tensor, piece.inputs, piece.merged.value)
-            if extra:
-                self.extra[piece.tensor.name] = extra
-            piece.merged = None
-            self.timer.compute += time.perf_counter() - start
-        for name, value in written:
-            queue.write(self.writer.write, name, value)
 
 
 def run_merge(

@@ -6,6 +6,8 @@ its model card. The merge pass hands it each merged or copied piece; the runner 
 returns on the writer thread. Outputs: ``ModelFolder`` (here), ``LoraAdapter``
 (``engine/lora_output.py``), ``TaskMaskArtifact`` (``engine/task_artifact.py``), ``InMemory``
 (here, for evaluation); FlexMerge's artifact is written by its own pass (``flex/run.py``).
+Writers without a merge: ``CopyWriter`` (here; an exported task, a sparse MoE), the Arrow
+folder's ``AdapterCopies`` (``moe/arrow_output.py``).
 """
 
 from __future__ import annotations
@@ -154,6 +156,18 @@ class Sharded:
 
     def write(self, name: str, value: Any) -> None:
         self.shards.write(name, value)
+
+
+class CopyWriter(WholeModel, Sharded):
+    """Writes copied tensors into safetensors shards, each in its planned dtype (an exported
+    task, a sparse MoE's tensors)."""
+
+    def copied(self, tensor: TensorPlan, value: torch.Tensor) -> Written:
+        return [(tensor.name, value.to(tensor.out_dtype))]
+
+    def finish(self, per_tensor: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+        self.shards.finish()
+        return {}, []
 
 
 class ModelWriter(WholeModel, Sharded):

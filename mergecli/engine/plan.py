@@ -22,6 +22,7 @@ from mergecli.engine.read_plan import (
     Rows,
     TensorPlan,
     piece_numel,
+    whole,
 )
 from mergecli.engine.task_artifact import TaskMaskArtifact, plan_task_artifact
 from mergecli.errors import (
@@ -80,7 +81,7 @@ class InputPlan:
         self,
         tensors: list[TensorPlan] | None = None,
         with_base: bool = True,
-        pieces: Callable[[TensorPlan], list[Rows]] = lambda t: [None],
+        pieces: Callable[[TensorPlan], list[Rows]] = whole,
     ) -> ReadPlan:
         """The reads of ``tensors`` (all of them by default), whole unless ``pieces`` says
         otherwise; ``with_base`` reads the base for every merged tensor."""

@@ -14,6 +14,7 @@ import torch
 from mergecli.engine.finite import Mode
 from mergecli.methods import Params
 from mergecli.sources import Source
+from mergecli.sources.readable import Readable
 
 LOOKAHEAD = 2
 """Pieces (tensors or row chunks) read ahead of the one being computed, at most."""
@@ -45,6 +46,11 @@ def piece_numel(tensor: TensorPlan, rows: Rows) -> int:
     return tensor.numel if rows is None else tensor.numel // tensor.shape[0] * (rows[1] - rows[0])
 
 
+def whole(tensor: TensorPlan) -> list[Rows]:
+    """Read ``tensor`` in one piece."""
+    return [None]
+
+
 @dataclass
 class ReadPlan:
     """The pieces one stream reads, in order, and the sources of each tensor.
@@ -58,7 +64,7 @@ class ReadPlan:
     pieces: Callable[[TensorPlan], list[Rows]]
     base: Source | None
     experts: list[Source]
-    reference: Source
+    reference: Readable
     device: torch.device
     compute_dtype: torch.dtype
     seed: int = 0
@@ -67,10 +73,24 @@ class ReadPlan:
     """The finite-value guard on every piece read (``warn``: one warning per tensor)."""
     warnings: list[str] = field(default_factory=list)
 
-    def sources(self, tensor: TensorPlan) -> list[Source]:
+    @classmethod
+    def copies(
+        cls,
+        tensors: list[TensorPlan],
+        source: Readable,
+        on_nonfinite: Mode = "error",
+        warnings: list[str] | None = None,
+    ) -> ReadPlan:
+        """Each of ``tensors`` read whole from ``source`` and handed on as stored."""
+        cpu = torch.device("cpu")
+        return cls(
+            tensors, whole, None, [], source, cpu, torch.float32, 0, 0, on_nonfinite, warnings or []
+        )
+
+    def sources(self, tensor: TensorPlan) -> list[Readable]:
         if not tensor.merge:
             return [self.reference]
-        return ([self.base] if self.base is not None else []) + self.experts
+        return [*([self.base] if self.base is not None else []), *self.experts]
 
     def tensor_bytes(self, tensor: TensorPlan) -> int:
         """Bytes one tensor's reads take from disk (every source, as stored)."""

@@ -5,7 +5,8 @@ absolute dot product of its hidden state with one prototype per expert: the firs
 vector of that expert's B·A; the top k experts are mixed with a softmax over their scores
 (divided by the router temperature). GenKnowSub first subtracts the mean A and the mean B of
 general-knowledge adapters from every expert's A and B. peft computes both at run time; this
-module validates the adapters for it, and measures the prototypes for the report.
+module validates the adapters for it, and measures the prototypes for the report (read by
+``moe/arrow_output.py`` on the runner).
 """
 
 from __future__ import annotations
@@ -49,12 +50,9 @@ class ArrowAdapter:
     scales: dict[str, float]
     """Module name (without peft's prefix) → α/r, or α/√r with rsLoRA."""
 
-    def factors(self, module: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A, B) of one module in float64, as stored (unscaled)."""
-        key = f"{PEFT_PREFIX}{module}"
-        a = self.weights.read(f"{key}.lora_A.weight").to(torch.float64)
-        b = self.weights.read(f"{key}.lora_B.weight").to(torch.float64)
-        return a, b
+
+Factors = tuple[torch.Tensor, torch.Tensor]
+"""(A, B) of one module in float64, as stored (unscaled)."""
 
 
 def open_arrow_adapter(path: Path, name: str, label: str) -> ArrowAdapter:
@@ -155,16 +153,13 @@ def top_singular(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.
     return qa @ vh.T, s
 
 
-def general_mean(
-    general: list[ArrowAdapter], module: str
-) -> tuple[torch.Tensor, torch.Tensor] | None:
+def general_mean(general: list[Factors]) -> Factors | None:
     """GenKnowSub's mean A and mean B of the general adapters in one module."""
     if not general:
         return None
-    factors = [g.factors(module) for g in general]
     return (
-        torch.stack([a for a, _ in factors]).mean(0),
-        torch.stack([b for _, b in factors]).mean(0),
+        torch.stack([a for a, _ in general]).mean(0),
+        torch.stack([b for _, b in general]).mean(0),
     )
 
 
@@ -192,15 +187,12 @@ class ModuleStats:
         }
 
 
-def module_stats(
-    experts: list[ArrowAdapter], general: list[ArrowAdapter], module: str
-) -> ModuleStats:
-    """Prototypes and singular-value shares of one module, after GenKnowSub when general
-    adapters are given (read here, one module at a time)."""
-    mean = general_mean(general, module)
+def module_stats(module: str, experts: list[Factors], general: list[Factors]) -> ModuleStats:
+    """Prototypes and singular-value shares of one module from the experts' and the general
+    adapters' factors, after GenKnowSub when general adapters are given."""
+    mean = general_mean(general)
     prototypes, share = [], []
-    for expert in experts:
-        a, b = expert.factors(module)
+    for a, b in experts:
         if mean is not None:
             a, b = a - mean[0], b - mean[1]
         v, s = top_singular(a, b)

@@ -1,0 +1,173 @@
+"""The sparse MoE output on the runner: a transformers model folder (config, sharded
+safetensors, tokenizer) plus ``moe.json``.
+
+The tensors outside the experts come from the base, or from a merge written aside first; one
+stream copies every ``Copy`` entry (experts' MLPs, attention, norms, embeddings) into the
+shards, and the writer puts each layer's router rows (computed before the stream) in their place.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mergecli.engine.outputs import CopyWriter, Written
+from mergecli.engine.read_plan import ReadPlan, TensorPlan
+from mergecli.engine.runner import Runner
+from mergecli.engine.store import Store
+from mergecli.engine.writer import ShardWriter
+from mergecli.moe.gates import gate_rows
+from mergecli.moe.load import MANIFEST
+from mergecli.moe.plan import MoePlan
+from mergecli.moe.report import gate_report
+from mergecli.moe.sparse import BASE, Copy, Router
+from mergecli.progress import Progress
+from mergecli.sources.checkpoint import CONFIG_FILES, INDEX_NAME, TOKENIZER_FILES, Checkpoint
+from mergecli.sources.readable import Readable
+from mergecli.sources.renamed import Renamed
+
+
+def write_sparse(plan: MoePlan, folder: Path, runner: Runner) -> dict[str, Any]:
+    """The shared tensors' merge (when asked), the routers, the shards, config, tokenizer,
+    training (when asked) and manifest; the report's entries."""
+    base = plan.base
+    merged: dict[str, Any] | None = None
+    if plan.merge is not None:  # the tensors outside the experts: merged, written aside first
+        from mergecli.engine.merge import run_merge
+
+        result = run_merge(plan.merge, folder / ".shared", progress=runner.progress)
+        merged = {k: result.report[k] for k in ("method", "totals") if k in result.report}
+        base = Checkpoint(folder / ".shared", "merged shared tensors")
+    gates = _gates(plan, runner.progress)
+    names: dict[str, tuple[Readable, str]] = {
+        e.out: (base if e.source == BASE else plan.source(e.source), e.name)
+        for e in plan.entries
+        if isinstance(e, Copy)
+    }
+    tensors = [
+        TensorPlan(out, source.info(name).shape, plan.out_dtype, merge=False)
+        for out, (source, name) in names.items()
+    ]
+    read = ReadPlan.copies(
+        tensors, Renamed("MoE inputs", names), plan.recipe.on_nonfinite, plan.warnings
+    )
+    writer = SparseWriter(ShardWriter(folder, plan.shards), folder, plan, gates)
+    runner.run(read, [Store(writer, runner.timer)], "write experts")
+    writer.finish({})
+    shutil.rmtree(folder / ".shared", ignore_errors=True)
+    training = _train(plan, folder, runner.progress) if plan.section.train_steps else None
+    experts = len(plan.experts)
+    manifest = {
+        "format": "mergecli-moe",
+        "version": 1,
+        "kind": "sparse",
+        "base_model": plan.base.origin or str(plan.base.path),
+        "architecture": plan.config.architectures[0],
+        "experts": plan.names,
+        "top_k": plan.section.top_k,
+        "gate_mode": plan.section.gate_mode,
+    }
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    report: dict[str, Any] = {
+        "manifest": manifest,
+        "gates": gate_report(gates[:, :experts]),
+        "bytes_read": runner.timer.bytes_read,
+        "bytes_written": writer.bytes_written,
+    }
+    if merged:
+        report["shared_merge"] = merged
+    if training:
+        report["training"] = training
+    bad = [r["layer"] for r in report["gates"] if r["condition_number"] > 5]
+    if bad and plan.section.gate_mode != "random":
+        report["warnings"] = [
+            f"layers {bad}: router rows are nearly dependent (condition number > 5); the "
+            "prompts may be too similar and some experts underused"
+        ]
+    return report
+
+
+class SparseWriter(CopyWriter):
+    """The MoE model's shards: each copied tensor in the output dtype, each layer's router rows
+    (computed, not read) before the layer's experts; then config and tokenizer files."""
+
+    def __init__(
+        self, shards: ShardWriter, folder: Path, plan: MoePlan, gates: torch.Tensor
+    ) -> None:
+        super().__init__(shards, folder)
+        self.plan = plan
+        self.gates = gates
+        self.entries = deque(plan.entries)
+
+    def copied(self, tensor: TensorPlan, value: torch.Tensor) -> Written:
+        written: Written = []
+        entry = self.entries.popleft()
+        while isinstance(entry, Router):
+            written.append((entry.out, self.router(entry)))
+            entry = self.entries.popleft()
+        assert entry.out == tensor.name, (entry, tensor.name)
+        return [*written, *super().copied(tensor, value)]
+
+    def router(self, router: Router) -> torch.Tensor:
+        experts = len(self.plan.experts)
+        rows = self.gates[router.layer]
+        return (rows[experts:] if router.shared else rows[:experts]).to(self.plan.out_dtype)
+
+    def finish(self, per_tensor: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+        super().finish(per_tensor)
+        plan = self.plan
+        plan.config.save_pretrained(self.folder)
+        tokenizer: Path = plan.base.path
+        if plan.recipe.tokenizer_source and plan.recipe.tokenizer_source != "base":
+            tokenizer = plan.recipe.resolve_path(plan.recipe.tokenizer_source)
+        sources = ((plan.base.path, CONFIG_FILES[1:]), (tokenizer, TOKENIZER_FILES))
+        for origin, names in sources:
+            for name in names:
+                if (origin / name).is_file():
+                    shutil.copyfile(origin / name, self.folder / name)
+        return {}, []
+
+
+def _gates(plan: MoePlan, progress: Progress) -> torch.Tensor:
+    config = plan.config
+    rows = len(plan.experts) + (plan.shared is not None)
+    progress.start(f"{plan.section.gate_mode} gates", config.num_hidden_layers, 0)
+    gates = gate_rows(
+        plan.section.gate_mode,
+        plan.base,
+        plan.prompts,
+        config.num_hidden_layers,
+        config.hidden_size,
+        rows,
+        plan.recipe.seed,
+    )
+    progress.advance(config.num_hidden_layers, 0)
+    return gates
+
+
+def _train(plan: MoePlan, folder: Path, progress: Progress) -> dict[str, Any]:
+    """Train routers and experts in place; the folder is rewritten by ``save_pretrained`` (in
+    the layout this transformers version saves) in the output dtype."""
+    from mergecli.moe.train import train
+
+    s = plan.section
+    model, report = train(
+        folder,
+        plan.train_files,
+        s.train_steps,
+        s.lr,
+        s.batch_size,
+        plan.recipe.seed,
+        plan.device,
+        progress,
+    )
+    for old in [*folder.glob("*.safetensors"), folder / INDEX_NAME]:
+        old.unlink(missing_ok=True)
+    biggest = max(shard.nbytes for shard in plan.shards)
+    model.to(plan.out_dtype).save_pretrained(folder, max_shard_size=max(biggest, 1 << 20))
+    return report
