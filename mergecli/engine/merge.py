@@ -15,6 +15,7 @@ import torch
 from mergecli.engine.lora_output import lora_summary, write_adapter_config
 from mergecli.engine.output import atomic_folder, check_output, copy_model_files
 from mergecli.engine.plan import MergePlan, Rows, TensorPlan
+from mergecli.engine.report_sums import PieceFigures
 from mergecli.engine.stream import Timer, stream_pieces
 from mergecli.engine.task_artifact import StoredTaskTensor, TaskArtifactWriter
 from mergecli.engine.threads import compute_threads
@@ -26,8 +27,6 @@ from mergecli.report import model_card, write_reports
 
 WRITE_QUEUE = 2
 """Merged pieces (tensors or row chunks) waiting to be written, at most."""
-BLOCK = 1 << 20
-"""Entries per block of the report's float64 sums (bounds their scratch memory)."""
 
 
 @dataclass
@@ -66,62 +65,6 @@ def _piece_progress(plan: MergePlan, tensor: TensorPlan, rows: Rows) -> tuple[in
     if rows is None:
         return 1, nbytes
     return int(rows[1] == tensor.shape[0]), nbytes * (rows[1] - rows[0]) // tensor.shape[0]
-
-
-class PieceFigures:
-    """The sums behind the tensor report, piece by piece, with float64 scratch buffers reused
-    from one piece to the next."""
-
-    def __init__(self) -> None:
-        self._scratch: torch.Tensor | None = None
-
-    def __call__(self, inputs: TensorInputs, merged: torch.Tensor | TaskMasks) -> dict[str, Any]:
-        """Over one piece: squared norms of the task vectors and of the merged delta (an
-        artifact's unified task vector) and their dot products, accumulated in float64; the
-        entries where both are non-zero and where their signs also agree; the kept fractions."""
-        size = (merged.unified if isinstance(merged, TaskMasks) else merged).numel()
-        if inputs.base is None:
-            return {"kept": list(inputs.kept), "size": size}
-        tvs = [tv.reshape(-1) for tv in inputs.task_vectors()]
-        delta = merged.unified if isinstance(merged, TaskMasks) else merged - inputs.base
-        delta = delta.reshape(-1)
-        m = len(tvs)
-        sums = {key: [0.0] * m for key in ("tv_sq", "dot", "nonzero", "both", "signs")}
-        delta_sq = 0.0
-        for start in range(0, size, BLOCK):
-            stop = min(start + BLOCK, size)
-            d64, t64 = self._buffers(stop - start, delta.device)
-            d64.copy_(delta[start:stop])
-            delta_sq += float(d64.dot(d64))
-            d_sign = torch.sign(delta[start:stop])
-            for t, tv in enumerate(tvs):
-                t64.copy_(tv[start:stop])
-                sums["tv_sq"][t] += float(t64.dot(t64))
-                sums["dot"][t] += float(t64.dot(d64))
-                sign = torch.sign(tv[start:stop])
-                if inputs.kept[t] is None:  # else the method reported what it kept
-                    sums["nonzero"][t] += float(sign.abs().sum())
-                sign *= d_sign  # +1 where the signs agree, -1 where they differ, 0 elsewhere
-                sums["signs"][t] += float(sign.sum())
-                sums["both"][t] += float(sign.abs_().sum())
-        both = [round(b) for b in sums["both"]]
-        return {
-            "size": size,
-            "delta_sq": delta_sq,
-            "tv_sq": sums["tv_sq"],
-            "dot": sums["dot"],
-            "both": both,
-            "same": [(b + round(x)) // 2 for b, x in zip(both, sums["signs"], strict=True)],
-            "kept": [
-                k if k is not None else round(n) / max(size, 1)
-                for k, n in zip(inputs.kept, sums["nonzero"], strict=True)
-            ],
-        }
-
-    def _buffers(self, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._scratch is None or self._scratch.shape[1] < n or self._scratch.device != device:
-            self._scratch = torch.empty((2, n), dtype=torch.float64, device=device)
-        return self._scratch[0, :n], self._scratch[1, :n]
 
 
 def tensor_report(pieces: list[dict[str, Any]]) -> dict[str, Any]:
