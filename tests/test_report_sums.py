@@ -19,9 +19,7 @@ def dense(tvs: list[torch.Tensor], delta: torch.Tensor) -> dict[str, list]:
         "tv_sq": [float((tv.double() ** 2).sum()) for tv in tvs],
         "dot": [float((tv.double() * d).sum()) for tv in tvs],
         "both": [int(((tv != 0) & (delta != 0)).sum()) for tv in tvs],
-        "same": [
-            int((((tv > 0) & (delta > 0)) | ((tv < 0) & (delta < 0))).sum()) for tv in tvs
-        ],
+        "same": [int((((tv > 0) & (delta > 0)) | ((tv < 0) & (delta < 0))).sum()) for tv in tvs],
         "kept": [int((tv != 0).sum()) / tv.numel() for tv in tvs],
     }
 
