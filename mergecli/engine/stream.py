@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -56,9 +57,8 @@ def stream_pieces(
     plan: MergePlan, tensors: list[TensorPlan], timer: Timer, chunked: bool = True
 ) -> Iterator[tuple[TensorPlan, Rows, TensorInputs | torch.Tensor]]:
     """Like ``stream_inputs``, but a tensor comes in the row chunks of ``plan.pieces`` (in
-    order; the chunks of a tensor share its random generators) when ``chunked``."""
+    order; each chunk knows its entry offset in the tensor) when ``chunked``."""
     pieces = [(t, rows) for t in tensors for rows in (plan.pieces(t) if chunked else [None])]
-    generators: dict[str, dict[int, torch.Generator]] = {}
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergecli-read") as pool:
         pending: deque[tuple[TensorPlan, Rows, Future[list[torch.Tensor]], int]] = deque()
         waiting = deque(pieces)
@@ -92,8 +92,6 @@ def stream_pieces(
             base = moved.pop(0) if plan.uses_base else None
             experts = [None if e.delta else w for e, w in zip(plan.experts, moved, strict=True)]
             deltas = [w if e.delta else None for e, w in zip(plan.experts, moved, strict=True)]
-            if tensor.name not in generators:
-                generators = {tensor.name: {}}
             timer.compute += time.perf_counter() - start
             yield (
                 tensor,
@@ -106,7 +104,7 @@ def stream_pieces(
                     seed=plan.recipe.seed,
                     layer=tensor.layer,
                     num_layers=plan.num_layers,
-                    generators=generators[tensor.name],
+                    offset=0 if rows is None else rows[0] * math.prod(tensor.shape[1:]),
                 ),
             )
             del moved, base, experts, deltas  # before the next read: one piece held at a time

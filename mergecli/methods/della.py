@@ -63,9 +63,9 @@ def check_della(p: Params, name: str) -> None:
     convention=(
         "Rows are the first dimension of a tensor (a 1-D tensor is one row), rank 0 is the "
         "smallest magnitude and equal magnitudes rank by position (mergekit's sort leaves "
-        "their order unspecified); a one-entry row keeps with probability density. Masks "
-        "depend only on (seed, expert index, tensor name), drawn on the CPU. Kept entries are "
-        "divided by their own p (mergekit rescales to the tensor's L1 norm instead). Election "
+        "their order unspecified); a one-entry row keeps with probability density. Masks are "
+        "Philox4x32-10 draws keyed by (seed, expert index, tensor name) per entry index. Kept "
+        "entries are divided by their own p (mergekit rescales to the tensor's L1 norm instead). Election "
         "on the unweighted rescaled vectors, zero sum → +1; mean over the agreeing experts "
         "weighted by wt (normalize: false sums them)."
     ),

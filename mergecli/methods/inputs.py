@@ -9,9 +9,11 @@ from typing import Any
 
 import torch
 
+from mergecli.methods.philox import keep_mask
+
 
 def seed_for(seed: int, expert: int, tensor_name: str) -> int:
-    """A 63-bit seed depending only on the recipe seed, the expert's index and the tensor name."""
+    """A 63-bit key depending only on the recipe seed, the expert's index and the tensor name."""
     digest = hashlib.sha256(f"{seed}\x00{expert}\x00{tensor_name}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
@@ -45,9 +47,9 @@ class TensorInputs:
     num_layers: int = 0
     stats: dict[str, Any] = field(default_factory=dict)
     kept: list[float | None] = field(default_factory=list)
-    generators: dict[int, torch.Generator] = field(default_factory=dict)
-    """The experts' generators, shared by the row chunks of one tensor: chunk after chunk
-    continues the whole tensor's random stream."""
+    offset: int = 0
+    """Index of this piece's first entry in the whole tensor (row-major): random masks are
+    drawn by entry index, so a row chunk gets its part of the whole tensor's mask."""
     expert_ids: list[int] | None = None
     """The experts' indices in the recipe when these inputs hold a subset of them (FlexMerge's
     groups): seeds follow the recipe's index, not the position in the subset."""
@@ -96,23 +98,19 @@ class TensorInputs:
             layer=self.layer,
             num_layers=self.num_layers,
             stats=self.stats,
-            generators=self.generators,
+            offset=self.offset + start * math.prod(self._shape()[1:]),
             expert_ids=self.expert_ids,
         )
 
-    def generator(self, expert: int) -> torch.Generator:
-        """The CPU generator seeded by (recipe seed, expert index, tensor name), continued by
-        every row chunk of the tensor."""
-        if expert not in self.generators:
-            index = self.expert_ids[expert] if self.expert_ids is not None else expert
-            seed = seed_for(self.seed, index, self.name)
-            self.generators[expert] = torch.Generator(device="cpu").manual_seed(seed)
-        return self.generators[expert]
+    def _shape(self) -> tuple[int, ...]:
+        ref = self.base if self.base is not None else self.weights()[0]
+        return tuple(ref.shape)
 
     def bernoulli_mask(self, expert: int, keep: float | torch.Tensor) -> torch.Tensor:
-        """A keep-mask drawn on the CPU (device independent), on the inputs' device."""
+        """A keep-mask (``keep``: a probability, or one per entry) drawn with Philox keyed by
+        (recipe seed, expert index, tensor name) at this piece's entry offset, on the CPU and
+        moved to the inputs' device."""
+        index = self.expert_ids[expert] if self.expert_ids is not None else expert
+        key = seed_for(self.seed, index, self.name)
         ref = self.base if self.base is not None else self.weights()[0]
-        uniform = torch.rand(ref.shape, generator=self.generator(expert), dtype=torch.float64)
-        if isinstance(keep, torch.Tensor):
-            keep = keep.to("cpu", torch.float64)
-        return (uniform < keep).to(ref.device)
+        return keep_mask(key, self.offset, tuple(ref.shape), keep).to(ref.device)

@@ -92,7 +92,10 @@ def task_arithmetic(inputs: TensorInputs, p: Params) -> torch.Tensor:
         Param("normalize", False, bool, "divide the sum by Σ wt"),
         Param("rescale", True, bool, "divide kept entries by density (mergekit's option)"),
     ),
-    convention="Masks depend only on (seed, expert index, tensor name); drawn on the CPU.",
+    convention=(
+        "Masks: Philox4x32-10 keyed by (seed, expert index, tensor name), one uniform per "
+        "entry index, so chunks, threads and devices do not change them."
+    ),
     elementwise=True,
 )
 def dare_linear(inputs: TensorInputs, p: Params) -> torch.Tensor:

@@ -130,7 +130,10 @@ def ties(inputs: TensorInputs, p: Params) -> torch.Tensor:
         Param("rescale", True, bool, "divide kept entries by density (mergekit's option)"),
     ),
     ignored=MERGEKIT_IGNORED,
-    convention="Masks depend only on (seed, expert index, tensor name); drawn on the CPU.",
+    convention=(
+        "Masks: Philox4x32-10 keyed by (seed, expert index, tensor name), one uniform per "
+        "entry index, so chunks, threads and devices do not change them."
+    ),
     elementwise=True,
 )
 def dare_ties(inputs: TensorInputs, p: Params) -> torch.Tensor:
