@@ -65,9 +65,9 @@ def check_della(p: Params, name: str) -> None:
         "smallest magnitude and equal magnitudes rank by position (mergekit's sort leaves "
         "their order unspecified); a one-entry row keeps with probability density. Masks are "
         "Philox4x32-10 draws keyed by (seed, expert index, tensor name) per entry index. Kept "
-        "entries are divided by their own p (mergekit rescales to the tensor's L1 norm instead). Election "
-        "on the unweighted rescaled vectors, zero sum → +1; mean over the agreeing experts "
-        "weighted by wt (normalize: false sums them)."
+        "entries are divided by their own p (mergekit rescales to the tensor's L1 norm "
+        "instead). Election on the unweighted rescaled vectors, zero sum → +1; mean over the "
+        "agreeing experts weighted by wt (normalize: false sums them)."
     ),
 )
 def della(inputs: TensorInputs, p: Params) -> torch.Tensor:
