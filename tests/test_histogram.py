@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from mergecli.methods import sparsify
 from mergecli.methods.histogram import add_digits
 
 
@@ -32,3 +33,13 @@ def test_digits_equal_bincount(dtype: torch.dtype, int_dtype: torch.dtype, shift
     selected = pattern[(pattern >> (second + 16)) == prefix]
     want = torch.bincount((selected >> second) & 0xFFFF, minlength=1 << 16)
     assert np.array_equal(hist, want.numpy()) and hist.sum() > 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_kth_largest_equals_kthvalue(dtype: torch.dtype) -> None:
+    x = torch.randn(3001, dtype=dtype, generator=torch.Generator().manual_seed(1))
+    x[:500] = 0
+    x[500:700] = x[700:900].neg()  # ties
+    for rank in (1, 2, 150, 1000, 2400, 2501, 2502, 3001):
+        got = sparsify.kth_largest(x, rank)
+        assert got == float(torch.kthvalue(x.abs(), x.numel() - rank + 1).values), rank

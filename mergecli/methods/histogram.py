@@ -21,3 +21,17 @@ def add_digits(bits: np.ndarray, shift: int, prefix: int, hist: np.ndarray) -> N
         m = b & sign_off
         if prefix < 0 or (m >> (shift + 16)) == prefix:
             hist[(m >> shift) & 0xFFFF] += 1
+
+
+def kth_largest_magnitude(bits: np.ndarray, rank: int) -> int:
+    """Bit pattern of the ``rank``-th largest abs(x) (1-based, rank ≥ 1) of one array of bit
+    patterns, digit by digit: one histogram pass per 16 bits."""
+    prefix = -1
+    for shift in range(bits.itemsize * 8 - 16, -1, -16):
+        hist = np.zeros(1 << 16, dtype=np.int64)
+        add_digits(bits, shift, prefix, hist)
+        from_top = np.cumsum(hist[::-1])
+        index = int(np.searchsorted(from_top, rank))  # the first digit reaching the rank
+        rank -= int(from_top[index - 1]) if index > 0 else 0
+        prefix = (max(prefix, 0) << 16) | ((1 << 16) - 1 - index)
+    return prefix

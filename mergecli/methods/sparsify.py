@@ -6,15 +6,23 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from mergecli.methods.histogram import kth_largest_magnitude
 from mergecli.methods.inputs import TensorInputs
 from mergecli.methods.registry import Params
 from mergecli.methods.statistics import kth_rank
 
+_BITS = {torch.float32: torch.int32, torch.float64: torch.int64}
+
 
 def kth_largest(tv: torch.Tensor, rank: int) -> float:
-    """The ``rank``-th largest ``abs(tv)`` (1-based); +inf when rank = 0."""
+    """The ``rank``-th largest ``abs(tv)`` (1-based); +inf when rank = 0. On the CPU from the
+    digit histograms of the bit patterns (no copy); elsewhere by a selection on a copy."""
     if rank == 0:
         return float("inf")
+    if tv.device.type == "cpu" and tv.dtype in _BITS:
+        bits = tv.contiguous().view(_BITS[tv.dtype]).reshape(-1).numpy()
+        pattern = torch.tensor(kth_largest_magnitude(bits, rank), dtype=_BITS[tv.dtype])
+        return float(pattern.view(tv.dtype))
     # a selection in place on the private copy abs() makes: no sorted copy, no int64 indices
     magnitudes = tv.abs().reshape(-1).cpu().numpy()
     magnitudes.partition(tv.numel() - rank)
