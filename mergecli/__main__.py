@@ -1,3 +1,3 @@
-from mergecli.cli import main
+from mergecli.entry import main
 
 main()

@@ -19,7 +19,8 @@ class MergeError(Exception):
 
 class RecipeError(MergeError):
     """A recipe value is missing, malformed or out of range; ``key`` is its dotted path
-    (``parameters.density``, ``models[1].model``)."""
+    (``parameters.density``, ``models[1].model``), or the command-line option that set it
+    (``--size``, ``--grid``); None when the recipe as a whole is malformed."""
 
     def __init__(self, message: str, key: str | None = None) -> None:
         super().__init__(message)
@@ -27,18 +28,20 @@ class RecipeError(MergeError):
 
 
 class UnknownMethodError(RecipeError):
-    """``merge_method`` names no registered method."""
+    """A method name (``merge_method``, ``parameters.base_method``, ``--methods``) names no
+    registered method."""
 
-    def __init__(self, message: str, method: str) -> None:
-        super().__init__(message, key="merge_method")
+    def __init__(self, message: str, method: str, key: str = "merge_method") -> None:
+        super().__init__(message, key=key)
         self.method = method
 
 
 class UnknownParameterError(RecipeError):
-    """A parameter that the method does not take."""
+    """A parameter that the method does not take; ``key`` is where it was set
+    (``parameters.x`` unless given, e.g. ``models[0].parameters.x`` or ``--grid``)."""
 
-    def __init__(self, message: str, method: str, parameter: str) -> None:
-        super().__init__(message, key=f"parameters.{parameter}")
+    def __init__(self, message: str, method: str, parameter: str, key: str | None = None) -> None:
+        super().__init__(message, key=key or f"parameters.{parameter}")
         self.method = method
         self.parameter = parameter
 
@@ -53,7 +56,8 @@ class SourceError(MergeError):
 
 
 class ShapeError(MergeError):
-    """Inputs disagree about a tensor: missing, or of another shape or kind."""
+    """A tensor cannot be merged: missing from an input, of another shape or kind than the
+    model needs, or the method failed on it; ``tensor`` is its name."""
 
     def __init__(self, message: str, tensor: str | None = None) -> None:
         super().__init__(message)
@@ -89,6 +93,16 @@ class OutputError(MergeError):
 
 class EvaluationError(MergeError):
     """An evaluator, its data or its command failed."""
+
+
+class BatchError(MergeError):
+    """Recipes of a batch failed (``failed``) or did not run because one they need failed
+    (``blocked``); the others ran or were skipped."""
+
+    def __init__(self, message: str, failed: list[str], blocked: list[str]) -> None:
+        super().__init__(message)
+        self.failed = failed
+        self.blocked = blocked
 
 
 def did_you_mean(word: str, choices: Iterable[str]) -> str:

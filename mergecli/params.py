@@ -6,6 +6,8 @@ A value is, as in mergekit, one of
   (``mergecli.layers.layer_position``), the list's points spread evenly from 0 to 1;
 - a list of ``{filter: substring, value: ...}``: the first entry whose filter occurs in the
   tensor name applies, an entry without ``filter`` is the fallback; its value may be a gradient.
+  Under ``conventions: mergekit`` the first entry that matches, has no filter or has filter
+  ``"*"`` applies, wherever it sits in the list (mergekit 0.1.5's rule).
 """
 
 from __future__ import annotations
@@ -14,11 +16,13 @@ from typing import Any
 
 import numpy as np
 
-from mergecli.errors import MergeError
+from mergecli.errors import RecipeError
 
 
-def check_value(raw: Any, key: str) -> None:
-    """Raise MergeError when ``raw`` is not a valid parameter value (key names it in the recipe)."""
+def check_value(raw: Any, key: str, source: str | None = None) -> None:
+    """Raise RecipeError when ``raw`` is not a valid parameter value; ``key`` names it in the
+    recipe, and messages start with ``source`` (the recipe file) when given."""
+    at = f"{source}: " if source else ""
     if isinstance(raw, bool | int | float | str):
         return
     if isinstance(raw, list) and raw:
@@ -28,24 +32,36 @@ def check_value(raw: Any, key: str) -> None:
             for i, entry in enumerate(raw):
                 extra = set(entry) - {"filter", "value"}
                 if extra or "value" not in entry:
-                    raise MergeError(
-                        f"{key}[{i}]: a filtered value needs the keys 'filter' (optional) and "
-                        f"'value', got {sorted(entry)}"
+                    raise RecipeError(
+                        f"{at}{key}[{i}]: a filtered value needs the keys 'filter' (optional) "
+                        f"and 'value', got {sorted(entry)}",
+                        key=f"{key}[{i}]",
                     )
                 if entry.get("filter") is not None and not isinstance(entry["filter"], str):
-                    raise MergeError(f"{key}[{i}].filter: must be a string")
-                check_value(entry["value"], f"{key}[{i}].value")
+                    raise RecipeError(
+                        f"{at}{key}[{i}].filter: must be a string", key=f"{key}[{i}].filter"
+                    )
+                check_value(entry["value"], f"{key}[{i}].value", source)
             return
-    raise MergeError(
-        f"{key}: expected a number, a string, a list of numbers (gradient over layers) or a "
-        f"list of {{filter, value}}, got {raw!r}"
+    raise RecipeError(
+        f"{at}{key}: expected a number, a string, a list of numbers (gradient over layers) or a "
+        f"list of {{filter, value}}, got {raw!r}",
+        key=key,
     )
 
 
-def resolve_value(raw: Any, tensor_name: str, position: float) -> Any:
+def resolve_value(
+    raw: Any, tensor_name: str, position: float, conventions: str = "mergecli"
+) -> Any:
     """The scalar value of a (checked) parameter value for one tensor; None if no filter matches."""
     if not isinstance(raw, list):
         return raw
+    if isinstance(raw[0], dict) and conventions == "mergekit":
+        for entry in raw:
+            pattern = entry.get("filter")
+            if pattern is None or pattern == "*" or pattern in tensor_name:
+                return resolve_value(entry["value"], tensor_name, position, conventions)
+        return None
     if isinstance(raw[0], dict):
         fallback = None
         for entry in raw:

@@ -6,9 +6,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 
-from mergecli.errors import MergeError, did_you_mean
+from mergecli.chat_template import check_chat_template
+from mergecli.errors import RecipeError, SourceError, did_you_mean
 from mergecli.params import check_value
 
 DTYPES = ("float32", "float64", "bfloat16", "float16")
@@ -93,19 +94,90 @@ class FlexSection(_Strict):
     sizes: list[float] | None = Field(None, min_length=1)
 
 
+class MoePrompts(_Strict):
+    """An expert's routing prompts for the ``hidden`` and ``cheap_embed`` gates (mergekit-moe's
+    ``positive_prompts`` / ``negative_prompts``)."""
+
+    positive: list[str] = Field(min_length=1)
+    negative: list[str] = Field(default_factory=list)
+
+
+class MoeSection(_Strict):
+    """The ``moe:`` section of a recipe: the experts become the experts of MoE layers (see
+    ``mergecli.moe``). LoRA adapters make an Arrow MoE (peft), full fine-tunes a sparse MoE
+    model (Mixtral, Qwen2-MoE, Qwen3-MoE)."""
+
+    top_k: int = Field(2, ge=1, validation_alias=AliasChoices("top_k", "experts_per_token"))
+    """Experts routed per token (Arrow's top_k, the sparse model's experts_per_token)."""
+    router_temperature: float = Field(1.0, gt=0)
+    """Arrow: the softmax temperature of the router."""
+    general: list[str] = Field(default_factory=list)
+    """Arrow: general-knowledge adapters subtracted from each expert (GenKnowSub)."""
+    gate_mode: Literal["hidden", "cheap_embed", "random"] = "hidden"
+    """Sparse: how router rows are initialised, as mergekit-moe defines the modes."""
+    architecture: Literal["mixtral", "qwen2_moe", "qwen3_moe"] | None = None
+    """Sparse: the output class (default: from the base's model_type)."""
+    shared_expert: str | None = None
+    """Sparse, qwen2_moe: the model whose MLP is the shared expert (default: the base)."""
+    prompts: dict[str, MoePrompts] = Field(default_factory=dict)
+    """Sparse: routing prompts per expert name (hidden and cheap_embed gates)."""
+    train_steps: int = Field(0, ge=0)
+    """Sparse: steps of multi-task training of routers and experts (base tensors frozen)."""
+    lr: float = Field(1e-5, gt=0)
+    batch_size: int = Field(8, ge=1)
+    train_data: str | None = None
+    """Sparse: the training texts, a JSONL or text file per task ({task}: each expert's name)."""
+
+
+class TokenSource(_Strict):
+    """Where a token's embedding comes from in mergekit's ``tokenizer.tokens`` (a model's
+    token, or ``kind: zero``)."""
+
+    kind: Literal["model_token", "zero"]
+    model: str | None = None
+    token_id: int | None = None
+    token: str | None = None
+
+
+class TokenEmbedding(_Strict):
+    """One entry of ``tokenizer.tokens``: the embedding source of a token."""
+
+    source: TokenSource | str | None = None
+    force: bool = False
+
+
+class TokenizerSection(_Strict):
+    """mergekit's ``tokenizer:`` section: the output vocabulary and its embedding sources."""
+
+    source: str = "union"
+    tokens: dict[str, TokenEmbedding] | None = None
+    pad_to_multiple_of: int | None = Field(None, gt=0)
+
+
 class Recipe(_Strict):
     """A merge recipe. Relative paths are resolved against the recipe's folder (then the cwd)."""
 
-    merge_method: str
+    merge_method: str | None = None
+    """Required, except in an MoE recipe where it merges the tensors outside the experts."""
     models: list[ModelEntry] = Field(min_length=1)
     base_model: str | None = None
     parameters: dict[str, Any] = Field(default_factory=dict)
     dtype: str = "float32"
     out_dtype: str | None = None
     tokenizer_source: str | None = None
+    """``base`` (default), a model folder or Hub id, or ``union`` (mergekit)."""
+    tokenizer: TokenizerSection | None = None
+    chat_template: str | None = None
+    """A Jinja chat template written into the output's tokenizer_config.json, or ``auto``: the
+    template most of the inputs have (mergekit's key)."""
+    conventions: Literal["mergecli", "mergekit"] = "mergecli"
+    """Whose defaults and behaviour methods follow: mergecli's (the papers') or mergekit
+    0.1.5's (``mergecli.conventions``)."""
     seed: int = 0
     output: str | None = None
     on_missing: Literal["error", "base"] = "error"
+    on_nonfinite: Literal["error", "warn"] = "error"
+    """``warn``: merge tensors holding NaN/Inf anyway (one warning each) instead of stopping."""
     allow_bin: bool = False
     output_format: Literal["model", "lora"] = "model"
     """``lora``: write a PEFT LoRA adapter of the merged model over the base."""
@@ -114,6 +186,7 @@ class Recipe(_Strict):
     temporal: TemporalSection | None = None
     evaluate: EvaluateSection | None = None
     flex: FlexSection | None = None
+    moe: MoeSection | None = None
     folder: Path = Field(default_factory=Path.cwd, exclude=True)
 
     def resolve_path(self, value: str) -> Path:
@@ -127,9 +200,29 @@ class Recipe(_Strict):
         return self.folder / path
 
     def model_name(self, index: int) -> str:
-        """The expert's task name: ``models[i].name`` or the folder's name."""
-        entry = self.models[index]
-        return entry.name or Path(entry.model.rstrip("/").split("@")[0]).name
+        """The expert's task name (one rule for every command): ``models[i].name``, else the
+        folder's name, else (when another expert's folder has the same name) the shortest
+        trailing part of its path that tells them apart (``runA/step-800``); a name that an
+        earlier expert already has (an expert listed twice, a ``name`` given twice) gets ``#i``,
+        its index."""
+        return self.task_names()[index]
+
+    def task_names(self) -> list[str]:
+        """``model_name`` of every expert, in order."""
+        parts = [Path(m.model.rstrip("/").split("@")[0]).parts or ("",) for m in self.models]
+        unnamed = [i for i, m in enumerate(self.models) if not m.name]
+        names = []
+        for i, entry in enumerate(self.models):
+            if entry.name:
+                names.append(entry.name)
+                continue
+            own, k = parts[i], 1
+            while k < len(own) and any(
+                parts[j][-k:] == own[-k:] and parts[j] != own for j in unnamed if j != i
+            ):
+                k += 1
+            names.append("/".join(own[-k:]))
+        return [f"{name}#{i}" if name in names[:i] else name for i, name in enumerate(names)]
 
 
 def _location(loc: tuple[Any, ...]) -> str:
@@ -152,15 +245,23 @@ def _fields_at(loc: tuple[Any, ...]) -> list[str]:
             model = EvalTask
         elif part == "flex":
             model = FlexSection
+        elif part == "moe":
+            model = MoeSection
+        elif part == "prompts":
+            model = MoePrompts
+        elif part == "tokenizer":
+            model = TokenizerSection
     return [n for n in model.model_fields if n != "folder"]
 
 
 def recipe_from_dict(data: Any, folder: Path | None = None, source: str = "recipe") -> Recipe:
-    """Validate a recipe mapping; one-line MergeError naming the key on any problem."""
+    """Validate a recipe mapping; one-line RecipeError naming the key on any problem."""
     if not isinstance(data, dict):
-        raise MergeError(f"{source}: a recipe is a mapping of keys (merge_method, models, ...)")
+        raise RecipeError(f"{source}: a recipe is a mapping of keys (merge_method, models, ...)")
     if "slices" in data:
-        raise MergeError(f"{source}: 'slices' (layer-stacking merges) are not supported")
+        raise RecipeError(
+            f"{source}: 'slices' (layer-stacking merges) are not supported", key="slices"
+        )
     try:
         recipe = Recipe.model_validate({**data, "folder": folder or Path.cwd()})
     except ValidationError as exc:
@@ -171,42 +272,81 @@ def recipe_from_dict(data: Any, folder: Path | None = None, source: str = "recip
         if err["type"] == "extra_forbidden":
             key = str(loc[-1])
             hint = did_you_mean(key, _fields_at(loc[:-1]))
-            raise MergeError(f"{source}: unknown key '{where}'{hint}") from None
+            raise RecipeError(f"{source}: unknown key '{where}'{hint}", key=where) from None
         if err["type"] == "missing":
-            raise MergeError(f"{source}: missing required key '{where}'") from None
-        raise MergeError(f"{source}: {where}: {err['msg']}") from None
+            raise RecipeError(f"{source}: missing required key '{where}'", key=where) from None
+        raise RecipeError(f"{source}: {where}: {err['msg']}", key=where) from None
+    if recipe.merge_method is None and recipe.moe is None:
+        raise RecipeError(f"{source}: missing required key 'merge_method'", key="merge_method")
     section = recipe.evaluate
     if section is not None and (section.metric is None) == (section.command is None):
-        raise MergeError(f"{source}: evaluate: give exactly one of 'metric' and 'command'")
+        raise RecipeError(
+            f"{source}: evaluate: give exactly one of 'metric' and 'command'", key="evaluate"
+        )
     for key, value in recipe.parameters.items():
-        check_value(value, f"{source}: parameters.{key}")
+        check_value(value, f"parameters.{key}", source)
     for i, entry in enumerate(recipe.models):
         for key, value in entry.parameters.items():
-            check_value(value, f"{source}: models[{i}].parameters.{key}")
+            check_value(value, f"models[{i}].parameters.{key}", source)
+    check_tokenizer(recipe, source)
+    check_chat_template(recipe.chat_template, source)
     if recipe.rank is not None and recipe.output_format != "lora":
-        raise MergeError(f"{source}: rank: only used with output_format: lora")
+        raise RecipeError(f"{source}: rank: only used with output_format: lora", key="rank")
     for key in ("dtype", "out_dtype"):
         value = getattr(recipe, key)
         if value is None:
             continue
         value = DTYPE_ALIASES.get(value, value)
         if value not in DTYPES:
-            raise MergeError(
-                f"{source}: {key}: unknown dtype '{value}'{did_you_mean(value, DTYPES)}"
+            raise RecipeError(
+                f"{source}: {key}: unknown dtype '{value}'{did_you_mean(value, DTYPES)}", key=key
             )
         setattr(recipe, key, value)
     return recipe
+
+
+def check_tokenizer(recipe: Recipe, source: str) -> None:
+    """The tokenizer keys mergekit takes: parsed; a merged vocabulary (mergekit's ``tokenizer``
+    section) refused; ``tokenizer_source`` checked by ``check_tokenizer_source``."""
+    if recipe.tokenizer is not None and recipe.tokenizer_source is not None:
+        raise RecipeError(
+            f"{source}: give 'tokenizer' or 'tokenizer_source', not both (as in mergekit)",
+            key="tokenizer",
+        )
+    if recipe.tokenizer is not None:
+        raise RecipeError(
+            f"{source}: tokenizer: a merged vocabulary (union, per-token embedding sources) is "
+            "not supported yet; use tokenizer_source: base or a model folder",
+            key="tokenizer",
+        )
+    check_tokenizer_source(recipe, source)
+
+
+def check_tokenizer_source(recipe: Recipe, source: str) -> None:
+    """``tokenizer_source`` is ``base`` or an existing folder (whose tokenizer is copied)."""
+    value = recipe.tokenizer_source
+    if value is None or value == "base" or recipe.resolve_path(value).is_dir():
+        return
+    hint = (
+        " (mergekit's 'union' vocabulary is not supported: give 'base' or a folder)"
+        if value == "union" or value.startswith("model:")
+        else ""
+    )
+    raise RecipeError(
+        f"{source}: tokenizer_source: '{value}' is neither 'base' nor an existing folder{hint}",
+        key="tokenizer_source",
+    )
 
 
 def load_recipe(path: str | Path) -> Recipe:
     """Read and validate a YAML recipe file."""
     path = Path(path)
     if not path.is_file():
-        raise MergeError(f"recipe '{path}' does not exist")
+        raise SourceError(f"recipe '{path}' does not exist", path=path)
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
-        raise MergeError(f"{path}: invalid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+        raise RecipeError(f"{path}: invalid YAML{where}: {getattr(exc, 'problem', exc)}") from None
     return recipe_from_dict(data, path.parent.resolve(), str(path))

@@ -1,6 +1,8 @@
-"""Print the README's methods table from the registry (``python -m scripts.methods_table``).
+"""Print the README's methods table from the registry (``python -m scripts.methods_table``),
+or with ``--conventions`` docs/methods.md's table of what ``conventions: mergekit`` changes.
 
-``--check README.md`` exits non-zero when the README's table differs from the registry.
+``--check README.md`` (or ``--conventions --check docs/methods.md``) exits non-zero when the
+file's table differs from the registry.
 """
 
 from __future__ import annotations
@@ -9,9 +11,12 @@ import argparse
 import sys
 from pathlib import Path
 
+from mergecli.conventions import BEHAVIOUR, differing_params
 from mergecli.methods import REQUIRED, list_methods
 
 BEGIN, END = "<!-- methods-table:begin -->", "<!-- methods-table:end -->"
+CONVENTIONS_BEGIN = "<!-- conventions-table:begin -->"
+CONVENTIONS_END = "<!-- conventions-table:end -->"
 
 
 def _default(value: object) -> str:
@@ -30,19 +35,42 @@ def methods_table() -> str:
     return "\n".join(rows)
 
 
-def readme_table(readme: str) -> str:
-    return readme.split(BEGIN, 1)[1].split(END, 1)[0].strip()
+def conventions_table() -> str:
+    """Every difference between the two conventions: recipe-level rules, then per method the
+    parameters whose defaults differ and the behaviour mergekit's conventions change."""
+    rows = ["| where | what | mergecli | mergekit 0.1.5 |", "|---|---|---|---|"]
+    rows += [f"| recipe | {what} | {ours} | {theirs} |" for what, ours, theirs in BEHAVIOUR]
+    for spec in list_methods():
+        for p in differing_params(spec):
+            rows.append(f"| `{spec.name}` | `{p.name}` default | `{p.default}` | `{p.mergekit}` |")
+        if spec.mergekit:
+            behaviour = f"| `{spec.name}` | behaviour | as in the methods table | {spec.mergekit} |"
+            rows.append(behaviour)
+        if spec.mergekit_models:
+            least, most = spec.mergekit_models
+            rows.append(
+                f"| `{spec.name}` | models | {spec.min_models}–{spec.max_models or 'any'} experts "
+                f"| {least}–{most or 'any'} besides the base |"
+            )
+    return "\n".join(rows)
+
+
+def readme_table(readme: str, begin: str = BEGIN, end: str = END) -> str:
+    return readme.split(begin, 1)[1].split(end, 1)[0].strip()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--check", type=Path, help="README to compare against")
+    parser.add_argument("--conventions", action="store_true", help="the conventions table")
     args = parser.parse_args()
+    table = conventions_table() if args.conventions else methods_table()
+    marks = (CONVENTIONS_BEGIN, CONVENTIONS_END) if args.conventions else (BEGIN, END)
     if args.check:
-        ok = readme_table(args.check.read_text()) == methods_table()
-        print("methods table up to date" if ok else "README methods table is stale")
+        ok = readme_table(args.check.read_text(), *marks) == table
+        print("table up to date" if ok else f"{args.check}: table is stale")
         sys.exit(0 if ok else 1)
-    print(methods_table())
+    print(table)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 
 from mergecli.analyze import analyze_interference
 from mergecli.blocks import block_of
-from mergecli.errors import MergeError
+from mergecli.errors import RecipeError
 from mergecli.recipe import recipe_from_dict
 from tests.conftest import EXPERTS
 from tests.helpers import load_state
@@ -279,18 +279,22 @@ def test_component_blocks(name: str, block: str) -> None:
 
 def test_recipe_problems_are_one_line_errors(tmp_path: Path, zoo: Path) -> None:
     recipe = {"merge_method": "linear", "models": [{"model": str(zoo / n)} for n in EXPERTS]}
-    with pytest.raises(MergeError, match="base_model"):
+    with pytest.raises(RecipeError) as caught:
         analyze(recipe)
+    assert caught.value.key == "base_model"
     recipe["base_model"] = str(zoo / "base")
-    with pytest.raises(MergeError, match="--top-k"):
+    with pytest.raises(RecipeError) as caught:
         analyze(recipe, top_k=0.0)
-    with pytest.raises(MergeError, match="at least two experts"):
+    assert caught.value.key == "--top-k"
+    with pytest.raises(RecipeError, match="at least two experts") as caught:
         analyze({**recipe, "models": recipe["models"][:1]})
+    assert caught.value.key == "models"
     run = tmp_path / "run"
     for step in (10, 20):
         (run / f"checkpoint-{step}").mkdir(parents=True)
     recipe["models"][0]["model"] = str(run)
     with pytest.raises(
-        MergeError, match=r"models\[0\].model: .*checkpoint-10 … checkpoint-20.*--over-checkpoints"
-    ):
+        RecipeError, match=r"checkpoint-10 … checkpoint-20.*--over-checkpoints"
+    ) as e:
         analyze(recipe)
+    assert e.value.key == "models[0].model"

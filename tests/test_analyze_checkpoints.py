@@ -140,6 +140,7 @@ def test_a_plain_expert_is_the_same_at_every_point(runs: Path) -> None:
     assert {p.paths[1] for p in points} == {runs / "runs" / "e1" / "checkpoint-300"}
 
 
+@pytest.mark.slow
 def test_sweep_cli_json_table_and_plot(runs: Path, tmp_path: Path) -> None:
     path = write_recipe(tmp_path, sweep_recipe(runs))
     result = run_cli(

@@ -19,6 +19,8 @@ from tests.helpers import load_state, peak_memory_job, write_random_experts
 TENSORS, SHAPE, EXPERTS = 24, (256, 1024), 3
 MIB = 1 << 20
 
+pytestmark = pytest.mark.slow  # measures peak memory of a whole analysis
+
 JOB = """
 import json, sys
 import mergecli

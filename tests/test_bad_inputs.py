@@ -11,6 +11,16 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from mergecli import load_recipe, plan_merge, run_merge
+from mergecli.errors import (
+    MergeError,
+    OutputError,
+    RecipeError,
+    ShapeError,
+    SourceError,
+    UnknownMethodError,
+    UnknownParameterError,
+)
 from mergecli.sources import Checkpoint
 from tests.conftest import EXPERTS
 from tests.helpers import load_state, run_cli, write_recipe
@@ -53,8 +63,15 @@ def load_state_file(file: Path) -> dict[str, torch.Tensor]:
     return dict(load_file(file))
 
 
+def library_error(path: Path) -> MergeError:
+    """The error that loading and planning the recipe raises from Python."""
+    with pytest.raises(MergeError) as caught:
+        plan_merge(load_recipe(path))
+    return caught.value
+
+
 def assert_clean_failure(result, out: Path, *needles: str) -> None:
-    assert result.exit_code != 0
+    assert result.exit_code == 2
     text = result.output
     assert "Traceback" not in text
     lines = [line for line in text.strip().splitlines() if line.strip()]
@@ -67,28 +84,58 @@ def assert_clean_failure(result, out: Path, *needles: str) -> None:
 
 
 CASES = {
-    "unknown key": ({"merge_methd": "ties"}, ["merge_methd", "did you mean 'merge_method'"]),
-    "unknown method": ({"merge_method": "tise"}, ["tise", "did you mean 'ties'"]),
-    "unknown parameter": ({"parameters": {"lamda": 1.0}}, ["lamda", "did you mean 'lambda'"]),
-    "bad choice": ({"parameters": {"scope": "modle"}}, ["scope", "did you mean 'model'"]),
-    "bad value type": ({"parameters": {"lambda": "big"}}, ["parameters.lambda", "number"]),
+    "unknown key": (
+        {"merge_methd": "ties"},
+        ["merge_methd", "did you mean 'merge_method'"],
+        (RecipeError, "key", "merge_methd"),
+    ),
+    "unknown method": (
+        {"merge_method": "tise"},
+        ["tise", "did you mean 'ties'"],
+        (UnknownMethodError, "method", "tise"),
+    ),
+    "unknown parameter": (
+        {"parameters": {"lamda": 1.0}},
+        ["lamda", "did you mean 'lambda'"],
+        (UnknownParameterError, "key", "parameters.lamda"),
+    ),
+    "bad choice": (
+        {"parameters": {"scope": "modle"}},
+        ["scope", "did you mean 'model'"],
+        (RecipeError, "key", "parameters.scope"),
+    ),
+    "bad value type": (
+        {"parameters": {"lambda": "big"}},
+        ["parameters.lambda", "number"],
+        (RecipeError, "key", "parameters.lambda"),
+    ),
     "global param per model": (
         {"models": [{"model": "x", "parameters": {"lambda": 1}}]},
         ["models[0].parameters.lambda", "whole merge"],
+        (RecipeError, "key", "models[0].parameters.lambda"),
     ),
     "missing path": (
         {"base_model": "does/not/exist"},
         ["base_model", "does/not/exist", "does not exist"],
+        (SourceError, "path", "DIR/does/not/exist"),
     ),
-    "bad dtype": ({"dtype": "flaot16"}, ["dtype", "did you mean 'float16'"]),
-    "missing models": ({"models": None}, ["models"]),
-    "needs base": ({"base_model": None}, ["base_model", "needs a base model"]),
+    "bad dtype": (
+        {"dtype": "flaot16"},
+        ["dtype", "did you mean 'float16'"],
+        (RecipeError, "key", "dtype"),
+    ),
+    "missing models": ({"models": None}, ["models"], (RecipeError, "key", "models")),
+    "needs base": (
+        {"base_model": None},
+        ["base_model", "needs a base model"],
+        (RecipeError, "key", "base_model"),
+    ),
 }
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_recipe_errors(zoo: Path, tmp_path: Path, case: str) -> None:
-    changes, needles = CASES[case]
+    changes, needles, (kind, field, value) = CASES[case]
     recipe = base_recipe(zoo, tmp_path / "out", **changes)
     if recipe["models"] is None:
         del recipe["models"]
@@ -98,17 +145,25 @@ def test_recipe_errors(zoo: Path, tmp_path: Path, case: str) -> None:
         del recipe["merge_method"]
     path = write_recipe(tmp_path, recipe)
     assert_clean_failure(run_cli("merge", path), tmp_path / "out", *needles)
+    error = library_error(path)
+    assert type(error) is kind
+    expected = Path(value.replace("DIR", str(tmp_path))) if field == "path" else value
+    assert getattr(error, field) == expected
 
 
 def test_invalid_yaml(tmp_path: Path) -> None:
     path = tmp_path / "recipe.yaml"
     path.write_text("merge_method: ties\nmodels: [\n")
     assert_clean_failure(run_cli("merge", path), tmp_path / "out", "invalid YAML", "line")
+    error = library_error(path)
+    assert type(error) is RecipeError and error.key is None
 
 
 def test_missing_recipe_file(tmp_path: Path) -> None:
     result = run_cli("merge", tmp_path / "nope.yaml")
     assert_clean_failure(result, tmp_path / "out", "nope.yaml", "does not exist")
+    error = library_error(tmp_path / "nope.yaml")
+    assert type(error) is SourceError and error.path == tmp_path / "nope.yaml"
 
 
 def test_architecture_mismatch(zoo: Path, tmp_path: Path) -> None:
@@ -121,6 +176,8 @@ def test_architecture_mismatch(zoo: Path, tmp_path: Path) -> None:
     recipe["models"][1]["model"] = str(other)
     result = run_cli("merge", write_recipe(tmp_path, recipe))
     assert_clean_failure(result, tmp_path / "out", "models[1].model", "mistral", "config.json")
+    error = library_error(write_recipe(tmp_path, recipe))
+    assert type(error) is SourceError and error.path == other / "config.json"
 
 
 def test_tensor_missing_from_expert(zoo: Path, tmp_path: Path) -> None:
@@ -131,6 +188,8 @@ def test_tensor_missing_from_expert(zoo: Path, tmp_path: Path) -> None:
     recipe["models"][2]["model"] = str(other)
     result = run_cli("merge", write_recipe(tmp_path, recipe))
     assert_clean_failure(result, tmp_path / "out", "models[2].model", name, "missing", "on_missing")
+    error = library_error(write_recipe(tmp_path, recipe))
+    assert type(error) is ShapeError and error.tensor == name
     recipe["on_missing"] = "base"
     result = run_cli("merge", write_recipe(tmp_path, recipe), "--quiet")
     assert result.exit_code == 0, result.output
@@ -147,6 +206,8 @@ def test_shape_mismatch(zoo: Path, tmp_path: Path) -> None:
     recipe["models"][0]["model"] = str(other)
     result = run_cli("merge", write_recipe(tmp_path, recipe))
     assert_clean_failure(result, tmp_path / "out", "models[0].model", name, "[8, 8]", "[32, 32]")
+    error = library_error(write_recipe(tmp_path, recipe))
+    assert type(error) is ShapeError and error.tensor == name
 
 
 def test_non_floating_tensor_dtype_family(zoo: Path, tmp_path: Path) -> None:
@@ -157,6 +218,8 @@ def test_non_floating_tensor_dtype_family(zoo: Path, tmp_path: Path) -> None:
     recipe["models"][1]["model"] = str(other)
     result = run_cli("merge", write_recipe(tmp_path, recipe))
     assert_clean_failure(result, tmp_path / "out", "models[1].model", name, "torch.int64")
+    error = library_error(write_recipe(tmp_path, recipe))
+    assert type(error) is ShapeError and error.tensor == name
 
 
 def test_differing_integer_buffers_warn_and_keep_base(zoo: Path, tmp_path: Path) -> None:
@@ -187,7 +250,10 @@ def test_existing_output_needs_force(zoo: Path, tmp_path: Path) -> None:
     (out / "keep.txt").write_text("precious")
     path = write_recipe(tmp_path, base_recipe(zoo, out))
     result = run_cli("merge", path)
-    assert result.exit_code != 0 and "--force" in result.output
+    assert result.exit_code == 2 and "--force" in result.output
+    with pytest.raises(OutputError) as caught:
+        run_merge(plan_merge(load_recipe(path)), out)
+    assert caught.value.path == out
     assert (out / "keep.txt").read_text() == "precious"
     assert run_cli("merge", path, "--force", "--quiet").exit_code == 0
     assert not (out / "keep.txt").exists() and (out / "config.json").exists()
@@ -227,6 +293,8 @@ def test_bin_weights_refused_unless_opted_in(zoo: Path, tmp_path: Path) -> None:
     recipe["models"][1]["model"] = str(other)
     path = write_recipe(tmp_path, recipe)
     assert_clean_failure(run_cli("merge", path), tmp_path / "out", "models[1].model", "allow_bin")
+    error = library_error(path)
+    assert type(error) is SourceError and error.path == other
     result = run_cli("merge", path, "--allow-bin", "--quiet")
     assert result.exit_code == 0, result.output
     # methods modify what they read in place (τ = θ − θ0): a .bin read must be a copy, so that
@@ -235,3 +303,16 @@ def test_bin_weights_refused_unless_opted_in(zoo: Path, tmp_path: Path) -> None:
     name = source.tensor_names()[0]
     source.read(name).zero_()
     assert torch.equal(source.read(name), load_state(zoo / "code")[name])
+
+
+def test_plan_merge_refuses_to_average_a_greedy_soup(zoo: Path, tmp_path: Path) -> None:
+    """From Python, a selecting method is not silently merged over every listed expert."""
+    recipe = base_recipe(zoo, tmp_path / "out", merge_method="greedy_soup", parameters={})
+    for model in recipe["models"]:
+        model["parameters"] = {}
+    path = write_recipe(tmp_path, recipe)
+    error = library_error(path)
+    assert type(error) is RecipeError and error.key == "merge_method"
+    assert "plan_with_selection" in str(error)
+    plan = plan_merge(load_recipe(path), experts_selected=True)
+    assert len(plan.experts) == len(EXPERTS)

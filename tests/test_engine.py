@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import resource
 from pathlib import Path
 
 import numpy as np
@@ -81,7 +82,7 @@ def test_dry_run_reads_no_tensor_and_prints_the_plan(
     assert plan["tensors"] == len(load_state(zoo / "base"))
     assert plan["bytes_to_read"] == 4 * base_bytes
     assert plan["bytes_to_write"] == base_bytes
-    assert plan["peak_memory_estimate"] > 0 and plan["passes"] == 1
+    assert plan["passes"] == 1
     assert not (tmp_path / "out").exists()
     text = run_cli("merge", path, "--dry-run")
     assert "bytes to read" in text.output and "peak memory estimate" in text.output
@@ -133,7 +134,9 @@ def test_out_dtype_and_config(zoo: Path, tmp_path: Path) -> None:
 def test_report_and_model_card(zoo: Path, tmp_path: Path) -> None:
     recipe = ta_recipe(zoo, tmp_path / "out", merge_method="ties")
     recipe["parameters"] = {"density": 0.3, "scope": "tensor"}
+    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     result = run_cli("merge", write_recipe(tmp_path, recipe), "--json")
+    peak_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     report = read_json(tmp_path / "out" / "merge_report.json")
@@ -141,8 +144,12 @@ def test_report_and_model_card(zoo: Path, tmp_path: Path) -> None:
     assert [i["role"] for i in report["inputs"]] == ["base", *EXPERTS]
     assert all(len(i["fingerprint"]) == 16 and i["bytes"] > 0 for i in report["inputs"])
     assert report["recipe"]["merge_method"] == "ties"
-    assert set(report["timing"]) == {"wall_s", "read_s", "compute_s", "write_s"}
-    assert report["peak_rss_bytes"] > 0 and report["bytes_written"] > 0
+    assert set(report["run"]["timing"]) == {"wall_s", "read_s", "compute_s", "write_s"}
+    # the in-process merge reports this process's peak resident memory, taken during the run
+    assert peak_before <= report["run"]["peak_rss_bytes"] <= peak_after
+    assert report["bytes_written"] == sum(
+        p.stat().st_size for p in (tmp_path / "out").iterdir() if p.suffix == ".safetensors"
+    )
     name = "model.layers.0.mlp.gate_proj.weight"
     row = report["tensors"][name]
     base, expert = load_state(zoo / "base")[name], load_state(zoo / "math")[name]

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from transformers import AutoTokenizer, LlamaForCausalLM
 
 import mergecli
-from mergecli.errors import MergeError
+from mergecli.errors import EvaluationError, RecipeError
 from mergecli.evaluate import Scorer
 from mergecli.recipe import recipe_from_dict
 from tests.eval_zoo import TASKS, build_zoo, direct_scores, load_classifier
@@ -191,18 +191,21 @@ def test_command_in_shell_mode_quotes_values(clf: Path, tmp_path: Path) -> None:
     [("fail", "exit status 3: boom: cannot score"), ("garbage", "printed no number")],
 )
 def test_command_failures_are_one_line_errors(clf: Path, task: str, message: str) -> None:
-    with pytest.raises(MergeError, match=message):
+    with pytest.raises(EvaluationError, match=message):
         Scorer(command_recipe(clf, [task])).model(clf / "base")
 
 
 def test_bad_evaluate_sections(clf: Path) -> None:
-    with pytest.raises(MergeError, match="exactly one of 'metric' and 'command'"):
+    with pytest.raises(RecipeError) as caught:
         recipe(clf, {"metric": "loss", "command": "x", "data": "d"})
-    with pytest.raises(MergeError, match=r"unknown key 'evaluate.metrics' \(did you mean 'metric'"):
+    assert caught.value.key == "evaluate"
+    with pytest.raises(RecipeError, match=r"did you mean 'metric'") as caught:
         recipe(clf, {"metrics": "loss"})
-    with pytest.raises(MergeError, match="does not exist"):
+    assert caught.value.key == "evaluate.metrics"
+    with pytest.raises(RecipeError, match="does not exist") as caught:
         Scorer(recipe(clf, {"metric": "loss", "data": "data/{task}/nothing.jsonl"}))
-    with pytest.raises(MergeError, match="no model is named 'zz'"):
+    assert caught.value.key == "evaluate.tasks.a.data"
+    with pytest.raises(RecipeError, match="no model is named 'zz'") as caught:
         Scorer(
             recipe(
                 clf,
@@ -213,15 +216,17 @@ def test_bad_evaluate_sections(clf: Path) -> None:
                 },
             )
         )
-    with pytest.raises(MergeError, match="lower-is-better"):
+    assert caught.value.key == "evaluate.tasks.a.expert"
+    with pytest.raises(RecipeError, match="lower-is-better") as caught:
         Scorer(
             recipe(
                 clf, {"metric": "loss", "data": "data/a/validation.jsonl", "higher_is_better": True}
             )
         )
+    assert caught.value.key == "evaluate.higher_is_better"
     bad = clf / "bad.jsonl"
     bad.write_text(json.dumps({"text": "w1", "label": "x"}) + "\n")
-    with pytest.raises(MergeError, match=r"bad.jsonl:1: expected an integer 'label'"):
+    with pytest.raises(EvaluationError, match=r"bad.jsonl:1: expected an integer 'label'"):
         Scorer(recipe(clf, {"metric": "accuracy", "data": str(bad)})).model(clf / "base")
 
 
@@ -234,8 +239,9 @@ def test_accuracy_refuses_a_language_model(zoo: Path, tmp_path: Path) -> None:
             "evaluate": {"metric": "accuracy", "data": str(tmp_path / "d.jsonl")},
         }
     )
-    with pytest.raises(MergeError, match="accuracy needs a sequence-classification model"):
+    with pytest.raises(RecipeError, match="accuracy needs a sequence-classification") as caught:
         Scorer(spec).model(zoo / "math")
+    assert caught.value.key == "evaluate.metric"
 
 
 def test_evaluate_command_line(clf: Path) -> None:
@@ -254,6 +260,17 @@ def test_evaluate_command_line(clf: Path) -> None:
     assert row["tasks"]["a"] == pytest.approx(accuracy)
     result = run_cli("evaluate", path)
     assert result.exit_code == 0 and "task_arithmetic" in result.stdout
+    # the library function behind the command, from Python
+    from mergecli.evaluate.table import evaluation_table
+
+    data = evaluation_table(
+        Scorer(recipe_from_dict(spec, clf)),
+        recipe_from_dict(spec, clf),
+        [clf / "runs" / "a" / "checkpoint-10"],
+        clf / "scores.json",
+    )
+    assert data["rows"][0]["tasks"]["a"] == pytest.approx(accuracy)
+    assert json.loads((clf / "scores.json").read_text()) == data
     missing = write_recipe(clf, {k: v for k, v in spec.items() if k != "evaluate"}, "none.yaml")
     result = run_cli("evaluate", missing)
     assert result.exit_code == 2

@@ -77,6 +77,7 @@ def test_size_m_is_every_expert_and_size_one_is_the_merge(zoo5: Path, tmp_path: 
         assert all(torch.equal(at_one[n], reference[n]) for n in reference)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["task_arithmetic", "emr", "tall_masks"])
 def test_stored_bytes_are_the_reported_size(zoo5: Path, tmp_path: Path, method: str) -> None:
     low = 1.0 if method == "task_arithmetic" else 2.2
@@ -343,8 +344,10 @@ def test_group_seeds_follow_recipe_indices() -> None:
     whole = TensorInputs("w", base, [base] * 5, [None] * 5, seed=7)
     group = TensorInputs("w", base, [base] * 2, [None] * 2, seed=7, expert_ids=[2, 4])
     assert torch.equal(group.bernoulli_mask(1, 0.5), whole.bernoulli_mask(4, 0.5))
+    assert torch.equal(group.philox_mask(1, 0.5), whole.philox_mask(4, 0.5))
 
 
+@pytest.mark.slow
 def test_same_recipe_gives_identical_artifacts(zoo5: Path, tmp_path: Path) -> None:
     first = flex(zoo5, tmp_path / "a", [2.5], linkage="random").results[0].folder
     second = flex(zoo5, tmp_path / "b", [2.5], linkage="random").results[0].folder

@@ -17,13 +17,14 @@ from tests.helpers import peak_memory_job, write_random_experts
 TENSORS, SHAPE, EXPERTS = 48, (128, 1024), 4
 MIB = 1 << 20
 
+pytestmark = pytest.mark.slow  # measures peak memory of a whole FlexMerge run
+
 JOB = """
 import json, sys
 import mergecli
-from mergecli.engine.stream import Timer
+from mergecli.engine.runner import Runner
 from mergecli.flex import plan_flex
 from mergecli.flex.similarity import block_grams
-from mergecli.progress import NullProgress
 
 recipe = mergecli.recipe.recipe_from_dict(json.loads(sys.argv[2]))
 if sys.argv[1] == "merge":
@@ -31,7 +32,7 @@ if sys.argv[1] == "merge":
     work = lambda: mergecli.run_merge(plan, sys.argv[3]) and None
 else:
     plan = plan_flex(recipe, {"sizes": [2]})
-    work = lambda: block_grams(plan.merge, plan.blocks, Timer(), NullProgress()) and None
+    work = lambda: block_grams(plan.merge, plan.blocks, Runner()) and None
 """
 
 

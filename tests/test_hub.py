@@ -13,7 +13,9 @@ import torch
 from huggingface_hub import constants
 from safetensors import safe_open
 
-from mergecli.sources.hub import DownloadingCheckpoint
+from mergecli import load_recipe, plan_merge
+from mergecli.errors import HubError, RecipeError
+from mergecli.sources.hub import DownloadingCheckpoint, parse_hub_id
 from tests.helpers import load_state, run_cli, write_recipe
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -109,6 +111,12 @@ def test_missing_hub_id_fails_before_merging(zoo: Path, hub_cache: Path, tmp_pat
         "network)"
     ]
     assert not (tmp_path / "out").exists()
+    with pytest.raises(HubError) as caught:
+        plan_merge(load_recipe(write_recipe(tmp_path, recipe)))
+    assert caught.value.repo_id == "tiny-org/nowhere"
+    with pytest.raises(RecipeError) as caught:
+        parse_hub_id("tiny-org/base@v1", "v2")
+    assert caught.value.key == "revision"
 
 
 def test_shards_merge_while_the_rest_download(
@@ -189,3 +197,6 @@ def test_uncached_shards_offline_fail_before_merging(
     assert result.exit_code == 2
     assert "'tiny-org/base' (weights) is not in the Hugging Face cache" in result.output
     assert not (tmp_path / "out").exists()
+    with pytest.raises(HubError) as caught:
+        plan_merge(load_recipe(write_recipe(tmp_path, recipe)))
+    assert caught.value.repo_id == "tiny-org/base"

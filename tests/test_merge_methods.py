@@ -93,6 +93,7 @@ def merge_recipe(zoo: Path, method: str, params: dict, per_model: dict, out: Pat
     return write_recipe(out.parent, recipe, f"{out.name}.yaml")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(RECIPES))
 def test_method_matches_dense_formula_float32(zoo: Path, tmp_path: Path, case: str) -> None:
     method, params, per_model = RECIPES[case]
@@ -108,6 +109,7 @@ def test_method_matches_dense_formula_float32(zoo: Path, tmp_path: Path, case: s
         torch.testing.assert_close(got[name], tensor, atol=1e-6, rtol=0, msg=name)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["task_arithmetic", "ties_model"])
 def test_bfloat16_inputs_compute_in_float32(zoo_bf16: Path, tmp_path: Path, case: str) -> None:
     method, params, per_model = RECIPES[case]
@@ -149,6 +151,7 @@ def single_expert_dare(zoo: Path, tmp_path: Path, name: str, density: float, see
     return tmp_path / name
 
 
+@pytest.mark.slow
 def test_dare_reruns_are_byte_identical_across_thread_counts(zoo: Path, tmp_path: Path) -> None:
     outs = []
     before = torch.get_num_threads()

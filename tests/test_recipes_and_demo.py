@@ -11,6 +11,8 @@ import yaml
 from scripts.fixtures import make_demo
 from tests.helpers import ROOT, load_state, run_cli
 
+pytestmark = pytest.mark.slow  # runs every example recipe and the demo end to end
+
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
 
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-import mergecli.engine.report_sums as report_sums
-from mergecli.engine.report_sums import PieceFigures
+import mergecli.engine.figures as figures
+from mergecli.engine.figures import PieceFigures
 from mergecli.methods import TensorInputs
 
 
@@ -44,11 +44,11 @@ def test_piece_sums_equal_dense_formulas(
     dtype: torch.dtype, path: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     if path == "torch":
-        monkeypatch.setattr(report_sums, "NUMBA_DTYPES", ())
-        monkeypatch.setattr(report_sums, "BLOCK", 1000)  # several blocks
+        monkeypatch.setattr(figures, "COMPILED_DTYPES", ())
+        monkeypatch.setattr(figures, "BLOCK", 1000)  # several blocks
     inputs, merged = piece(dtype)
     want = dense([(e - inputs.base) for e in inputs.expert_weights], merged - inputs.base)
-    got = PieceFigures()(inputs, merged)
+    got = PieceFigures()(inputs, merged, [None] * 3)
     assert got["size"] == merged.numel()
     assert got["both"] == want["both"] and got["same"] == want["same"]
     assert got["kept"] == want["kept"]
@@ -60,22 +60,24 @@ def test_piece_sums_equal_dense_formulas(
 
 def test_compiled_and_torch_paths_agree(monkeypatch: pytest.MonkeyPatch) -> None:
     inputs, merged = piece(torch.float32, seed=1)
-    compiled = PieceFigures()(inputs, merged)
-    monkeypatch.setattr(report_sums, "NUMBA_DTYPES", ())
-    reduced = PieceFigures()(inputs, merged)
+    compiled = PieceFigures()(inputs, merged, [None] * 3)
+    monkeypatch.setattr(figures, "COMPILED_DTYPES", ())
+    reduced = PieceFigures()(inputs, merged, [None] * 3)
     assert compiled.keys() == reduced.keys()
     for key, value in reduced.items():
         assert compiled[key] == pytest.approx(value, rel=1e-12), key
 
 
-def test_kept_reported_by_the_method_is_kept() -> None:
+@pytest.mark.parametrize("path", ["compiled", "torch"])
+def test_kept_reported_by_the_method_is_kept(path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    if path == "torch":
+        monkeypatch.setattr(figures, "COMPILED_DTYPES", ())
     inputs, merged = piece(torch.float32)
-    inputs.kept = [0.5, None, 0.25]
-    got = PieceFigures()(inputs, merged)
+    got = PieceFigures()(inputs, merged, [0.5, None, 0.25])
     assert got["kept"][0] == 0.5 and got["kept"][2] == 0.25
     assert got["kept"][1] == pytest.approx(float((inputs.expert_deltas[1] != 0).float().mean()))
 
 
 def test_no_base_reports_kept_only() -> None:
-    inputs = TensorInputs("w", None, [torch.ones(3)], [None], kept=[0.5])
-    assert PieceFigures()(inputs, torch.ones(3)) == {"kept": [0.5], "size": 3}
+    inputs = TensorInputs("w", None, [torch.ones(3)], [None])
+    assert PieceFigures()(inputs, torch.ones(3), [0.5]) == {"kept": [0.5], "size": 3}

@@ -9,11 +9,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import save_file
 
 from mergecli.methods.statistics import BINS
 from tests.helpers import ROOT
+
+pytestmark = pytest.mark.slow  # measures peak memory of whole merges in subprocesses
 
 TENSORS, SIDE = 60, 256
 """A model of many small tensors: 16 MB in float32, its largest tensor 256 KB."""

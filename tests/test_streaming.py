@@ -47,7 +47,9 @@ def merge(zoo: Path, out: Path, method: str, chunk: int, monkeypatch: pytest.Mon
     return plan
 
 
-@pytest.mark.parametrize("method", list(CASES))
+@pytest.mark.parametrize(
+    "method", [pytest.param(m, marks=pytest.mark.slow) if m == "ties" else m for m in CASES]
+)
 def test_chunked_merge_equals_whole_tensor_merge(
     zoo_bf16: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str
 ) -> None:
@@ -132,6 +134,7 @@ def test_writer_assembles_row_chunks_and_refuses_wrong_ones(tmp_path: Path) -> N
     assert torch.equal(load_state(tmp_path)["a"], value)
 
 
+@pytest.mark.slow
 def test_peak_memory_does_not_grow_with_the_largest_tensor(tmp_path: Path) -> None:
     rows, cols = 4096, 2048  # 32 MB in float32: one tensor, merged in 256 KB chunks
     gen = torch.Generator().manual_seed(0)

@@ -10,9 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from mergecli.errors import MergeError
+from mergecli import plan_merge
+from mergecli.errors import RecipeError
+from mergecli.evaluate import Scorer, plan_with_selection, score_recipe
 from mergecli.recipe import recipe_from_dict
-from mergecli.sweep.grid import parse_values
+from mergecli.sweep.grid import parse_grid, parse_values
 from tests.eval_zoo import STEPS, TASKS, build_zoo, direct_scores, load_classifier
 from tests.helpers import load_state, run_cli, write_recipe
 
@@ -43,10 +45,12 @@ def test_parse_values() -> None:
     assert parse_values("1:7:3", "x") == [1, 4, 7]
     assert parse_values("0.2,0.5,true,sum", "x") == [0.2, 0.5, True, "sum"]
     for bad in ("1:0:0.1", "a:b:c", "0.1,,0.2", "0:1:0"):
-        with pytest.raises(MergeError):
+        with pytest.raises(RecipeError) as caught:
             parse_values(bad, "--grid x")
+        assert caught.value.key == "--grid"
 
 
+@pytest.mark.slow
 def test_grid_sweep_picks_what_an_exhaustive_evaluation_picks(clf: Path, tmp_path: Path) -> None:
     spec = {
         "merge_method": "task_arithmetic",
@@ -117,6 +121,7 @@ def test_grid_sweep_picks_what_an_exhaustive_evaluation_picks(clf: Path, tmp_pat
     assert early["evaluated"] == first_worse + 1 and early["stopped_early"]
 
 
+@pytest.mark.slow
 def test_greedy_soup_picks_what_an_exhaustive_evaluation_picks(clf: Path, tmp_path: Path) -> None:
     ingredients = [
         ("a20", "a", 20),
@@ -160,8 +165,17 @@ def test_greedy_soup_picks_what_an_exhaustive_evaluation_picks(clf: Path, tmp_pa
     for k in states[0]:
         expected = sum(states[i][k] for i in kept) / len(kept)
         torch.testing.assert_close(merged[k], expected, atol=1e-6, rtol=1e-5)
+    # from Python: plan_merge refuses to average every expert; plan_with_selection selects
+    recipe = recipe_from_dict(spec, clf)
+    with pytest.raises(RecipeError, match="plan_with_selection") as caught:
+        plan_merge(recipe)
+    assert caught.value.key == "merge_method"
+    plan, details = plan_with_selection(recipe)
+    assert details["greedy_soup"] == soup
+    assert [e.path for e in plan.experts] == [(clf / spec["models"][i]["model"]) for i in kept]
 
 
+@pytest.mark.slow
 def test_duration_sweep_by_tstar(clf: Path, tmp_path: Path) -> None:
     spec = {
         "merge_method": "task_arithmetic",
@@ -221,6 +235,7 @@ def test_duration_sweep_by_step_prints_a_table(clf: Path, tmp_path: Path) -> Non
     assert "a@40, b@40" in result.stdout and "durations.png" in result.stdout
 
 
+@pytest.mark.slow
 def test_landscape_endpoints_and_midpoint(clf: Path, tmp_path: Path) -> None:
     spec = {
         "merge_method": "task_arithmetic",
@@ -300,8 +315,6 @@ def test_greedy_soup_needs_an_evaluate_section(clf: Path, tmp_path: Path) -> Non
 
 
 def test_artifact_methods_score_each_task_on_its_own_model(clf: Path) -> None:
-    from mergecli.evaluate import Scorer
-
     spec = recipe_from_dict(
         {
             "merge_method": "tall_masks",
@@ -311,7 +324,7 @@ def test_artifact_methods_score_each_task_on_its_own_model(clf: Path) -> None:
         },
         clf,
     )
-    scores = Scorer(spec).recipe(spec).tasks
+    scores = score_recipe(Scorer(spec), spec).tasks
     # dense TALL (METHODS.md): task t is θ0 + m_t ⊙ τ_MTL, m_t = |τt| > λ |τ_MTL − τt|
     from mergecli.methods import get_method
 
@@ -327,3 +340,81 @@ def test_artifact_methods_score_each_task_on_its_own_model(clf: Path) -> None:
             state[k] = base[k] + mask * mtl
         _, loss = direct(clf, state, (task,))[task]
         assert scores[task] == pytest.approx(loss, abs=1e-5)
+
+
+def test_sweep_from_python_writes_the_best_merge_and_its_table(clf: Path, tmp_path: Path) -> None:
+    from mergecli.sweep.run import sweep
+
+    spec = recipe_from_dict(
+        {
+            "merge_method": "task_arithmetic",
+            "base_model": "base",
+            "models": [{"model": f"runs/{t}/checkpoint-20", "name": t} for t in TASKS],
+            "evaluate": {"metric": "loss", "data": DATA},
+        },
+        clf,
+    )
+    scorer = Scorer(spec)
+    table = sweep(spec, parse_grid(["lambda=0.2,1.0"], spec), scorer, tmp_path / "best")
+    scores = [row["score"] for row in table["rows"]]
+    assert table["best"] == table["rows"][scores.index(min(scores))]
+    assert sorted(Path(f).name for f in table["files"]) == ["sweep.csv", "sweep.json"]
+    best = recipe_from_dict(
+        {**spec.model_dump(exclude={"folder"}), "parameters": table["best"]["parameters"]}, clf
+    )
+    assert scorer.folder(tmp_path / "best").score == pytest.approx(scorer.merge(best).score)
+
+
+def test_landscape_recipe_measures_with_a_built_in_metric_or_the_command(clf: Path) -> None:
+    from mergecli.sweep.landscape import landscape_recipe
+
+    spec = {"merge_method": "linear", "models": [{"model": "runs/a/checkpoint-10"}]}
+    metric = recipe_from_dict({**spec, "evaluate": {"metric": "accuracy", "data": DATA}}, clf)
+    assert landscape_recipe(metric).evaluate.metric == "loss"
+    assert landscape_recipe(metric, "perplexity").evaluate.metric == "perplexity"
+    command = recipe_from_dict({**spec, "evaluate": {"command": "score {model}"}}, clf)
+    assert landscape_recipe(command).evaluate == command.evaluate
+    with pytest.raises(RecipeError) as caught:
+        landscape_recipe(command, "loss")
+    assert caught.value.key == "--metric"
+    with pytest.raises(RecipeError) as caught:
+        landscape_recipe(recipe_from_dict(spec, clf), source="r.yaml")
+    assert caught.value.key == "evaluate" and str(caught.value).startswith("r.yaml: ")
+
+
+def test_flex_sizes_scored_from_python(clf: Path, tmp_path: Path) -> None:
+    from mergecli.flex import plan_flex, run_flex
+    from mergecli.flex.report import result_summary
+    from mergecli.sweep.sizes import score_flex
+
+    spec = recipe_from_dict(
+        {
+            "merge_method": "task_arithmetic",
+            "base_model": "base",
+            "models": [{"model": f"runs/{t}/checkpoint-30", "name": t} for t in TASKS],
+            "evaluate": {"metric": "loss", "data": DATA},
+        },
+        clf,
+    )
+    result = run_flex(plan_flex(spec, {"sizes": [1.0, 3.0]}), tmp_path / "flex")
+    summary = result_summary(result)
+    assert [s["target"] for s in summary["sizes"]] == [1.0, 3.0]
+    assert all(Path(s["folder"]).is_dir() for s in summary["sizes"])
+    scores = score_flex(spec, Scorer(spec), result)
+    assert all(Path(f).is_file() for f in scores["files"])
+    # at M× every task's model is its own expert
+    top = scores["sizes"][-1]["tasks"]
+    assert top == pytest.approx(scores["experts"])
+
+
+def test_scoring_does_not_import_selection() -> None:
+    """greedy soup builds on scoring, never the other way round (no import cycle)."""
+    import ast
+
+    import mergecli.evaluate.score as score
+
+    tree = ast.parse(Path(score.__file__).read_text())
+    imported = {
+        node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module
+    }
+    assert not imported & {"mergecli.evaluate.greedy", "mergecli.evaluate.selection"}

@@ -139,17 +139,20 @@ def test_bfloat16_artifact_is_about_two_plus_m_over_16_models(zoo_bf16: Path, tm
     assert all(t.dtype == torch.bfloat16 for t in state.values())
 
 
-def test_task_names_default_to_folders_and_must_be_unique(zoo: Path, tmp_path: Path) -> None:
+def test_task_names_default_to_folders_and_are_made_unique(zoo: Path, tmp_path: Path) -> None:
     recipe = artifact_recipe(zoo, tmp_path / "a", "tall_masks")
     for m in recipe["models"]:
         del m["name"]
     plan = mergecli.plan_merge(recipe_from_dict(recipe))
-    assert plan.artifact is not None and plan.artifact.tasks == list(EXPERTS)
+    assert plan.summary()["artifact_tasks"] == list(EXPERTS)
     recipe["models"][2]["name"] = "math"
-    result = run_cli("merge", write_recipe(tmp_path, recipe))
-    assert result.exit_code == 2
-    assert "models[2]: task name 'math'" in result.output
-    assert not (tmp_path / "a").exists()
+    recipe["models"][0]["name"] = "math"
+    result = run_cli("merge", write_recipe(tmp_path, recipe), "--json")
+    assert result.exit_code == 0, result.output
+    assert "models[2].name 'math' is also the name of models[0]: it is called 'math#2'" in (
+        result.stderr
+    )
+    assert json.loads(result.stdout)["artifact"]["tasks"] == ["math", "code", "math#2"]
 
 
 def test_unknown_task_suggests_a_name(artifact, tmp_path: Path) -> None:

@@ -14,6 +14,8 @@ from scripts.testbed import build
 from scripts.testbed.data import TRANSFORMS, examples, load_digits, read_jsonl, split_indices
 from scripts.testbed.figures import BEGIN, END, flex_table, write_doc
 
+pytestmark = pytest.mark.slow  # builds and trains the real testbed
+
 
 def manifest(testbed: Path) -> dict:
     return json.loads((testbed / "testbed.json").read_text())

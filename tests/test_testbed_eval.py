@@ -12,6 +12,8 @@ from mergecli.evaluate import Scorer
 from mergecli.recipe import load_recipe
 from tests.helpers import run_cli, write_recipe
 
+pytestmark = pytest.mark.slow  # builds and trains the real testbed
+
 
 def manifest(testbed: Path) -> dict:
     return json.loads((testbed / "testbed.json").read_text())

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from mergecli.analyze.runs import run_checkpoints
-from mergecli.errors import MergeError
+from mergecli.errors import SourceError
 from mergecli.layers import count_layers
 from mergecli.sources import Checkpoint
 from mergecli.sources.adapter import peft_type, read_peft_config
@@ -85,10 +85,12 @@ def describe_path(path: str | Path) -> dict[str, Any]:
     if not folder.exists():
         hub = parse_hub_id(str(path))
         if hub is None:
-            raise MergeError(f"'{folder}' does not exist")
+            raise SourceError(f"'{folder}' does not exist", path=folder)
         folder = hub_snapshot(*hub, "inspect")
     if not folder.is_dir():
-        raise MergeError(f"'{folder}' is a file; inspect takes a checkpoint or adapter folder")
+        raise SourceError(
+            f"'{folder}' is a file; inspect takes a checkpoint or adapter folder", path=folder
+        )
     out: dict[str, Any] = {"path": str(folder.resolve()), "size_on_disk": folder_bytes(folder)}
     runs = run_checkpoints(folder)
     has_weights = any(folder.glob("*.safetensors")) or any(folder.glob("*.bin"))
@@ -100,9 +102,10 @@ def describe_path(path: str | Path) -> dict[str, Any]:
     elif runs:
         out["kind"] = "training_run"
     else:
-        raise MergeError(
+        raise SourceError(
             f"'{folder}' holds no weights (*.safetensors), adapter_config.json or "
-            "checkpoint-<step> folders"
+            "checkpoint-<step> folders",
+            path=folder,
         )
     if has_weights:
         checkpoint = Checkpoint(folder, str(folder), allow_bin=True)

@@ -1,7 +1,7 @@
 """`analyze interference`: how much a recipe's experts interfere, streamed like a merge.
 
-The recipe's base and experts are planned as for a merge (same validation, sources and
-streaming; its merge method and parameters play no part). Passes: the exact model-scope top-k
+The recipe's base and experts are checked and read as for a merge (``plan_inputs``, the
+runner; its merge method and parameters play no part). Passes: the exact model-scope top-k
 thresholds (``KthLargestMagnitude``, two passes in float32), then one pass that adds every
 tensor's sums to the whole model, its layer and its block. Memory stays that of a merge: a few
 tensors at a time plus M×M sums per layer and block.
@@ -17,51 +17,49 @@ from mergecli.analyze.counts import Counts, tensor_counts
 from mergecli.analyze.metrics import figures
 from mergecli.analyze.runs import run_checkpoints
 from mergecli.blocks import block_of
-from mergecli.engine.merge import gather_statistics
-from mergecli.engine.plan import MergePlan, plan_merge
-from mergecli.engine.stream import Timer, stream_inputs
-from mergecli.errors import MergeError
+from mergecli.engine.plan import InputPlan, TensorPlan, plan_inputs
+from mergecli.engine.runner import Each, Runner
+from mergecli.errors import RecipeError
 from mergecli.layers import layer_index, layer_prefix
 from mergecli.methods import TensorInputs
-from mergecli.methods.statistics import KthLargestMagnitude
+from mergecli.methods.statistics import Handle, KthLargestMagnitude
 from mergecli.progress import NullProgress, Progress
 from mergecli.recipe import Recipe
 from mergecli.sources.resolve import is_adapter, locate
 
-THRESHOLDS = "analyze.thresholds"
+THRESHOLDS: Handle[list[float]] = Handle("analyze.thresholds")
 TOP_K = 0.2
 TALL_LAMBDA = 0.6
 
 
-def analysis_plan(recipe: Recipe, device: str = "cpu") -> MergePlan:
-    """A merge plan over the recipe's base (or the one its adapters name) and experts, whatever
-    its merge method."""
+def analysis_plan(recipe: Recipe, device: str = "cpu") -> InputPlan:
+    """The recipe's base (or the one its adapters name) and experts, checked as for a merge,
+    whatever its merge method."""
     folders = [
         locate(recipe, m.model, f"models[{i}].model", m.revision)
         for i, m in enumerate(recipe.models)
     ]
     if not recipe.base_model and not any(is_adapter(f) for f in folders):
-        raise MergeError("base_model: analyze interference measures task vectors from a base")
+        raise RecipeError(
+            "base_model: analyze interference measures task vectors from a base", key="base_model"
+        )
     if len(recipe.models) < 2:
-        raise MergeError("models: analyze interference needs at least two experts, got 1")
+        raise RecipeError(
+            "models: analyze interference needs at least two experts, got 1", key="models"
+        )
     for i, path in enumerate(folders):
         steps = run_checkpoints(path)
         if steps and not any(path.glob("*.safetensors")):
-            raise MergeError(
+            raise RecipeError(
                 f"models[{i}].model: '{path}' is a training run (checkpoint-{min(steps)} … "
-                f"checkpoint-{max(steps)}); use --over-checkpoints or name one checkpoint"
+                f"checkpoint-{max(steps)}); use --over-checkpoints or name one checkpoint",
+                key=f"models[{i}].model",
             )
-    bare = recipe.model_copy(
-        update={
-            "merge_method": "task_arithmetic",
-            "parameters": {},
-            "models": [
-                m.model_copy(update={"parameters": {}, "name": recipe.model_name(i)})
-                for i, m in enumerate(recipe.models)
-            ],
-        }
-    )
-    return plan_merge(bare, device=device)
+    if recipe.temporal is not None:
+        raise RecipeError(
+            "temporal: this recipe folds experts over time; run 'mergecli temporal'", key="temporal"
+        )
+    return plan_inputs(recipe, device)
 
 
 def analyze_interference(
@@ -78,31 +76,30 @@ def analyze_interference(
     the TALL mask threshold λ. ``progress`` sees one phase per pass; the caller stops it.
     """
     if not 0 < top_k <= 1:
-        raise MergeError(f"--top-k: {top_k} is not in (0, 1]")
+        raise RecipeError(f"--top-k: {top_k} is not in (0, 1]", key="--top-k")
     if tall_lambda < 0:
-        raise MergeError(f"--tall-lambda: {tall_lambda} is negative")
+        raise RecipeError(f"--tall-lambda: {tall_lambda} is negative", key="--tall-lambda")
     progress = progress or NullProgress()
     started = time.perf_counter()
     plan = analysis_plan(recipe, device)
     experts = len(plan.experts)
-    merged = [t for t in plan.tensors if t.merge]
-    plan.statistics = [KthLargestMagnitude(THRESHOLDS, [top_k] * experts)]
-    timer = Timer()
-    thresholds = gather_statistics(plan, timer, progress)[THRESHOLDS]
+    merged = plan.reading([t for t in plan.tensors if t.merge])
+    statistic = KthLargestMagnitude(THRESHOLDS, [top_k] * experts)
+    runner = Runner(progress)
+    thresholds = runner.statistics(merged, [statistic])[THRESHOLDS]
     model = Counts(experts)
     layers: dict[str, Counts] = {}
     blocks: dict[str, Counts] = {}
-    sizes = {t.name: sum(s.info(t.name).nbytes for s in plan.read_sources(t)) for t in merged}
-    progress.start("interference", len(merged), sum(sizes.values()))
-    for tensor, inputs in stream_inputs(plan, merged, timer):
-        assert isinstance(inputs, TensorInputs)
+
+    def add(tensor: TensorPlan, inputs: TensorInputs) -> None:
         counts = tensor_counts(inputs.task_vectors(), thresholds, tall_lambda)
         model.add(counts)
         prefix = layer_prefix(tensor.name)
         if prefix is not None:
             layers.setdefault(prefix, Counts(experts)).add(counts)
         blocks.setdefault(block_of(tensor.name), Counts(experts)).add(counts)
-        progress.advance(1, sizes[tensor.name])
+
+    runner.run(merged, [Each(add)], "interference")
     assert plan.base is not None
     return {
         "experts": plan.expert_names,
@@ -118,8 +115,8 @@ def analyze_interference(
         ],
         "blocks": [{"block": name, **figures(c)} for name, c in blocks.items()],
         "warnings": plan.warnings,
-        "passes": plan.passes,
-        "bytes_read": timer.bytes_read,
+        "passes": 1 + statistic.passes(plan.compute_dtype),
+        "bytes_read": runner.timer.bytes_read,
         "wall_s": time.perf_counter() - started,
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "device": str(plan.device),

@@ -37,8 +37,9 @@ def _ratio(num: torch.Tensor, den: torch.Tensor, scale: float = 1.0) -> list[Any
 
 def _pairwise(matrix: list[list[float]]) -> dict[str, Any]:
     clean = [[None if v != v else v for v in row] for row in matrix]  # NaN → None
-    pairs = [v for s, row in enumerate(clean) for t, v in enumerate(row) if s != t]
-    pairs = [v for v in pairs if v is not None]
+    pairs = [
+        v for s, row in enumerate(clean) for t, v in enumerate(row) if s != t and v is not None
+    ]
     return {"matrix": clean, "mean": sum(pairs) / len(pairs) if pairs else None}
 
 

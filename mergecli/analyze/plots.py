@@ -43,9 +43,9 @@ def heatmap(figures: dict[str, Any], metric: str, experts: list[str], title: str
     size = 2.5 + 0.6 * len(experts)
     fig = Figure(figsize=(size + 1.2, size), dpi=DPI, layout="constrained")
     ax = fig.add_subplot()
-    limits = {"vmin": -1.0, "vmax": 1.0} if metric == "cosine" else {}
+    vmin, vmax = (-1.0, 1.0) if metric == "cosine" else (None, None)
     cmap = colormaps["coolwarm" if metric == "cosine" else "viridis"].with_extremes(bad="white")
-    image = ax.imshow(np.ma.masked_invalid(matrix), cmap=cmap, **limits)
+    image = ax.imshow(np.ma.masked_invalid(matrix), cmap=cmap, vmin=vmin, vmax=vmax)
     fig.colorbar(image, ax=ax, label=LABELS[metric])
     ticks = range(len(experts))
     ax.set_xticks(ticks, experts, rotation=45, ha="right")

@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from mergecli.errors import MergeError, did_you_mean
+from mergecli.errors import RecipeError, did_you_mean
 from mergecli.recipe import Recipe
 
 _STEP = re.compile(r"checkpoint-(\d+)")
@@ -48,20 +48,23 @@ def sweep_points(recipe: Recipe, match: str) -> list[Point]:
     """The points of a checkpoint sweep over the recipe's experts (match: step or fraction)."""
     if match not in MATCHES:
         hint = did_you_mean(match, MATCHES)
-        raise MergeError(f"--match: '{match}' is not step or fraction{hint}")
+        raise RecipeError(f"--match: '{match}' is not step or fraction{hint}", key="--match")
     paths = [recipe.resolve_path(m.model) for m in recipe.models]
     runs = [run_checkpoints(p) for p in paths]
     named = [(recipe.model_name(i), r) for i, r in enumerate(runs) if r]
     if not named:
-        raise MergeError(
+        raise RecipeError(
             "--over-checkpoints: no expert names a training-run folder with checkpoint-<step> "
-            "subfolders"
+            "subfolders",
+            key="--over-checkpoints",
         )
     if match == "step":
         common = sorted(set.intersection(*(set(r) for _, r in named)))
         if not common:
             spans = "; ".join(f"{n}: {min(r)}…{max(r)}" for n, r in named)
-            raise MergeError(f"--match step: no step is in every run ({spans}); try fraction")
+            raise RecipeError(
+                f"--match step: no step is in every run ({spans}); try fraction", key="--match"
+            )
         last = common[-1]
         return [
             Point(

@@ -6,6 +6,7 @@ from typing import Any
 
 from mergecli.analyze.interference import TALL_LAMBDA, TOP_K, analyze_interference
 from mergecli.analyze.runs import Point, sweep_points
+from mergecli.distributed.executor import LocalExecutor, RayExecutor, Resources
 from mergecli.progress import Progress
 from mergecli.recipe import Recipe
 
@@ -26,10 +27,30 @@ def analyze_over_checkpoints(
     tall_lambda: float = TALL_LAMBDA,
     device: str = "cpu",
     progress: Progress | None = None,
+    executor: LocalExecutor | RayExecutor | None = None,
 ) -> dict[str, Any]:
-    """``analyze_interference`` at every point of the sweep (see ``runs`` for the matching)."""
+    """``analyze_interference`` at every point of the sweep (see ``runs`` for the matching);
+    with a Ray executor each point is a task (no progress shown) and ``executor`` in the result
+    says which node analysed which point."""
     points = sweep_points(recipe, match)
-    return {
+    executor = executor or LocalExecutor()
+    remote = executor.kind == "ray"
+    for point in points:
+        executor.submit(
+            analyze_interference,
+            point_recipe(recipe, point),
+            top_k,
+            tall_lambda,
+            device,
+            None if remote else progress,
+            resources=Resources.for_device(device),
+        )
+    analyses = []
+    for done in executor.results():
+        if done.error is not None:
+            raise done.error
+        analyses.append(done)
+    result: dict[str, Any] = {
         "match": match,
         "experts": [recipe.model_name(i) for i in range(len(recipe.models))],
         "top_k": top_k,
@@ -40,10 +61,11 @@ def analyze_over_checkpoints(
                 "fraction": point.fraction,
                 "steps": point.steps,
                 "checkpoints": [str(p) for p in point.paths],
-                **analyze_interference(
-                    point_recipe(recipe, point), top_k, tall_lambda, device, progress
-                ),
+                **done.value,
             }
-            for point in points
+            for point, done in zip(points, analyses, strict=True)
         ],
     }
+    if remote:
+        result["executor"] = {"kind": "ray", "tasks": [d.where for d in analyses]}
+    return result

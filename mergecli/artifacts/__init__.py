@@ -13,7 +13,7 @@ from typing import Any, Protocol
 
 import torch
 
-from mergecli.errors import MergeError, did_you_mean
+from mergecli.errors import RecipeError, SourceError, did_you_mean
 
 
 class Artifact(Protocol):
@@ -49,27 +49,30 @@ def read_manifest(path: Path, file: str, kind: str) -> dict[str, Any] | None:
     try:
         manifest = json.loads(manifest_file.read_text())
     except json.JSONDecodeError as exc:
-        raise MergeError(f"{manifest_file} is not valid JSON: {exc}") from None
+        raise SourceError(f"{manifest_file} is not valid JSON: {exc}", path=manifest_file) from None
     return manifest if manifest.get("mergecli_artifact") == kind else None
 
 
 def open_artifact(path: str | Path) -> Artifact:
     path = Path(path)
     if not path.is_dir():
-        raise MergeError(f"artifact '{path}' is not a folder")
+        raise SourceError(f"artifact '{path}' is not a folder", path=path)
     for opener in _OPENERS:
         artifact = opener(path)
         if artifact is not None:
             return artifact
-    raise MergeError(f"'{path}' is not a mergecli artifact (no flex.json or artifact.json)")
+    raise SourceError(
+        f"'{path}' is not a mergecli artifact (no flex.json or artifact.json)", path=path
+    )
 
 
 def check_task(artifact: Artifact, task: str) -> None:
     names = artifact.task_names()
     if task not in names:
-        raise MergeError(
+        raise RecipeError(
             f"--task: '{task}' is not a task of {artifact.path}{did_you_mean(task, names)}; "
-            f"tasks: {', '.join(names)}"
+            f"tasks: {', '.join(names)}",
+            key="--task",
         )
 
 

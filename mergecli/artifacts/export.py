@@ -18,8 +18,10 @@ def export_task(
     force: bool = False,
     shard_size: str | int = "5GB",
     progress: Progress | None = None,
+    wait: bool = False,
 ) -> Path:
-    """Stream one task's tensors into ``output`` (atomically); returns the folder."""
+    """Stream one task's tensors into ``output`` (atomically, under its lock); returns the
+    folder."""
     check_task(artifact, task)
     progress = progress or NullProgress()
     output = Path(output).resolve()
@@ -27,7 +29,8 @@ def export_task(
     specs = [(n, *artifact.tensor_spec(n)) for n in names]
     shards = plan_shards(specs, parse_size(shard_size))
     dtypes = [d for _, _, d in specs if d.is_floating_point]
-    with atomic_folder(output, force) as folder:
+    needed = sum(s.nbytes for s in shards)
+    with atomic_folder(output, force, wait, needed) as folder:
         writer = ShardWriter(folder, shards, {"mergecli_task": task})
         progress.start(f"exporting {task}", len(names), sum(s.nbytes for s in shards))
         for name, _shape, dtype in specs:

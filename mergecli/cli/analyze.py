@@ -10,7 +10,6 @@ from rich.console import Console
 from rich.table import Table
 
 import mergecli
-from mergecli.analyze import analyze_interference, analyze_over_checkpoints
 from mergecli.cli import (
     DeviceOpt,
     JsonOpt,
@@ -22,6 +21,9 @@ from mergecli.cli import (
     print_json,
     print_warnings,
 )
+from mergecli.cli.executor import AddressOpt, ExecutorOpt
+from mergecli.distributed.executor import executor_for
+from mergecli.errors import MergeError
 from mergecli.progress import progress_for
 from mergecli.report import human_bytes
 
@@ -85,24 +87,37 @@ def interference(
         False
     ),
     device: DeviceOpt = "cpu",
+    executor: ExecutorOpt = "local",
+    address: AddressOpt = None,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Sign conflicts, overlap, magnitude ratio, cosine, variance, TIES and TALL figures."""
+    from mergecli.analyze import analyze_interference, analyze_over_checkpoints
     from mergecli.analyze.plots import write_plots, write_sweep_plot
 
     spec = mergecli.load_recipe(recipe)
+    if executor != "local" and not over_checkpoints:
+        raise MergeError(f"--executor {executor}: only --over-checkpoints runs points as tasks")
     progress = progress_for(err, quiet or json_out)
     try:
         if over_checkpoints:
-            result = analyze_over_checkpoints(spec, match, top_k, tall_lambda, device, progress)
+            runner = executor_for(executor, address)
+            result = analyze_over_checkpoints(
+                spec, match, top_k, tall_lambda, device, progress, runner
+            )
         else:
             result = analyze_interference(spec, top_k, tall_lambda, device, progress)
     finally:
         progress.stop()
     plots: list[Path] = []
     if plot is not None:
-        plots = [write_sweep_plot(result, plot)] if over_checkpoints else write_plots(result, plot)
+        from mergecli.engine.output import output_errors
+
+        with output_errors(plot.resolve()):
+            plots = (
+                [write_sweep_plot(result, plot)] if over_checkpoints else write_plots(result, plot)
+            )
         result["plots"] = [str(p) for p in plots]
     points = result["points"] if over_checkpoints else [result]
     print_warnings(list(dict.fromkeys(w for point in points for w in point["warnings"])))

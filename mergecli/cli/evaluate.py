@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -26,7 +24,9 @@ from mergecli.cli import (
     print_json,
 )
 from mergecli.cli.analyze import analyze_app, show
-from mergecli.errors import MergeError
+from mergecli.cli.executor import AddressOpt, ExecutorOpt
+from mergecli.distributed.executor import executor_for
+from mergecli.errors import RecipeError
 from mergecli.progress import count_bar_for
 
 
@@ -34,11 +34,14 @@ def _fmt(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def _scorer(recipe: Path, device: str, quiet: bool) -> tuple[mergecli.Recipe, Any]:
+def _scorer(
+    recipe: Path, device: str, quiet: bool, executor: str, address: str | None
+) -> tuple[mergecli.Recipe, Any]:
     from mergecli.evaluate import Scorer
 
     spec = mergecli.load_recipe(recipe)
-    return spec, Scorer(spec, device, count_bar_for(err, quiet))
+    runner = executor_for(executor, address)
+    return spec, Scorer(spec, device, count_bar_for(err, quiet), runner)
 
 
 def _target(recipe: Path, spec: mergecli.Recipe, output: Path | None, force: bool) -> Path:
@@ -50,23 +53,6 @@ def _target(recipe: Path, spec: mergecli.Recipe, output: Path | None, force: boo
     target = target.resolve()
     check_output(target, force)
     return target
-
-
-def write_results(
-    result: dict[str, Any],
-    target: Path,
-    force: bool,
-    stem: str,
-    figure: Callable[[dict[str, Any], Path], Path],
-) -> None:
-    """``stem.json`` and ``stem.png`` written into a new folder ``target`` (atomically); their
-    paths are added to ``result["files"]``."""
-    from mergecli.engine.output import atomic_folder
-
-    with atomic_folder(target, force) as folder:
-        figure(result, folder / f"{stem}.png")
-        (folder / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-    result["files"] = [str(target / f"{stem}.json"), str(target / f"{stem}.png")]
 
 
 def score_table(title: str, tasks: list[str], rows: list[tuple[str, dict[str, float]]]) -> Table:
@@ -94,22 +80,17 @@ def evaluate(
         Path | None, typer.Option("--output", "-o", help="Also write the scores as JSON here.")
     ] = None,
     device: DeviceOpt = "cpu",
+    executor: ExecutorOpt = "local",
+    address: AddressOpt = None,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Score the recipe's merge (in memory where the evaluator allows) or given checkpoints."""
-    spec, scorer = _scorer(recipe, device, quiet or json_out)
-    if model:
-        results = [(str(m), scorer.folder(m)) for m in model]
-    else:
-        results = [(spec.merge_method, scorer.recipe(spec))]
-    rows = [
-        {"model": label, "tasks": r.tasks, "score": r.score, **r.details} for label, r in results
-    ]
-    data = {"metric": scorer.metric, "higher_is_better": scorer.higher_is_better, "rows": rows}
-    if output is not None:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(json.dumps(data, indent=2) + "\n")
+    from mergecli.evaluate.table import evaluation_table
+
+    spec, scorer = _scorer(recipe, device, quiet or json_out, executor, address)
+    data = evaluation_table(scorer, spec, model, output)
+    rows = data["rows"]
     if json_out:
         print_json(data)
     elif not quiet:
@@ -158,11 +139,15 @@ def sweep(
     methods: Annotated[
         str | None,
         typer.Option(
-            "--methods", help="Comma-separated methods to compare (default: the recipe's)."
+            "--methods",
+            help="Comma-separated methods to compare, moe for the recipe's mixture of experts "
+            "(default: the recipe's).",
         ),
     ] = None,
     output: OutputOpt = None,
     device: DeviceOpt = "cpu",
+    executor: ExecutorOpt = "local",
+    address: AddressOpt = None,
     json_out: JsonOpt = False,
     force: ForceOpt = False,
     quiet: QuietOpt = False,
@@ -171,8 +156,10 @@ def sweep(
     from mergecli.sweep.grid import parse_grid, parse_values
 
     if bool(grid) == over_checkpoints:
-        raise MergeError("sweep: give --grid KEY=VALUES, or --over-checkpoints (not both)")
-    spec, scorer = _scorer(recipe, device, quiet or json_out)
+        raise RecipeError(
+            "sweep: give --grid KEY=VALUES, or --over-checkpoints (not both)", key="--grid"
+        )
+    spec, scorer = _scorer(recipe, device, quiet or json_out, executor, address)
     if over_checkpoints:
         target = _target(recipe, spec, output, force)
         values = parse_values(multiples, "--multiples")
@@ -182,19 +169,16 @@ def sweep(
     assert grid is not None
     axes = parse_grid(grid, spec)
     target = _target(recipe, spec, output, force)
-    from mergecli.sweep.run import sweep_grid, write_table
+    from mergecli.sweep.run import sweep as run_sweep
 
-    table, best = sweep_grid(spec, axes, scorer, patience)
-    result = mergecli.run_merge(mergecli.plan_merge(best, device=device), target, force=force)
-    table["output"] = str(result.output)
-    table["files"] = [str(p) for p in write_table(table, result.output)]
+    table = run_sweep(spec, axes, scorer, target, force, patience, device)
     if json_out:
         print_json(table)
     elif not quiet:
         print_grid(table)
         out.print(
             f"best {table['best']['parameters']} → {_fmt(table['best']['score'])}; "
-            f"wrote {result.output} and {', '.join(Path(f).name for f in table['files'])}",
+            f"wrote {table['output']} and {', '.join(Path(f).name for f in table['files'])}",
             highlight=False,
         )
 
@@ -235,6 +219,7 @@ def _durations(
 ) -> None:
     from mergecli.sweep.durations import sweep_durations
     from mergecli.sweep.plots import durations_figure
+    from mergecli.sweep.results import write_results
 
     result = sweep_durations(spec, scorer, by, methods, [float(m) for m in multiples])
     write_results(result, target, force, "durations", durations_figure)
@@ -297,6 +282,8 @@ def landscape(
     ] = None,
     output: OutputOpt = None,
     device: DeviceOpt = "cpu",
+    executor: ExecutorOpt = "local",
+    address: AddressOpt = None,
     json_out: JsonOpt = False,
     force: ForceOpt = False,
     quiet: QuietOpt = False,
@@ -305,21 +292,17 @@ def landscape(
     from mergecli.evaluate import Scorer
     from mergecli.sweep.grid import parse_values
     from mergecli.sweep.landscape import landscape as run_landscape
+    from mergecli.sweep.landscape import landscape_recipe
     from mergecli.sweep.plots import landscape_figure
+    from mergecli.sweep.results import write_results
 
-    spec = mergecli.load_recipe(recipe)
-    section = spec.evaluate
-    if section is None:
-        raise MergeError(f"{recipe}: no 'evaluate:' section saying which data to measure")
-    if section.metric is not None:
-        section = section.model_copy(update={"metric": metric or "loss", "higher_is_better": None})
-    elif metric is not None:
-        raise MergeError("--metric: the recipe scores with a command; its score is used")
-    spec = spec.model_copy(update={"evaluate": section})
+    spec = landscape_recipe(mergecli.load_recipe(recipe), metric, str(recipe))
     names = [n.strip() for value in models for n in value.split(",") if n.strip()]
     values = [float(a) for a in parse_values(alphas, "--alphas")]
     target = _target(recipe, spec, output, force) if output else None
-    scorer = Scorer(spec, device, count_bar_for(err, quiet or json_out))
+    scorer = Scorer(
+        spec, device, count_bar_for(err, quiet or json_out), executor_for(executor, address)
+    )
     result = run_landscape(spec, scorer, names, path, values, task)
     if target is not None:
         write_results(result, target, force, "landscape", landscape_figure)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -18,6 +17,7 @@ from mergecli.cli import (
     OutputOpt,
     QuietOpt,
     ShardOpt,
+    WaitOpt,
     app,
     err,
     handle_errors,
@@ -26,9 +26,9 @@ from mergecli.cli import (
     print_json,
     print_warnings,
 )
-from mergecli.errors import MergeError
-from mergecli.evaluate import Scorer
-from mergecli.flex import FlexResult, plan_flex, run_flex
+from mergecli.cli.executor import AddressOpt, ExecutorOpt
+from mergecli.distributed.executor import RayExecutor, executor_for
+from mergecli.errors import RecipeError
 from mergecli.progress import count_bar_for, progress_for
 from mergecli.report import human_bytes
 
@@ -36,7 +36,7 @@ from mergecli.report import human_bytes
 def parse_sizes(size: float | None, sizes: str | None) -> list[float] | None:
     """--size or --sizes (comma-separated) as a list; None when neither is given."""
     if size is not None and sizes is not None:
-        raise MergeError("--size and --sizes: give one of them")
+        raise RecipeError("--size and --sizes: give one of them", key="--size")
     if size is not None:
         return [size]
     if sizes is None:
@@ -44,7 +44,9 @@ def parse_sizes(size: float | None, sizes: str | None) -> list[float] | None:
     try:
         return [float(x) for x in sizes.split(",") if x.strip()]
     except ValueError:
-        raise MergeError(f"--sizes: '{sizes}' is not a comma-separated list of numbers") from None
+        raise RecipeError(
+            f"--sizes: '{sizes}' is not a comma-separated list of numbers", key="--sizes"
+        ) from None
 
 
 @app.command()
@@ -85,13 +87,22 @@ def flex(
         ),
     ] = False,
     device: DeviceOpt = "cpu",
+    executor: ExecutorOpt = "local",
+    address: AddressOpt = None,
     shard_size: ShardOpt = "5GB",
     dry_run: DryRunOpt = False,
     json_out: JsonOpt = False,
     force: ForceOpt = False,
+    wait: WaitOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Merge the recipe's experts into artifacts of the given sizes (1 to M models)."""
+    from mergecli.distributed.flex import similarity_on_ray
+    from mergecli.evaluate import Scorer
+    from mergecli.flex import plan_flex, run_flex
+    from mergecli.flex.report import result_summary
+    from mergecli.sweep.sizes import score_flex
+
     spec = mergecli.load_recipe(recipe)
     if method is not None:
         spec.merge_method = method
@@ -115,30 +126,27 @@ def flex(
             print_summary(summary)
         return
     assert target is not None
-    scorer = Scorer(spec, device, count_bar_for(err, quiet or json_out)) if evaluate else None
-    result = run_flex(plan, target, force=force, progress=progress_for(err, quiet))
+    runner = executor_for(executor, address)
+    similarity = (
+        similarity_on_ray(runner, spec, overrides, device, shard_size)
+        if isinstance(runner, RayExecutor)
+        else None
+    )
+    bar = count_bar_for(err, quiet or json_out)
+    scorer = Scorer(spec, device, bar, runner) if evaluate else None
+    progress = progress_for(err, quiet)
+    result = run_flex(
+        plan, target, force=force, progress=progress, similarity=similarity, wait=wait
+    )
     summary = result_summary(result)
     if scorer is not None:
-        summary["evaluation"] = evaluate_sizes(spec, scorer, result)
+        summary["evaluation"] = score_flex(spec, scorer, result)
     if json_out:
         print_json(summary)
     elif not quiet:
         print_result(summary)
         if scorer is not None:
             print_scores(summary["evaluation"])
-
-
-def evaluate_sizes(spec: mergecli.Recipe, scorer: Scorer, result: FlexResult) -> dict[str, Any]:
-    """Scores of every size, written as flex_scores.json and flex_scores.png in the output."""
-    from mergecli.sweep.plots import sizes_figure
-    from mergecli.sweep.sizes import score_sizes
-
-    scores = score_sizes(spec, scorer, [(r.target, r.size, r.folder) for r in result.results])
-    json_path, png_path = result.output / "flex_scores.json", result.output / "flex_scores.png"
-    sizes_figure(scores, png_path)
-    scores["files"] = [str(json_path), str(png_path)]
-    json_path.write_text(json.dumps(scores, indent=2) + "\n")
-    return scores
 
 
 def print_scores(scores: dict[str, Any]) -> None:
@@ -159,25 +167,6 @@ def print_scores(scores: dict[str, Any]) -> None:
     if scores.get("gain_1x_2x") is not None:
         out.print(f"1× → 2×: {scores['gain_1x_2x']:+.4g} ({scores['metric']})", highlight=False)
     out.print(f"wrote {', '.join(scores['files'])}", highlight=False)
-
-
-def result_summary(result: FlexResult) -> dict[str, Any]:
-    return {
-        "output": str(result.output),
-        "timing": result.timing,
-        "sizes": [
-            {
-                "target": r.target,
-                "size": r.size,
-                "folder": str(r.folder),
-                "stored_bytes": r.report["stored_bytes"],
-                "steps_applied": r.report["steps_applied"],
-                "groups_per_block": {g["block"]: g["groups"] for g in r.report["groups_per_block"]},
-            }
-            for r in result.results
-        ],
-        "merge_order": result.order,
-    }
 
 
 def print_summary(summary: dict[str, Any]) -> None:

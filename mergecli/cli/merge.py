@@ -18,6 +18,7 @@ from mergecli.cli import (
     QuietOpt,
     RecipeArg,
     ShardOpt,
+    WaitOpt,
     app,
     err,
     handle_errors,
@@ -26,7 +27,10 @@ from mergecli.cli import (
     print_json,
     print_warnings,
 )
-from mergecli.progress import progress_for
+from mergecli.cli.executor import AddressOpt, ExecutorOpt
+from mergecli.distributed.executor import RayExecutor, executor_for
+from mergecli.errors import RecipeError
+from mergecli.progress import count_bar_for, progress_for
 from mergecli.report import human_bytes
 
 
@@ -41,20 +45,46 @@ def merge(
     allow_bin: Annotated[
         bool, typer.Option("--allow-bin", help="Accept pickle .bin weights (weights_only).")
     ] = False,
+    executor: ExecutorOpt = "local",
+    address: AddressOpt = None,
     json_out: JsonOpt = False,
     force: ForceOpt = False,
+    wait: WaitOpt = False,
     quiet: QuietOpt = False,
+    conventions: Annotated[
+        str | None,
+        typer.Option(
+            "--conventions",
+            help="mergecli (the papers', default) or mergekit (mergekit 0.1.5's defaults and "
+            "behaviour); overrides the recipe's conventions key.",
+        ),
+    ] = None,
 ) -> None:
     """Merge the checkpoints a recipe names into a new model folder."""
     spec = mergecli.load_recipe(recipe)
     if allow_bin:
         spec.allow_bin = True
+    if conventions is not None:
+        from mergecli.methods.registry import CONVENTIONS
+
+        if conventions not in CONVENTIONS:
+            raise RecipeError(
+                f"--conventions: '{conventions}' is not one of {', '.join(CONVENTIONS)}",
+                key="conventions",
+            )
+        spec.conventions = conventions  # type: ignore[assignment]
     target = output_folder(recipe, spec, output, dry_run)
-    selection: dict[str, Any] = {}
-    if mergecli.get_method(spec.merge_method).selects_experts and not dry_run:
-        spec, selection = select_experts(spec, device, quiet or json_out)
-    plan = mergecli.plan_merge(spec, device=device, shard_size=shard_size)
+    runner = None if dry_run else executor_for(executor, address)
+    if dry_run:  # headers only: a selecting method's plan lists every expert
+        plan = mergecli.plan_merge(spec, device, shard_size, experts_selected=True)
+        selection: dict[str, Any] = {}
+    else:
+        from mergecli.evaluate import plan_with_selection
+
+        bar = count_bar_for(err, quiet or json_out)
+        plan, selection = plan_with_selection(spec, device, shard_size, bar, runner)
     print_warnings(plan.warnings)
+    printed = len(plan.warnings)
     if dry_run:
         summary = plan.summary()
         if json_out:
@@ -63,23 +93,29 @@ def merge(
             print_plan(summary)
         return
     assert target is not None
-    result = mergecli.run_merge(plan, target, force=force, progress=progress_for(err, quiet))
+    progress = progress_for(err, quiet)
+    if isinstance(runner, RayExecutor):
+        from mergecli.distributed.merge import run_merge_on_ray
+
+        result = run_merge_on_ray(plan, target, runner, shard_size, force, progress, wait)
+    else:
+        result = mergecli.run_merge(plan, target, force=force, progress=progress, wait=wait)
     report = result.report
+    print_warnings(plan.warnings[printed:])
+    run = report["run"]
     summary = {
-        key: report[key]
-        for key in (
-            "output",
-            "method",
-            "totals",
-            "timing",
-            "bytes_read",
-            "bytes_written",
-            "peak_rss_bytes",
-            "device",
-            "artifact",
-            "lora",
-        )
-        if key in report
+        "output": run["output"],
+        **{
+            key: report[key]
+            for key in ("method", "totals", "bytes_read", "bytes_written", "artifact", "lora")
+            if key in report
+        },
+        **{
+            key: run[key]
+            for key in ("timing", "peak_rss_bytes", "device", "executor")
+            if key in run
+        },
+        "warnings": report["plan"]["warnings"],
     }
     summary.update(selection)
     if json_out:
@@ -92,13 +128,13 @@ def merge(
                 f"{len(soup['expert_scores'])} experts",
                 highlight=False,
             )
-        t = report["timing"]
+        t = run["timing"]
         out.print(
             f"merged {report['plan']['tensors']} tensors with {report['method']} into "
-            f"{report['output']} in {t['wall_s']:.2f} s "
+            f"{run['output']} in {t['wall_s']:.2f} s "
             f"(read {human_bytes(report['bytes_read'])}, wrote "
             f"{human_bytes(report['bytes_written'])}, peak memory "
-            f"{human_bytes(report['peak_rss_bytes'])})",
+            f"{human_bytes(run['peak_rss_bytes'])})",
             highlight=False,
         )
         if "lora" in report:
@@ -114,25 +150,13 @@ def merge(
             out.print(
                 f"task-mask artifact of {len(artifact['tasks'])} tasks "
                 f"({', '.join(artifact['tasks'])}): {artifact['size_in_models']:.3f} models on "
-                f"disk; 'mergecli export {report['output']} --task NAME --output DIR' rebuilds one",
+                f"disk; 'mergecli export {run['output']} --task NAME --output DIR' rebuilds one",
                 highlight=False,
             )
 
 
-def select_experts(
-    spec: mergecli.Recipe, device: str, quiet: bool
-) -> tuple[mergecli.Recipe, dict[str, Any]]:
-    """Run a selecting method's choice of experts (greedy_soup) with the recipe's evaluator."""
-    from mergecli.evaluate import Scorer
-    from mergecli.progress import count_bar_for
-
-    chosen = Scorer(spec, device, count_bar_for(err, quiet)).recipe(spec)
-    assert chosen.recipe is not None
-    return chosen.recipe, chosen.details
-
-
-def print_plan(summary: dict[str, Any]) -> None:
-    table = Table(title="merge plan", show_header=False)
+def print_plan(summary: dict[str, Any], title: str = "merge plan") -> None:
+    table = Table(title=title, show_header=False)
     for key, value in summary.items():
         if key == "warnings":
             continue
@@ -148,7 +172,7 @@ def print_plan(summary: dict[str, Any]) -> None:
 @handle_errors
 def methods(json_out: JsonOpt = False) -> None:
     """List every merging method with its parameters, defaults and definition."""
-    rows = []
+    rows: list[dict[str, Any]] = []
     for spec in mergecli.list_methods():
         rows.append(
             {
@@ -197,6 +221,7 @@ def export(
     shard_size: ShardOpt = "5GB",
     json_out: JsonOpt = False,
     force: ForceOpt = False,
+    wait: WaitOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Write one task of an artifact as a standard checkpoint that from_pretrained loads."""
@@ -205,9 +230,38 @@ def export(
 
     opened = open_artifact(artifact)
     folder = export_task(
-        opened, task, output, force=force, shard_size=shard_size, progress=progress_for(err, quiet)
+        opened,
+        task,
+        output,
+        force=force,
+        shard_size=shard_size,
+        progress=progress_for(err, quiet),
+        wait=wait,
     )
     if json_out:
         print_json({"artifact": str(artifact), "task": task, "output": str(folder)})
     elif not quiet:
         out.print(f"exported task {task} to {folder}", highlight=False)
+
+
+@app.command()
+@handle_errors
+def cleanup(
+    folder: Annotated[Path, typer.Argument(help="The folder that holds the outputs.")] = Path("."),
+    remove: Annotated[bool, typer.Option("--remove", help="Delete them (default: list).")] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """List (or remove) the temporary folders that interrupted runs left beside their outputs."""
+    from mergecli.engine.output import remove_stale_in, stale_folders
+
+    found = remove_stale_in(folder) if remove else stale_folders(folder)
+    verb = "removed" if remove else "stale"
+    if json_out:
+        print_json({"folder": str(folder), verb: [str(p) for p in found]})
+        return
+    for path in found:
+        out.print(f"{verb}: {path}", highlight=False)
+    if not found:
+        out.print(f"no temporary folders of interrupted runs in {folder}", highlight=False)
+    elif not remove:
+        out.print("run 'mergecli cleanup --remove' to delete them", highlight=False)

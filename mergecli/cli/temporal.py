@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-import click
 import typer
 import yaml
 from rich.table import Table
 from typer.core import TyperGroup
 
+import mergecli
 from mergecli.cli import (
     DeviceOpt,
     JsonOpt,
@@ -23,13 +23,12 @@ from mergecli.cli import (
     print_json,
     print_warnings,
 )
-from mergecli.errors import MergeError, did_you_mean
+from mergecli.errors import RecipeError, did_you_mean
 from mergecli.progress import progress_for
-from mergecli.recipe import load_recipe
 from mergecli.report import human_bytes
-from mergecli.temporal import StepResult, add_expert, init_state
-from mergecli.temporal import replay as replay_recipe
-from mergecli.temporal import status as state_status
+
+if TYPE_CHECKING:
+    from mergecli.temporal import StepResult
 
 
 class TemporalGroup(TyperGroup):
@@ -39,7 +38,7 @@ class TemporalGroup(TyperGroup):
     command, so that click suggests the command.
     """
 
-    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
         first = args[0] if args else "-"
         mistyped = not Path(first).exists() and did_you_mean(first, self.commands)
         if not first.startswith("-") and first not in self.commands and not mistyped:
@@ -75,11 +74,15 @@ def parse_params(raw: list[str]) -> dict[str, Any]:
     for item in raw:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            raise MergeError(f"--param '{item}': expected KEY=VALUE, e.g. density=0.3")
+            raise RecipeError(
+                f"--param '{item}': expected KEY=VALUE, e.g. density=0.3", key="--param"
+            )
         try:
             params[key.strip()] = yaml.safe_load(value)
         except yaml.YAMLError:
-            raise MergeError(f"--param '{item}': the value is not valid YAML") from None
+            raise RecipeError(
+                f"--param '{item}': the value is not valid YAML", key="--param"
+            ) from None
     return params
 
 
@@ -127,6 +130,8 @@ def init(
             "keep_steps": keep_steps,
         },
     }
+    from mergecli.temporal import init_state
+
     _, warnings = init_state(state, settings, force=force)
     print_warnings(warnings)
     if json_out:
@@ -153,6 +158,8 @@ def add(
     quiet: QuietOpt = False,
 ) -> None:
     """Fold the next expert into a state: writes the new deploy and init models atomically."""
+    from mergecli.temporal import add_expert
+
     result = add_expert(
         state, expert, name, device, shard_size, new_progress=lambda: progress_for(err, quiet)
     )
@@ -183,6 +190,8 @@ def step_line(result: StepResult) -> str:
 @handle_errors
 def status(state: StateArg, json_out: JsonOpt = False) -> None:
     """Show a state's strategies, its sequence of experts and its sizes on disk."""
+    from mergecli.temporal import status as state_status
+
     info = state_status(state)
     if json_out:
         print_json(info)
@@ -233,7 +242,9 @@ def replay(
     quiet: QuietOpt = False,
 ) -> None:
     """Fold a recipe's experts in order (resumes an interrupted run of the same recipe)."""
-    spec = load_recipe(recipe)
+    from mergecli.temporal import replay as replay_recipe
+
+    spec = mergecli.load_recipe(recipe)
 
     def on_step(step: StepResult) -> None:
         print_warnings(step.warnings)

@@ -16,16 +16,22 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from mergecli.engine.layout import Shard
-from mergecli.errors import MergeError
-from mergecli.methods import MethodSpec, Params, TensorInputs
+from mergecli.engine.outputs import Card, Sharded, Written
+from mergecli.engine.read_plan import TensorPlan
+from mergecli.engine.writer import ShardWriter
+from mergecli.errors import RecipeError, SourceError
+from mergecli.methods import MethodSpec, Params, TaskMasks, TensorInputs
 from mergecli.recipe import Recipe
 from mergecli.sources import Adapter, Checkpoint, Source
 from mergecli.sources.adapter import ADAPTER_CONFIG, PEFT_PREFIX
+
+if TYPE_CHECKING:
+    from mergecli.engine.plan import MergePlan
 
 WEIGHTS_FILE = "adapter_model.safetensors"
 
@@ -146,9 +152,10 @@ def module_kinds(config: dict[str, Any] | None, where: str) -> dict[str, str]:
     arch = arch or MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.get("model_type", ""))
     cls = getattr(transformers, arch, None) if arch else None
     if cls is None:
-        raise MergeError(
+        raise SourceError(
             f"output_format: lora needs the base's architecture; {where}/config.json names "
-            f"{arch or 'none'}, which transformers does not have"
+            f"{arch or 'none'}, which transformers does not have",
+            path=f"{where}/config.json",
         )
     with torch.device("meta"):
         model = cls(cls.config_class.from_dict(config))
@@ -178,9 +185,14 @@ def plan_lora_output(
 ) -> LoraLayout:
     """Decide every LoRA pair and saved tensor of the output adapter from headers."""
     if base is None:
-        raise MergeError("output_format: lora writes an adapter over a base; set base_model")
+        raise RecipeError(
+            "output_format: lora writes an adapter over a base; set base_model", key="base_model"
+        )
     if method.output != "model":
-        raise MergeError(f"output_format: lora: '{method.name}' writes an artifact, not a model")
+        raise RecipeError(
+            f"output_format: lora: '{method.name}' writes an artifact, not a model",
+            key="output_format",
+        )
     kinds = module_kinds(base.config(), str(base.path))
     changed = [n for n in merged if changes(n, experts)]
     modules: dict[str, list[str]] = {}
@@ -207,9 +219,10 @@ def plan_lora_output(
         if exact:
             rank = sum(a.rank(t) for t, a in zip(terms, adapters, strict=True) if t is not None)
         elif recipe.rank is None:
-            raise MergeError(
+            raise RecipeError(
                 f"rank: output_format lora needs a rank: '{method.name}' with these experts "
-                f"merges {weight} into a delta that is truncated by SVD"
+                f"merges {weight} into a delta that is truncated by SVD",
+                key="rank",
             )
         else:
             rank = min(recipe.rank, *shape)
@@ -227,6 +240,85 @@ def plan_lora_output(
             layout.shard.shapes.extend([(pair.rank, inp), (out, pair.rank)])
             layout.shard.dtypes.extend([dtype, dtype])
     return layout
+
+
+@dataclass
+class LoraAdapter:
+    """The output plug-in of ``output_format: lora``: one adapter file and its config."""
+
+    layout: LoraLayout
+    metadata: dict[str, str]
+    merged_rows = False
+    copied_rows = True
+    reads_base = True
+
+    @property
+    def nbytes(self) -> int:
+        return self.layout.shard.nbytes
+
+    def summary(self) -> dict[str, Any]:
+        return {"shards": 1}
+
+    def memory_error(self) -> str | None:
+        return "this recipe writes a LoRA adapter; in-memory merges hold full weights"
+
+    def open(self, folder: Path, plan: MergePlan) -> LoraWriter:
+        return LoraWriter(
+            self.layout, ShardWriter(folder, [self.layout.shard], self.metadata), folder
+        )
+
+    def card(self, plan: MergePlan) -> Card:
+        return Card(
+            "Merged LoRA adapter",
+            "This LoRA adapter holds the merged model's change of the base "
+            "(`PeftModel.from_pretrained(base, FOLDER)` loads it). It was merged",
+            "peft",
+        )
+
+
+class LoraWriter(Sharded):
+    """Writes each merged weight's LoRA pair (or the tensor whole); copied tensors are the
+    base's and are not written."""
+
+    def __init__(self, layout: LoraLayout, shards: ShardWriter, folder: Path) -> None:
+        super().__init__(shards, folder)
+        self.layout = layout
+
+    def merged(
+        self, tensor: TensorPlan, inputs: TensorInputs, merged: torch.Tensor | TaskMasks
+    ) -> tuple[Written, dict[str, Any]]:
+        assert isinstance(merged, torch.Tensor)
+        written, energy = self.layout.outputs(tensor.name, inputs, merged, tensor.params)
+        return written, {} if energy is None else {"energy_kept": energy}
+
+    def copied(self, tensor: TensorPlan, value: torch.Tensor) -> Written:
+        return []
+
+    def finish(self, per_tensor: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+        self.shards.finish()
+        write_adapter_config(self.folder, self.layout)
+        section = lora_summary(self.layout, per_tensor)
+        return {"lora": section}, markdown(section)
+
+
+def markdown(lora: dict[str, Any]) -> list[str]:
+    """The report's Markdown section of an adapter."""
+    from mergecli.report import fmt
+
+    return [
+        "## LoRA adapter",
+        "",
+        f"Saved whole (modules_to_save): {', '.join(lora['modules_to_save']) or 'none'}. "
+        f"Lowest fraction of a merged delta's energy kept: {fmt(lora['min_energy_kept'])}.",
+        "",
+        "| module | rank | exact | energy kept |",
+        "|---|---|---|---|",
+        *(
+            f"| {name} | {m['rank']} | {'yes' if m['exact'] else 'no'} | {fmt(m['energy_kept'])} |"
+            for name, m in lora["modules"].items()
+        ),
+        "",
+    ]
 
 
 def write_adapter_config(folder: Path, layout: LoraLayout) -> None:

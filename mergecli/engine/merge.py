@@ -1,32 +1,34 @@
-"""Run a planned merge: statistics passes, the merge pass, the output folder and the report."""
+"""Run a planned merge on the runner: statistics passes, then one stream that merges each piece,
+sums the report's figures and hands the result to the output plug-in."""
 
 from __future__ import annotations
 
+import datetime
+import platform
 import resource
 import time
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from mergecli.engine.lora_output import lora_summary, write_adapter_config
-from mergecli.engine.output import atomic_folder, check_output, copy_model_files
-from mergecli.engine.plan import MergePlan, Rows, TensorPlan
-from mergecli.engine.report_sums import PieceFigures
-from mergecli.engine.stream import Timer, stream_pieces
-from mergecli.engine.task_artifact import StoredTaskTensor, TaskArtifactWriter
+from mergecli.engine.figures import ReportSums, summarize
+from mergecli.engine.finite import check_finite
+from mergecli.engine.output import atomic_folder, check_output
+from mergecli.engine.outputs import InMemory, OutputWriter
+from mergecli.engine.plan import MergePlan, TensorPlan
+from mergecli.engine.runner import Pass, Piece, Runner, Timer, WriteQueue
 from mergecli.engine.threads import compute_threads
-from mergecli.engine.writer import ShardWriter
-from mergecli.errors import MergeError
+from mergecli.errors import MergeError, OutputError, ShapeError
 from mergecli.methods import TaskMasks, TensorInputs
-from mergecli.progress import NullProgress, Progress
+from mergecli.methods.result import Merged, as_merged
+from mergecli.methods.statistics import StatValues
+from mergecli.progress import Progress
 from mergecli.report import model_card, write_reports
 
-WRITE_QUEUE = 2
-"""Merged pieces (tensors or row chunks) waiting to be written, at most."""
+VOLATILE_PLAN = ("base", "experts", "device", "peak_memory_estimate")
+"""Plan figures that depend on the machine or the paths: in the report's ``run`` section."""
 
 
 @dataclass
@@ -37,72 +39,44 @@ class MergeResult:
     report: dict[str, Any]
 
 
-def gather_statistics(plan: MergePlan, timer: Timer, progress: Progress) -> dict[str, Any]:
-    """Stream the merged tensors once per pass until every statistic is final."""
-    merged = [t for t in plan.tensors if t.merge]
-    passes = 0
-    while any(s.wants_pass() for s in plan.statistics):
-        passes += 1
-        progress.start(f"statistics pass {passes}", len(merged), _read_bytes(plan, merged))
-        active = [s for s in plan.statistics if s.wants_pass()]
-        for tensor, rows, inputs in stream_pieces(plan, merged, timer):
-            assert isinstance(inputs, TensorInputs)
-            for statistic in active:
-                statistic.observe(inputs)
-            progress.advance(*_piece_progress(plan, tensor, rows))
-        for statistic in active:
-            statistic.end_pass()
-    return {s.key: s.value() for s in plan.statistics}
+class MergePass:
+    """The merge pass: the method's result for each merged piece (``piece.merged``)."""
+
+    def __init__(self, plan: MergePlan, stats: StatValues, timer: Timer) -> None:
+        self.plan = plan
+        self.stats = stats
+        self.timer = timer
+
+    def piece(self, piece: Piece, queue: WriteQueue) -> None:
+        if piece.inputs is None:
+            return
+        start = time.perf_counter()
+        piece.merged = merge_tensor(self.plan, piece.tensor, piece.inputs, self.stats)
+        self.timer.compute += time.perf_counter() - start
 
 
-def _read_bytes(plan: MergePlan, tensors: list) -> int:
-    return sum(src.info(t.name).nbytes for t in tensors for src in plan.read_sources(t))
+class Store:
+    """The output pass: what the output writes for each piece, queued for the writer thread;
+    the output's per-tensor figures (a LoRA pair's energy kept) in ``extra``."""
 
+    def __init__(self, writer: OutputWriter, timer: Timer) -> None:
+        self.writer = writer
+        self.timer = timer
+        self.extra: dict[str, dict[str, Any]] = {}
 
-def _piece_progress(plan: MergePlan, tensor: TensorPlan, rows: Rows) -> tuple[int, int]:
-    """Tensors finished and bytes read by one piece, for the progress bar."""
-    nbytes = _read_bytes(plan, [tensor])
-    if rows is None:
-        return 1, nbytes
-    return int(rows[1] == tensor.shape[0]), nbytes * (rows[1] - rows[0]) // tensor.shape[0]
-
-
-def tensor_report(pieces: list[dict[str, Any]]) -> dict[str, Any]:
-    """Norms of the task vectors, their cosine with the merged delta, kept and sign agreement,
-    from the ``piece_figures`` of a tensor's pieces."""
-    kept = _kept(pieces)
-    if "tv_sq" not in pieces[0]:
-        return {"kept": kept}
-    delta_sq = sum(p["delta_sq"] for p in pieces)
-    experts = range(len(pieces[0]["tv_sq"]))
-    tv_sq = [sum(p["tv_sq"][t] for p in pieces) for t in experts]
-    dots = [sum(p["dot"][t] for p in pieces) for t in experts]
-    counts = [sum(p["both"][t] for p in pieces) for t in experts]
-    same = [sum(p["same"][t] for p in pieces) for t in experts]
-    return {
-        "task_vector_norm": [x**0.5 for x in tv_sq],
-        "delta_norm": delta_sq**0.5,
-        "cosine_to_delta": [
-            d / (x * delta_sq) ** 0.5 if x * delta_sq > 0 else 0.0
-            for d, x in zip(dots, tv_sq, strict=True)
-        ],
-        "kept": kept,
-        "sign_agreement": [s / c if c else None for s, c in zip(same, counts, strict=True)],
-        "numel": sum(p["size"] for p in pieces),
-    }
-
-
-def _kept(pieces: list[dict[str, Any]]) -> list[float | None]:
-    """Kept fractions of the whole tensor: the pieces' fractions weighted by their sizes."""
-    if len(pieces) == 1:
-        return pieces[0]["kept"]
-    sizes = [p["size"] for p in pieces]
-    return [
-        None
-        if any(p["kept"][t] is None for p in pieces)
-        else sum(p["kept"][t] * n for p, n in zip(pieces, sizes, strict=True)) / sum(sizes)
-        for t in range(len(pieces[0]["kept"]))
-    ]
+    def piece(self, piece: Piece, queue: WriteQueue) -> None:
+        start = time.perf_counter()
+        if piece.inputs is None:
+            assert piece.raw is not None
+            written = self.writer.copied(piece.tensor, piece.raw)
+        else:
+            written, extra = self.writer.merged(piece.tensor, piece.inputs, piece.merged.value)
+            if extra:
+                self.extra[piece.tensor.name] = extra
+            piece.merged = None
+            self.timer.compute += time.perf_counter() - start
+        for name, value in written:
+            queue.write(self.writer.write, name, value)
 
 
 def run_merge(
@@ -110,178 +84,82 @@ def run_merge(
     output: str | Path,
     force: bool = False,
     progress: Progress | None = None,
+    wait: bool = False,
 ) -> MergeResult:
-    """Execute a plan into ``output`` (atomically) and return the report."""
+    """Execute a plan into ``output`` (atomically, under the output's lock; ``wait`` for a run
+    that holds it instead of failing) and return the report."""
     with compute_threads():
-        return _run_merge(plan, Path(output).resolve(), force, progress or NullProgress())
+        return _run_merge(plan, Path(output).resolve(), force, Runner(progress), wait)
 
 
-def _run_merge(plan: MergePlan, output: Path, force: bool, progress: Progress) -> MergeResult:
+def _run_merge(
+    plan: MergePlan, output: Path, force: bool, runner: Runner, wait: bool
+) -> MergeResult:
     check_output(output, force)
-    timer = Timer()
     started = time.perf_counter()
-    stats = gather_statistics(plan, timer, progress)
-    per_tensor: dict[str, Any] = {}
-    with atomic_folder(output, force) as folder:
-        writer: ShardWriter | TaskArtifactWriter = (
-            TaskArtifactWriter(folder, plan.artifact, plan.method.name)
-            if plan.artifact
-            else ShardWriter(folder, plan.shards, {"mergecli_method": plan.method.name})
-        )
-        merge_stream(plan, writer, stats, timer, progress, per_tensor)
-        writer.finish()
-        if plan.lora is None:
-            copy_model_files(plan.reference.path, tokenizer_folder(plan), folder, plan.out_dtype)
-        else:
-            write_adapter_config(folder, plan.lora)
+    started_at = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+    with atomic_folder(output, force, wait, plan.bytes_to_write) as folder:
+        stats = statistics(plan, runner)
+        writer = plan.output.open(folder, plan)
+        sums, store = ReportSums(), Store(writer, runner.timer)
+        passes: list[Pass] = [MergePass(plan, stats, runner.timer), sums, store]
+        runner.run(plan.read_plan(), passes, "merging")
+        per_tensor = {n: {**r, **store.extra.get(n, {})} for n, r in sums.per_tensor().items()}
+        section, lines = writer.finish(per_tensor)
         wall = time.perf_counter() - started
-        report = build_report(plan, output, per_tensor, timer, writer.bytes_written, wall)
-        if isinstance(writer, TaskArtifactWriter):
-            report["artifact"] = writer.summary()
-        if plan.lora is not None:
-            report["lora"] = lora_summary(plan.lora, per_tensor)
-        write_reports(folder, report)
+        report = build_report(
+            plan, output, per_tensor, runner.timer, writer.bytes_written, wall, started_at
+        )
+        report.update(section)
+        write_reports(folder, report, lines)
         (folder / "README.md").write_text(model_card(plan))
-    progress.stop()
+    runner.progress.stop()
     return MergeResult(output, report)
 
 
-class MemoryWriter:
-    """Keeps the merged tensors in a dict, on the plan's device (evaluation without a folder)."""
-
-    def __init__(self) -> None:
-        self.state: dict[str, torch.Tensor] = {}
-        self.bytes_written = 0
-
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        self.state[name] = tensor
-        self.bytes_written += tensor.nbytes
+def statistics(plan: MergePlan, runner: Runner) -> StatValues:
+    """The method's whole-model statistics, gathered over the merged tensors."""
+    merged = plan.read_plan([t for t in plan.tensors if t.merge])
+    return runner.statistics(merged, plan.statistics)
 
 
 def merge_state(plan: MergePlan, progress: Progress | None = None) -> dict[str, torch.Tensor]:
     """Run a plan into memory: the merged model's state dict (tensor name → tensor).
 
-    Holds the whole merged model, which is what evaluating it needs anyway; task-mask artifact
-    methods write folders only.
+    Holds the whole merged model, which is what evaluating it needs anyway; an output that is
+    not one model (a task-mask artifact, an adapter) is written into folders only.
     """
-    if plan.artifact is not None:
-        raise MergeError(
-            f"merge_method: '{plan.method.name}' writes a task-mask artifact, not one model: "
-            "run it into a folder"
-        )
-    if plan.lora is not None:
-        raise MergeError("this recipe writes a LoRA adapter; in-memory merges hold full weights")
-    progress = progress or NullProgress()
-    timer = Timer()
-    stats = gather_statistics(plan, timer, progress)
-    writer = MemoryWriter()
-    merge_stream(plan, writer, stats, timer, progress, None)
-    progress.stop()
-    return writer.state
-
-
-def merge_stream(
-    plan: MergePlan,
-    writer: ShardWriter | TaskArtifactWriter | MemoryWriter,
-    stats: dict[str, Any],
-    timer: Timer,
-    progress: Progress,
-    per_tensor: dict[str, Any] | None,
-) -> None:
-    """Merge every planned tensor in order (in row chunks where the plan allows, unless the
-    writer keeps whole tensors in memory) and hand it to ``writer`` on a writer thread; the
-    per-tensor report figures go into ``per_tensor`` unless it is None."""
-    figures: dict[str, list[dict[str, Any]]] = {}
-    extra: dict[str, dict[str, Any]] = {}
-    piece_figures = PieceFigures()
-    chunked = not isinstance(writer, MemoryWriter)
-    progress.start("merging", len(plan.tensors), _read_bytes(plan, plan.tensors))
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergecli-write") as pool:
-        pending: deque[Future[None]] = deque()
-        for tensor, rows, inputs in stream_pieces(plan, plan.tensors, timer, chunked):
-            results: list[tuple[str, Any]] = []
-            if isinstance(inputs, TensorInputs):
-                start = time.perf_counter()
-                merged = merge_tensor(plan, tensor, inputs, stats)
-                if per_tensor is not None:
-                    # the report's sums run on the writer thread, beside the next merge
-                    sums = figures.setdefault(tensor.name, [])
-                    pending.append(pool.submit(_add_figures, piece_figures, sums, inputs, merged))
-                if plan.lora is None:
-                    results.append((tensor.name, stored(tensor, inputs, merged)))
-                else:
-                    assert isinstance(merged, torch.Tensor)
-                    outputs, energy = plan.lora.outputs(tensor.name, inputs, merged, tensor.params)
-                    results += outputs
-                    if energy is not None:
-                        extra[tensor.name] = {"energy_kept": energy}
-                del merged
-                timer.compute += time.perf_counter() - start
-            elif plan.lora is None:
-                results.append((tensor.name, inputs))
-            del inputs  # the stream reads the next piece once this one is released
-            for name, result in results:
-                pending.append(pool.submit(_write, writer, name, result, timer))
-            while len(pending) > WRITE_QUEUE:
-                pending.popleft().result()
-            progress.advance(*_piece_progress(plan, tensor, rows))
-        for future in pending:
-            future.result()
-    if per_tensor is not None:
-        per_tensor.update(
-            {name: {**tensor_report(p), **extra.get(name, {})} for name, p in figures.items()}
-        )
-
-
-def tokenizer_folder(plan: MergePlan) -> Path:
-    """The recipe's ``tokenizer_source``, or the reference model's folder."""
-    source = plan.recipe.tokenizer_source
-    if source and source != "base":
-        return plan.recipe.resolve_path(source)
-    return plan.reference.path
+    reason = plan.output.memory_error()
+    if reason is not None:
+        raise OutputError(reason, "memory")
+    runner = Runner(progress)
+    stats = statistics(plan, runner)
+    memory = InMemory()
+    passes: list[Pass] = [MergePass(plan, stats, runner.timer), Store(memory, runner.timer)]
+    runner.run(plan.read_plan(output=memory), passes, "merging")
+    runner.progress.stop()
+    return memory.state
 
 
 def merge_tensor(
-    plan: MergePlan, tensor: TensorPlan, inputs: TensorInputs, stats: dict[str, Any]
-) -> torch.Tensor | TaskMasks:
+    plan: MergePlan, tensor: TensorPlan, inputs: TensorInputs, stats: StatValues
+) -> Merged:
     """The method's result for one tensor; an unexpected failure names the tensor."""
     inputs.stats = stats
     try:
-        return plan.method.fn(inputs, tensor.params)
+        merged = as_merged(plan.method.fn(inputs, tensor.params), inputs.num_experts)
     except MergeError:
         raise
     except Exception as exc:
-        raise MergeError(f"{plan.method.name} failed on '{tensor.name}': {exc}") from exc
-
-
-def stored(
-    tensor: TensorPlan, inputs: TensorInputs, merged: torch.Tensor | TaskMasks
-) -> torch.Tensor | StoredTaskTensor:
-    """What the writer stores: the merged tensor, or the artifact's parts, in the output dtype."""
-    if isinstance(merged, TaskMasks):
-        assert inputs.base is not None
-        return StoredTaskTensor.of(inputs.base, merged, tensor.out_dtype)
-    return merged.to(tensor.out_dtype)
-
-
-def _add_figures(
-    piece_figures: PieceFigures,
-    sums: list[dict[str, Any]],
-    inputs: TensorInputs,
-    merged: torch.Tensor | TaskMasks,
-) -> None:
-    sums.append(piece_figures(inputs, merged))
-
-
-def _write(
-    writer: ShardWriter | TaskArtifactWriter | MemoryWriter,
-    name: str,
-    tensor: torch.Tensor | StoredTaskTensor,
-    timer: Timer,
-) -> None:
-    start = time.perf_counter()
-    writer.write(name, tensor)
-    timer.write += time.perf_counter() - start
+        raise ShapeError(
+            f"{plan.method.name} failed on '{tensor.name}': {exc}", tensor=tensor.name
+        ) from exc
+    # the finite-value guard on what the method returned (every merge goes through here)
+    value = merged.value
+    values = value.unified if isinstance(value, TaskMasks) else value
+    label = f"{plan.method.name} (merged)"
+    check_finite(values, tensor.name, label, None, plan.recipe.on_nonfinite, plan.warnings)
+    return merged
 
 
 def build_report(
@@ -291,71 +169,42 @@ def build_report(
     timer: Timer,
     bytes_written: int,
     wall: float,
+    started: str,
 ) -> dict[str, Any]:
-    """The merge report: inputs, parameters, per-tensor figures, totals and timings."""
+    """The merge report: inputs, parameters, per-tensor figures and totals; what differs from
+    one run of the same recipe to the next (timings, memory, paths, host, device) sits under
+    ``run``, so two runs' reports are otherwise identical."""
     inputs = ([("base", plan.base)] if plan.base else []) + list(
         zip(plan.expert_names, plan.experts, strict=True)
     )
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    totals = summarize(per_tensor, len(plan.experts))
+    summary = plan.summary()
     return {
         "mergecli_report": 1,
-        "output": str(output),
         "recipe": plan.recipe.model_dump(mode="json", exclude={"folder"}),
         "method": plan.method.name,
         "inputs": [
-            {
-                "role": role,
-                "path": str(src.path),
-                "bytes": src.nbytes,
-                "fingerprint": src.fingerprint(),
-            }
+            {"role": role, "bytes": src.nbytes, "fingerprint": src.fingerprint()}
             for role, src in inputs
         ],
-        "plan": plan.summary(),
-        "totals": totals,
+        "plan": {k: v for k, v in summary.items() if k not in VOLATILE_PLAN},
+        "totals": summarize(per_tensor, len(plan.experts)),
         "tensors": per_tensor,
-        "timing": {
-            "wall_s": wall,
-            "read_s": timer.read,
-            "compute_s": timer.compute,
-            "write_s": timer.write,
-        },
         "bytes_read": timer.bytes_read,
         "bytes_written": bytes_written,
-        "throughput_bytes_per_s": timer.bytes_read / wall if wall > 0 else None,
-        "peak_rss_bytes": peak,
-        "threads": torch.get_num_threads(),
-        "device": str(plan.device),
-    }
-
-
-def summarize(per_tensor: dict[str, Any], num_experts: int) -> dict[str, Any]:
-    """Whole-model figures from the per-tensor ones, weighted by tensor size."""
-    rows = [r for r in per_tensor.values() if "numel" in r]
-    if not rows:
-        return {"merged_tensors": len(per_tensor)}
-    numel = sum(r["numel"] for r in rows)
-
-    def weighted(key: str, t: int) -> float | None:
-        vals = [(r[key][t], r["numel"]) for r in rows if r[key][t] is not None]
-        return sum(v * n for v, n in vals) / sum(n for _, n in vals) if vals else None
-
-    norms = [sum(r["task_vector_norm"][t] ** 2 for r in rows) ** 0.5 for t in range(num_experts)]
-    delta_norm = sum(r["delta_norm"] ** 2 for r in rows) ** 0.5
-    dots = [
-        sum(r["cosine_to_delta"][t] * r["task_vector_norm"][t] * r["delta_norm"] for r in rows)
-        for t in range(num_experts)
-    ]
-    return {
-        "merged_tensors": len(per_tensor),
-        "merged_parameters": numel,
-        "task_vector_norm": norms,
-        "delta_norm": delta_norm,
-        "cosine_to_delta": [
-            d / (n * delta_norm) if n * delta_norm > 0 else 0.0
-            for d, n in zip(dots, norms, strict=True)
-        ],
-        "kept": [weighted("kept", t) for t in range(num_experts)],
-        "sign_agreement": [weighted("sign_agreement", t) for t in range(num_experts)],
+        "run": {
+            "output": str(output),
+            "inputs": [str(src.path) for _, src in inputs],
+            "host": platform.node(),
+            "started": started,
+            "timing": {
+                "wall_s": wall,
+                "read_s": timer.read,
+                "compute_s": timer.compute,
+                "write_s": timer.write,
+            },
+            "throughput_bytes_per_s": timer.bytes_read / wall if wall > 0 else None,
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "threads": torch.get_num_threads(),
+            **{k: summary[k] for k in VOLATILE_PLAN},
+        },
     }

@@ -3,17 +3,35 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import psutil
 import torch
 
-from mergecli.engine.layout import Shard, files_bytes, parse_size, plan_shards
-from mergecli.engine.lora_output import LoraLayout, plan_lora_output
-from mergecli.engine.task_artifact import TaskArtifactLayout, plan_task_artifact
-from mergecli.errors import MergeError, did_you_mean
-from mergecli.layers import count_layers, layer_index, layer_position
+from mergecli.conventions import apply_conventions, parameter_position
+from mergecli.engine.checks import adapter_warnings, check_bounds, check_weights, model_warnings
+from mergecli.engine.layout import files_bytes, parse_size, plan_shards
+from mergecli.engine.lora_output import LoraAdapter, plan_lora_output
+from mergecli.engine.outputs import ModelFolder, Output, RowPolicy
+from mergecli.engine.read_plan import (
+    LOOKAHEAD,
+    ReadPlan,
+    Rows,
+    TensorPlan,
+    piece_numel,
+)
+from mergecli.engine.task_artifact import TaskMaskArtifact, plan_task_artifact
+from mergecli.errors import (
+    RecipeError,
+    ShapeError,
+    SourceError,
+    UnknownParameterError,
+    did_you_mean,
+)
+from mergecli.layers import count_layers, layer_index
 from mergecli.methods import REQUIRED, MethodSpec, Param, Params, get_method
 from mergecli.methods.inputs import row_chunks
 from mergecli.methods.statistics import Statistic
@@ -21,56 +39,25 @@ from mergecli.params import resolve_value
 from mergecli.recipe import Recipe
 from mergecli.sources import Checkpoint, Source, open_models
 
-LOOKAHEAD = 2
-"""Pieces (tensors or row chunks) read ahead of the one being merged, at most."""
-READ_AHEAD_BYTES = 256 * 2**20
-"""Bytes read ahead, at most: a larger tensor (merged whole) is read when the merge reaches it,
-not while the previous one is merged."""
 CHUNK_ELEMENTS = 1 << 20
 """Entries of one row chunk: tensors merged elementwise, and copied tensors, are read, merged
 and written in chunks of about this size, so memory does not grow with the largest tensor."""
 
-Rows = tuple[int, int] | None
-"""Rows ``start:stop`` of a tensor, or None for the whole tensor."""
-
 
 @dataclass
-class TensorPlan:
-    """One output tensor: merged from the inputs, or copied from the reference model."""
-
-    name: str
-    shape: tuple[int, ...]
-    out_dtype: torch.dtype
-    merge: bool
-    params: Params = field(default_factory=dict)
-    layer: int | None = None
-
-    @property
-    def numel(self) -> int:
-        return int(torch.Size(self.shape).numel())
-
-
-@dataclass
-class MergePlan:
-    """Everything decided before the first tensor is read."""
+class InputPlan:
+    """The models of a recipe, checked against each other from headers: every tensor, merged
+    or copied, in order."""
 
     recipe: Recipe
-    method: MethodSpec
     base: Checkpoint | None
     experts: list[Source]
     tensors: list[TensorPlan]
-    shards: list[Shard]
     device: torch.device
     compute_dtype: torch.dtype
     out_dtype: torch.dtype
     num_layers: int
-    statistics: list[Statistic]
     warnings: list[str]
-    artifact: TaskArtifactLayout | None = None
-    """The artifact's layout when the method writes a task-conditional artifact (emr,
-    tall_masks) rather than one model (``shards``)."""
-    lora: LoraLayout | None = None
-    """The adapter's layout with ``output_format: lora`` (then ``shards`` is its one file)."""
 
     @property
     def reference(self) -> Source:
@@ -78,40 +65,82 @@ class MergePlan:
         return self.base or self.experts[0]
 
     @property
+    def expert_names(self) -> list[str]:
+        return [self.recipe.model_name(i) for i in range(len(self.experts))]
+
+    @property
+    def tokenizer_folder(self) -> Path:
+        """The recipe's ``tokenizer_source``, or the reference model's folder."""
+        source = self.recipe.tokenizer_source
+        if source and source != "base":
+            return self.recipe.resolve_path(source)
+        return self.reference.path
+
+    def reading(
+        self,
+        tensors: list[TensorPlan] | None = None,
+        with_base: bool = True,
+        pieces: Callable[[TensorPlan], list[Rows]] = lambda t: [None],
+    ) -> ReadPlan:
+        """The reads of ``tensors`` (all of them by default), whole unless ``pieces`` says
+        otherwise; ``with_base`` reads the base for every merged tensor."""
+        return ReadPlan(
+            self.tensors if tensors is None else tensors,
+            pieces,
+            self.base if with_base else None,
+            self.experts,
+            self.reference,
+            self.device,
+            self.compute_dtype,
+            self.recipe.seed,
+            self.num_layers,
+            self.recipe.on_nonfinite,
+            self.warnings,
+        )
+
+
+@dataclass
+class MergePlan(InputPlan):
+    """Everything decided before the first tensor is read."""
+
+    method: MethodSpec
+    output: Output
+    """Where the merged tensors go: a model folder, a LoRA adapter or a task-mask artifact."""
+    statistics: list[Statistic]
+
+    @property
     def uses_base(self) -> bool:
         """Whether the base is read: the method uses it, an expert is an adapter, or the
         output is an adapter (of merged − base)."""
         return self.base is not None and (
             self.method.base != "unused"
-            or self.lora is not None
+            or self.output.reads_base
             or any(e.delta for e in self.experts)
         )
 
-    @property
-    def expert_names(self) -> list[str]:
-        return [self.recipe.model_name(i) for i in range(len(self.experts))]
-
-    def pieces(self, tensor: TensorPlan) -> list[Rows]:
-        """The row chunks in which a tensor streams: several when it is copied or merged
-        elementwise into a model, its sources read rows cheaply and it is larger than
-        CHUNK_ELEMENTS; else the whole tensor."""
+    def pieces(self, tensor: TensorPlan, output: RowPolicy | None = None) -> list[Rows]:
+        """The row chunks in which a tensor streams into ``output`` (the plan's by default):
+        several when the output takes row pieces of it (a merged one when the method is
+        elementwise), its sources read rows cheaply and it is larger than CHUNK_ELEMENTS; else
+        the whole tensor."""
+        output = output or self.output
         chunked = (
-            not tensor.merge or (self.lora is None and self.method.is_elementwise(tensor.params))
-        ) and all(s.row_reads for s in self.read_sources(tensor))
+            output.merged_rows and self.method.is_elementwise(tensor.params)
+            if tensor.merge
+            else output.copied_rows
+        ) and all(s.row_reads for s in self.reading(with_base=self.uses_base).sources(tensor))
         chunks = row_chunks(tensor.shape, CHUNK_ELEMENTS) if chunked else None
         return [None] if chunks is None else list(chunks)
 
-    def piece_bytes(self, tensor: TensorPlan, rows: Rows) -> int:
-        """Memory that one piece's inputs take once read (in the compute dtype when merged)."""
-        item = self.compute_dtype.itemsize if tensor.merge else 0
-        return _numel(tensor, rows) * sum(
-            max(s.info(tensor.name).dtype.itemsize, item) for s in self.read_sources(tensor)
-        )
-
-    def read_sources(self, tensor: TensorPlan) -> list[Source]:
-        if not tensor.merge:
-            return [self.reference]
-        return ([self.base] if self.uses_base and self.base else []) + self.experts
+    def read_plan(
+        self,
+        tensors: list[TensorPlan] | None = None,
+        output: RowPolicy | None = None,
+        with_base: bool = False,
+    ) -> ReadPlan:
+        """The reads of ``tensors`` (all of them by default) in the pieces ``output`` takes;
+        ``with_base`` reads the base for every merged tensor (task vectors need it)."""
+        return self.reading(tensors, self.uses_base or with_base, lambda t: self.pieces(t, output))
 
     @property
     def passes(self) -> int:
@@ -119,25 +148,23 @@ class MergePlan:
 
     @property
     def bytes_per_pass(self) -> int:
-        return sum(src.info(t.name).nbytes for t in self.tensors for src in self.read_sources(t))
+        return self.read_plan().nbytes
 
     @property
     def bytes_to_read(self) -> int:
-        stat_bytes = sum(
-            src.info(t.name).nbytes for t in self.tensors if t.merge for src in self.read_sources(t)
-        )
+        stat_bytes = self.read_plan([t for t in self.tensors if t.merge]).nbytes
         return self.bytes_per_pass + (self.passes - 1) * stat_bytes
 
     @property
     def bytes_to_write(self) -> int:
-        if self.artifact is not None:
-            return self.artifact.nbytes
-        return sum(s.nbytes for s in self.shards)
+        return self.output.nbytes
 
     @property
     def peak_memory_estimate(self) -> int:
         """Process baseline + prefetched inputs + method temporaries + queued writes (bytes)."""
-        largest = max((_numel(t, rows) for t in self.tensors for rows in self.pieces(t)), default=0)
+        largest = max(
+            (piece_numel(t, rows) for t in self.tensors for rows in self.pieces(t)), default=0
+        )
         inputs = 1 + len(self.experts)
         compute = largest * self.compute_dtype.itemsize
         stored = largest * max(self.out_dtype.itemsize, 4)
@@ -145,14 +172,7 @@ class MergePlan:
         return psutil.Process().memory_info().rss + working + 2 * stored
 
     def summary(self) -> dict[str, Any]:
-        artifact = (
-            {
-                "artifact_tasks": self.artifact.tasks,
-                "artifact_size_in_models": self.artifact.size_in_models,
-            }
-            if self.artifact
-            else {}
-        )
+        shards, *extra = self.output.summary().items()
         return {
             "method": self.method.name,
             "output": self.method.output,
@@ -162,7 +182,7 @@ class MergePlan:
             "tensors": len(self.tensors),
             "merged_tensors": sum(t.merge for t in self.tensors),
             "copied_tensors": sum(not t.merge for t in self.tensors),
-            "shards": len(self.shards),
+            "shards": shards[1],
             "passes": self.passes,
             "bytes_to_read": self.bytes_to_read,
             "bytes_to_write": self.bytes_to_write,
@@ -170,13 +190,9 @@ class MergePlan:
             "device": str(self.device),
             "compute_dtype": str(self.compute_dtype).removeprefix("torch."),
             "out_dtype": str(self.out_dtype).removeprefix("torch."),
-            **artifact,
+            **dict(extra),
             "warnings": self.warnings,
         }
-
-
-def _numel(tensor: TensorPlan, rows: Rows) -> int:
-    return tensor.numel if rows is None else tensor.numel // tensor.shape[0] * (rows[1] - rows[0])
 
 
 def natural_key(name: str) -> list[Any]:
@@ -188,9 +204,11 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise MergeError(f"--device {device}: CUDA is not available on this machine")
+        raise RecipeError(
+            f"--device {device}: CUDA is not available on this machine", key="--device"
+        )
     if device != "cpu" and not device.startswith("cuda"):
-        raise MergeError(f"--device: '{device}' is not cpu, cuda or auto")
+        raise RecipeError(f"--device: '{device}' is not cpu, cuda or auto", key="--device")
     return torch.device(device)
 
 
@@ -200,9 +218,10 @@ def check_architectures(models: list[Source]) -> None:
         cfg = other.config() or {}
         for key in ("model_type", "architectures"):
             if ref.get(key) and cfg.get(key) and ref[key] != cfg[key]:
-                raise MergeError(
+                raise SourceError(
                     f"{other.label}: {key} {cfg[key]} in {other.path / 'config.json'} differs "
-                    f"from {ref[key]} of {models[0].label}"
+                    f"from {ref[key]} of {models[0].label}",
+                    path=other.path / "config.json",
                 )
 
 
@@ -220,32 +239,41 @@ def check_parameter_names(recipe: Recipe, method: MethodSpec) -> list[str]:
                 continue
             param = method.param(key)
             if param is None:
-                raise MergeError(
+                raise UnknownParameterError(
                     f"{where}.{key}: '{method.name}' has no parameter '{key}'"
                     f"{did_you_mean(key, known)}; it takes: "
-                    f"{', '.join(method.param_names) or 'none'}"
+                    f"{', '.join(method.param_names) or 'none'}",
+                    method=method.name,
+                    parameter=key,
+                    key=f"{where}.{key}",
                 )
             if per_model_place and not param.per_model:
-                raise MergeError(
-                    f"{where}.{key}: '{key}' applies to the whole merge; set it under parameters"
+                raise RecipeError(
+                    f"{where}.{key}: '{key}' applies to the whole merge; set it under parameters",
+                    key=f"{where}.{key}",
                 )
     return notes
 
 
 def resolve_params(recipe: Recipe, method: MethodSpec, name: str, position: float) -> Params:
-    """The parameters of one tensor: per-model value, else global value, else default."""
+    """The parameters of one tensor: per-model value, else global value, else default (of the
+    recipe's conventions); ``conventions`` too, for the methods that follow mergekit's."""
+    conventions = recipe.conventions
     out: Params = {}
     for param in method.params:
+        default = param.default_for(conventions)
 
-        def one(raw: Any, key: str, param: Param = param) -> Any:
-            value = resolve_value(raw, name, position)
+        def one(raw: Any, key: str, param: Param = param, default: Any = default) -> Any:
+            value = resolve_value(raw, name, position, conventions)
             if value is None or value is REQUIRED:
                 if param.required:
-                    raise MergeError(f"{key}: '{method.name}' needs '{param.name}' (for {name})")
-                return param.default
+                    raise RecipeError(
+                        f"{key}: '{method.name}' needs '{param.name}' (for {name})", key=key
+                    )
+                return default
             return param.coerce(value, key)
 
-        glob = recipe.parameters.get(param.name, param.default)
+        glob = recipe.parameters.get(param.name, default)
         if param.per_model:
             out[param.name] = [
                 one(m.parameters.get(param.name, glob), f"models[{i}].parameters.{param.name}")
@@ -253,6 +281,7 @@ def resolve_params(recipe: Recipe, method: MethodSpec, name: str, position: floa
             ]
         else:
             out[param.name] = one(glob, f"parameters.{param.name}")
+    out["conventions"] = conventions
     return out
 
 
@@ -261,47 +290,95 @@ def check_tensor(plan_ref: Source, expert: Source, name: str, on_missing: str) -
     if name not in expert:
         if on_missing == "base":
             return False
-        raise MergeError(
+        raise ShapeError(
             f"{expert.label}: tensor '{name}' is missing from '{expert.path}' "
-            "(set on_missing: base to keep the base's value)"
+            "(set on_missing: base to keep the base's value)",
+            tensor=name,
         )
     ref, got = plan_ref.info(name), expert.info(name)
     if ref.shape != got.shape:
-        raise MergeError(
+        raise ShapeError(
             f"{expert.label}: tensor '{name}' has shape {list(got.shape)} in {got.file}, "
-            f"expected {list(ref.shape)} as in {ref.file}"
+            f"expected {list(ref.shape)} as in {ref.file}",
+            tensor=name,
         )
     if ref.dtype.is_floating_point != got.dtype.is_floating_point:
-        raise MergeError(
+        raise ShapeError(
             f"{expert.label}: tensor '{name}' is {got.dtype} in {got.file}, "
-            f"but {ref.dtype} in {ref.file}"
+            f"but {ref.dtype} in {ref.file}",
+            tensor=name,
         )
     return True
 
 
-def plan_merge(recipe: Recipe, device: str = "cpu", shard_size: str | int = "5GB") -> MergePlan:
-    """Validate a recipe against the checkpoints' headers and decide the whole merge."""
+def plan_merge(
+    recipe: Recipe,
+    device: str = "cpu",
+    shard_size: str | int = "5GB",
+    *,
+    experts_selected: bool = False,
+) -> MergePlan:
+    """Validate a recipe against the checkpoints' headers and decide the whole merge.
+
+    A method that selects its experts by scoring merges (greedy_soup) is refused unless
+    ``experts_selected`` says the recipe lists the selected experts
+    (``mergecli.evaluate.plan_with_selection`` runs the selection and plans the result).
+    """
     if recipe.temporal is not None:
-        raise MergeError("temporal: this recipe folds experts over time; run 'mergecli temporal'")
-    method = get_method(recipe.merge_method).resolve(recipe.parameters)
-    notes = check_parameter_names(recipe, method)
-    n = len(recipe.models)
-    if n < method.min_models or (method.max_models and n > method.max_models):
-        want = (
-            f"exactly {method.min_models}"
-            if method.min_models == method.max_models
-            else f"at least {method.min_models}"
+        raise RecipeError(
+            "temporal: this recipe folds experts over time; run 'mergecli temporal'", key="temporal"
         )
-        raise MergeError(f"models: '{method.name}' needs {want} models, the recipe lists {n}")
+    method = get_method(recipe.merge_method).resolve(recipe.parameters)
+    if method.selects_experts and not experts_selected:
+        raise RecipeError(
+            f"merge_method: '{method.name}' selects its experts by scoring merges; "
+            "mergecli.evaluate.plan_with_selection(recipe) runs the selection and plans it",
+            key="merge_method",
+        )
+    recipe, notes = apply_conventions(recipe, method)
+    notes += check_parameter_names(recipe, method)
+    check_bounds(recipe, method)
+    notes += model_warnings(recipe)
+    n = len(recipe.models)
+    least, most = method.min_models, method.max_models
+    if recipe.conventions == "mergekit" and method.mergekit_models is not None:
+        least, most = method.mergekit_models
+    if n < least or (most and n > most):
+        want = f"exactly {least}" if least == most else f"at least {least}"
+        raise RecipeError(
+            f"models: '{method.name}' needs {want} models, the recipe lists {n}", key="models"
+        )
     try:
         shard_bytes = parse_size(shard_size)
     except ValueError as exc:
-        raise MergeError(f"--shard-size: {exc}") from None
+        raise RecipeError(f"--shard-size: {exc}", key="--shard-size") from None
+    inputs = plan_inputs(recipe, device, method, notes)
+    tensors = inputs.tensors
+    notes += check_weights(method, {t.name: t.params for t in tensors if t.merge})
+    statistics = (
+        method.statistics({t.name: t.params for t in tensors if t.merge}, notes.append)
+        if method.statistics
+        else []
+    )
+    output = plan_output(recipe, method, inputs.base, inputs.experts, tensors, shard_bytes)
+    return MergePlan(**vars(inputs), method=method, output=output, statistics=statistics)
+
+
+def plan_inputs(
+    recipe: Recipe,
+    device: str = "cpu",
+    method: MethodSpec | None = None,
+    notes: list[str] | None = None,
+) -> InputPlan:
+    """Open the recipe's models and check them against each other from headers: which tensors
+    are merged (with ``method``'s parameters resolved and checked, when given) and which copied."""
+    notes = [] if notes is None else notes
     torch_device = resolve_device(device)
 
     base, experts = open_models(recipe)
-    if method.base == "required" and base is None:
-        raise MergeError(f"base_model: '{method.name}' needs a base model")
+    notes += adapter_warnings(recipe, base, experts)
+    if method and method.base == "required" and base is None:
+        raise RecipeError(f"base_model: '{method.name}' needs a base model", key="base_model")
     reference = base or experts[0]
     check_architectures([reference, *[e for e in experts if e is not reference]])
 
@@ -311,10 +388,17 @@ def plan_merge(recipe: Recipe, device: str = "cpu", shard_size: str | int = "5GB
         reference.info(x).dtype for x in names if reference.info(x).dtype.is_floating_point
     ]
     if not float_dtypes:
-        raise MergeError(f"{reference.label}: '{reference.path}' has no floating-point tensors")
+        raise SourceError(
+            f"{reference.label}: '{reference.path}' has no floating-point tensors",
+            path=reference.path,
+        )
+    given_dtype = recipe.out_dtype
+    mergekit = recipe.conventions == "mergekit"
+    if given_dtype is None and mergekit and "dtype" in recipe.model_fields_set:
+        given_dtype = recipe.dtype  # mergekit writes in dtype when out_dtype is unset
     out_dtype = (
-        getattr(torch, recipe.out_dtype)
-        if recipe.out_dtype
+        getattr(torch, given_dtype)
+        if given_dtype
         else max(set(float_dtypes), key=float_dtypes.count)
     )
     compute_dtype = torch.float64 if recipe.dtype == "float64" else torch.float32
@@ -335,68 +419,56 @@ def plan_merge(recipe: Recipe, device: str = "cpu", shard_size: str | int = "5GB
             notes.append(f"{name}: missing from an expert, kept from the base (on_missing: base)")
             tensors.append(TensorPlan(name, info.shape, out_dtype, merge=False))
             continue
-        params = resolve_params(recipe, method, name, layer_position(name, num_layers))
-        if method.check:
+        params = (
+            resolve_params(
+                recipe, method, name, parameter_position(name, num_layers, recipe.conventions)
+            )
+            if method
+            else {}
+        )
+        if method and method.check:
             method.check(params, name)
         tensors.append(TensorPlan(name, info.shape, out_dtype, True, params, layer_index(name)))
     extra = sorted({x for e in experts for x in e.tensor_names()} - set(names))
     if extra:
         notes.append(f"{len(extra)} tensors only in experts are not written (e.g. {extra[0]})")
 
-    statistics = (
-        method.statistics({t.name: t.params for t in tensors if t.merge}, notes.append)
-        if method.statistics
-        else []
+    return InputPlan(
+        recipe, base, experts, tensors, torch_device, compute_dtype, out_dtype, num_layers, notes
     )
-    specs = [(t.name, t.shape, t.out_dtype) for t in tensors]
-    artifact = lora = None
+
+
+def plan_output(
+    recipe: Recipe,
+    method: MethodSpec,
+    base: Checkpoint | None,
+    experts: list[Source],
+    tensors: list[TensorPlan],
+    shard_bytes: int,
+) -> Output:
+    """The output's layout: a LoRA adapter (``output_format: lora``), a task-mask artifact (mask
+    methods) or a model folder."""
+    metadata = {"mergecli_method": method.name}
     if recipe.output_format == "lora":
         merged = {t.name: t.params for t in tensors if t.merge}
         lora_dtype = getattr(torch, recipe.out_dtype or "float32")
-        lora = plan_lora_output(recipe, method, base, experts, merged, lora_dtype)
-        shards = [lora.shard]
-    else:
-        shards = plan_shards(specs, shard_bytes)
-    if method.output == "task_masks":
-        check_task_names(recipe)
-        metadata = {"mergecli_method": method.name}
-        artifact = plan_task_artifact(
+        return LoraAdapter(
+            plan_lora_output(recipe, method, base, experts, merged, lora_dtype), metadata
+        )
+    specs = [(t.name, t.shape, t.out_dtype) for t in tensors]
+    shards = plan_shards(specs, shard_bytes)
+    if method.output != "task_masks":
+        return ModelFolder(shards, metadata)
+    return TaskMaskArtifact(
+        plan_task_artifact(
             specs,
             [(t.name, t.shape, t.out_dtype) for t in tensors if t.merge],
-            [recipe.model_name(i) for i in range(n)],
+            [recipe.model_name(i) for i in range(len(recipe.models))],
             shard_bytes,
             files_bytes(shards, metadata),
             metadata,
         )
-    return MergePlan(
-        recipe,
-        method,
-        base,
-        experts,
-        tensors,
-        shards,
-        torch_device,
-        compute_dtype,
-        out_dtype,
-        num_layers,
-        statistics,
-        notes,
-        artifact,
-        lora,
     )
-
-
-def check_task_names(recipe: Recipe) -> None:
-    """Task names of an artifact must be unique: ``export --task NAME`` picks one."""
-    seen: dict[str, int] = {}
-    for i in range(len(recipe.models)):
-        name = recipe.model_name(i)
-        if name in seen:
-            raise MergeError(
-                f"models[{i}]: task name '{name}' is also the name of models[{seen[name]}]; "
-                "set models[].name to tell the tasks apart"
-            )
-        seen[name] = i
 
 
 def differing_buffer(name: str, reference: Source, experts: list[Source]) -> list[str]:

@@ -7,10 +7,10 @@ import numpy as np
 
 
 @numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
-def row_sums(x: np.ndarray, d: np.ndarray) -> tuple[float, float, int, int, int]:
+def row_sums(x: np.ndarray, d: np.ndarray) -> tuple[float, float, np.int64, np.int64, np.int64]:
     """Σ x², Σ x·d (float64, summed in vector lanes), #x≠0, #(x≠0 ∧ d≠0), #(sign x = sign d ≠ 0)."""
     sq = dot = 0.0
-    nonzero = both = same = 0
+    nonzero = both = same = np.int64(0)
     for j in range(x.shape[0]):
         xj = np.float64(x[j])
         dj = np.float64(d[j])

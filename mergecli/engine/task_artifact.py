@@ -17,14 +17,20 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from mergecli.engine.layout import Shard, files_bytes, plan_shards
+from mergecli.engine.output import copy_model_files
+from mergecli.engine.outputs import Card, Written
+from mergecli.engine.read_plan import TensorPlan
 from mergecli.engine.writer import ShardWriter
-from mergecli.methods import TaskMasks
+from mergecli.methods import TaskMasks, TensorInputs
+
+if TYPE_CHECKING:
+    from mergecli.engine.plan import MergePlan
 
 MANIFEST = "artifact.json"
 KIND = "task_masks"
@@ -73,7 +79,7 @@ def plan_task_artifact(
 ) -> TaskArtifactLayout:
     """The layout of an artifact holding ``tensors`` in its base and ``merged`` as unified
     vectors and masks."""
-    packed = [
+    packed: list[tuple[str, tuple[int, ...], torch.dtype]] = [
         (name, (packed_numel(int(np.prod(shape))),), torch.uint8) for name, shape, _ in merged
     ]
     return TaskArtifactLayout(
@@ -128,13 +134,52 @@ class StoredTaskTensor:
         )
 
 
+@dataclass
+class TaskMaskArtifact:
+    """The output plug-in of mask methods (emr, tall_masks): a task-conditional artifact."""
+
+    layout: TaskArtifactLayout
+    merged_rows = True
+    copied_rows = True
+    reads_base = False
+
+    @property
+    def nbytes(self) -> int:
+        return self.layout.nbytes
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "shards": len(self.layout.base),
+            "artifact_tasks": self.layout.tasks,
+            "artifact_size_in_models": self.layout.size_in_models,
+        }
+
+    def memory_error(self) -> str | None:
+        return (
+            f"merge_method: '{self.layout.metadata['mergecli_method']}' writes a task-mask "
+            "artifact, not one model: run it into a folder"
+        )
+
+    def open(self, folder: Path, plan: MergePlan) -> TaskArtifactWriter:
+        return TaskArtifactWriter(folder, self.layout, plan)
+
+    def card(self, plan: MergePlan) -> Card:
+        return Card(
+            "Task-mask artifact",
+            "This folder is not one model: it holds the base, a unified task vector and one-bit "
+            f"masks per task (tasks: {', '.join(self.layout.tasks)}); `mergecli export FOLDER "
+            "--task NAME --output DIR` writes one task's model. It was made",
+        )
+
+
 class TaskArtifactWriter:
     """Streams an artifact's tensors into its shards, then writes the manifest."""
 
-    def __init__(self, folder: Path, layout: TaskArtifactLayout, method: str) -> None:
+    def __init__(self, folder: Path, layout: TaskArtifactLayout, plan: MergePlan) -> None:
         self.folder = folder
         self.layout = layout
-        self.method = method
+        self.plan = plan
+        self.method = plan.method.name
         self.base = ShardWriter(_mkdir(folder / BASE), layout.base, layout.metadata)
         self.unified = ShardWriter(_mkdir(folder / UNIFIED), layout.unified, layout.metadata)
         self.masks = [
@@ -150,6 +195,15 @@ class TaskArtifactWriter:
     @property
     def bytes_written(self) -> int:
         return sum(w.bytes_written for w in self.writers)
+
+    def merged(
+        self, tensor: TensorPlan, inputs: TensorInputs, merged: torch.Tensor | TaskMasks
+    ) -> tuple[Written, dict[str, Any]]:
+        assert isinstance(merged, TaskMasks) and inputs.base is not None
+        return [(tensor.name, StoredTaskTensor.of(inputs.base, merged, tensor.out_dtype))], {}
+
+    def copied(self, tensor: TensorPlan, value: torch.Tensor) -> Written:
+        return [(tensor.name, value)]
 
     def write(self, name: str, value: torch.Tensor | StoredTaskTensor) -> None:
         """A copied tensor goes to the base only; a merged one everywhere."""
@@ -174,13 +228,32 @@ class TaskArtifactWriter:
             "size_in_models": self.layout.size_in_models,
         }
 
-    def finish(self) -> None:
-        """Close every shard and write the manifest."""
+    def finish(self, per_tensor: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+        """Close every shard, write the manifest and the model files."""
         for writer in self.writers:
             writer.finish()
         summary = {k: v for k, v in self.summary().items() if k != "kind"}
         manifest = {"mergecli_artifact": KIND, "version": 1, **summary, "scales": self.scales}
         (self.folder / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+        plan = self.plan
+        copy_model_files(plan.reference.path, plan.tokenizer_folder, self.folder, plan.out_dtype)
+        section = self.summary()
+        return {"artifact": section}, markdown(section)
+
+
+def markdown(artifact: dict[str, Any]) -> list[str]:
+    """The report's Markdown section of an artifact."""
+    from mergecli.report import human_bytes
+
+    return [
+        "## Task-mask artifact",
+        "",
+        f"Tasks: {', '.join(artifact['tasks'])}. Size on disk: "
+        f"{human_bytes(artifact['bytes'])} = {artifact['size_in_models']:.3f} models of "
+        f"{human_bytes(artifact['model_bytes'])}. The cosine above is taken with the unified "
+        "task vector.",
+        "",
+    ]
 
 
 def _mkdir(path: Path) -> Path:

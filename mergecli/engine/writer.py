@@ -51,7 +51,7 @@ class ShardWriter:
             self.bytes_written += len(header)
         assert self._file is not None
         data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
-        self._file.write(memoryview(data))
+        self._file.write(data.data)
         self.bytes_written += data.nbytes
         self._rows += rows
         if whole or self._rows == shape[0]:

@@ -21,16 +21,19 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 
-from mergecli.errors import MergeError
+from mergecli.errors import EvaluationError, RecipeError, ShapeError, SourceError
 from mergecli.evaluate.tasks import Task, read_examples
 from mergecli.progress import CountBar
 from mergecli.recipe import EvaluateSection
 from mergecli.sources import Checkpoint
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 MASK_RATE = 0.15
 KINDS = {
@@ -56,16 +59,19 @@ def model_kind(folder: Path) -> tuple[str, dict[str, Any]]:
     config; transformers' own architectures only (no remote code)."""
     config_file = folder / "config.json"
     if not config_file.is_file():
-        raise MergeError(f"{folder}: no config.json to build the model from")
+        raise SourceError(f"{folder}: no config.json to build the model from", path=folder)
     config = json.loads(config_file.read_text())
     if "auto_map" in config:
-        raise MergeError(f"{config_file}: custom model code (auto_map) is not run by mergecli")
+        raise SourceError(
+            f"{config_file}: custom model code (auto_map) is not run by mergecli", path=config_file
+        )
     arch = (config.get("architectures") or ["?"])[0]
     kind = next((k for suffix, k in KINDS.items() if arch.endswith(suffix)), None)
     if kind is None:
-        raise MergeError(
+        raise SourceError(
             f"{config_file}: architecture {arch} is not a causal LM, masked LM or sequence "
-            "classifier, which the built-in metrics evaluate"
+            "classifier, which the built-in metrics evaluate",
+            path=config_file,
         )
     return kind, config
 
@@ -96,45 +102,55 @@ class BuiltinEvaluator:
         if section.higher_is_better is not None and section.higher_is_better != (
             self.higher_is_better
         ):
-            raise MergeError(
+            raise RecipeError(
                 f"evaluate.higher_is_better: {self.metric} is "
-                f"{'higher' if self.higher_is_better else 'lower'}-is-better"
+                f"{'higher' if self.higher_is_better else 'lower'}-is-better",
+                key="evaluate.higher_is_better",
             )
         self.section = section
         self.device = device
         self.seed = seed
         self.tokenizer_fallback = tokenizer_fallback
         """Where the tokenizer comes from when a checkpoint folder has none (the recipe's)."""
-        self._models: dict[str, torch.nn.Module] = {}
+        self._models: dict[str, PreTrainedModel] = {}
         self._tokenizers: dict[str, Any] = {}
         self._data: dict[tuple[str, str], list[dict[str, Any]]] = {}
 
     # models ------------------------------------------------------------------------------
 
-    def _skeleton(self, folder: Path) -> tuple[torch.nn.Module, str]:
+    def _skeleton(self, folder: Path) -> tuple[PreTrainedModel, str]:
         import transformers
 
-        kind, config = model_kind(folder)
-        if self.metric == "accuracy" and kind != "classification":
-            raise MergeError(
-                f"evaluate.metric: accuracy needs a sequence-classification model; "
-                f"{folder} holds a {kind} language model (use loss or perplexity)"
-            )
-        if self.metric == "perplexity" and kind == "classification":
-            raise MergeError(
-                f"evaluate.metric: perplexity needs a language model; {folder} holds a "
-                "sequence classifier (use loss or accuracy)"
-            )
+        kind, config = self._check_kind(folder)
         key = json.dumps(config, sort_keys=True)
         if key not in self._models:
             cls = getattr(transformers, config["architectures"][0], None)
             if cls is None:
-                raise MergeError(f"{folder}: transformers has no {config['architectures'][0]}")
+                raise SourceError(
+                    f"{folder}: transformers has no {config['architectures'][0]}", path=folder
+                )
             cfg = transformers.AutoConfig.from_pretrained(folder)
             with torch.device(self.device):
                 model = cls(cfg).float()
             self._models[key] = model.eval()
         return self._models[key], kind
+
+    def _check_kind(self, folder: Path) -> tuple[str, dict[str, Any]]:
+        """The folder's model kind and config; an error where the metric does not apply."""
+        kind, config = model_kind(folder)
+        if self.metric == "accuracy" and kind != "classification":
+            raise RecipeError(
+                f"evaluate.metric: accuracy needs a sequence-classification model; "
+                f"{folder} holds a {kind} language model (use loss or perplexity)",
+                key="evaluate.metric",
+            )
+        if self.metric == "perplexity" and kind == "classification":
+            raise RecipeError(
+                f"evaluate.metric: perplexity needs a language model; {folder} holds a "
+                "sequence classifier (use loss or accuracy)",
+                key="evaluate.metric",
+            )
+        return kind, config
 
     def load(self, source: ModelSource) -> tuple[torch.nn.Module, str, Path]:
         """The model of a folder or of merged tensors, its kind, and its tokenizer's folder."""
@@ -142,11 +158,25 @@ class BuiltinEvaluator:
             model, kind = self._skeleton(source.reference)
             _load_state(model, source.state, str(source.reference))
             return model, kind, source.reference
+        if (source / "moe.json").is_file():
+            return self._moe(source)
         model, kind = self._skeleton(source)
         checkpoint = Checkpoint(source, str(source))
         state = {name: checkpoint.read(name) for name in checkpoint.tensor_names()}
         _load_state(model, state, str(source))
         return model, kind, source
+
+    def _moe(self, folder: Path) -> tuple[torch.nn.Module, str, Path]:
+        """A ``mergecli moe`` output: loaded as it loads (the Arrow peft model over its base, or
+        the sparse MoE model); its tokenizer is the base's for Arrow."""
+        from mergecli.moe import load, read_manifest
+
+        manifest = read_manifest(folder)
+        reference = folder if manifest["kind"] == "sparse" else Path(manifest["base_model"])
+        self._check_kind(reference)
+        kind, _ = model_kind(reference)
+        model = load(folder, dtype=torch.float32).to(self.device).eval()
+        return model, kind, reference
 
     def _tokenizer(self, folder: Path) -> tuple[Any, str]:
         from transformers import AutoTokenizer
@@ -159,7 +189,9 @@ class BuiltinEvaluator:
             try:
                 self._tokenizers[key] = AutoTokenizer.from_pretrained(folder)
             except (OSError, ValueError) as exc:
-                raise MergeError(f"{folder}: cannot load its tokenizer: {exc}") from None
+                raise SourceError(
+                    f"{folder}: cannot load its tokenizer: {exc}", path=folder
+                ) from None
         return self._tokenizers[key], key
 
     # data --------------------------------------------------------------------------------
@@ -192,7 +224,7 @@ class BuiltinEvaluator:
                 continue
             examples.append(example)
         if not examples:
-            raise MergeError(f"{task.data}: no text has two tokens to predict")
+            raise EvaluationError(f"{task.data}: no text has two tokens to predict")
         self._data[cache] = examples
         return examples
 
@@ -232,28 +264,29 @@ class BuiltinEvaluator:
         return scores
 
 
-def _load_state(model: torch.nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
+def _load_state(model: PreTrainedModel, state: dict[str, torch.Tensor], where: str) -> None:
     """Copy tensors into the skeleton; every parameter must come from ``state`` (tied ones
     share storage with one that does)."""
     result = model.load_state_dict(state, strict=False)
     if result.unexpected_keys:
-        raise MergeError(
+        raise ShapeError(
             f"{where}: {len(result.unexpected_keys)} tensors do not fit the model built from its "
-            f"config (e.g. {result.unexpected_keys[0]})"
+            f"config (e.g. {result.unexpected_keys[0]})",
+            tensor=result.unexpected_keys[0],
         )
     model.tie_weights()
     own = model.state_dict()
     loaded = {own[name].data_ptr() for name in state}
     absent = [k for k in result.missing_keys if own[k].data_ptr() not in loaded]
     if absent:
-        raise MergeError(f"{where}: tensor '{absent[0]}' of the model is missing")
+        raise ShapeError(f"{where}: tensor '{absent[0]}' of the model is missing", tensor=absent[0])
 
 
 def _mask(
     ids: list[int], special: list[int], tokenizer: Any, gen: torch.Generator
 ) -> dict[str, Any]:
     if tokenizer.mask_token_id is None:
-        raise MergeError("evaluate: the masked LM's tokenizer has no mask token")
+        raise EvaluationError("evaluate: the masked LM's tokenizer has no mask token")
     candidates = [i for i, s in enumerate(special) if not s] or list(range(len(ids)))
     draw = torch.rand(len(candidates), generator=gen) < MASK_RATE
     chosen = [p for p, d in zip(candidates, draw.tolist(), strict=True) if d]
@@ -310,7 +343,7 @@ def _classify(model: torch.nn.Module, batch: dict[str, Any], task: Task) -> Sums
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     labels = batch["label"].to(logits.device)
     if int(labels.max()) >= logits.shape[-1] or int(labels.min()) < 0:
-        raise MergeError(
+        raise EvaluationError(
             f"{task.data}: a label is outside 0…{logits.shape[-1] - 1}, the model's classes"
         )
     loss = F.cross_entropy(logits.float(), labels, reduction="sum")

@@ -13,7 +13,7 @@ import shlex
 import subprocess
 from pathlib import Path
 
-from mergecli.errors import MergeError
+from mergecli.errors import EvaluationError, RecipeError
 from mergecli.evaluate.tasks import Task
 from mergecli.progress import CountBar
 from mergecli.recipe import EvaluateSection
@@ -38,9 +38,9 @@ class CommandEvaluator:
             try:
                 self.argv = shlex.split(self.template)
             except ValueError as exc:
-                raise MergeError(f"evaluate.command: {exc}") from None
+                raise RecipeError(f"evaluate.command: {exc}", key="evaluate.command") from None
             if not self.argv:
-                raise MergeError("evaluate.command: empty command")
+                raise RecipeError("evaluate.command: empty command", key="evaluate.command")
 
     def command(self, model: Path, task: Task) -> list[str] | str:
         """The argv (or shell line) for one model and task."""
@@ -78,16 +78,16 @@ class CommandEvaluator:
                 check=False,
             )
         except FileNotFoundError:
-            raise MergeError(f"{where}: program '{command[0]}' not found") from None
+            raise EvaluationError(f"{where}: program '{command[0]}' not found") from None
         except subprocess.TimeoutExpired:
-            raise MergeError(f"{where}: no result after {self.timeout} s") from None
+            raise EvaluationError(f"{where}: no result after {self.timeout} s") from None
         if done.returncode != 0:
             lines = done.stderr.strip().splitlines() or done.stdout.strip().splitlines() or [""]
-            raise MergeError(f"{where}: exit status {done.returncode}: {lines[-1][:300]}")
+            raise EvaluationError(f"{where}: exit status {done.returncode}: {lines[-1][:300]}")
         value = parse_score(done.stdout)
         if value is None:
             tail = (done.stdout.strip().splitlines() or ["nothing"])[-1][:200]
-            raise MergeError(
+            raise EvaluationError(
                 f"{where}: printed no number or JSON object with a 'score' (last line: {tail!r})"
             )
         return value

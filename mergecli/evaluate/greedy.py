@@ -27,7 +27,7 @@ def greedy_soup(scorer: Scorer, recipe: Recipe) -> Evaluation:
     """Select the soup's experts; the result's ``recipe`` lists them and ``details`` records
     every step."""
     names = [recipe.model_name(i) for i in range(len(recipe.models))]
-    experts = [scorer.model(recipe.resolve_path(m.model)) for m in recipe.models]
+    experts = list(scorer.each("model", [(recipe.resolve_path(m.model),) for m in recipe.models]))
     order = sorted(
         range(len(experts)),
         key=lambda i: (-experts[i].score if scorer.higher_is_better else experts[i].score, i),

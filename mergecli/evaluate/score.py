@@ -9,17 +9,18 @@ from __future__ import annotations
 
 import math
 import tempfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mergecli.distributed.executor import LocalExecutor, RayExecutor, Resources
 from mergecli.engine.merge import merge_state, run_merge
 from mergecli.engine.plan import plan_merge, resolve_device
-from mergecli.errors import MergeError, did_you_mean
+from mergecli.errors import MergeError, RecipeError, did_you_mean
 from mergecli.evaluate.builtin import BuiltinEvaluator, MergedState
 from mergecli.evaluate.command import CommandEvaluator
 from mergecli.evaluate.tasks import Task, resolve_tasks
-from mergecli.methods import get_method
 from mergecli.progress import CountBar
 from mergecli.recipe import Recipe
 
@@ -42,10 +43,23 @@ class Evaluation:
         return math.fsum(self.tasks.values()) / len(self.tasks)
 
 
+EvaluationCall = str | Callable[..., Evaluation]
+"""What ``Scorer.each`` runs per call: the name of a Scorer method, or a function of the scorer
+and the call's arguments (``mergecli.evaluate.score_recipe``)."""
+
+
 class Scorer:
     """A recipe's ``evaluate:`` section, ready to score models and merges on a device."""
 
-    def __init__(self, recipe: Recipe, device: str = "cpu", bar: CountBar | None = None) -> None:
+    def __init__(
+        self,
+        recipe: Recipe,
+        device: str = "cpu",
+        bar: CountBar | None = None,
+        executor: LocalExecutor | RayExecutor | None = None,
+        resources: Resources | None = None,
+    ) -> None:
+        self.spec = recipe
         self.tasks = resolve_tasks(recipe)
         section = recipe.evaluate
         assert section is not None
@@ -64,6 +78,35 @@ class Scorer:
         self.bar = bar or CountBar()
         self.expert_names = [recipe.model_name(i) for i in range(len(recipe.models))]
         self._models: dict[tuple[Path, tuple[str, ...]], dict[str, float]] = {}
+        self.executor = executor
+        self.resources = resources or Resources.for_device(device)
+        self.placements: list[dict[str, Any]] = []
+        """Where each evaluation that ran as a Ray task ran (host, pid, node id), in order."""
+
+    def each(self, kind: EvaluationCall, calls: list[tuple[Any, ...]]) -> Iterator[Evaluation]:
+        """``self.<kind>(*args)`` (kind names one: merge, model, artifact or folder) or
+        ``kind(self, *args)`` (a function such as ``score_recipe``) for each args tuple, in
+        order: here one after the other, or all at once as tasks of the Ray executor (each task
+        scoring with a Scorer of its own; results and errors come back in order). A consumer
+        that stops early cancels or skips the rest."""
+        if self.executor is None or self.executor.kind == "local":
+            for args in calls:
+                yield _call(self, kind, *args)
+            return
+        for args in calls:
+            self.executor.submit(
+                _score_task, self.spec, self.device, kind, *args, resources=self.resources
+            )
+        for done, args in zip(self.executor.results(), calls, strict=True):
+            if done.error is not None:
+                raise done.error
+            name = kind if isinstance(kind, str) else kind.__name__
+            self.placements.append({"call": name, **done.where})
+            if kind == "model":
+                tasks = self._pick(args[1] if len(args) > 1 else None)
+                key = (Path(args[0]).resolve(), tuple(t.name for t in tasks))
+                self._models[key] = dict(done.value.tasks)
+            yield done.value
 
     def better(self, a: float, b: float) -> bool:
         """Whether score ``a`` is better than ``b`` by more than rounding (1e-12 relative)."""
@@ -83,38 +126,31 @@ class Scorer:
 
     def folder(self, folder: Path) -> Evaluation:
         """Scores of a checkpoint folder or of a task-conditional artifact folder."""
-        from mergecli.artifacts import open_artifact
-
-        try:
-            open_artifact(folder)
-        except MergeError:
-            return self.model(folder)
-        return self.artifact(folder)
+        return self.artifact(folder) if is_artifact(folder) else self.model(folder)
 
     def model(self, folder: Path, tasks: list[Task] | None = None) -> Evaluation:
         """Scores of a checkpoint folder (cached by path)."""
         tasks = self._pick(tasks)
         key = (folder.resolve(), tuple(t.name for t in tasks))
         if key not in self._models:
-            self._models[key] = self.evaluator.score(folder, tasks, self.bar)  # type: ignore[arg-type]
+            self._models[key] = self.evaluator.score(folder, tasks, self.bar)
         return Evaluation(dict(self._models[key]))
 
     def merge(self, recipe: Recipe, tasks: list[Task] | None = None) -> Evaluation:
-        """Scores of the model a recipe merges, without selection (the listed experts)."""
+        """Scores of the model a recipe merges, without selection (the listed experts; a
+        selecting method's are scored by ``mergecli.evaluate.score_recipe``)."""
         tasks = self._pick(tasks)
-        plan = plan_merge(recipe, device=self.device)
-        if plan.artifact is not None:
-            with tempfile.TemporaryDirectory(prefix="mergecli-eval-") as tmp:
-                folder = run_merge(plan, Path(tmp) / "artifact").output
-                return Evaluation(self.artifact(folder, tasks).tasks, recipe)
-        if isinstance(self.evaluator, BuiltinEvaluator):
+        plan = plan_merge(recipe, device=self.device, experts_selected=True)
+        if isinstance(self.evaluator, BuiltinEvaluator) and plan.output.memory_error() is None:
             state = merge_state(plan)
             return Evaluation(
                 self.evaluator.score(MergedState(state, plan.reference.path), tasks, self.bar),
                 recipe,
             )
         with tempfile.TemporaryDirectory(prefix="mergecli-eval-") as tmp:
-            folder = run_merge(plan, Path(tmp) / "model").output
+            folder = run_merge(plan, Path(tmp) / "merged").output
+            if is_artifact(folder):
+                return Evaluation(self.artifact(folder, tasks).tasks, recipe)
             return Evaluation(self.evaluator.score(folder, tasks, self.bar), recipe)
 
     def artifact(self, folder: Path, tasks: list[Task] | None = None) -> Evaluation:
@@ -130,9 +166,10 @@ class Scorer:
         for task in self._pick(tasks):
             name = self.expert_names[task.expert] if task.expert is not None else task.name
             if name not in names:
-                raise MergeError(
+                raise RecipeError(
                     f"evaluate.tasks.{task.name}: the artifact {folder} has no task '{name}'"
-                    f"{did_you_mean(name, names)}; its tasks: {', '.join(names)}"
+                    f"{did_you_mean(name, names)}; its tasks: {', '.join(names)}",
+                    key=f"evaluate.tasks.{task.name}",
                 )
             if isinstance(self.evaluator, BuiltinEvaluator):
                 source = MergedState(task_state_dict(opened, name), opened.model_files())
@@ -143,21 +180,58 @@ class Scorer:
                 scores.update(self.evaluator.score(exported, [task], self.bar))
         return Evaluation(scores)
 
-    def recipe(self, recipe: Recipe) -> Evaluation:
-        """Scores of a recipe's merge; a method that selects experts (greedy_soup) selects
-        them first, and ``recipe`` of the result lists the ones kept."""
-        if get_method(recipe.merge_method).selects_experts:
-            from mergecli.evaluate.greedy import greedy_soup
+    def placement_summary(self) -> dict[str, Any] | None:
+        """Which node did what, for a table's ``executor`` entry (None when all ran here)."""
+        if not self.placements:
+            return None
+        return {"kind": "ray", "tasks": self.placements}
 
-            return greedy_soup(self, recipe)
-        return self.merge(recipe)
+    def record_placements(self, table: dict[str, Any]) -> dict[str, Any]:
+        """``table`` with an ``executor`` entry saying which node did what, where Ray ran any
+        evaluation (the rest of the table is the same whichever executor ran it)."""
+        summary = self.placement_summary()
+        if summary is not None:
+            table["executor"] = summary
+        return table
+
+    def moe(self, recipe: Recipe, tasks: list[Task] | None = None) -> Evaluation:
+        """Scores of the mixture of experts a ``moe:`` recipe builds (in a temporary folder)."""
+        from mergecli.moe import plan_moe, run_moe
+
+        plan = plan_moe(recipe, device=self.device)
+        with tempfile.TemporaryDirectory(prefix="mergecli-eval-") as tmp:
+            folder = run_moe(plan, Path(tmp) / "moe").folder
+            return Evaluation(self.evaluator.score(folder, self._pick(tasks), self.bar), recipe)
 
     def expert_scores(self, recipe: Recipe) -> dict[str, float]:
         """Each task's score of the expert trained for it (tasks without an expert are left out)."""
+        mine = [task for task in self.tasks if task.expert is not None]
+        calls = [(recipe.resolve_path(recipe.models[t.expert].model), [t]) for t in mine]  # type: ignore[index]
         return {
-            task.name: self.model(
-                recipe.resolve_path(recipe.models[task.expert].model), [task]
-            ).tasks[task.name]
-            for task in self.tasks
-            if task.expert is not None
+            t.name: e.tasks[t.name] for t, e in zip(mine, self.each("model", calls), strict=True)
         }
+
+
+def _call(scorer: Scorer, kind: EvaluationCall, *args: Any) -> Evaluation:
+    """One evaluation of ``Scorer.each``: the Scorer method ``kind`` names, or ``kind`` itself
+    called with the scorer."""
+    if not isinstance(kind, str):
+        return kind(scorer, *args)
+    result: Evaluation = getattr(scorer, kind)(*args)
+    return result
+
+
+def _score_task(spec: Recipe, device: str, kind: EvaluationCall, *args: Any) -> Evaluation:
+    """One evaluation on a Ray worker, with a Scorer built there from the same recipe."""
+    return _call(Scorer(spec, device), kind, *args)
+
+
+def is_artifact(folder: Path) -> bool:
+    """Whether a folder is a task-conditional artifact (else a checkpoint)."""
+    from mergecli.artifacts import open_artifact
+
+    try:
+        open_artifact(folder)
+    except MergeError:
+        return False
+    return True

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mergecli.errors import MergeError, did_you_mean
+from mergecli.errors import EvaluationError, RecipeError, did_you_mean
 from mergecli.recipe import EvalTask, Recipe
 
 
@@ -31,7 +31,9 @@ def resolve_tasks(recipe: Recipe) -> list[Task]:
     """
     section = recipe.evaluate
     if section is None:
-        raise MergeError("evaluate: this recipe has no 'evaluate:' section saying how to score")
+        raise RecipeError(
+            "evaluate: this recipe has no 'evaluate:' section saying how to score", key="evaluate"
+        )
     names = [recipe.model_name(i) for i in range(len(recipe.models))]
     if isinstance(section.tasks, list):
         entries = {name: EvalTask() for name in section.tasks}
@@ -49,12 +51,17 @@ def resolve_tasks(recipe: Recipe) -> list[Task]:
         template = entry.data or section.data
         data = recipe.resolve_path(template.replace("{task}", name)) if template else None
         if data is not None and not data.is_file():
-            raise MergeError(f"{key}: data file '{data}' does not exist")
+            raise RecipeError(f"{key}: data file '{data}' does not exist", key=f"{key}.data")
         if section.metric and data is None:
-            raise MergeError(f"{key}: the '{section.metric}' metric needs a data file ('data:')")
+            raise RecipeError(
+                f"{key}: the '{section.metric}' metric needs a data file ('data:')",
+                key=f"{key}.data",
+            )
         if entry.expert is not None and entry.expert not in names:
             hint = did_you_mean(entry.expert, names)
-            raise MergeError(f"{key}.expert: no model is named '{entry.expert}'{hint}")
+            raise RecipeError(
+                f"{key}.expert: no model is named '{entry.expert}'{hint}", key=f"{key}.expert"
+            )
         expert = entry.expert or name
         tasks.append(Task(name, data, names.index(expert) if expert in names else None))
     return tasks
@@ -75,18 +82,20 @@ def read_examples(path: Path, labels: bool, limit: int | None) -> list[dict[str,
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError as exc:
-                    raise MergeError(f"{path}:{number}: invalid JSON: {exc.msg}") from None
+                    raise EvaluationError(f"{path}:{number}: invalid JSON: {exc.msg}") from None
                 if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-                    raise MergeError(f"{path}:{number}: expected an object with a 'text' string")
+                    raise EvaluationError(
+                        f"{path}:{number}: expected an object with a 'text' string"
+                    )
             else:
                 row = {"text": line.rstrip("\n")}
             if labels and (
                 isinstance(row.get("label"), bool) or not isinstance(row.get("label"), int)
             ):
-                raise MergeError(f"{path}:{number}: expected an integer 'label'")
+                raise EvaluationError(f"{path}:{number}: expected an integer 'label'")
             rows.append(row)
             if limit and len(rows) >= limit:
                 break
     if not rows:
-        raise MergeError(f"{path}: no examples")
+        raise EvaluationError(f"{path}: no examples")
     return rows

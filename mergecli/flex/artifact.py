@@ -24,11 +24,13 @@ import torch
 
 from mergecli.artifacts.flex import KIND, MANIFEST
 from mergecli.engine.layout import plan_shards, tensor_bytes
+from mergecli.engine.output import copy_model_files
 from mergecli.engine.plan import TensorPlan
 from mergecli.engine.task_artifact import packed_numel
 from mergecli.engine.writer import ShardWriter
 from mergecli.flex.blocks import Block
 from mergecli.flex.order import Group, Partition
+from mergecli.flex.plan import FlexPlan
 
 
 @dataclass(frozen=True)
@@ -102,9 +104,10 @@ class FlexWriter:
             if part.role == "unified" and part.group in scales:
                 self.scales.setdefault(part.group, {})[name] = scales[part.group]
 
-    def finish(self, tasks: list[str], info: dict[str, Any]) -> dict[str, Any]:
-        """Close the shards and write ``flex.json``; returns the manifest."""
+    def finish(self, plan: FlexPlan, info: dict[str, Any]) -> dict[str, Any]:
+        """Close the shards, write ``flex.json`` and the model files; returns the manifest."""
         self.writer.finish()
+        tasks = plan.tasks
         keys = {name: {p.source: p.key for p in parts} for name, parts in self.parts.items()}
         blocks = []
         for block, groups in zip(self.blocks, self.partition, strict=True):
@@ -139,4 +142,6 @@ class FlexWriter:
             "blocks": blocks,
         }
         (self.folder / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+        merge = plan.merge
+        copy_model_files(merge.reference.path, merge.tokenizer_folder, self.folder, merge.out_dtype)
         return manifest

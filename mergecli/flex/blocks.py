@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from mergecli.blocks import block_of
 from mergecli.engine.plan import TensorPlan
 from mergecli.engine.task_artifact import packed_numel
-from mergecli.errors import MergeError
+from mergecli.errors import RecipeError
 from mergecli.layers import is_before_layers, layer_index, layer_prefix
 
 Granularity = str | list[str]
@@ -49,16 +49,20 @@ def block_namer(granularity: Granularity) -> Callable[[str], str]:
     if granularity == "tensor":
         return lambda name: name
     if isinstance(granularity, str) or not granularity:
-        raise MergeError(
+        raise RecipeError(
             f"flex.granularity: '{granularity}' is not component, layer, tensor or a list of "
-            "patterns"
+            "patterns",
+            key="flex.granularity",
         )
     patterns = []
     for i, text in enumerate(granularity):
         try:
             patterns.append(re.compile(text))
         except re.error as exc:
-            raise MergeError(f"flex.granularity[{i}]: invalid pattern '{text}': {exc}") from None
+            raise RecipeError(
+                f"flex.granularity[{i}]: invalid pattern '{text}': {exc}",
+                key=f"flex.granularity[{i}]",
+            ) from None
 
     def named(name: str) -> str:
         for pattern in patterns:
@@ -80,7 +84,7 @@ def cut_blocks(tensors: list[TensorPlan], granularity: Granularity) -> list[Bloc
             name = namer(tensor.name)
             blocks.setdefault(name, Block(name, [])).tensors.append(tensor)
     if not blocks:
-        raise MergeError("flex: the model has no tensor to merge")
+        raise RecipeError("flex: the model has no tensor to merge", key="flex.granularity")
     return sorted(blocks.values(), key=lambda b: model_position(b.tensors[0].name))
 
 

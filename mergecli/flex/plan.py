@@ -9,8 +9,8 @@ from typing import Any
 from pydantic import ValidationError
 
 from mergecli.engine.layout import parse_size
-from mergecli.engine.plan import MergePlan, TensorPlan, check_task_names, plan_merge
-from mergecli.errors import MergeError, did_you_mean
+from mergecli.engine.plan import MergePlan, TensorPlan, plan_merge
+from mergecli.errors import RecipeError, did_you_mean
 from mergecli.flex.blocks import Block, cut_blocks
 from mergecli.flex.size import SizeModel
 from mergecli.recipe import FlexSection, Recipe
@@ -43,7 +43,7 @@ class FlexPlan:
         two blocks and masks for one group, more than two experts' blocks)."""
         m = len(self.tasks)
         one = [[tuple(range(m))] for _ in self.blocks]
-        every = [[(k,) for k in range(m)] for _ in self.blocks]
+        every: list[list[tuple[int, ...]]] = [[(k,) for k in range(m)] for _ in self.blocks]
         return min(self.sizes.size(one), self.sizes.size(every))
 
     def summary(self) -> dict[str, Any]:
@@ -74,7 +74,7 @@ def flex_options(recipe: Recipe, overrides: dict[str, Any]) -> FlexSection:
         key = ".".join(str(x) for x in error["loc"])
         expected = error.get("ctx", {}).get("expected", "")
         hint = did_you_mean(str(error.get("input")), re.findall(r"'([^']+)'", expected))
-        raise MergeError(f"flex.{key}: {error['msg']}{hint}") from None
+        raise RecipeError(f"flex.{key}: {error['msg']}{hint}", key=f"flex.{key}") from None
 
 
 def plan_flex(
@@ -86,22 +86,27 @@ def plan_flex(
     """Validate a recipe and FlexMerge's options; decide blocks, sizes and targets."""
     options = flex_options(recipe, overrides or {})
     if not recipe.base_model:
-        raise MergeError("base_model: FlexMerge compares task vectors and needs a base model")
+        raise RecipeError(
+            "base_model: FlexMerge compares task vectors and needs a base model", key="base_model"
+        )
     if recipe.output_format != "model":
-        raise MergeError(
+        raise RecipeError(
             f"output_format: FlexMerge writes its own artifact; '{recipe.output_format}' is for "
-            "'mergecli merge'"
+            "'mergecli merge'",
+            key="output_format",
         )
     merge = plan_merge(recipe, device=device, shard_size=shard_size)
     method, m = merge.method, len(merge.experts)
     if m < 2:
-        raise MergeError(f"models: FlexMerge needs at least 2 experts, the recipe lists {m}")
-    if options.strategy == "channel" and method.output != "model":
-        raise MergeError(
-            f"merge_method: Channel Merging stores one merged block per cluster; '{method.name}' "
-            "writes task masks (use strategy: flexmerge)"
+        raise RecipeError(
+            f"models: FlexMerge needs at least 2 experts, the recipe lists {m}", key="models"
         )
-    check_task_names(recipe)
+    if options.strategy == "channel" and method.output != "model":
+        raise RecipeError(
+            f"merge_method: Channel Merging stores one merged block per cluster; '{method.name}' "
+            "writes task masks (use strategy: flexmerge)",
+            key="merge_method",
+        )
     blocks = cut_blocks(merge.tensors, options.granularity)
     shared = [t for t in merge.tensors if not t.merge]
     sizes = SizeModel(
@@ -115,19 +120,21 @@ def plan_flex(
 def check_targets(plan: FlexPlan, targets: list[float]) -> list[float]:
     """Targets in range, each once, in increasing order; one-line errors otherwise."""
     if not targets:
-        raise MergeError("flex: no target size: give --size, --sizes or flex.sizes")
+        raise RecipeError("flex: no target size: give --size, --sizes or flex.sizes", key="--size")
     m = len(plan.tasks)
     low = plan.smallest_size
     for target in targets:
         if plan.options.strategy == "channel":
             if float(target) != int(target) or not 1 <= target <= m:
-                raise MergeError(
+                raise RecipeError(
                     f"--size {target:g}: Channel Merging makes whole sizes only, 1 to {m} "
-                    "(K clusters per block)"
+                    "(K clusters per block)",
+                    key="--size",
                 )
         elif not low * (1 - 1e-9) <= target <= m:
-            raise MergeError(
+            raise RecipeError(
                 f"--size {target:g}: out of range; {plan.merge.method.name} with {m} experts "
-                f"reaches sizes from {low:.4g} to {m}"
+                f"reaches sizes from {low:.4g} to {m}",
+                key="--size",
             )
     return sorted(set(float(t) for t in targets))

@@ -3,16 +3,17 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from mergecli.flex.order import Step
+from mergecli.jsonsafe import strict_json
 
 if TYPE_CHECKING:
     from mergecli.flex.plan import FlexPlan
+    from mergecli.flex.run import FlexResult
 
 REPORT = "flex_report.json"
 PICTURE = "flex_report.png"
@@ -92,7 +93,7 @@ def write_size_reports(items: list[tuple[Path, dict[str, Any]]]) -> None:
     """``flex_report.json`` and the blocks × tasks picture ``flex_report.png`` in each folder
     (one figure redrawn per size: the labels are laid out once)."""
     for folder, report in items:
-        (folder / REPORT).write_text(json.dumps(report, indent=1) + "\n")
+        (folder / REPORT).write_text(strict_json(report, indent=1)[0] + "\n")
     import matplotlib
 
     matplotlib.use("Agg")
@@ -133,3 +134,24 @@ def write_size_reports(items: list[tuple[Path, dict[str, Any]]]) -> None:
         fig.draw_artist(title)
         plt.imsave(folder / PICTURE, np.asarray(fig.canvas.buffer_rgba()))  # type: ignore[attr-defined]
     plt.close(fig)
+
+
+def result_summary(result: FlexResult) -> dict[str, Any]:
+    """What ``run_flex`` wrote, in short: per size its folder, bytes, steps and groups per
+    block, and the merge order."""
+    return {
+        "output": str(result.output),
+        "timing": result.timing,
+        "sizes": [
+            {
+                "target": r.target,
+                "size": r.size,
+                "folder": str(r.folder),
+                "stored_bytes": r.report["stored_bytes"],
+                "steps_applied": r.report["steps_applied"],
+                "groups_per_block": {g["block"]: g["groups"] for g in r.report["groups_per_block"]},
+            }
+            for r in result.results
+        ],
+        "merge_order": result.order,
+    }

@@ -8,8 +8,7 @@ number of sizes.
 from __future__ import annotations
 
 import time
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -17,21 +16,22 @@ from typing import Any
 import numpy as np
 import torch
 
-from mergecli.engine.merge import WRITE_QUEUE, merge_tensor, tokenizer_folder
-from mergecli.engine.output import atomic_folder, check_output, copy_model_files
+from mergecli.engine.merge import merge_tensor
+from mergecli.engine.output import atomic_folder, check_output, check_space
 from mergecli.engine.plan import TensorPlan
-from mergecli.engine.stream import Timer, stream_inputs
+from mergecli.engine.runner import Each, Piece, Runner, WriteQueue
 from mergecli.engine.task_artifact import pack_mask
-from mergecli.errors import MergeError
+from mergecli.errors import RecipeError
 from mergecli.flex.artifact import FlexWriter, Stored
 from mergecli.flex.blocks import Block
 from mergecli.flex.channel import channel_partition
 from mergecli.flex.order import Group, Partition, Step, merge_order, partition_after
 from mergecli.flex.plan import FlexPlan
 from mergecli.flex.report import order_rows, size_report, write_size_reports
-from mergecli.flex.similarity import block_grams, block_inputs, reading_bytes, with_base
+from mergecli.flex.similarity import block_grams, flex_reading
 from mergecli.flex.size import steps_for
 from mergecli.methods import Params, TaskMasks, TensorInputs
+from mergecli.methods.statistics import StatValues
 from mergecli.progress import NullProgress, Progress
 
 
@@ -83,9 +83,10 @@ def decide_states(plan: FlexPlan, grams: list[np.ndarray]) -> tuple[list[Step], 
     for target in plan.targets:
         count = steps_for(target, sizes)
         if count is None:
-            raise MergeError(
+            raise RecipeError(
                 f"--size {target:g}: the merge order never gets that small (smallest "
-                f"{min(sizes):.4g})"
+                f"{min(sizes):.4g})",
+                key="--size",
             )
         partition = partition_after(steps, count, len(plan.blocks), m)
         states.append(FlexState(target, partition, sizes[count], count))
@@ -97,20 +98,28 @@ def size_folder(target: float) -> str:
 
 
 def run_flex(
-    plan: FlexPlan, output: str | Path, force: bool = False, progress: Progress | None = None
+    plan: FlexPlan,
+    output: str | Path,
+    force: bool = False,
+    progress: Progress | None = None,
+    similarity: Callable[[FlexPlan], list[np.ndarray]] | None = None,
+    wait: bool = False,
 ) -> FlexResult:
     """Write one artifact per target into ``output`` (the artifact itself for one target, one
-    ``size-<target>`` folder per target otherwise), atomically."""
+    ``size-<target>`` folder per target otherwise), atomically, under the output's lock.
+    ``similarity`` computes the blocks' Gram matrices instead of the similarity pass here (on a
+    Ray cluster)."""
     progress = progress or NullProgress()
     output = Path(output).resolve()
     check_output(output, force)
-    timer, started = Timer(), time.perf_counter()
-    grams = block_grams(plan.merge, plan.blocks, timer, progress)
-    similarity_s = time.perf_counter() - started
-    steps, states = decide_states(plan, grams)
-    order_s = time.perf_counter() - started - similarity_s
+    runner, started = Runner(progress), time.perf_counter()
     results = []
-    with atomic_folder(output, force) as root:
+    with atomic_folder(output, force, wait) as root:
+        grams = similarity(plan) if similarity else block_grams(plan.merge, plan.blocks, runner)
+        similarity_s = time.perf_counter() - started
+        steps, states = decide_states(plan, grams)
+        order_s = time.perf_counter() - started - similarity_s
+        check_space(output, sum(plan.sizes.stored_bytes(s.partition) for s in states))
         folders = [root] if len(states) == 1 else [root / size_folder(s.target) for s in states]
         writers = []
         for folder, state in zip(folders, states, strict=True):
@@ -120,7 +129,7 @@ def run_flex(
                     folder, plan.shared, plan.blocks, state.partition, plan.masks, plan.shard_bytes
                 )
             )
-        merge_pass(plan, states, writers, timer, progress)
+        merge_pass(plan, states, writers, runner)
         rows = order_rows(plan, steps)
         timing = {
             "similarity_s": similarity_s,
@@ -139,13 +148,7 @@ def run_flex(
                 "size": state.size,
                 "model_bytes": plan.sizes.model_bytes,
             }
-            manifest = writer.finish(plan.tasks, info)
-            copy_model_files(
-                plan.merge.reference.path,
-                tokenizer_folder(plan.merge),
-                folder,
-                plan.merge.out_dtype,
-            )
+            manifest = writer.finish(plan, info)
             report = size_report(plan, manifest, rows, state.steps, timing)
             final = output if folder == root else output / folder.name
             results.append(SizeResult(state.target, state.size, final, report))
@@ -156,17 +159,8 @@ def run_flex(
 
 
 def expert_tensors(inputs: TensorInputs) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Each expert's weights and task vector (neither modifies the other)."""
-    base = inputs.base
-    assert base is not None
-    weights = [
-        w if w is not None else base + d
-        for w, d in zip(inputs.expert_weights, inputs.expert_deltas, strict=True)
-    ]
-    tvs = [
-        d if d is not None else w - base for w, d in zip(weights, inputs.expert_deltas, strict=True)
-    ]
-    return weights, tvs
+    """Each expert's weights and task vector (the weights first: they are then exact)."""
+    return inputs.weights(), inputs.task_vectors()
 
 
 def group_inputs(
@@ -185,6 +179,7 @@ def group_inputs(
         seed=inputs.seed,
         layer=inputs.layer,
         num_layers=inputs.num_layers,
+        offset=inputs.offset,
         expert_ids=list(group),
     )
 
@@ -200,25 +195,31 @@ def group_params(plan: FlexPlan, params: Params, group: Group) -> Params:
 
 
 def group_statistics(
-    plan: FlexPlan, block: Block, groups: list[Group], timer: Timer
-) -> tuple[dict[Group, dict[str, Any]], dict[Group, dict[str, Params]]]:
+    plan: FlexPlan, block: Block, groups: list[Group], runner: Runner
+) -> tuple[dict[Group, StatValues], dict[Group, dict[str, Params]]]:
     """A method's whole-model statistics, gathered over the block for each multi-member group
     (FlexMerge applies the method block by block); also the parameters they settled."""
     make = plan.merge.method.statistics
     assert make is not None
     params = {g: {t.name: group_params(plan, t.params, g) for t in block.tensors} for g in groups}
     stats = {g: make(params[g], plan.merge.warnings.append) for g in groups}
+    quiet = Runner(timer=runner.timer)
     while any(s.wants_pass() for ss in stats.values() for s in ss):
         active = {g: [s for s in ss if s.wants_pass()] for g, ss in stats.items()}
-        for _, _, inputs in block_inputs(plan.merge, [block], timer, per_block=True):
+
+        def observe(
+            tensor: TensorPlan, inputs: TensorInputs, active: dict[Group, list] = active
+        ) -> None:
             weights, tvs = expert_tensors(inputs)
             for g, ss in active.items():
                 for statistic in ss:
                     statistic.observe(group_inputs(plan, inputs, weights, tvs, g))
+
+        quiet.run(flex_reading(plan.merge, block.tensors), [Each(observe)])
         for ss in active.values():
             for statistic in ss:
                 statistic.end_pass()
-    return {g: {s.key: s.value() for s in ss} for g, ss in stats.items()}, params
+    return {g: StatValues.of(ss) for g, ss in stats.items()}, params
 
 
 def tensor_values(
@@ -226,7 +227,7 @@ def tensor_values(
     tensor: TensorPlan,
     inputs: TensorInputs,
     groups: list[Group],
-    stats: dict[Group, dict[str, Any]],
+    stats: dict[Group, StatValues],
     params: dict[Group, dict[str, Params]],
 ) -> tuple[Stored, dict[Group, list[float]]]:
     """What every group of the tensor's block stores, computed once for all sizes."""
@@ -247,8 +248,8 @@ def tensor_values(
             plan.merge,
             replace(tensor, params=p),
             group_inputs(plan, inputs, weights, tvs, group),
-            stats.get(group, {}),
-        )
+            stats.get(group, StatValues()),
+        ).value
         if isinstance(merged, TaskMasks):
             assert inputs.base is not None
             stored["base", None, None] = inputs.base.to(dtype)
@@ -262,55 +263,62 @@ def tensor_values(
     return stored, scales
 
 
+class GroupMerge:
+    """FlexMerge's merge pass: each block tensor's distinct groups merged once, written into
+    every size; tensors outside the blocks copied into every size."""
+
+    def __init__(
+        self,
+        plan: FlexPlan,
+        groups: dict[str, list[Group]],
+        writers: list[FlexWriter],
+        runner: Runner,
+    ) -> None:
+        self.plan = plan
+        self.groups = groups
+        """The distinct groups of each block tensor's block, over every size."""
+        self.writers = writers
+        self.timer = runner.timer
+        self.stats: dict[Group, StatValues] = {}
+        self.params: dict[Group, dict[str, Params]] = {}
+
+    def piece(self, piece: Piece, queue: WriteQueue) -> None:
+        tensor = piece.tensor
+        if piece.inputs is None:
+            assert piece.raw is not None
+            queue.write(self.write, tensor.name, ({("shared", None, None): piece.raw}, {}))
+            return
+        start = time.perf_counter()
+        groups = self.groups[tensor.name]
+        values = tensor_values(self.plan, tensor, piece.inputs, groups, self.stats, self.params)
+        self.timer.compute += time.perf_counter() - start
+        queue.write(self.write, tensor.name, values)
+
+    def write(self, name: str, values: tuple[Stored, dict[Group, list[float]]]) -> None:
+        for writer in self.writers:
+            writer.write(name, *values)
+
+
 def merge_pass(
-    plan: FlexPlan,
-    states: list[FlexState],
-    writers: list[FlexWriter],
-    timer: Timer,
-    progress: Progress,
+    plan: FlexPlan, states: list[FlexState], writers: list[FlexWriter], runner: Runner
 ) -> None:
-    """Stream every tensor once, merge each distinct group once, write every size."""
-    reading = with_base(plan.merge)
-    sizes = reading_bytes(plan.merge, plan.blocks)
-    progress.start("merging", len(plan.shared) + len(sizes), sum(sizes.values()))
-    for tensor, raw in stream_inputs(reading, plan.shared, timer):
-        assert isinstance(raw, torch.Tensor)
-        for writer in writers:
-            writer.write(tensor.name, {("shared", None, None): raw}, {})
-        progress.advance(1, raw.nbytes)
-    groups = [
-        sorted({g for state in states for g in state.partition[b]}) for b in range(len(plan.blocks))
-    ]
-    with_stats = plan.merge.method.statistics is not None
-    stats: dict[Group, dict[str, Any]] = {}
-    params: dict[Group, dict[str, Params]] = {}
-    current = -1
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergecli-write") as pool:
-        pending: deque[Future[None]] = deque()
-        for b, tensor, inputs in block_inputs(plan.merge, plan.blocks, timer, per_block=with_stats):
-            if with_stats and b != current:
-                current = b
-                multi = [g for g in groups[b] if len(g) > 1]
-                stats, params = group_statistics(plan, plan.blocks[b], multi, timer)
-            start = time.perf_counter()
-            stored, scales = tensor_values(plan, tensor, inputs, groups[b], stats, params)
-            timer.compute += time.perf_counter() - start
-            pending.append(pool.submit(_write, writers, tensor.name, stored, scales, timer))
-            while len(pending) > WRITE_QUEUE:
-                pending.popleft().result()
-            progress.advance(1, sizes[tensor.name])
-        for future in pending:
-            future.result()
-
-
-def _write(
-    writers: list[FlexWriter],
-    name: str,
-    stored: Stored,
-    scales: dict[Group, list[float]],
-    timer: Timer,
-) -> None:
-    start = time.perf_counter()
-    for writer in writers:
-        writer.write(name, stored, scales)
-    timer.write += time.perf_counter() - start
+    """Stream every tensor once, merge each distinct group once, write every size; with a
+    method's statistics, block by block, each block's statistics gathered first."""
+    groups = {
+        t.name: sorted({g for state in states for g in state.partition[b]})
+        for b, block in enumerate(plan.blocks)
+        for t in block.tensors
+    }
+    merge = GroupMerge(plan, groups, writers, runner)
+    tensors = [t for block in plan.blocks for t in block.tensors]
+    runner.progress.start(
+        "merging", len(plan.shared) + len(tensors), flex_reading(plan.merge, tensors).nbytes
+    )
+    runner.run(flex_reading(plan.merge, plan.shared), [merge])
+    if plan.merge.method.statistics is None:
+        runner.run(flex_reading(plan.merge, tensors), [merge])
+        return
+    for block in plan.blocks:
+        multi = [g for g in groups[block.tensors[0].name] if len(g) > 1]
+        merge.stats, merge.params = group_statistics(plan, block, multi, runner)
+        runner.run(flex_reading(plan.merge, block.tensors), [merge])

@@ -15,14 +15,14 @@ import torch
 
 from mergecli.artifacts import open_artifact
 from mergecli.artifacts.flex import FlexArtifact
-from mergecli.errors import MergeError
+from mergecli.errors import SourceError
 
 
 def task_state_dicts(path: str | Path, device: str = "cpu") -> dict[str, dict[str, torch.Tensor]]:
     """Every task's state dict; tensors stored once are shared objects across tasks."""
     artifact = open_artifact(path)
     if not isinstance(artifact, FlexArtifact):
-        raise MergeError(f"'{path}' is not a FlexMerge artifact (no flex.json)")
+        raise SourceError(f"'{path}' is not a FlexMerge artifact (no flex.json)", path=path)
     cache: dict[str, torch.Tensor] = {}
     states: dict[str, dict[str, torch.Tensor]] = {}
     for task in artifact.task_names():

@@ -7,65 +7,41 @@ per block. Cosines, the groups' linkages and Channel Merging's k-means all follo
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import replace
-
 import numpy as np
 import torch
 
 from mergecli.engine.plan import MergePlan, TensorPlan
-from mergecli.engine.stream import Timer, stream_inputs
+from mergecli.engine.read_plan import ReadPlan
+from mergecli.engine.runner import Each, Runner
 from mergecli.flex.blocks import Block
 from mergecli.methods import TensorInputs
 from mergecli.ops import gram64
-from mergecli.progress import Progress
 
 
-def with_base(plan: MergePlan) -> MergePlan:
-    """The plan reading the base for every merged tensor (task vectors need it)."""
-    return replace(plan, method=replace(plan.method, base="required"))
+class WholeTensors:
+    """FlexMerge reads every tensor whole (its groups are merged tensor by tensor)."""
+
+    merged_rows = False
+    copied_rows = False
 
 
-def block_inputs(
-    plan: MergePlan, blocks: list[Block], timer: Timer, per_block: bool
-) -> Iterator[tuple[int, TensorPlan, TensorInputs]]:
-    """Every block tensor's inputs (with the base), in block order; one stream in all, or one
-    per block (when statistics are gathered between blocks)."""
-    reading = with_base(plan)
-    index = {t.name: b for b, block in enumerate(blocks) for t in block.tensors}
-    runs = (
-        [block.tensors for block in blocks]
-        if per_block
-        else [[t for x in blocks for t in x.tensors]]
-    )
-    for tensors in runs:
-        for tensor, inputs in stream_inputs(reading, tensors, timer):
-            assert isinstance(inputs, TensorInputs)
-            yield index[tensor.name], tensor, inputs
+def flex_reading(plan: MergePlan, tensors: list[TensorPlan]) -> ReadPlan:
+    """The reads of ``tensors``, whole, with the base for every merged one (task vectors
+    need it)."""
+    return plan.read_plan(tensors, WholeTensors(), with_base=True)
 
 
-def reading_bytes(plan: MergePlan, blocks: list[Block]) -> dict[str, int]:
-    """Bytes read per block tensor: the base's and every expert's."""
-    assert plan.base is not None
-    sources = [plan.base, *plan.experts]
-    return {
-        t.name: sum(src.info(t.name).nbytes for src in sources)
-        for block in blocks
-        for t in block.tensors
-    }
-
-
-def block_grams(
-    plan: MergePlan, blocks: list[Block], timer: Timer, progress: Progress
-) -> list[np.ndarray]:
+def block_grams(plan: MergePlan, blocks: list[Block], runner: Runner) -> list[np.ndarray]:
     """Per block, the M×M float64 Gram matrix of the experts' block task vectors."""
     m = len(plan.experts)
     grams = [torch.zeros(m, m, dtype=torch.float64) for _ in blocks]
-    sizes = reading_bytes(plan, blocks)
-    progress.start("similarity pass", len(sizes), sum(sizes.values()))
-    for b, tensor, inputs in block_inputs(plan, blocks, timer, per_block=False):
-        grams[b] += gram64(inputs.task_vectors())
-        progress.advance(1, sizes[tensor.name])
+    index = {t.name: b for b, block in enumerate(blocks) for t in block.tensors}
+
+    def add(tensor: TensorPlan, inputs: TensorInputs) -> None:
+        grams[index[tensor.name]] += gram64(inputs.task_vectors())
+
+    reading = flex_reading(plan, [t for block in blocks for t in block.tensors])
+    runner.run(reading, [Each(add)], "similarity pass")
     return [g.numpy() for g in grams]
 
 

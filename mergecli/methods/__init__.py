@@ -18,6 +18,11 @@ from mergecli.methods import (  # noqa: F401  (registration)
     tsv,
     consensus,
     emr,
+    spherical,
+    sce,
+    arcee_fusion,
+    nearswap,
+    ram,
 )
 
 # isort: on

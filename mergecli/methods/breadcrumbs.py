@@ -7,25 +7,47 @@ from collections.abc import Callable
 
 import torch
 
-from mergecli.errors import MergeError
+from mergecli.errors import RecipeError
+from mergecli.methods import mergekit
 from mergecli.methods.inputs import TensorInputs
 from mergecli.methods.linear import LAMBDA, WEIGHT, weighted_sum
-from mergecli.methods.registry import Param, Params, merge_method
+from mergecli.methods.registry import DROPPED, FRACTION, Param, Params, merge_method
+from mergecli.methods.result import Kept, Merged, kept_fraction
 from mergecli.methods.sparsify import kth_largest, model_scope_values
-from mergecli.methods.statistics import LargestMagnitudes, Statistic, floor_rank
+from mergecli.methods.statistics import Handle, LargestMagnitudes, Statistic, floor_rank
 from mergecli.methods.ties import (
+    L1_RESCALE,
     MERGE_FUNC,
+    MERGEKIT_ELECTION,
     MERGEKIT_IGNORED,
-    NORMALIZE,
     SCOPE,
     SIGN,
+    check_mergekit,
     elect_and_merge,
+    mergekit_combine,
 )
 
-THRESHOLDS = "breadcrumbs.thresholds"
+THRESHOLDS: Handle[list[list[float]]] = Handle("breadcrumbs.thresholds")
 
-DENSITY = Param("density", 0.9, help="fraction of entries kept", per_model=True)
-GAMMA = Param("gamma", 0.01, help="fraction of the largest magnitudes dropped", per_model=True)
+DENSITY = Param(
+    "density",
+    0.9,
+    help="fraction of entries kept",
+    per_model=True,
+    mergekit=1.0,
+    bounds=FRACTION,
+)
+MERGEKIT_TRIM = (
+    "scope tensor keeps, of the magnitudes sorted ascending, positions [b, b + ⌊density·n⌋) with "
+    "b = max(0, n − ⌊density·n⌋ − ⌊gamma·n⌋); density ≥ 1 keeps everything (gamma unused)"
+)
+GAMMA = Param(
+    "gamma",
+    0.01,
+    help="fraction of the largest magnitudes dropped",
+    per_model=True,
+    bounds=DROPPED,
+)
 CONVENTION = (
     "Entries of magnitude rank r (1 = largest) are kept when ⌊γn⌋ < r ≤ ⌊(γ+density)n⌋ "
     "(products rounded to 9 decimals; mergekit keeps ⌊density·n⌋ below the top ⌊γn⌋). "
@@ -47,8 +69,14 @@ def breadcrumb_trim(tv: torch.Tensor, top: float, low: float) -> torch.Tensor:
 
 
 def breadcrumbs_trimmed(inputs: TensorInputs, p: Params) -> list[torch.Tensor]:
-    """Every task vector without its top γ and its bottom magnitudes, within ``scope``."""
+    """Every task vector without its top γ and its bottom magnitudes, within ``scope``
+    (L1-rescaled with ``rescale``; ``kept_fraction`` of each is what it keeps)."""
     tvs = inputs.task_vectors()
+    if p["conventions"] == "mergekit" and p["scope"] == "tensor":
+        return [
+            mergekit.outliers(tv, d, g, p["rescale"])
+            for tv, d, g in zip(tvs, p["density"], p["gamma"], strict=True)
+        ]
     if p["scope"] == "model":
         thresholds = inputs.stats[THRESHOLDS]
     else:
@@ -59,8 +87,8 @@ def breadcrumbs_trimmed(inputs: TensorInputs, p: Params) -> list[torch.Tensor]:
     trimmed = [
         breadcrumb_trim(tv, top, low) for tv, (top, low) in zip(tvs, thresholds, strict=True)
     ]
-    for t, x in enumerate(trimmed):
-        inputs.kept[t] = float((x != 0).sum()) / max(x.numel(), 1)
+    if p["rescale"]:
+        trimmed = [mergekit.l1_rescaled(tv, x) for tv, x in zip(tvs, trimmed, strict=True)]
     return trimmed
 
 
@@ -76,11 +104,15 @@ def model_scope_thresholds(
 
 
 def check_fractions(p: Params, name: str) -> None:
+    check_mergekit(p, name)
+    if p["conventions"] == "mergekit":
+        return  # mergekit clamps: density ≥ 1 keeps all, density + gamma > 1 drops no bottom
     for t, (d, g) in enumerate(zip(p["density"], p["gamma"], strict=True)):
         if not (0 <= d <= 1 and 0 <= g <= 1 and d + g <= 1):
-            raise MergeError(
+            raise RecipeError(
                 f"models[{t}]: breadcrumbs needs 0 ≤ density, 0 ≤ gamma and density + gamma ≤ 1 "
-                f"(got density {d}, gamma {g} for '{name}')"
+                f"(got density {d}, gamma {g} for '{name}')",
+                key=f"models[{t}].parameters",
             )
 
 
@@ -95,26 +127,59 @@ def check_fractions(p: Params, name: str) -> None:
         LAMBDA,
         SCOPE,
         Param("normalize", False, bool, "divide by Σ wt"),
+        L1_RESCALE,
     ),
     statistics=model_scope_thresholds,
     check=check_fractions,
     ignored=MERGEKIT_IGNORED,
     convention=CONVENTION,
+    mergekit=MERGEKIT_TRIM + "; abs(Σ wt) < 1e-8 is not divided by",
 )
-def breadcrumbs(inputs: TensorInputs, p: Params) -> torch.Tensor:
-    merged = weighted_sum(breadcrumbs_trimmed(inputs, p), p["weight"], p["normalize"], inputs.name)
+def breadcrumbs(inputs: TensorInputs, p: Params) -> Merged:
+    trimmed = breadcrumbs_trimmed(inputs, p)
+    kept: Kept = [kept_fraction(x) for x in trimmed]
+    if p["conventions"] == "mergekit":
+        return mergekit.combine(
+            inputs,
+            trimmed,
+            p["weight"],
+            consensus=None,
+            normalize=p["normalize"],
+            lam=p["lambda"],
+            kept=kept,
+        )
+    merged = weighted_sum(trimmed, p["weight"], p["normalize"], inputs.name)
     assert inputs.base is not None
-    return inputs.base + p["lambda"] * merged
+    return Merged(inputs.base + p["lambda"] * merged, kept)
 
 
 @merge_method(
     "breadcrumbs_ties",
     "Breadcrumbs masks, then TIES election γ = sign(Σ τ̂t) and disjoint merge; θ = θ0 + λ τm",
-    params=(WEIGHT, DENSITY, GAMMA, LAMBDA, SCOPE, MERGE_FUNC, SIGN, NORMALIZE),
+    params=(
+        WEIGHT,
+        DENSITY,
+        GAMMA,
+        LAMBDA,
+        SCOPE,
+        MERGE_FUNC,
+        SIGN,
+        Param(
+            "normalize",
+            True,
+            bool,
+            "mergekit compatibility: false turns merge_func mean into sum",
+            mergekit=False,
+        ),
+        L1_RESCALE,
+    ),
     statistics=model_scope_thresholds,
     check=check_fractions,
     ignored=MERGEKIT_IGNORED,
     convention=CONVENTION + " Election and disjoint merge as in ties.",
+    mergekit=MERGEKIT_TRIM + "; " + MERGEKIT_ELECTION,
 )
-def breadcrumbs_ties(inputs: TensorInputs, p: Params) -> torch.Tensor:
+def breadcrumbs_ties(inputs: TensorInputs, p: Params) -> Merged:
+    if p["conventions"] == "mergekit":
+        return mergekit_combine(inputs, breadcrumbs_trimmed(inputs, p), p)
     return elect_and_merge(inputs, breadcrumbs_trimmed(inputs, p), p)

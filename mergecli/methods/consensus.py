@@ -6,17 +6,20 @@ from collections.abc import Callable
 
 import torch
 
-from mergecli.errors import MergeError
+from mergecli.errors import RecipeError
 from mergecli.methods.inputs import TensorInputs
-from mergecli.methods.registry import Param, Params, merge_method
+from mergecli.methods.registry import FRACTION, NON_NEGATIVE, Param, Params, merge_method
+from mergecli.methods.result import Kept, Merged
 from mergecli.methods.sparsify import disjoint_merge, elect_sign
 from mergecli.methods.statistics import Statistic
 from mergecli.methods.task_masks import TaskMasks
 from mergecli.methods.ties import SCOPE, model_scope_thresholds, trimmed_task_vectors
 
-MASK_LAMBDA = Param("lambda", 0.6, help="mask threshold λt", per_model=True)
+MASK_LAMBDA = Param("lambda", 0.6, help="mask threshold λt", per_model=True, bounds=NON_NEGATIVE)
 USE_TIES = Param("use_ties", False, bool, "τMTL is the TIES merge instead of Σ τt")
-TIES_DENSITY = Param("density", 0.2, help="TIES density (with use_ties)", per_model=True)
+TIES_DENSITY = Param(
+    "density", 0.2, help="TIES density (with use_ties)", per_model=True, bounds=FRACTION
+)
 TIES_SCOPE = Param("scope", "model", str, "TIES scope (with use_ties)", choices=SCOPE.choices)
 CONVENTION = (
     "Masks compare strictly: mt = [abs(τt) > λt·abs(τMTL − τt)]. use_ties: τMTL is TIES with "
@@ -30,7 +33,9 @@ def multitask_vector(inputs: TensorInputs, p: Params) -> torch.Tensor:
         return torch.stack(inputs.task_vectors()).sum(0)
     trimmed = trimmed_task_vectors(inputs, p)
     ones = [1.0] * len(trimmed)
-    return disjoint_merge(inputs, trimmed, ones, elect_sign(trimmed, "mass"), "mean")
+    merged = disjoint_merge(trimmed, ones, elect_sign(trimmed, "mass"), "mean").value
+    assert isinstance(merged, torch.Tensor)
+    return merged
 
 
 def tall_masks_of(
@@ -54,15 +59,19 @@ def ties_thresholds(
 
 def check_density(p: Params, name: str) -> None:
     if p["use_ties"] and not all(0 <= d <= 1 for d in p["density"]):
-        raise MergeError(f"density: TIES needs densities in [0, 1], got {p['density']} ({name})")
+        raise RecipeError(
+            f"density: TIES needs densities in [0, 1], got {p['density']} ({name})",
+            key="parameters.density",
+        )
 
 
 def check_consensus(p: Params, name: str) -> None:
     check_density(p, name)
     if not 0 <= p["k"] <= len(p["lambda"]):
-        raise MergeError(
+        raise RecipeError(
             f"parameters.k: consensus needs 0 ≤ k ≤ {len(p['lambda'])} (the number of "
-            f"experts), got {p['k']} ({name})"
+            f"experts), got {p['k']} ({name})",
+            key="parameters.k",
         )
 
 
@@ -82,14 +91,13 @@ def check_consensus(p: Params, name: str) -> None:
     check=check_consensus,
     convention=CONVENTION + " k = 2 removes selfish weights (useful to one task only).",
 )
-def consensus(inputs: TensorInputs, p: Params) -> torch.Tensor:
+def consensus(inputs: TensorInputs, p: Params) -> Merged:
     mtl = multitask_vector(inputs, p)
     masks = tall_masks_of(inputs, mtl, p["lambda"])
     keep = torch.stack(masks).sum(0) >= p["k"]
-    for t, mask in enumerate(masks):
-        inputs.kept[t] = float((mask & keep).sum()) / max(keep.numel(), 1)
+    kept: Kept = [float((mask & keep).sum()) / max(keep.numel(), 1) for mask in masks]
     assert inputs.base is not None
-    return inputs.base + p["alpha"] * (mtl * keep)
+    return Merged(inputs.base + p["alpha"] * (mtl * keep), kept)
 
 
 @merge_method(
@@ -102,9 +110,8 @@ def consensus(inputs: TensorInputs, p: Params) -> torch.Tensor:
     output="task_masks",
     convention=CONVENTION + " The artifact stores θ0, τMTL and one bit per entry and task.",
 )
-def tall_masks(inputs: TensorInputs, p: Params) -> TaskMasks:
+def tall_masks(inputs: TensorInputs, p: Params) -> Merged:
     mtl = multitask_vector(inputs, p)
     masks = tall_masks_of(inputs, mtl, p["lambda"])
-    for t, mask in enumerate(masks):
-        inputs.kept[t] = float(mask.sum()) / max(mask.numel(), 1)
-    return TaskMasks(mtl, masks)
+    kept: Kept = [float(mask.sum()) / max(mask.numel(), 1) for mask in masks]
+    return Merged(TaskMasks(mtl, masks), kept)

@@ -8,11 +8,12 @@ import torch
 
 from mergecli.methods.inputs import TensorInputs
 from mergecli.methods.registry import Params, merge_method
-from mergecli.methods.statistics import Statistic
+from mergecli.methods.result import Kept, Merged
+from mergecli.methods.statistics import Handle, Statistic
 from mergecli.methods.task_masks import TaskMasks
 from mergecli.ops import abs_sum64
 
-RESCALERS = "emr.rescalers"
+RESCALERS: Handle[list[float]] = Handle("emr.rescalers")
 
 
 def emr_parts(tvs: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -29,8 +30,8 @@ class Rescalers:
     One streaming pass; holds two float64 sums per expert.
     """
 
-    def __init__(self, key: str) -> None:
-        self.key = key
+    def __init__(self, handle: Handle[list[float]]) -> None:
+        self.handle = handle
         self.task: list[float] = []
         self.masked: list[float] = []
         self.done = False
@@ -76,8 +77,7 @@ def rescalers(params_by_tensor: dict[str, Params], warn: Callable[[str], None]) 
         "The artifact stores θ0, τuni, one bit per entry and task, and ξt."
     ),
 )
-def emr(inputs: TensorInputs, p: Params) -> TaskMasks:
+def emr(inputs: TensorInputs, p: Params) -> Merged:
     unified, masks = emr_parts(inputs.task_vectors())
-    for t, mask in enumerate(masks):
-        inputs.kept[t] = float(mask.sum()) / max(mask.numel(), 1)
-    return TaskMasks(unified, masks, inputs.stats[RESCALERS])
+    kept: Kept = [float(mask.sum()) / max(mask.numel(), 1) for mask in masks]
+    return Merged(TaskMasks(unified, masks, inputs.stats[RESCALERS]), kept)

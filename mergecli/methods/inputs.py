@@ -5,15 +5,14 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
-from mergecli.methods.philox import keep_mask
+from mergecli.methods.statistics import StatValues
 
 
 def seed_for(seed: int, expert: int, tensor_name: str) -> int:
-    """A 63-bit key depending only on the recipe seed, the expert's index and the tensor name."""
+    """A 63-bit seed depending only on the recipe seed, the expert's index and the tensor name."""
     digest = hashlib.sha256(f"{seed}\x00{expert}\x00{tensor_name}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
@@ -45,32 +44,36 @@ class TensorInputs:
     seed: int = 0
     layer: int | None = None
     num_layers: int = 0
-    stats: dict[str, Any] = field(default_factory=dict)
-    kept: list[float | None] = field(default_factory=list)
+    stats: StatValues = field(default_factory=lambda: StatValues())
+    """The whole-model statistics the method declared, by handle."""
+    generators: dict[int, torch.Generator] = field(default_factory=dict)
+    """The experts' torch generators (``conventions: mergekit`` masks), shared by the row
+    chunks of one tensor: chunk after chunk continues the whole tensor's random stream."""
     offset: int = 0
-    """Index of this piece's first entry in the whole tensor (row-major): random masks are
+    """Index of this piece's first entry in the whole tensor (row-major): Philox masks are
     drawn by entry index, so a row chunk gets its part of the whole tensor's mask."""
     expert_ids: list[int] | None = None
     """The experts' indices in the recipe when these inputs hold a subset of them (FlexMerge's
     groups): seeds follow the recipe's index, not the position in the subset."""
-
-    def __post_init__(self) -> None:
-        if not self.kept:
-            self.kept = [None] * len(self.expert_weights)
 
     @property
     def num_experts(self) -> int:
         return len(self.expert_weights)
 
     def task_vectors(self) -> list[torch.Tensor]:
-        """τt = θt − θ0 for every expert (computed in place from the expert weights once)."""
+        """τt = θt − θ0 for every expert, computed once; no tensor returned before is changed.
+
+        The inputs then hold the task vectors in place of the weights (so that a piece holds
+        one tensor per expert); ``weights()`` afterwards gives θ0 + τt, which may differ from
+        θt in the last bit: call it first when both are needed exactly.
+        """
         if self.base is None:
             raise ValueError(f"{self.name}: task vectors need a base model")
         for t, delta in enumerate(self.expert_deltas):
             if delta is None:
                 weight = self.expert_weights[t]
                 assert weight is not None
-                self.expert_deltas[t] = weight.sub_(self.base)
+                self.expert_deltas[t] = weight - self.base
                 self.expert_weights[t] = None
         return [d for d in self.expert_deltas if d is not None]
 
@@ -84,7 +87,8 @@ class TensorInputs:
         return [w for w in self.expert_weights if w is not None]
 
     def rows(self, start: int, stop: int) -> TensorInputs:
-        """The same inputs restricted to rows ``start:stop`` (views; generators shared)."""
+        """The same inputs restricted to rows ``start:stop`` (views; generators shared, the
+        entry offset moved to ``start``)."""
 
         def part(tensors: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
             return [None if x is None else x[start:stop] for x in tensors]
@@ -98,6 +102,7 @@ class TensorInputs:
             layer=self.layer,
             num_layers=self.num_layers,
             stats=self.stats,
+            generators=self.generators,
             offset=self.offset + start * math.prod(self._shape()[1:]),
             expert_ids=self.expert_ids,
         )
@@ -106,11 +111,34 @@ class TensorInputs:
         ref = self.base if self.base is not None else self.weights()[0]
         return tuple(ref.shape)
 
-    def bernoulli_mask(self, expert: int, keep: float | torch.Tensor) -> torch.Tensor:
-        """A keep-mask (``keep``: a probability, or one per entry) drawn with Philox keyed by
-        (recipe seed, expert index, tensor name) at this piece's entry offset, on the CPU and
-        moved to the inputs' device."""
+    def generator(self, expert: int) -> torch.Generator:
+        """The CPU generator seeded by (recipe seed, expert index, tensor name), continued by
+        every row chunk of the tensor."""
+        if expert not in self.generators:
+            seed = self._key(expert)
+            self.generators[expert] = torch.Generator(device="cpu").manual_seed(seed)
+        return self.generators[expert]
+
+    def _key(self, expert: int) -> int:
         index = self.expert_ids[expert] if self.expert_ids is not None else expert
-        key = seed_for(self.seed, index, self.name)
+        return seed_for(self.seed, index, self.name)
+
+    def philox_mask(self, expert: int, keep: float | torch.Tensor) -> torch.Tensor:
+        """A keep-mask (``keep``: a probability, or one per entry) of mergecli's convention:
+        Philox4x32-10 keyed by (recipe seed, expert index, tensor name), one uniform per entry
+        index from this piece's offset, drawn on the CPU (by several threads for large masks)
+        and moved to the inputs' device. Equal for any chunking, thread count or device."""
+        from mergecli.methods.philox import keep_mask  # numba, imported on first use
+
         ref = self.base if self.base is not None else self.weights()[0]
-        return keep_mask(key, self.offset, tuple(ref.shape), keep).to(ref.device)
+        return keep_mask(self._key(expert), self.offset, tuple(ref.shape), keep).to(ref.device)
+
+    def bernoulli_mask(self, expert: int, keep: float | torch.Tensor) -> torch.Tensor:
+        """A keep-mask of ``conventions: mergekit`` (its masks are unchanged): float64 uniforms
+        from a CPU torch generator seeded by (recipe seed, expert index, tensor name), on the
+        inputs' device."""
+        ref = self.base if self.base is not None else self.weights()[0]
+        uniform = torch.rand(ref.shape, generator=self.generator(expert), dtype=torch.float64)
+        if isinstance(keep, torch.Tensor):
+            keep = keep.to("cpu", torch.float64)
+        return (uniform < keep).to(ref.device)

@@ -4,13 +4,25 @@ from __future__ import annotations
 
 import torch
 
-from mergecli.errors import MergeError
+from mergecli.errors import RecipeError
+from mergecli.methods import mergekit
 from mergecli.methods.inputs import TensorInputs
-from mergecli.methods.registry import Param, Params, merge_method
-from mergecli.methods.sparsify import dare_drop
+from mergecli.methods.registry import FRACTION, Param, Params, merge_method
+from mergecli.methods.result import Merged
+from mergecli.methods.sparsify import PHILOX_MASKS, dare_drop
 
 WEIGHT = Param("weight", 1.0, help="per-model weight wt", per_model=True)
 LAMBDA = Param("lambda", 1.0, help="scaling λ of the merged task vector")
+INT8_MASK = {"int8_mask": "a mergekit memory option that mergecli does not need"}
+MERGEKIT_SUM = (
+    "the weighted sum is divided by Σ wt only when abs(Σ wt) ≥ 1e-8 (normalize), else left as is"
+)
+
+
+RESCALE_HELP = (
+    "rescale kept entries: ÷ density (mergecli), to the task vector's L1 norm "
+    "(conventions: mergekit)"
+)
 
 
 def weighted_sum(
@@ -23,7 +35,9 @@ def weighted_sum(
     if normalize:
         total = sum(weights)
         if total == 0:
-            raise MergeError(f"{name}: the weights sum to 0, cannot normalize")
+            raise RecipeError(
+                f"{name}: the weights sum to 0, cannot normalize", key="parameters.weight"
+            )
         out /= total
     return out
 
@@ -75,8 +89,19 @@ def greedy_soup(inputs: TensorInputs, p: Params) -> torch.Tensor:
     params=(WEIGHT, LAMBDA, Param("normalize", False, bool, "divide the sum by Σ wt")),
     elementwise=True,
     coefficients=task_arithmetic_coefficients,
+    ignored=INT8_MASK,
+    mergekit=MERGEKIT_SUM,
 )
-def task_arithmetic(inputs: TensorInputs, p: Params) -> torch.Tensor:
+def task_arithmetic(inputs: TensorInputs, p: Params) -> torch.Tensor | Merged:
+    if p["conventions"] == "mergekit":
+        return mergekit.combine(
+            inputs,
+            inputs.task_vectors(),
+            p["weight"],
+            consensus=None,
+            normalize=p["normalize"],
+            lam=p["lambda"],
+        )
     merged = weighted_sum(inputs.task_vectors(), p["weight"], p["normalize"], inputs.name)
     assert inputs.base is not None
     return merged.mul_(p["lambda"]).add_(inputs.base)
@@ -88,21 +113,37 @@ def task_arithmetic(inputs: TensorInputs, p: Params) -> torch.Tensor:
     params=(
         WEIGHT,
         LAMBDA,
-        Param("density", 0.5, help="keep probability", per_model=True),
+        Param(
+            "density", 0.5, help="keep probability", per_model=True, mergekit=1.0, bounds=FRACTION
+        ),
         Param("normalize", False, bool, "divide the sum by Σ wt"),
-        Param("rescale", True, bool, "divide kept entries by density (mergekit's option)"),
+        Param("rescale", True, bool, RESCALE_HELP),
     ),
-    convention=(
-        "Masks: Philox4x32-10 keyed by (seed, expert index, tensor name), one uniform per "
-        "entry index, so chunks, threads and devices do not change them."
-    ),
-    elementwise=True,
+    convention=PHILOX_MASKS,
+    elementwise=lambda p: p["conventions"] != "mergekit",
+    ignored=INT8_MASK,
+    mergekit=f"rescale keeps each task vector's L1 norm (whole tensor) instead of ÷ density; "
+    f"density ≥ 1 keeps everything; {MERGEKIT_SUM}",
 )
-def dare_linear(inputs: TensorInputs, p: Params) -> torch.Tensor:
-    dropped = [
-        dare_drop(inputs, t, tv, p["density"][t], p["rescale"])
-        for t, tv in enumerate(inputs.task_vectors())
-    ]
-    merged = weighted_sum(dropped, p["weight"], p["normalize"], inputs.name)
+def dare_linear(inputs: TensorInputs, p: Params) -> Merged:
+    if p["conventions"] == "mergekit":
+        sparse, fractions = mergekit.sparsified(inputs, p["density"], p["rescale"])
+        return mergekit.combine(
+            inputs,
+            sparse,
+            p["weight"],
+            consensus=None,
+            normalize=p["normalize"],
+            lam=p["lambda"],
+            kept=fractions,
+        )
+    dropped, kept = zip(
+        *(
+            dare_drop(inputs, t, tv, p["density"][t], p["rescale"])
+            for t, tv in enumerate(inputs.task_vectors())
+        ),
+        strict=True,
+    )
+    merged = weighted_sum(list(dropped), p["weight"], p["normalize"], inputs.name)
     assert inputs.base is not None
-    return merged.mul_(p["lambda"]).add_(inputs.base)
+    return Merged(merged.mul_(p["lambda"]).add_(inputs.base), list(kept))

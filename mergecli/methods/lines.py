@@ -7,6 +7,7 @@ import torch
 from mergecli.layers import layer_position
 from mergecli.methods.inputs import TensorInputs
 from mergecli.methods.registry import REQUIRED, Param, Params, get_method, merge_method
+from mergecli.methods.result import Merged, as_merged
 
 
 @merge_method(
@@ -30,8 +31,8 @@ from mergecli.methods.registry import REQUIRED, Param, Params, get_method, merge
         "sit before them when they are embeddings, after them otherwise (final norm, head)."
     ),
 )
-def lines(inputs: TensorInputs, p: Params) -> torch.Tensor:
-    merged = get_method(p["base_method"]).fn(inputs, p)
+def lines(inputs: TensorInputs, p: Params) -> Merged:
+    merged = as_merged(get_method(p["base_method"]).fn(inputs, p), inputs.num_experts)
+    assert isinstance(merged.value, torch.Tensor) and inputs.base is not None
     scale = p["alpha"] + p["beta"] * layer_position(inputs.name, inputs.num_layers)
-    assert inputs.base is not None
-    return inputs.base + scale * (merged - inputs.base)
+    return Merged(inputs.base + scale * (merged.value - inputs.base), merged.kept)

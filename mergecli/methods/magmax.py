@@ -7,6 +7,7 @@ import torch
 from mergecli.methods.inputs import TensorInputs
 from mergecli.methods.linear import LAMBDA
 from mergecli.methods.registry import Params, merge_method
+from mergecli.methods.result import Kept, Merged
 
 
 @merge_method(
@@ -15,10 +16,11 @@ from mergecli.methods.registry import Params, merge_method
     params=(LAMBDA,),
     convention="Equal magnitudes take the expert listed first (lowest t).",
 )
-def magmax(inputs: TensorInputs, p: Params) -> torch.Tensor:
+def magmax(inputs: TensorInputs, p: Params) -> Merged:
     stacked = torch.stack(inputs.task_vectors())
     choice = stacked.abs().argmax(0, keepdim=True)  # the first maximum on ties
-    for t in range(stacked.shape[0]):
-        inputs.kept[t] = float((choice == t).sum()) / max(choice.numel(), 1)
+    kept: Kept = [
+        float((choice == t).sum()) / max(choice.numel(), 1) for t in range(stacked.shape[0])
+    ]
     assert inputs.base is not None
-    return inputs.base + p["lambda"] * stacked.gather(0, choice).squeeze(0)
+    return Merged(inputs.base + p["lambda"] * stacked.gather(0, choice).squeeze(0), kept)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from mergecli.errors import MergeError
 from mergecli.methods.inputs import TensorInputs
 from mergecli.methods.linear import LAMBDA
-from mergecli.methods.registry import Param, Params, merge_method
+from mergecli.methods.registry import FRACTION, Param, Params, merge_method
+from mergecli.methods.result import Kept, Merged
 
 TAIL = 1e-4
 """Fraction clipped at each end of the magnitudes (0.01%)."""
@@ -39,17 +39,14 @@ def pcb_weights(tvs: torch.Tensor, ratio: float) -> tuple[torch.Tensor, torch.Te
     return torch.sign(tvs) * magnitude, weights
 
 
-def check_ratio(p: Params, name: str) -> None:
-    if not 0 < p["ratio"] <= 1:
-        raise MergeError(f"parameters.ratio: pcb needs 0 < ratio ≤ 1, got {p['ratio']} ({name})")
-
-
 @merge_method(
     "pcb",
     "PCB: clip 0.01% magnitude tails, β = exp(M·N(abs τt)²) ⊙ tanh(τt ⊙ Σs τs), keep the top "
     "ratio of β per row weighted by its min–max value; τm = Σ βt τt / Σ βt; θ = θ0 + λ τm",
-    params=(Param("ratio", 0.1, help="fraction of entries of each task vector kept"), LAMBDA),
-    check=check_ratio,
+    params=(
+        Param("ratio", 0.1, help="fraction of entries of each task vector kept", bounds=FRACTION),
+        LAMBDA,
+    ),
     convention=(
         "A row is one task vector's tensor, flattened (the PCB reference code flattens the "
         "whole model instead: here statistics are per tensor). Clip positions, the kept top "
@@ -58,11 +55,10 @@ def check_ratio(p: Params, name: str) -> None:
         "ones. Min–max normalisation of a constant row gives 0."
     ),
 )
-def pcb(inputs: TensorInputs, p: Params) -> torch.Tensor:
+def pcb(inputs: TensorInputs, p: Params) -> Merged:
     tvs = inputs.task_vectors()
     clipped, weights = pcb_weights(torch.stack([tv.reshape(-1) for tv in tvs]), p["ratio"])
-    for t in range(len(tvs)):
-        inputs.kept[t] = float((weights[t] > 0).sum()) / max(weights.shape[1], 1)
+    kept: Kept = [float((weights[t] > 0).sum()) / max(weights.shape[1], 1) for t in range(len(tvs))]
     merged = (clipped * weights).sum(0) / weights.sum(0).clamp_min(1e-12)
     assert inputs.base is not None
-    return inputs.base + p["lambda"] * merged.reshape(inputs.base.shape)
+    return Merged(inputs.base + p["lambda"] * merged.reshape(inputs.base.shape), kept)

@@ -6,12 +6,18 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from mergecli.methods.histogram import kth_largest_magnitude
 from mergecli.methods.inputs import TensorInputs
 from mergecli.methods.registry import Params
+from mergecli.methods.result import Kept, Merged, kept_fraction
 from mergecli.methods.statistics import kth_rank
 
 _BITS = {torch.float32: torch.int32, torch.float64: torch.int64}
+PHILOX_MASKS = (
+    "Masks: Philox4x32-10 keyed by (seed, expert index, tensor name), one uniform per entry "
+    "index, so chunks, threads and devices do not change them (conventions: mergekit keeps "
+    "a CPU torch.rand stream with the same key over the whole tensor)."
+)
+"""The convention of mergecli's DARE masks (``dare_drop``)."""
 
 
 def kth_largest(tv: torch.Tensor, rank: int) -> float:
@@ -20,6 +26,8 @@ def kth_largest(tv: torch.Tensor, rank: int) -> float:
     if rank == 0:
         return float("inf")
     if tv.device.type == "cpu" and tv.dtype in _BITS:
+        from mergecli.methods.histogram import kth_largest_magnitude  # numba, on first use
+
         bits = tv.contiguous().view(_BITS[tv.dtype]).reshape(-1).numpy()
         pattern = torch.tensor(kth_largest_magnitude(bits, rank), dtype=_BITS[tv.dtype])
         return float(pattern.view(tv.dtype))
@@ -72,15 +80,12 @@ def magnitude_trim(tv: torch.Tensor, threshold: float) -> torch.Tensor:
 
 def dare_drop(
     inputs: TensorInputs, t: int, tv: torch.Tensor, density: float, rescale: bool = True
-) -> torch.Tensor:
-    """m ⊙ τ / density with m ~ Bernoulli(density), seeded per (seed, expert, tensor).
-
-    Records the fraction of entries the mask keeps in ``inputs.kept``.
-    """
-    mask = inputs.bernoulli_mask(t, density)
-    inputs.kept[t] = int(torch.count_nonzero(mask)) / max(mask.numel(), 1)
+) -> tuple[torch.Tensor, float]:
+    """m ⊙ τ / density with m ~ Bernoulli(density), a Philox mask keyed by (seed, expert,
+    tensor) and drawn by entry index (mergecli's convention); and the fraction it keeps."""
+    mask = inputs.philox_mask(t, density)
     kept = tv * mask
-    return kept.div_(density) if rescale and density > 0 else kept
+    return kept.div_(density) if rescale and density > 0 else kept, kept_fraction(mask)
 
 
 def elect_sign(trimmed: Sequence[torch.Tensor], sign: str) -> torch.Tensor:
@@ -93,22 +98,22 @@ def elect_sign(trimmed: Sequence[torch.Tensor], sign: str) -> torch.Tensor:
 
 
 def disjoint_merge(
-    inputs: TensorInputs,
     trimmed: Sequence[torch.Tensor],
     weights: Sequence[float],
     gamma: torch.Tensor,
     merge_func: str,
-) -> torch.Tensor:
-    """Combine the entries that agree with γ: weighted mean, weighted sum or signed max.
+) -> Merged:
+    """Combine the entries that agree with γ: weighted mean, weighted sum or signed max; kept:
+    per expert, the fraction of entries that contribute.
 
-    Records, per expert, the fraction of entries that contribute in ``inputs.kept``. Only
-    arithmetic passes (no boolean masks): γ is ±1, so τ̂t·γ > 0 exactly where τ̂t agrees.
+    Only arithmetic passes (no boolean masks): γ is ±1, so τ̂t·γ > 0 exactly where τ̂t agrees.
     """
     out = torch.zeros_like(gamma)
     norm = torch.zeros_like(gamma) if merge_func == "mean" else None
-    for t, (tv, w) in enumerate(zip(trimmed, weights, strict=True)):
+    kept: Kept = []
+    for tv, w in zip(trimmed, weights, strict=True):
         aligned = (tv * gamma).clamp_(min=0)  # abs(τ̂t) where it agrees with γ, else 0
-        inputs.kept[t] = int(torch.count_nonzero(aligned)) / max(tv.numel(), 1)
+        kept.append(kept_fraction(aligned))
         if merge_func == "max":
             torch.maximum(out, aligned, out=out)
             continue
@@ -116,9 +121,9 @@ def disjoint_merge(
             norm += torch.sign(aligned).mul_(w)  # w where τ̂t agrees, else 0
         out += aligned.mul_(gamma).mul_(w)  # τ̂t·w where it agrees
     if merge_func == "max":
-        return out.mul_(gamma)
+        return Merged(out.mul_(gamma), kept)
     if norm is not None:
         nonzero = torch.sign(norm).abs_()  # 1 where Σ w over the agreeing experts ≠ 0
         norm += nonzero.neg().add_(1)  # a 0 becomes 1, any other value is unchanged
         out.div_(norm).mul_(nonzero)
-    return out
+    return Merged(out, kept)

@@ -2,7 +2,8 @@
 
 A method that needs a statistic over the whole task vector (a model-scope top-k threshold, a
 rescaler) declares it; the engine streams every tensor through ``observe`` once per pass until
-no statistic wants another pass, then hands the values to the method in ``inputs.stats``.
+no statistic wants another pass, then hands the values to the method in ``inputs.stats``, where
+``inputs.stats[HANDLE]`` is the value of the statistic made with that typed ``Handle``.
 """
 
 from __future__ import annotations
@@ -11,12 +12,12 @@ import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, cast
 
 import torch
 
-from mergecli.methods.histogram import add_digits
-from mergecli.methods.inputs import TensorInputs
+if TYPE_CHECKING:
+    from mergecli.methods.inputs import TensorInputs
 
 _BITS = {torch.float32: (torch.int32, 32), torch.float64: (torch.int64, 64)}
 _DIGIT = 16
@@ -24,8 +25,36 @@ BINS = 1 << _DIGIT
 """Bins of one histogram of the magnitude statistics."""
 
 
+T = TypeVar("T")
+
+
+class Handle(Generic[T]):
+    """Names a whole-model statistic whose value has type T (a module constant of the method
+    that declares it)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"Handle({self.name!r})"
+
+
+class StatValues:
+    """The final values of a run's statistics, looked up by handle."""
+
+    def __init__(self, values: dict[Handle[Any], Any] | None = None) -> None:
+        self._values = dict(values or {})
+
+    def __getitem__(self, handle: Handle[T]) -> T:
+        return cast(T, self._values[handle])
+
+    @classmethod
+    def of(cls, statistics: Sequence[Statistic]) -> StatValues:
+        return cls({s.handle: s.value() for s in statistics})
+
+
 class Statistic(Protocol):
-    key: str
+    handle: Handle[Any]
 
     def passes(self, compute_dtype: torch.dtype) -> int: ...
 
@@ -54,10 +83,12 @@ class LargestMagnitudes:
     (``histogram.add_digits``), 20 times faster than torch's abs, selection and bincount.
     """
 
-    def __init__(self, key: str, ranks: Sequence[Callable[[int], Sequence[int]]]) -> None:
+    def __init__(
+        self, handle: Handle[Any], ranks: Sequence[Callable[[int], Sequence[int]]]
+    ) -> None:
         """``ranks[t]`` maps expert t's number of entries n to 1-based ranks from the top
         (a rank 0 selects nothing: its value is +inf)."""
-        self.key = key
+        self.handle = handle
         self.rank_fns = list(ranks)
         self.counts = [0] * len(self.rank_fns)
         self.targets: list[list[_Target]] | None = None
@@ -86,12 +117,14 @@ class LargestMagnitudes:
             if self.targets is None:
                 self.counts[t] += tv.numel()
             if tv.device.type == "cpu":
-                bits = tv.contiguous().view(int_dtype).reshape(-1).numpy()
+                from mergecli.methods.histogram import add_digits  # numba, on first use
+
+                patterns = tv.contiguous().view(int_dtype).reshape(-1).numpy()
                 for prefix in self._prefixes(t):
                     if (t, prefix) not in self.hist:
                         self.hist[t, prefix] = torch.zeros(BINS, dtype=torch.int64)
                     hist = self.hist[t, prefix].numpy()
-                    add_digits(bits, self.shift, -1 if prefix is None else prefix, hist)
+                    add_digits(patterns, self.shift, -1 if prefix is None else prefix, hist)
                 continue
             pattern = tv.abs().view(int_dtype).reshape(-1)
             for prefix in self._prefixes(t):
@@ -153,8 +186,8 @@ class KthLargestMagnitude(LargestMagnitudes):
     """The TIES threshold: k-th largest ``abs(τt)`` of each expert's whole task vector,
     k = ceil(density · n)."""
 
-    def __init__(self, key: str, densities: list[float]) -> None:
-        super().__init__(key, [functools.partial(_top_k, d) for d in densities])
+    def __init__(self, handle: Handle[list[float]], densities: list[float]) -> None:
+        super().__init__(handle, [functools.partial(_top_k, d) for d in densities])
         self.densities = densities
 
     def value(self) -> list[float]:  # type: ignore[override]

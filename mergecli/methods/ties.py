@@ -6,10 +6,14 @@ from collections.abc import Callable
 
 import torch
 
+from mergecli.errors import RecipeError
+from mergecli.methods import mergekit
 from mergecli.methods.inputs import TensorInputs, row_chunks
-from mergecli.methods.linear import LAMBDA, WEIGHT
-from mergecli.methods.registry import Param, Params, merge_method
+from mergecli.methods.linear import INT8_MASK, LAMBDA, RESCALE_HELP, WEIGHT
+from mergecli.methods.registry import FRACTION, Param, Params, merge_method
+from mergecli.methods.result import Merged
 from mergecli.methods.sparsify import (
+    PHILOX_MASKS,
     dare_drop,
     disjoint_merge,
     elect_sign,
@@ -17,9 +21,9 @@ from mergecli.methods.sparsify import (
     model_scope_values,
     tensor_threshold,
 )
-from mergecli.methods.statistics import KthLargestMagnitude, Statistic
+from mergecli.methods.statistics import Handle, KthLargestMagnitude, Statistic
 
-THRESHOLDS = "ties.thresholds"
+THRESHOLDS: Handle[list[float]] = Handle("ties.thresholds")
 BLOCK_ELEMENTS = 1 << 20
 """Entries per row block of a large tensor that TIES merges whole."""
 
@@ -28,21 +32,61 @@ SIGN = Param("sign", "mass", str, "sign election: Σ τ̂t or Σ sign(τ̂t)", c
 NORMALIZE = Param(
     "normalize", True, bool, "mergekit compatibility: false turns merge_func mean into sum"
 )
-SCOPE = Param("scope", "model", str, "where the top-k is taken", choices=("model", "tensor"))
-MERGEKIT_IGNORED = {"int8_mask": "a mergekit memory option that mergecli does not need"}
+SCOPE = Param(
+    "scope",
+    "model",
+    str,
+    "where the top-k is taken",
+    choices=("model", "tensor"),
+    mergekit="tensor",
+)
+L1_RESCALE = Param(
+    "rescale", False, bool, "rescale each trimmed task vector to its L1 norm (mergekit's option)"
+)
+MERGEKIT_IGNORED = INT8_MASK
+MERGEKIT_CONSENSUS = (
+    "the sign is elected from the weighted sum (Σ wt τ̂t ≥ 0 → +1); entries whose sign equals it "
+    "are summed as wt τ̂t and divided by Σ wt over them (normalize; 0 → 1)"
+)
+MERGEKIT_ELECTION = MERGEKIT_CONSENSUS + "; merge_func max is refused"
 
 
-def ties_vector(inputs: TensorInputs, trimmed: list[torch.Tensor], p: Params) -> torch.Tensor:
+def check_mergekit(p: Params, name: str) -> None:
+    """mergekit's consensus has no signed max."""
+    if p["conventions"] == "mergekit" and p.get("merge_func") == "max":
+        raise RecipeError(
+            f"parameters.merge_func: mergekit has no merge_func max (for '{name}'); use mean "
+            "or sum, or conventions: mergecli",
+            key="parameters.merge_func",
+        )
+
+
+def mergekit_combine(inputs: TensorInputs, sparse: list[torch.Tensor], p: Params) -> Merged:
+    """mergekit's election and merge of sparsified task vectors (merge_func sum: no division)."""
+    normalize = p["normalize"] and p.get("merge_func", "mean") == "mean"
+    return mergekit.combine(
+        inputs,
+        sparse,
+        p["weight"],
+        consensus=p.get("sign", "mass"),
+        normalize=normalize,
+        lam=p["lambda"],
+    )
+
+
+def ties_vector(trimmed: list[torch.Tensor], p: Params) -> Merged:
     """τm: the disjoint merge of the trimmed task vectors around the elected sign."""
     merge_func = "sum" if p["merge_func"] == "mean" and not p["normalize"] else p["merge_func"]
     gamma = elect_sign(trimmed, p["sign"])
-    return disjoint_merge(inputs, trimmed, p["weight"], gamma, merge_func)
+    return disjoint_merge(trimmed, p["weight"], gamma, merge_func)
 
 
-def elect_and_merge(inputs: TensorInputs, trimmed: list[torch.Tensor], p: Params) -> torch.Tensor:
+def elect_and_merge(inputs: TensorInputs, trimmed: list[torch.Tensor], p: Params) -> Merged:
     """θ0 + λ · disjoint merge of the trimmed task vectors around the elected sign."""
     assert inputs.base is not None
-    return ties_vector(inputs, trimmed, p).mul_(p["lambda"]).add_(inputs.base)
+    merged = ties_vector(trimmed, p)
+    assert isinstance(merged.value, torch.Tensor)
+    return Merged(merged.value.mul_(p["lambda"]).add_(inputs.base), merged.kept)
 
 
 def trim_thresholds(inputs: TensorInputs, p: Params) -> list[float]:
@@ -75,16 +119,27 @@ def model_scope_thresholds(
     "agree with γ; θ = θ0 + λ τm",
     params=(
         WEIGHT,
-        Param("density", 0.2, help="fraction of entries kept by magnitude", per_model=True),
+        Param(
+            "density",
+            0.2,
+            help="fraction of entries kept by magnitude",
+            per_model=True,
+            mergekit=1.0,
+            bounds=FRACTION,
+        ),
         LAMBDA,
         SCOPE,
         MERGE_FUNC,
         SIGN,
         NORMALIZE,
+        L1_RESCALE,
     ),
     statistics=model_scope_thresholds,
+    check=check_mergekit,
     ignored=MERGEKIT_IGNORED,
-    elementwise=lambda p: p["scope"] == "model",
+    elementwise=lambda p: p["scope"] == "model" and not p["rescale"],
+    mergekit="scope tensor keeps k = max(1, ⌊density·n⌋) entries (density ≥ 1: all); "
+    + MERGEKIT_ELECTION,
     convention=(
         "scope: model (original TIES code) is the default; mergekit and peft trim per tensor "
         "(scope: tensor). k = ceil(density·n) (peft: floor); entries equal to the k-th "
@@ -94,10 +149,12 @@ def model_scope_thresholds(
         "imply scope: tensor."
     ),
 )
-def ties(inputs: TensorInputs, p: Params) -> torch.Tensor:
+def ties(inputs: TensorInputs, p: Params) -> Merged:
     """Once the thresholds are known TIES is elementwise: a large tensor (merged whole, as
     scope: tensor needs) is trimmed, elected and merged in row blocks, so its temporaries are
     those of one block."""
+    if p["conventions"] == "mergekit" or p["rescale"]:
+        return ties_whole(inputs, p)
     thresholds = trim_thresholds(inputs, p)
     inputs.task_vectors()  # once, before the blocks view them
     assert inputs.base is not None
@@ -108,12 +165,29 @@ def ties(inputs: TensorInputs, p: Params) -> torch.Tensor:
     counts = [0] * inputs.num_experts
     for start, stop in chunks:
         part = inputs.rows(start, stop)
-        trimmed = trimmed_task_vectors(part, p, thresholds)
-        out[start:stop] = elect_and_merge(part, trimmed, p)
+        merged = elect_and_merge(part, trimmed_task_vectors(part, p, thresholds), p)
+        assert isinstance(merged.value, torch.Tensor)
+        out[start:stop] = merged.value
         n = part.base.numel() if part.base is not None else 0
-        counts = [c + round((k or 0.0) * n) for c, k in zip(counts, part.kept, strict=True)]
-    inputs.kept = [c / inputs.base.numel() for c in counts]
-    return out
+        counts = [c + round((k or 0.0) * n) for c, k in zip(counts, merged.kept, strict=True)]
+    return Merged(out, [c / inputs.base.numel() for c in counts])
+
+
+def ties_whole(inputs: TensorInputs, p: Params) -> Merged:
+    """TIES on the whole tensor: with L1 rescaling (which needs each whole trimmed task
+    vector's norm) or under mergekit's conventions (its trim with scope: tensor)."""
+    tvs = inputs.task_vectors()
+    if p["conventions"] == "mergekit" and p["scope"] == "tensor":
+        trimmed = [
+            mergekit.magnitude(tv, d, p["rescale"]) for tv, d in zip(tvs, p["density"], strict=True)
+        ]
+        return mergekit_combine(inputs, trimmed, p)
+    trimmed = trimmed_task_vectors(inputs, p)
+    if p["rescale"]:
+        trimmed = [mergekit.l1_rescaled(tv, x) for tv, x in zip(tvs, trimmed, strict=True)]
+    if p["conventions"] == "mergekit":
+        return mergekit_combine(inputs, trimmed, p)
+    return elect_and_merge(inputs, trimmed, p)
 
 
 @merge_method(
@@ -122,23 +196,34 @@ def ties(inputs: TensorInputs, p: Params) -> torch.Tensor:
     "disjoint merge on τ̃ (no magnitude trim)",
     params=(
         WEIGHT,
-        Param("density", 0.5, help="keep probability", per_model=True),
+        Param(
+            "density", 0.5, help="keep probability", per_model=True, mergekit=1.0, bounds=FRACTION
+        ),
         LAMBDA,
         MERGE_FUNC,
         SIGN,
-        NORMALIZE,
-        Param("rescale", True, bool, "divide kept entries by density (mergekit's option)"),
+        Param(
+            "normalize",
+            True,
+            bool,
+            "mergekit compatibility: false turns merge_func mean into sum",
+            mergekit=False,
+        ),
+        Param("rescale", True, bool, RESCALE_HELP),
     ),
+    check=check_mergekit,
     ignored=MERGEKIT_IGNORED,
-    convention=(
-        "Masks: Philox4x32-10 keyed by (seed, expert index, tensor name), one uniform per "
-        "entry index, so chunks, threads and devices do not change them."
-    ),
-    elementwise=True,
+    convention=PHILOX_MASKS,
+    elementwise=lambda p: p["conventions"] != "mergekit",
+    mergekit="rescale keeps each task vector's L1 norm (whole tensor) instead of ÷ density; "
+    "density ≥ 1 keeps everything; " + MERGEKIT_ELECTION,
 )
-def dare_ties(inputs: TensorInputs, p: Params) -> torch.Tensor:
+def dare_ties(inputs: TensorInputs, p: Params) -> Merged:
+    if p["conventions"] == "mergekit":
+        sparse, _ = mergekit.sparsified(inputs, p["density"], p["rescale"])
+        return mergekit_combine(inputs, sparse, p)
     dropped = [
-        dare_drop(inputs, t, tv, p["density"][t], p["rescale"])
+        dare_drop(inputs, t, tv, p["density"][t], p["rescale"])[0]
         for t, tv in enumerate(inputs.task_vectors())
     ]
     return elect_and_merge(inputs, dropped, p)

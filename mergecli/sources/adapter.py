@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from mergecli.errors import MergeError, did_you_mean
+from mergecli.errors import SourceError, did_you_mean
 from mergecli.sources.checkpoint import Checkpoint, TensorInfo
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -40,14 +40,14 @@ UNSUPPORTED_OPTIONS = {
 
 
 def read_peft_config(folder: Path, label: str) -> Any:
-    """The folder's PEFT config (peft's own reader); MergeError when it is not one."""
+    """The folder's PEFT config (peft's own reader); SourceError when it is not one."""
     from peft import PeftConfig
 
     try:
         return PeftConfig.from_pretrained(str(folder))
     except Exception as exc:  # peft raises ValueError, TypeError, JSON errors...
         where = folder / ADAPTER_CONFIG
-        raise MergeError(f"{label}: {where} is not a PEFT config: {exc}") from None
+        raise SourceError(f"{label}: {where} is not a PEFT config: {exc}", path=where) from None
 
 
 def peft_type(config: Any) -> str:
@@ -159,15 +159,17 @@ class Adapter:
     def _check_config(self) -> None:
         where = self.path / ADAPTER_CONFIG
         if self.kind not in SUPPORTED:
-            raise MergeError(
+            raise SourceError(
                 f"{self.label}: {where}: {self.kind} adapters have no weight-space task vector; "
-                "mergecli merges LORA and IA3 adapters"
+                "mergecli merges LORA and IA3 adapters",
+                path=where,
             )
         for option, reason in UNSUPPORTED_OPTIONS.items():
             if getattr(self.peft_config, option, None):
-                raise MergeError(
+                raise SourceError(
                     f"{self.label}: {where} sets {option}: {reason}, so the adapter has no "
-                    "exact weight-space task vector"
+                    "exact weight-space task vector",
+                    path=where,
                 )
 
     def _plan_terms(self) -> None:
@@ -250,7 +252,10 @@ class Adapter:
         self.terms.setdefault(name, []).append(term)
 
     def _fail(self, key: str, why: str) -> None:
-        raise MergeError(f"{self.label}: tensor '{key}' in {self.weights.info(key).file} {why}")
+        raise SourceError(
+            f"{self.label}: tensor '{key}' in {self.weights.info(key).file} {why}",
+            path=self.weights.info(key).file,
+        )
 
     def low_rank(self, name: str) -> LowRank | None:
         """The LoRA product that is the whole task vector of ``name``, if it is one."""

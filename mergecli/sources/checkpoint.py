@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from mergecli.errors import MergeError
+from mergecli.errors import SourceError
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -86,7 +86,7 @@ class Checkpoint:
         self.path = path
         self.label = label
         if not path.is_dir():
-            raise MergeError(f"{label}: '{path}' is not a folder")
+            raise SourceError(f"{label}: '{path}' is not a folder", path=path)
         self.files = self._weight_files(allow_bin)
         self._bins: dict[Path, dict[str, torch.Tensor]] = {}
         self._infos: dict[str, TensorInfo] = {}
@@ -100,20 +100,25 @@ class Checkpoint:
             files = [self.path / f for f in dict.fromkeys(weight_map.values())]
             missing = [f.name for f in files if not f.is_file()]
             if missing:
-                raise MergeError(f"{self.label}: {index} names missing shard {missing[0]}")
+                raise SourceError(
+                    f"{self.label}: {index} names missing shard {missing[0]}", path=index
+                )
             return files
         files = sorted(self.path.glob("*.safetensors"))
         if files:
             return files
         bins = sorted(self.path.glob("*.bin"))
         if bins and not allow_bin:
-            raise MergeError(
+            raise SourceError(
                 f"{self.label}: '{self.path}' holds only pickle (.bin) weights; convert them to "
-                "safetensors or opt in with allow_bin: true (loaded with weights_only=True)"
+                "safetensors or opt in with allow_bin: true (loaded with weights_only=True)",
+                path=self.path,
             )
         if bins:
             return bins
-        raise MergeError(f"{self.label}: no *.safetensors weights in '{self.path}'")
+        raise SourceError(
+            f"{self.label}: no *.safetensors weights in '{self.path}'", path=self.path
+        )
 
     def _read_header(self, file: Path) -> None:
         if file.suffix == ".bin":
@@ -125,13 +130,15 @@ class Checkpoint:
         try:
             handle = safe_open(str(file), framework="pt", device="cpu")
         except Exception as exc:  # safetensors raises its own error types
-            raise MergeError(f"{self.label}: cannot read '{file}': {exc}") from None
+            raise SourceError(f"{self.label}: cannot read '{file}': {exc}", path=file) from None
         with handle:
             for name in handle.keys():  # noqa: SIM118  (safe_open is not iterable)
                 piece = handle.get_slice(name)
                 code = piece.get_dtype()
                 if code not in SAFETENSORS_DTYPES:
-                    raise MergeError(f"{self.label}: tensor '{name}' in {file} has dtype {code}")
+                    raise SourceError(
+                        f"{self.label}: tensor '{name}' in {file} has dtype {code}", path=file
+                    )
                 shape = tuple(piece.get_shape())
                 self._infos[name] = TensorInfo(shape, SAFETENSORS_DTYPES[code], file)
 
@@ -168,7 +175,7 @@ class Checkpoint:
         try:
             return json.loads(file.read_text())
         except json.JSONDecodeError as exc:
-            raise MergeError(f"{self.label}: {file} is not valid JSON: {exc}") from None
+            raise SourceError(f"{self.label}: {file} is not valid JSON: {exc}", path=file) from None
 
     @property
     def nbytes(self) -> int:

@@ -18,7 +18,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from mergecli.errors import MergeError
+from mergecli.errors import HubError, RecipeError
 from mergecli.sources.checkpoint import (
     CONFIG_FILES,
     INDEX_NAME,
@@ -47,7 +47,9 @@ def parse_hub_id(value: str, revision: str | None = None) -> tuple[str, str | No
         return None
     rev = match["rev"]
     if rev and revision and rev != revision:
-        raise MergeError(f"'{value}' names revision {rev} but its revision key says {revision}")
+        raise RecipeError(
+            f"'{value}' names revision {rev} but its revision key says {revision}", key="revision"
+        )
     return match["repo"], rev or revision
 
 
@@ -88,7 +90,9 @@ def hub_snapshot(repo: str, revision: str | None, label: str) -> Path:
     except Exception as exc:  # HTTP, cache and connection errors of huggingface_hub and httpx
         at = f"{repo}@{revision}" if revision else repo
         reason = hub_error(exc, revision)
-        raise MergeError(f"{label}: '{at}' is not a local folder and {reason}") from None
+        raise HubError(
+            f"{label}: '{at}' is not a local folder and {reason}", repo_id=repo
+        ) from None
 
 
 def snapshot_repo(folder: Path) -> tuple[str, str] | None:
@@ -125,11 +129,17 @@ class DownloadingCheckpoint(Checkpoint):
         try:
             metadata = get_safetensors_metadata(repo, revision=commit)
         except Exception as exc:  # as in hub_snapshot
-            raise MergeError(f"{label}: '{repo}' (weights) {hub_error(exc, commit)}") from None
+            raise HubError(
+                f"{label}: '{repo}' (weights) {hub_error(exc, commit)}", repo_id=repo, path=folder
+            ) from None
         for file, header in sorted(metadata.files_metadata.items()):
             for name, tensor in header.tensors.items():
                 if tensor.dtype not in SAFETENSORS_DTYPES:
-                    raise MergeError(f"{label}: tensor '{name}' in {repo}/{file} is {tensor.dtype}")
+                    raise HubError(
+                        f"{label}: tensor '{name}' in {repo}/{file} is {tensor.dtype}",
+                        repo_id=repo,
+                        path=folder / file,
+                    )
                 dtype = SAFETENSORS_DTYPES[tensor.dtype]
                 self._infos[name] = TensorInfo(tuple(tensor.shape), dtype, folder / file)
         self.files = sorted({info.file for info in self._infos.values()})
@@ -158,8 +168,10 @@ class DownloadingCheckpoint(Checkpoint):
         try:
             return Path(self._downloads[file].result())
         except Exception as exc:  # as in hub_snapshot
-            raise MergeError(
-                f"{self.label}: downloading {self.repo}/{file.name} failed: {exc}"
+            raise HubError(
+                f"{self.label}: downloading {self.repo}/{file.name} failed: {exc}",
+                repo_id=self.repo,
+                path=file,
             ) from None
 
     def _fetch_all(self) -> None:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from mergecli.errors import MergeError
+from mergecli.errors import RecipeError, SourceError
 from mergecli.recipe import Recipe
 from mergecli.sources.adapter import ADAPTER_CONFIG, Adapter, read_peft_config
 from mergecli.sources.checkpoint import Checkpoint
@@ -23,7 +23,10 @@ def locate(recipe: Recipe, value: str, label: str, revision: str | None = None) 
         return path
     hub = parse_hub_id(value, revision)
     if hub is None:
-        raise MergeError(f"{label}: '{value}' does not exist (looked in {recipe.folder})")
+        raise SourceError(
+            f"{label}: '{value}' does not exist (looked in {recipe.folder})",
+            path=recipe.folder / value,
+        )
     return hub_snapshot(*hub, label)
 
 
@@ -42,14 +45,16 @@ def adapters_base(recipe: Recipe, folders: list[Path]) -> tuple[str, str | None,
         config = read_peft_config(folder, label)
         base = config.base_model_name_or_path
         if not base:
-            raise MergeError(
+            raise SourceError(
                 f"{label}: {folder / ADAPTER_CONFIG} names no base_model_name_or_path; "
-                "set base_model in the recipe"
+                "set base_model in the recipe",
+                path=folder / ADAPTER_CONFIG,
             )
         if found and base != found[0]:
-            raise MergeError(
+            raise SourceError(
                 f"{label}: adapter made for base '{base}', but {found[2]} was made for "
-                f"'{found[0]}'; adapters of one merge must share their base"
+                f"'{found[0]}'; adapters of one merge must share their base",
+                path=folder / ADAPTER_CONFIG,
             )
         found = found or (base, getattr(config, "revision", None), label)
     return found
@@ -95,5 +100,7 @@ def open_source(
     if not is_adapter(folder):
         return open_checkpoint(folder, label, allow_bin=recipe.allow_bin)
     if base is None:
-        raise MergeError(f"{label}: '{folder}' is an adapter; it needs a base model")
+        raise RecipeError(
+            f"{label}: '{folder}' is an adapter; it needs a base model", key="base_model"
+        )
     return Adapter(folder, label, base, dtype)

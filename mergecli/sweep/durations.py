@@ -8,7 +8,8 @@ sweep picks one checkpoint per run:
   score on the expert's own task is best; ties: the earlier), each run taking the checkpoint
   nearest m·T* (ties: the earlier). Multiples that pick the same checkpoints give one point.
 
-At each point every method merges the chosen checkpoints; the expert score is the mean over
+At each point every method merges the chosen checkpoints (``moe``: upcycles them into the
+recipe's mixture of experts); the expert score is the mean over
 tasks of each task's expert on its own task. An expert that is not a run is the same at every
 point.
 """
@@ -20,13 +21,15 @@ from typing import Any
 
 from mergecli.analyze.runs import Point, run_checkpoints, sweep_points
 from mergecli.analyze.sweep import point_recipe
-from mergecli.errors import MergeError, did_you_mean
-from mergecli.evaluate import Scorer
+from mergecli.errors import RecipeError, did_you_mean
+from mergecli.evaluate import Scorer, score_recipe
 from mergecli.methods import get_method
 from mergecli.recipe import Recipe
 
 MULTIPLES = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0)
 BY = ("step", "tstar")
+MOE = "moe"
+"""The method name of the recipe's mixture of experts in a sweep."""
 
 
 def best_steps(recipe: Recipe, scorer: Scorer) -> dict[str, dict[str, Any]]:
@@ -39,17 +42,20 @@ def best_steps(recipe: Recipe, scorer: Scorer) -> dict[str, dict[str, Any]]:
         tasks = [t for t in scorer.tasks if t.expert == i]
         name = recipe.model_name(i)
         if not tasks:
-            raise MergeError(
+            raise RecipeError(
                 f"--by tstar: no evaluate task has '{name}' as its expert, so its "
-                "best-validation step is unknown (set evaluate.tasks.<task>.expert)"
+                "best-validation step is unknown (set evaluate.tasks.<task>.expert)",
+                key="--by",
             )
-        scores = {step: scorer.model(path, tasks).score for step, path in run.items()}
+        calls = [(path, tasks) for path in run.values()]
+        scores = {step: e.score for step, e in zip(run, scorer.each("model", calls), strict=True)}
         steps = list(scores)
         out[name] = {"scores": scores, "tstar": steps[scorer.best(list(scores.values()))]}
     if not out:
-        raise MergeError(
+        raise RecipeError(
             "--over-checkpoints: no expert names a training-run folder with checkpoint-<step> "
-            "subfolders"
+            "subfolders",
+            key="--over-checkpoints",
         )
     return out
 
@@ -70,7 +76,7 @@ def tstar_points(recipe: Recipe, tstar: dict[str, int], multiples: list[float]) 
                 paths.append(path)
                 continue
             target = multiple * tstar[recipe.model_name(i)]
-            step = min(run, key=lambda s, t=target: (abs(s - t), s))
+            step = nearest(run, target)
             error += abs(target - step) / tstar[recipe.model_name(i)]
             steps.append(step)
             paths.append(run[step])
@@ -80,9 +86,16 @@ def tstar_points(recipe: Recipe, tstar: dict[str, int], multiples: list[float]) 
     return sorted((point for _, point in best.values()), key=lambda p: p.fraction)
 
 
+def nearest(steps: dict[int, Path], target: float) -> int:
+    """The step closest to ``target`` (ties: the earlier step)."""
+    return min(steps, key=lambda s: (abs(s - target), s))
+
+
 def method_recipe(recipe: Recipe, method: str) -> Recipe:
     """The recipe merged with another method: parameters that method does not take are
-    dropped."""
+    dropped. ``moe`` is the recipe's mixture of experts (its ``moe:`` section), unchanged."""
+    if method == MOE:
+        return recipe
     spec = get_method(method, "--methods").resolve(recipe.parameters)
     keep = set(spec.param_names)
     models = [
@@ -91,7 +104,7 @@ def method_recipe(recipe: Recipe, method: str) -> Recipe:
     ]
     parameters = {k: v for k, v in recipe.parameters.items() if k in keep}
     return recipe.model_copy(
-        update={"merge_method": method, "parameters": parameters, "models": models}
+        update={"merge_method": method, "parameters": parameters, "models": models, "moe": None}
     )
 
 
@@ -104,10 +117,16 @@ def sweep_durations(
 ) -> dict[str, Any]:
     """Merged and expert scores at each training duration, per method."""
     if by not in BY:
-        raise MergeError(f"--by: '{by}' is not step or tstar{did_you_mean(by, BY)}")
-    methods = methods or [recipe.merge_method]
+        raise RecipeError(f"--by: '{by}' is not step or tstar{did_you_mean(by, BY)}", key="--by")
+    methods = methods or [recipe.merge_method or MOE]
     for method in methods:
-        get_method(method, "--methods")
+        if method != MOE:
+            get_method(method, "--methods")
+        elif recipe.moe is None:
+            raise RecipeError(
+                "--methods: moe upcycles with the recipe's moe: section; it has none",
+                key="--methods",
+            )
     result: dict[str, Any] = {
         "by": by,
         "metric": scorer.metric,
@@ -136,8 +155,8 @@ def sweep_durations(
             "expert_score": sum(experts.values()) / len(experts) if experts else None,
             "methods": {},
         }
-        for method in methods:
-            merged = scorer.recipe(method_recipe(at, method))
+        candidates = [(method_recipe(at, method),) for method in methods]
+        for method, merged in zip(methods, scorer.each(score_recipe, candidates), strict=True):
             row["methods"][method] = {
                 "tasks": merged.tasks,
                 "score": merged.score,
@@ -151,4 +170,4 @@ def sweep_durations(
         method: rows[scorer.best([r["methods"][method]["score"] for r in rows])]["x"]
         for method in methods
     }
-    return result
+    return scorer.record_placements(result)

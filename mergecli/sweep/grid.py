@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-from mergecli.errors import MergeError, did_you_mean
+from mergecli.errors import RecipeError, UnknownParameterError, did_you_mean
 from mergecli.methods import get_method
 from mergecli.recipe import Recipe
 
@@ -24,9 +24,11 @@ def parse_values(text: str, where: str) -> list[Any]:
         try:
             start, stop, step = (float(p) for p in text.split(":"))
         except ValueError:
-            raise MergeError(f"{where}: '{text}' is not start:stop:step with numbers") from None
+            raise RecipeError(
+                f"{where}: '{text}' is not start:stop:step with numbers", key="--grid"
+            ) from None
         if step <= 0 or stop < start:
-            raise MergeError(f"{where}: '{text}' needs step > 0 and stop ≥ start")
+            raise RecipeError(f"{where}: '{text}' needs step > 0 and stop ≥ start", key="--grid")
         count = int((stop - start) / step + 1e-9) + 1
         values = [round(start + k * step, DIGITS) for k in range(count)]
         return [
@@ -34,7 +36,7 @@ def parse_values(text: str, where: str) -> list[Any]:
         ]
     items = [item.strip() for item in text.split(",")]
     if not all(items):
-        raise MergeError(f"{where}: empty value in '{text}'")
+        raise RecipeError(f"{where}: empty value in '{text}'", key="--grid")
     return [yaml.safe_load(item) for item in items]
 
 
@@ -59,13 +61,17 @@ def parse_grid(specs: list[str], recipe: Recipe) -> list[Axis]:
         where = f"--grid {spec}"
         key, sep, text = spec.partition("=")
         if not sep or not key.strip():
-            raise MergeError(f"{where}: expected KEY=VALUES (lambda=0.1:1.0:0.1, density=0.2,0.5)")
+            raise RecipeError(
+                f"{where}: expected KEY=VALUES (lambda=0.1:1.0:0.1, density=0.2,0.5)", key="--grid"
+            )
         model, _, key = key.strip().rpartition(".")
         if model and model not in names:
-            raise MergeError(f"{where}: no model is named '{model}'{did_you_mean(model, names)}")
+            raise RecipeError(
+                f"{where}: no model is named '{model}'{did_you_mean(model, names)}", key="--grid"
+            )
         axis = Axis(key, parse_values(text, where), model or None)
         if any(a.label == axis.label for a in axes):
-            raise MergeError(f"{where}: '{axis.label}' is given twice")
+            raise RecipeError(f"{where}: '{axis.label}' is given twice", key="--grid")
         axes.append(axis)
     for axis in axes:
         method = get_method(recipe.merge_method).resolve(
@@ -73,13 +79,18 @@ def parse_grid(specs: list[str], recipe: Recipe) -> list[Axis]:
         )
         param = method.param(axis.key)
         if param is None:
-            raise MergeError(
+            raise UnknownParameterError(
                 f"--grid {axis.label}: '{method.name}' has no parameter '{axis.key}'"
                 f"{did_you_mean(axis.key, method.param_names)}; it takes: "
-                f"{', '.join(method.param_names) or 'none'}"
+                f"{', '.join(method.param_names) or 'none'}",
+                method=method.name,
+                parameter=axis.key,
+                key="--grid",
             )
         if axis.model and not param.per_model:
-            raise MergeError(f"--grid {axis.label}: '{axis.key}' applies to the whole merge")
+            raise RecipeError(
+                f"--grid {axis.label}: '{axis.key}' applies to the whole merge", key="--grid"
+            )
     return axes
 
 

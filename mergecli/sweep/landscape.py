@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from mergecli.errors import MergeError, did_you_mean
+from mergecli.errors import RecipeError, did_you_mean
 from mergecli.evaluate import Scorer
 from mergecli.recipe import ModelEntry, Recipe
 
@@ -34,9 +34,10 @@ def pick_models(recipe: Recipe, values: list[str]) -> list[ModelEntry]:
         elif recipe.resolve_path(value).is_dir():
             out.append(ModelEntry(model=str(recipe.resolve_path(value))))
         else:
-            raise MergeError(
+            raise RecipeError(
                 f"--models: '{value}' is neither a model of the recipe nor a folder"
-                f"{did_you_mean(value, names)}"
+                f"{did_you_mean(value, names)}",
+                key="--models",
             )
     return out
 
@@ -64,6 +65,24 @@ def path_recipe(recipe: Recipe, models: list[ModelEntry], path: str, alpha: floa
     )
 
 
+def landscape_recipe(recipe: Recipe, metric: str | None = None, source: str = "recipe") -> Recipe:
+    """The recipe whose ``evaluate:`` section measures the path: a built-in ``metric``
+    (default loss), or the recipe's command (then no ``metric`` may be given); errors start
+    with ``source``."""
+    section = recipe.evaluate
+    if section is None:
+        raise RecipeError(
+            f"{source}: no 'evaluate:' section saying which data to measure", key="evaluate"
+        )
+    if section.metric is not None:
+        section = section.model_copy(update={"metric": metric or "loss", "higher_is_better": None})
+    elif metric is not None:
+        raise RecipeError(
+            "--metric: the recipe scores with a command; its score is used", key="--metric"
+        )
+    return recipe.model_copy(update={"evaluate": section})
+
+
 def barrier(values: list[float], higher_is_better: bool) -> float:
     """Height of the path above (below, for scores) the mean of its ends."""
     ends = (values[0] + values[-1]) / 2
@@ -80,28 +99,33 @@ def landscape(
 ) -> dict[str, Any]:
     """The curve per task and its mean over tasks on the α grid, with their barriers."""
     if path not in PATHS:
-        raise MergeError(
-            f"--path: '{path}' is not linear or task_arithmetic{did_you_mean(path, PATHS)}"
+        raise RecipeError(
+            f"--path: '{path}' is not linear or task_arithmetic{did_you_mean(path, PATHS)}",
+            key="--path",
         )
     entries = pick_models(recipe, models)
     if path == "linear" and len(entries) != 2:
-        raise MergeError(f"--models: the linear path needs two models, got {len(entries)}")
+        raise RecipeError(
+            f"--models: the linear path needs two models, got {len(entries)}", key="--models"
+        )
     if path == "task_arithmetic" and not recipe.base_model:
-        raise MergeError("base_model: the task_arithmetic path θ0 + α·Στ needs a base model")
+        raise RecipeError(
+            "base_model: the task_arithmetic path θ0 + α·Στ needs a base model", key="base_model"
+        )
     alphas = alphas or [round(0.1 * k, 10) for k in range(11)]
     if len(alphas) < 2:
-        raise MergeError("--alphas: a path needs at least two values of α")
+        raise RecipeError("--alphas: a path needs at least two values of α", key="--alphas")
     chosen = _tasks(scorer, recipe, entries, tasks)
     curves: dict[str, list[float]] = {t.name: [] for t in chosen}
     handle = scorer.bar.add("landscape", len(alphas))
-    for alpha in alphas:
-        scores = scorer.merge(path_recipe(recipe, entries, path, alpha), chosen).tasks
-        for name, value in scores.items():
+    calls = [(path_recipe(recipe, entries, path, alpha), chosen) for alpha in alphas]
+    for merged in scorer.each("merge", calls):
+        for name, value in merged.tasks.items():
             curves[name].append(value)
         scorer.bar.advance(handle)
     scorer.bar.done(handle)
     mean = [sum(c[i] for c in curves.values()) / len(curves) for i in range(len(alphas))]
-    return {
+    result: dict[str, Any] = {
         "path": path,
         "path_formula": FORMULAS[path],
         "models": [m.name or m.model for m in entries],
@@ -113,6 +137,7 @@ def landscape(
         "barrier": barrier(mean, scorer.higher_is_better),
         "task_barriers": {n: barrier(c, scorer.higher_is_better) for n, c in curves.items()},
     }
+    return scorer.record_placements(result)
 
 
 def _tasks(scorer: Scorer, recipe: Recipe, entries: list[ModelEntry], names: list[str] | None):
@@ -121,7 +146,9 @@ def _tasks(scorer: Scorer, recipe: Recipe, entries: list[ModelEntry], names: lis
     if names:
         for name in names:
             if name not in known:
-                raise MergeError(f"--task: no task '{name}'{did_you_mean(name, known)}")
+                raise RecipeError(
+                    f"--task: no task '{name}'{did_you_mean(name, known)}", key="--task"
+                )
         return [t for t in scorer.tasks if t.name in names]
     on_path = {e.name for e in entries}
     mine = [

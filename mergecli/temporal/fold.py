@@ -15,9 +15,10 @@ from typing import Any
 
 import yaml
 
+from mergecli.engine.checks import model_warnings
 from mergecli.engine.merge import run_merge
 from mergecli.engine.plan import MergePlan, plan_merge
-from mergecli.errors import MergeError
+from mergecli.errors import RecipeError, SourceError
 from mergecli.methods import get_method
 from mergecli.progress import Progress
 from mergecli.recipe import TemporalSection, recipe_from_dict
@@ -88,7 +89,9 @@ def check_settings(
     (by planning the first step's merge with the base in every role) and the base itself.
     """
     if not settings.get("base_model"):
-        raise MergeError(f"{source}: base_model: temporal merging needs the base (EMA_0 = θ0)")
+        raise RecipeError(
+            f"{source}: base_model: temporal merging needs the base (EMA_0 = θ0)", key="base_model"
+        )
     data = {**settings, "models": [{"model": settings["base_model"]}]}
     if data.get("temporal") is None:
         data["temporal"] = {}
@@ -96,36 +99,41 @@ def check_settings(
     assert recipe.temporal is not None and recipe.base_model is not None
     temporal: TemporalSection = recipe.temporal
     if "weight" in recipe.parameters:
-        raise MergeError(
+        raise RecipeError(
             f"{source}: parameters.weight: set by temporal merging (the EMA weighs 1 − w and w, "
-            "deploy: all weighs experts equally)"
+            "deploy: all weighs experts equally)",
+            key="parameters.weight",
         )
     method = get_method(recipe.merge_method).resolve(recipe.parameters)
     if method.output != "model":
-        raise MergeError(
+        raise RecipeError(
             f"{source}: '{method.name}' writes a task-mask artifact, not a model, so it cannot "
-            "be folded over time"
+            "be folded over time",
+            key="merge_method",
         )
     uses_ema = "ema" in (temporal.init, temporal.deploy)
     weight = method.param("weight")
     if uses_ema and (weight is None or not weight.per_model):
-        raise MergeError(
+        raise RecipeError(
             f"{source}: '{method.name}' has no per-model weight, so it cannot form the EMA "
-            "f(EMA, θt) with weights 1 − w and w; choose init and deploy other than ema"
+            "f(EMA, θt) with weights 1 − w and w; choose init and deploy other than ema",
+            key="merge_method",
         )
     if temporal.deploy == "all" and method.max_models is not None:
-        raise MergeError(
+        raise RecipeError(
             f"{source}: deploy: all merges every expert so far, but '{method.name}' takes at most "
-            f"{method.max_models} models"
+            f"{method.max_models} models",
+            key="temporal.deploy",
         )
     if temporal.deploy == "all" and method.min_models > 1:
-        raise MergeError(
+        raise RecipeError(
             f"{source}: deploy: all merges the single expert of step 1, but '{method.name}' "
-            f"needs at least {method.min_models} models"
+            f"needs at least {method.min_models} models",
+            key="temporal.deploy",
         )
     base = recipe.resolve_path(recipe.base_model)
     if not base.is_dir():
-        raise MergeError(f"{source}: base_model: '{recipe.base_model}' does not exist")
+        raise SourceError(f"{source}: base_model: '{recipe.base_model}' does not exist", path=base)
     base = base.resolve()
     normalized = recipe.model_dump(mode="json", exclude={"models", "output", "folder"})
     normalized["base_model"] = str(base)
@@ -200,8 +208,8 @@ def _run(
     return {
         "model": label,
         "output": str(output),
-        "wall_s": report["timing"]["wall_s"],
-        "peak_rss_bytes": report["peak_rss_bytes"],
+        "wall_s": report["run"]["timing"]["wall_s"],
+        "peak_rss_bytes": report["run"]["peak_rss_bytes"],
     }
 
 
@@ -236,7 +244,8 @@ def fold(
             seed=step_seed(settings["seed"], step),
         )
         plan = plan_merge(recipe, device, shard_size)  # also checks the expert against the base
-        warnings = list(plan.warnings)
+        on_purpose = model_warnings(recipe)  # the EMA's recipe lists the base at step 1
+        warnings = [w for w in plan.warnings if w not in on_purpose]
         if "ema" in (temporal.init, temporal.deploy):
             merges.append(_run(plan, folder / step_dir / "ema", new, "ema", new_progress))
             new.ema = str(step_dir / "ema")
@@ -274,7 +283,7 @@ def fold(
 def expert_fingerprint(expert: Path, label: str, allow_bin: bool) -> str:
     """The fingerprint recorded for an expert; MergeError naming ``label`` if it is none."""
     if not expert.is_dir():
-        raise MergeError(f"{label}: '{expert}' does not exist or is not a folder")
+        raise SourceError(f"{label}: '{expert}' does not exist or is not a folder", path=expert)
     return Checkpoint(expert, label, allow_bin=allow_bin).fingerprint()
 
 

@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from mergecli.errors import MergeError
+from mergecli.errors import SourceError
 from mergecli.recipe import Recipe, TemporalSection, recipe_from_dict
 
 MANIFEST = "temporal.json"
@@ -70,13 +70,15 @@ def read_manifest(folder: Path) -> Manifest:
     path = folder / MANIFEST
     if not path.is_file():
         if not folder.exists():
-            raise MergeError(f"state '{folder}' does not exist (create it with 'temporal init')")
-        raise MergeError(f"'{folder}' is not a temporal state (no {MANIFEST})")
+            raise SourceError(
+                f"state '{folder}' does not exist (create it with 'temporal init')", path=folder
+            )
+        raise SourceError(f"'{folder}' is not a temporal state (no {MANIFEST})", path=folder)
     try:
         return Manifest.model_validate(json.loads(path.read_text()))
     except (json.JSONDecodeError, ValidationError) as exc:
         first = str(exc).splitlines()[0]
-        raise MergeError(f"{path}: damaged temporal manifest: {first}") from None
+        raise SourceError(f"{path}: damaged temporal manifest: {first}", path=path) from None
 
 
 def write_manifest(folder: Path, manifest: Manifest) -> None:

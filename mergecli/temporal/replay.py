@@ -6,7 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from mergecli.errors import MergeError
+from mergecli.errors import OutputError, RecipeError
 from mergecli.recipe import Recipe
 from mergecli.temporal.fold import (
     NewProgress,
@@ -38,18 +38,20 @@ def resume_point(target: Path, fresh: Manifest, experts: list[tuple[Path, str, s
             for k in {*current.settings, *fresh.settings}
             if current.settings.get(k) != fresh.settings.get(k)
         ) or ["the base's fingerprint"]
-        raise MergeError(
+        raise OutputError(
             f"output '{target}' holds a temporal state with other settings "
-            f"({', '.join(keys)}); use --force to start over"
+            f"({', '.join(keys)}); use --force to start over",
+            path=target,
         )
     for i, step in enumerate(current.steps):
         if i >= len(experts) or (step.expert, step.fingerprint) != (
             str(experts[i][0]),
             experts[i][2],
         ):
-            raise MergeError(
+            raise OutputError(
                 f"output '{target}': its step {i + 1} ({step.name}, {step.expert}) is not "
-                f"models[{i}] of the recipe; use --force to start over"
+                f"models[{i}] of the recipe; use --force to start over",
+                path=target,
             )
     return len(current.steps)
 
@@ -71,17 +73,21 @@ def replay(
     kept and listed by ``status``.
     """
     if recipe.temporal is None:
-        raise MergeError(
-            f"{source}: no temporal section (a plain merge runs with 'mergecli merge')"
+        raise RecipeError(
+            f"{source}: no temporal section (a plain merge runs with 'mergecli merge')",
+            key="temporal",
         )
     for i, entry in enumerate(recipe.models):
         if entry.parameters:
-            raise MergeError(
+            raise RecipeError(
                 f"{source}: models[{i}].parameters: a temporal recipe sets parameters for every "
-                "step under parameters"
+                "step under parameters",
+                key=f"models[{i}].parameters",
             )
     if output is None and recipe.output is None:
-        raise MergeError(f"{source}: no state folder: set 'output' in the recipe or --output")
+        raise RecipeError(
+            f"{source}: no state folder: set 'output' in the recipe or --output", key="output"
+        )
     target = (Path(output) if output else recipe.resolve_path(str(recipe.output))).resolve()
     settings = recipe.model_dump(mode="json", exclude={"models", "output", "folder"})
     fresh, warnings = check_settings(settings, recipe.folder, source)

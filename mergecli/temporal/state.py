@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from mergecli.engine.output import atomic_folder
-from mergecli.errors import MergeError
+from mergecli.errors import MergeError, OutputError, SourceError
 from mergecli.sources import Checkpoint
 from mergecli.temporal.manifest import MANIFEST, Manifest, read_manifest, write_manifest
 
@@ -58,7 +58,9 @@ def deploy_model(manifest: Manifest) -> str:
         return manifest.steps[-1].expert
     ref = manifest.ema if strategy == "ema" else manifest.merged
     if ref is None:
-        raise MergeError(f"{MANIFEST}: deploy: {strategy} but no {strategy} model is recorded")
+        raise SourceError(
+            f"{MANIFEST}: deploy: {strategy} but no {strategy} model is recorded", path=MANIFEST
+        )
     return ref
 
 
@@ -87,11 +89,14 @@ def check_source(path: Path, fingerprint: str, label: str, allow_bin: bool = Fal
     """MergeError when a checkpoint the state relies on moved or changed since it was recorded."""
     state = source_state(path, fingerprint, allow_bin)
     if state == "missing":
-        raise MergeError(f"{label} '{path}' no longer exists; the state needs it: restore it")
+        raise SourceError(
+            f"{label} '{path}' no longer exists; the state needs it: restore it", path=path
+        )
     if state == "changed":
-        raise MergeError(
+        raise SourceError(
             f"{label} '{path}' changed since it was added (fingerprint {fingerprint}); "
-            "the state needs it as it was: restore it"
+            "the state needs it as it was: restore it",
+            path=path,
         )
 
 
@@ -103,7 +108,9 @@ def locked(folder: Path) -> Iterator[None]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise MergeError(f"state '{folder}' is being updated by another process") from None
+            raise OutputError(
+                f"state '{folder}' is being updated by another process", path=folder
+            ) from None
         yield
     finally:
         os.close(fd)
@@ -141,7 +148,7 @@ def update_links(folder: Path, manifest: Manifest) -> None:
     for name, ref in (("init", init_model(manifest)), ("deploy", deploy_model(manifest))):
         link = folder / name
         if link.exists() and not link.is_symlink():
-            raise MergeError(f"'{link}' is not a link that mergecli made; move it away")
+            raise OutputError(f"'{link}' is not a link that mergecli made; move it away", path=link)
         tmp = folder / f".{name}.tmp-{os.getpid()}"
         tmp.unlink(missing_ok=True)
         os.symlink(ref, tmp)
@@ -158,9 +165,11 @@ def create_state(folder: Path, manifest: Manifest, force: bool) -> None:
     """Write a new state folder atomically; --force replaces only a state or an empty folder."""
     if folder.exists():
         if not force:
-            raise MergeError(f"state '{folder}' exists; use --force to start it over")
+            raise OutputError(f"state '{folder}' exists; use --force to start it over", path=folder)
         if not folder.is_dir() or (any(folder.iterdir()) and not (folder / MANIFEST).is_file()):
-            raise MergeError(f"'{folder}' exists and is not a temporal state; not replacing it")
+            raise OutputError(
+                f"'{folder}' exists and is not a temporal state; not replacing it", path=folder
+            )
         with locked(folder), atomic_folder(folder, force=True) as tmp:
             write_manifest(tmp, manifest)
             update_links(tmp, manifest)

@@ -1,0 +1,214 @@
+"""One merge split over a Ray cluster: a work unit per output shard.
+
+Each work unit is the runner over the read plan of one shard's tensors, with the merge, report
+sums and store passes, writing that shard's file into the output's temporary folder (which
+every node must see). Whole-model statistics (TIES' model-scope thresholds) are gathered the
+same way: per pass, each unit histograms its tensors and the driver adds the histograms up and
+ends the pass. The driver then writes the index, config, tokenizer, model card and report and
+renames the folder into place, so the folder is byte-identical to a local run's (the report's
+timings aside).
+
+A worker re-plans the recipe from headers (it needs the same paths) and checks that its shard
+layout is the driver's.
+"""
+
+from __future__ import annotations
+
+import datetime
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mergecli.distributed.executor import RayExecutor, Resources
+from mergecli.engine.figures import ReportSums
+from mergecli.engine.layout import Shard, index_json
+from mergecli.engine.merge import MergePass, MergeResult, Store, build_report, statistics
+from mergecli.engine.output import atomic_folder, check_output, copy_model_files
+from mergecli.engine.outputs import ModelFolder, ModelWriter
+from mergecli.engine.plan import MergePlan, plan_merge
+from mergecli.engine.runner import Observe, Runner, Timer
+from mergecli.engine.threads import compute_threads
+from mergecli.engine.writer import ShardWriter
+from mergecli.errors import MergeError
+from mergecli.methods.statistics import LargestMagnitudes, Statistic, StatValues
+from mergecli.progress import NullProgress, Progress
+from mergecli.recipe import Recipe
+from mergecli.report import model_card, write_reports
+from mergecli.sources.checkpoint import INDEX_NAME
+
+
+@dataclass(frozen=True)
+class Unit:
+    """What a work unit needs to rebuild the driver's plan: the recipe, device, shard size."""
+
+    recipe: Recipe
+    device: str
+    shard_size: str | int
+
+
+@dataclass
+class ShardResult:
+    """What one work unit wrote and measured."""
+
+    per_tensor: dict[str, Any]
+    timer: Timer
+    bytes_written: int
+
+
+def _plan(unit: Unit, shards: list[Shard]) -> MergePlan:
+    plan = plan_merge(unit.recipe, unit.device, unit.shard_size)
+    assert isinstance(plan.output, ModelFolder)
+    mine = [(s.file, s.names) for s in plan.output.shards]
+    if mine != [(s.file, s.names) for s in shards]:
+        raise MergeError("a worker planned another shard layout: do all nodes see the same inputs?")
+    return plan
+
+
+def _tensors(plan: MergePlan, shard: Shard, merged_only: bool) -> list[Any]:
+    names = set(shard.names)
+    return [t for t in plan.tensors if t.name in names and (t.merge or not merged_only)]
+
+
+def _observe_shard(
+    unit: Unit, shards: list[Shard], index: int, stats: list[Statistic]
+) -> list[Statistic]:
+    """One statistics pass over one shard's merged tensors: the statistics as they stand after
+    observing them (their histograms are this unit's part)."""
+    plan = _plan(unit, shards)
+    tensors = _tensors(plan, shards[index], merged_only=True)
+    with compute_threads():
+        if tensors:
+            Runner().run(plan.read_plan(tensors), [Observe(stats)])
+    return stats
+
+
+def _merge_shard(
+    unit: Unit, shards: list[Shard], index: int, named: dict[str, Any], folder: Path
+) -> ShardResult:
+    """Merge one shard's tensors into ``folder/<shard file>``; ``named`` holds the statistics'
+    values by handle name (handles are looked up by identity, so this plan's own handles)."""
+    plan = _plan(unit, shards)
+    stats = StatValues({s.handle: named[s.handle.name] for s in plan.statistics})
+    assert isinstance(plan.output, ModelFolder)
+    shard = shards[index]
+    runner = Runner()
+    writer = ModelWriter(ShardWriter(folder, [shard], plan.output.metadata), folder, plan)
+    sums, store = ReportSums(), Store(writer, runner.timer)
+    with compute_threads():
+        read = plan.read_plan(_tensors(plan, shard, merged_only=False))
+        runner.run(read, [MergePass(plan, stats, runner.timer), sums, store])
+    writer.shards.finish()
+    per_tensor = {n: {**r, **store.extra.get(n, {})} for n, r in sums.per_tensor().items()}
+    return ShardResult(per_tensor, runner.timer, writer.bytes_written)
+
+
+def _reduce(statistic: Statistic, parts: list[Statistic]) -> None:
+    """Add the units' histograms (and, on the first pass, entry counts) into ``statistic``."""
+    assert isinstance(statistic, LargestMagnitudes)
+    for part in parts:
+        assert isinstance(part, LargestMagnitudes)
+        if part.shift is not None:
+            statistic.bits, statistic.shift = part.bits, part.shift
+        if statistic.targets is None:
+            statistic.counts = [a + b for a, b in zip(statistic.counts, part.counts, strict=True)]
+        for key, hist in part.hist.items():
+            if key in statistic.hist:
+                statistic.hist[key] += hist
+            else:
+                statistic.hist[key] = hist.clone()
+
+
+def distributed_statistics(
+    plan: MergePlan, unit: Unit, executor: RayExecutor, progress: Progress
+) -> tuple[dict[str, Any], str]:
+    """The plan's statistics' values by handle name, pass by pass over the shards as Ray
+    tasks when every statistic is a histogram that adds up (else on the driver); and where
+    they were gathered (none, shards or driver)."""
+    assert isinstance(plan.output, ModelFolder)
+    if not plan.statistics:
+        return {}, "none"
+    if not all(isinstance(s, LargestMagnitudes) for s in plan.statistics):
+        statistics(plan, Runner(progress))
+        return {s.handle.name: s.value() for s in plan.statistics}, "driver"
+    shards = plan.output.shards
+    while any(s.wants_pass() for s in plan.statistics):
+        active = [s for s in plan.statistics if s.wants_pass()]
+        for index in range(len(shards)):
+            executor.submit(
+                _observe_shard,
+                unit,
+                shards,
+                index,
+                active,
+                resources=Resources.for_device(unit.device),
+            )
+        parts = [_value(done) for done in executor.results()]
+        for i, statistic in enumerate(active):
+            _reduce(statistic, [part[i] for part in parts])
+            statistic.end_pass()
+    return {s.handle.name: s.value() for s in plan.statistics}, "shards"
+
+
+def _value(done: Any) -> Any:
+    if done.error is not None:
+        raise done.error
+    return done.value
+
+
+def run_merge_on_ray(
+    plan: MergePlan,
+    output: str | Path,
+    executor: RayExecutor,
+    shard_size: str | int,
+    force: bool = False,
+    progress: Progress | None = None,
+    wait: bool = False,
+) -> MergeResult:
+    """``run_merge`` with one Ray task per output shard (model folders only); the same files,
+    and a report whose ``run.executor`` entry says which node wrote which shard."""
+    if not isinstance(plan.output, ModelFolder):
+        raise MergeError(
+            "--executor ray splits merges into model folders by shard; a LoRA adapter or "
+            "task-mask artifact output runs without --executor ray"
+        )
+    output = Path(output).resolve()
+    progress = progress or NullProgress()
+    check_output(output, force)
+    started = time.perf_counter()
+    started_at = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+    unit = Unit(plan.recipe, str(plan.device), shard_size)
+    named, gathered = distributed_statistics(plan, unit, executor, progress)
+    shards = plan.output.shards
+    with atomic_folder(output, force, wait, plan.bytes_to_write) as folder:
+        progress.start("merging (Ray)", len(plan.tensors), 0)
+        for index in range(len(shards)):
+            executor.submit(
+                _merge_shard,
+                unit,
+                shards,
+                index,
+                named,
+                folder,
+                resources=Resources.for_device(unit.device),
+            )
+        timer, written, per_tensor, tasks = Timer(), 0, {}, []
+        for index, done in enumerate(executor.results()):
+            part: ShardResult = _value(done)
+            per_tensor.update(part.per_tensor)
+            for key in ("read", "compute", "write", "bytes_read"):
+                setattr(timer, key, getattr(timer, key) + getattr(part.timer, key))
+            written += part.bytes_written
+            tasks.append({"shard": shards[index].file, **done.where})
+            progress.advance(len(shards[index].names), 0)
+        per_tensor = {t.name: per_tensor[t.name] for t in plan.tensors if t.name in per_tensor}
+        if len(shards) > 1:
+            (folder / INDEX_NAME).write_text(index_json(shards))
+        copy_model_files(plan.reference.path, plan.tokenizer_folder, folder, plan.out_dtype)
+        wall = time.perf_counter() - started
+        report = build_report(plan, output, per_tensor, timer, written, wall, started_at)
+        report["run"]["executor"] = {"kind": "ray", "statistics": gathered, "tasks": tasks}
+        write_reports(folder, report, [])
+        (folder / "README.md").write_text(model_card(plan))
+    progress.stop()
+    return MergeResult(output, report)
