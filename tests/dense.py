@@ -10,6 +10,7 @@ import math
 import re
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from tests.conftest import EXPERTS
@@ -179,3 +180,22 @@ def emr_rescalers(base: State, experts: list[State]) -> list[float]:
             num[t] += float(tv.double().abs().mean())
             den[t] += float((unified * mk).double().abs().mean())
     return [a / b for a, b in zip(num, den, strict=True)]
+
+
+def philox_uniform(key: int, shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
+    """The DARE/DELLA uniforms of a tensor: entry i is word i mod 4 of Philox4x32-10 at counter
+    (⌊i/4⌋, 0, 0, 0) under key (low, high 32 bits), times 2⁻³² (Salmon et al., SC 2011);
+    numpy uint64 arithmetic on 32-bit words."""
+    low = np.uint64(0xFFFFFFFF)
+    n = math.prod(shape)
+    blocks = np.arange((n + 3) // 4, dtype=np.uint64)
+    zero = np.zeros_like(blocks)
+    c = [blocks & low, blocks >> np.uint64(32), zero, zero]
+    k = [np.uint64(key & 0xFFFFFFFF), np.uint64(key >> 32)]
+    for _ in range(10):
+        p0, p1 = np.uint64(0xD2511F53) * c[0], np.uint64(0xCD9E8D57) * c[2]
+        top = np.uint64(32)
+        c = [(p1 >> top) ^ c[1] ^ k[0], p1 & low, (p0 >> top) ^ c[3] ^ k[1], p0 & low]
+        k = [(k[0] + np.uint64(0x9E3779B9)) & low, (k[1] + np.uint64(0xBB67AE85)) & low]
+    words = np.stack(c, axis=1).reshape(-1)[:n]
+    return torch.from_numpy(words.astype(np.float64) / 2**32).reshape(shape)

@@ -344,6 +344,7 @@ def test_group_seeds_follow_recipe_indices() -> None:
     whole = TensorInputs("w", base, [base] * 5, [None] * 5, seed=7)
     group = TensorInputs("w", base, [base] * 2, [None] * 2, seed=7, expert_ids=[2, 4])
     assert torch.equal(group.bernoulli_mask(1, 0.5), whole.bernoulli_mask(4, 0.5))
+    assert torch.equal(group.philox_mask(1, 0.5), whole.philox_mask(4, 0.5))
 
 
 @pytest.mark.slow

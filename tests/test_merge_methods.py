@@ -10,6 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 from tests.conftest import EXPERTS
+from tests.dense import philox_uniform
 from tests.helpers import load_state, run_cli, write_recipe
 
 WEIGHTS = (1.0, 0.5, 2.0)
@@ -194,8 +195,7 @@ def test_dare_ties_uses_seeded_masks_then_election(zoo: Path, tmp_path: Path) ->
     for name, b in base.items():
         dropped = []
         for t, e in enumerate(experts):
-            gen = torch.Generator().manual_seed(seed_for(3, t, name))
-            mask = torch.rand(b.shape, generator=gen, dtype=torch.float64) < 0.6
+            mask = philox_uniform(seed_for(3, t, name), b.shape) < 0.6
             dropped.append((e[name] - b) * mask / 0.6)
         want = ties_combine(dropped, WEIGHTS, 1.0, b)
         torch.testing.assert_close(got[name], want, atol=1e-6, rtol=0, msg=name)

@@ -11,8 +11,10 @@ import pytest
 import torch
 
 from mergecli.methods import TensorInputs, get_method
+from mergecli.methods.inputs import seed_for
 from mergecli.methods.registry import SAME
 from mergecli.methods.result import as_merged
+from tests import dense
 
 RNG = np.random.default_rng(7)
 BASE = RNG.normal(size=(6, 10))
@@ -188,6 +190,25 @@ def test_mergekit_dare_keeps_the_l1_norm() -> None:
     np.testing.assert_allclose(
         got[kept] / TVS[0][kept], np.full(kept.sum(), got[kept][0] / TVS[0][kept][0])
     )
+
+
+def _torch_uniform(t: int) -> np.ndarray:
+    """mergekit-convention masks (unchanged by the Philox masks of mergecli's convention):
+    float64 uniforms of a CPU torch generator seeded by (recipe seed 0, expert, tensor name)."""
+    gen = torch.Generator().manual_seed(seed_for(0, t, "model.layers.0.mlp.up_proj.weight"))
+    return torch.rand(BASE.shape, generator=gen, dtype=torch.float64).numpy()
+
+
+def test_mergekit_dare_and_della_masks_are_torch_generator_draws() -> None:
+    masks = [_torch_uniform(t) < 0.4 for t in range(3)]
+    want = BASE + sum(tv * m for tv, m in zip(TVS, masks, strict=True))
+    got = run("dare_linear", TVS, "mergekit", density=0.4, rescale=False, normalize=False)
+    np.testing.assert_allclose(got, want, atol=1e-12)
+    keep = [dense.della_keep(torch.tensor(tv), 0.5, 0.2).numpy() for tv in TVS]
+    masks = [_torch_uniform(t) < k for t, k in enumerate(keep)]
+    want = BASE + sum(tv * m for tv, m in zip(TVS, masks, strict=True))
+    got = run("della_linear", TVS, "mergekit", density=0.5, epsilon=0.2, rescale=False)
+    np.testing.assert_allclose(got, want, atol=1e-12)
 
 
 def test_mergekit_model_stock_filter_wise() -> None:

@@ -80,10 +80,9 @@ def close(got: object, want: torch.Tensor, atol: float = 1e-6) -> None:
 
 
 def uniform(t: int, shape: torch.Size, name: str = NAME) -> torch.Tensor:
-    """The uniform draws behind expert t's random mask (METHODS.md: seeded by the recipe seed,
-    the expert's index and the tensor's name, drawn on the CPU in float64)."""
-    gen = torch.Generator().manual_seed(seed_for(SEED, t, name))
-    return torch.rand(shape, generator=gen, dtype=torch.float64)
+    """The uniform draws behind expert t's random mask (mergecli's convention: Philox4x32-10
+    keyed by the recipe seed, the expert's index and the tensor's name, one per entry)."""
+    return dense.philox_uniform(seed_for(SEED, t, name), shape)
 
 
 def trim(tv: torch.Tensor, density: float) -> torch.Tensor:

@@ -198,11 +198,7 @@ def test_della(zoo: Path, tmp_path: Path) -> None:
         dropped = []
         for t, tv in enumerate(tvs):
             keep = dense.della_keep(tv, densities[t], epsilons[t])
-            uniform = torch.rand(
-                tv.shape,
-                generator=torch.Generator().manual_seed(seed_for(5, t, name)),
-                dtype=torch.float64,
-            )
+            uniform = dense.philox_uniform(seed_for(5, t, name), tv.shape)
             dropped.append(tv * (uniform < keep) / keep.float())
         return b + 1.1 * dense.ties_vector(dropped, list(WEIGHTS))
 

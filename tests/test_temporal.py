@@ -21,6 +21,7 @@ from mergecli.temporal import add_expert, init_state, status
 from mergecli.temporal.fold import step_seed
 from mergecli.temporal.state import locked
 from scripts.fixtures import make_base
+from tests.dense import philox_uniform
 from tests.helpers import ROOT, load_state, run_cli, write_recipe
 
 W = 0.3
@@ -152,8 +153,7 @@ def test_dare_ema_draws_fresh_masks_each_step(zoo: Path, tmp_path: Path) -> None
         for k, b in base.items():
             dropped = []
             for i, model in enumerate((ema, expert)):
-                gen = torch.Generator().manual_seed(seed_for(seed, i, k))
-                mask = torch.rand(b.shape, generator=gen, dtype=torch.float64) < density
+                mask = philox_uniform(seed_for(seed, i, k), b.shape) < density
                 dropped.append((model[k] - b) * mask / density)
             nxt[k] = b + (1 - W) * dropped[0] + W * dropped[1]
         ema = nxt

@@ -419,11 +419,12 @@ try:
     app(["--version"])
 except SystemExit:
     pass
-print("TORCH" if "torch" in sys.modules else "NO-TORCH", len(commands), file=sys.stderr)
+numba = "NUMBA" if "numba" in sys.modules else "NO-NUMBA"
+print("TORCH" if "torch" in sys.modules else "NO-TORCH", len(commands), numba, file=sys.stderr)
 """
 
 
-def test_help_and_version_do_not_import_torch() -> None:
+def test_help_and_version_do_not_import_torch_or_numba() -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     done = subprocess.run(
         [sys.executable, "-c", HELP_SCRIPT], env=env, capture_output=True, text=True, check=False
@@ -431,6 +432,7 @@ def test_help_and_version_do_not_import_torch() -> None:
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("NO-TORCH"), done.stderr[-2000:]
     assert int(last.split()[1]) > 10  # every command and subcommand was asked for help
+    assert last.split()[2] == "NO-NUMBA", done.stderr[-2000:]
 
 
 # -- reports --------------------------------------------------------------------------------

@@ -12,7 +12,9 @@ from mergecli.methods import TaskMasks, TensorInputs
 from mergecli.methods.result import Kept
 
 BLOCK = 1 << 20
-"""Entries per block of the report's float64 sums (bounds their scratch memory)."""
+"""Entries per block of the torch path's float64 sums (bounds their scratch memory)."""
+COMPILED_DTYPES = (torch.float32, torch.float64)
+"""Dtypes whose report sums (on the CPU) come from the compiled loop."""
 
 
 class ReportSums:
@@ -48,8 +50,20 @@ def _add_figures(
 
 
 class PieceFigures:
-    """The sums behind the tensor report, piece by piece, with float64 scratch buffers reused
-    from one piece to the next."""
+    """The sums behind the tensor report, piece by piece.
+
+    For each task vector τt of a piece and the merged delta δ: Σ τt², Σ δ², Σ τt·δ in float64,
+    and the counts of entries where τt ≠ 0, where τt·δ ≠ 0 (both non-zero) and where τt·δ > 0
+    (signs agree). On the CPU in float32/float64 one compiled loop (numba,
+    ``engine/row_sums.py``) reads each task vector and the delta once; its float64 sums are
+    reassociated into vector lanes, so they equal the sequential sums up to float64 rounding,
+    and its counts are exact. Elsewhere (a GPU, bfloat16) the same sums are torch reductions
+    over blocks with float64 scratch buffers reused from one piece to the next.
+
+    Measured on 2 cores for three experts: the compiled loop takes 1.6 ms per million entries,
+    a torch reduction per statistic 13.6 ms, and a Gram matrix of the stacked rows (one float64
+    and one float32 matrix product) 15 ms, since BLAS is slow on matrices of 4 rows.
+    """
 
     def __init__(self) -> None:
         self._scratch: torch.Tensor | None = None
@@ -59,7 +73,8 @@ class PieceFigures:
     ) -> dict[str, Any]:
         """Over one piece: squared norms of the task vectors and of the merged delta (an
         artifact's unified task vector) and their dot products, accumulated in float64; the
-        entries where both are non-zero and where their signs also agree; the kept fractions."""
+        entries where both are non-zero and where their signs also agree; the kept fractions
+        (counted where the method did not report them)."""
         size = (merged.unified if isinstance(merged, TaskMasks) else merged).numel()
         if inputs.base is None:
             return {"kept": list(kept), "size": size}
@@ -67,42 +82,71 @@ class PieceFigures:
         delta = merged.unified if isinstance(merged, TaskMasks) else merged - inputs.base
         delta = delta.reshape(-1)
         m = len(tvs)
-        sums = {key: [0.0] * m for key in ("tv_sq", "dot", "nonzero", "both", "signs")}
-        delta_sq = 0.0
+        if delta.device.type == "cpu" and delta.dtype in COMPILED_DTYPES:
+            sums, counts = _compiled_sums(tvs, delta)
+        else:
+            sums, counts = self._torch_sums(tvs, delta, kept)
+        return {
+            "size": size,
+            "delta_sq": sums[m],
+            "tv_sq": sums[:m],
+            "dot": sums[m + 1 :],
+            "both": counts[m : 2 * m],
+            "same": counts[2 * m :],
+            "kept": [
+                k if k is not None else n / max(size, 1)
+                for k, n in zip(kept, counts[:m], strict=True)
+            ],
+        }
+
+    def _torch_sums(
+        self, tvs: list[torch.Tensor], delta: torch.Tensor, kept: Kept
+    ) -> tuple[list[float], list[int]]:
+        """The sums of ``_compiled_sums``, one torch reduction per statistic and block (the
+        non-zero count only where the method did not report what it kept)."""
+        m, size = len(tvs), delta.numel()
+        sums = [0.0] * (2 * m + 1)
+        counts = [0.0] * (3 * m)
         for start in range(0, size, BLOCK):
             stop = min(start + BLOCK, size)
             d64, t64 = self._buffers(stop - start, delta.device)
             d64.copy_(delta[start:stop])
-            delta_sq += float(d64.dot(d64))
+            sums[m] += float(d64.dot(d64))
             d_sign = torch.sign(delta[start:stop])
             for t, tv in enumerate(tvs):
                 t64.copy_(tv[start:stop])
-                sums["tv_sq"][t] += float(t64.dot(t64))
-                sums["dot"][t] += float(t64.dot(d64))
+                sums[t] += float(t64.dot(t64))
+                sums[m + 1 + t] += float(t64.dot(d64))
                 sign = torch.sign(tv[start:stop])
-                if kept[t] is None:  # else the method reported what it kept
-                    sums["nonzero"][t] += float(sign.abs().sum())
+                if kept[t] is None:
+                    counts[t] += float(sign.abs().sum())
                 sign *= d_sign  # +1 where the signs agree, -1 where they differ, 0 elsewhere
-                sums["signs"][t] += float(sign.sum())
-                sums["both"][t] += float(sign.abs_().sum())
-        both = [round(b) for b in sums["both"]]
-        return {
-            "size": size,
-            "delta_sq": delta_sq,
-            "tv_sq": sums["tv_sq"],
-            "dot": sums["dot"],
-            "both": both,
-            "same": [(b + round(x)) // 2 for b, x in zip(both, sums["signs"], strict=True)],
-            "kept": [
-                k if k is not None else round(n) / max(size, 1)
-                for k, n in zip(kept, sums["nonzero"], strict=True)
-            ],
-        }
+                agreement = float(sign.sum())
+                both = float(sign.abs_().sum())
+                counts[m + t] += both
+                counts[2 * m + t] += (both + agreement) / 2
+        return sums, [round(c) for c in counts]
 
     def _buffers(self, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         if self._scratch is None or self._scratch.shape[1] < n or self._scratch.device != device:
             self._scratch = torch.empty((2, n), dtype=torch.float64, device=device)
         return self._scratch[0, :n], self._scratch[1, :n]
+
+
+def _compiled_sums(tvs: list[torch.Tensor], delta: torch.Tensor) -> tuple[list[float], list[int]]:
+    """[Σ τt²…, Σ δ², Σ τt·δ…] and [#τt≠0…, #τt·δ≠0…, #τt·δ>0…], one compiled loop per task
+    vector (numba is imported, and the loop loaded from its cache, on first use)."""
+    from mergecli.engine.row_sums import row_sums
+
+    m = len(tvs)
+    sums, counts = [0.0] * (2 * m + 1), [0] * (3 * m)
+    d = delta.contiguous().numpy()
+    for t, tv in enumerate(tvs):
+        sq, dot, nonzero, both, same = row_sums(tv.contiguous().numpy(), d)
+        sums[t], sums[m + 1 + t] = float(sq), float(dot)
+        counts[t], counts[m + t], counts[2 * m + t] = int(nonzero), int(both), int(same)
+    sums[m] = float(row_sums(d, d)[0])
+    return sums, counts
 
 
 def tensor_report(pieces: list[dict[str, Any]]) -> dict[str, Any]:

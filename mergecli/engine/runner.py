@@ -7,6 +7,7 @@ pass sees each piece in order and may queue work (writes, report sums) for the w
 
 from __future__ import annotations
 
+import math
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -121,7 +122,7 @@ class Runner:
 
     def stream(self, read: ReadPlan) -> Iterator[Piece]:
         """Each piece of ``read`` in order, read ahead on a background thread (the row pieces
-        of a tensor share its random generators)."""
+        of a tensor share its random generators and know their entry offset in it)."""
         waiting = deque((t, rows) for t in read.tensors for rows in read.pieces(t))
         generators: dict[str, dict[int, torch.Generator]] = {}
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergecli-read") as pool:
@@ -169,6 +170,7 @@ class Runner:
                     layer=tensor.layer,
                     num_layers=read.num_layers,
                     generators=generators[tensor.name],
+                    offset=0 if rows is None else rows[0] * math.prod(tensor.shape[1:]),
                 )
                 del moved, base, experts, deltas
                 yield Piece(tensor, rows, inputs=inputs)

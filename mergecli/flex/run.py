@@ -179,6 +179,7 @@ def group_inputs(
         seed=inputs.seed,
         layer=inputs.layer,
         num_layers=inputs.num_layers,
+        offset=inputs.offset,
         expert_ids=list(group),
     )
 

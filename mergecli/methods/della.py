@@ -51,10 +51,11 @@ def della_drop(
     epsilon: float,
     rescale: bool = True,
 ) -> tuple[torch.Tensor, float]:
-    """mt ⊙ τt / p (rescale) or mt ⊙ τt, with mt ~ Bernoulli(p) seeded per (seed, expert,
-    tensor); and the fraction of entries the mask keeps."""
+    """mt ⊙ τt / p (rescale) or mt ⊙ τt, with mt ~ Bernoulli(p) a Philox mask keyed by (seed,
+    expert, tensor) and drawn by entry index (mergecli's convention); and the fraction it
+    keeps."""
     probability = keep_probabilities(tv, density, epsilon)
-    mask = inputs.bernoulli_mask(t, probability)
+    mask = inputs.philox_mask(t, probability)
     kept = tv * mask
     return (kept / probability.to(tv.dtype) if rescale else kept), kept_fraction(mask)
 
@@ -122,11 +123,12 @@ def check_della(p: Params, name: str) -> None:
     convention=(
         "Rows are the first dimension of a tensor (a 1-D tensor is one row), rank 0 is the "
         "smallest magnitude and equal magnitudes rank by position (mergekit's sort leaves "
-        "their order unspecified); a one-entry row keeps with probability density. Masks "
-        "depend only on (seed, expert index, tensor name), drawn on the CPU. Kept entries are "
-        "divided by their own p (mergekit rescales to the tensor's L1 norm instead). Election "
-        "on the unweighted rescaled vectors, zero sum → +1; mean over the agreeing experts "
-        "weighted by wt (normalize: false sums them)."
+        "their order unspecified); a one-entry row keeps with probability density. Masks are "
+        "Philox4x32-10 draws keyed by (seed, expert index, tensor name) per entry index "
+        "(conventions: mergekit: a CPU torch.rand stream with that key). Kept "
+        "entries are divided by their own p (mergekit rescales to the tensor's L1 norm "
+        "instead). Election on the unweighted rescaled vectors, zero sum → +1; mean over the "
+        "agreeing experts weighted by wt (normalize: false sums them)."
     ),
     mergekit="rescale keeps each task vector's L1 norm (whole tensor) instead of ÷ p; "
     "density ≥ 1 keeps everything; " + MERGEKIT_CONSENSUS,

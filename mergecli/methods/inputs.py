@@ -47,8 +47,11 @@ class TensorInputs:
     stats: StatValues = field(default_factory=lambda: StatValues())
     """The whole-model statistics the method declared, by handle."""
     generators: dict[int, torch.Generator] = field(default_factory=dict)
-    """The experts' generators, shared by the row chunks of one tensor: chunk after chunk
-    continues the whole tensor's random stream."""
+    """The experts' torch generators (``conventions: mergekit`` masks), shared by the row
+    chunks of one tensor: chunk after chunk continues the whole tensor's random stream."""
+    offset: int = 0
+    """Index of this piece's first entry in the whole tensor (row-major): Philox masks are
+    drawn by entry index, so a row chunk gets its part of the whole tensor's mask."""
     expert_ids: list[int] | None = None
     """The experts' indices in the recipe when these inputs hold a subset of them (FlexMerge's
     groups): seeds follow the recipe's index, not the position in the subset."""
@@ -84,7 +87,8 @@ class TensorInputs:
         return [w for w in self.expert_weights if w is not None]
 
     def rows(self, start: int, stop: int) -> TensorInputs:
-        """The same inputs restricted to rows ``start:stop`` (views; generators shared)."""
+        """The same inputs restricted to rows ``start:stop`` (views; generators shared, the
+        entry offset moved to ``start``)."""
 
         def part(tensors: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
             return [None if x is None else x[start:stop] for x in tensors]
@@ -99,20 +103,40 @@ class TensorInputs:
             num_layers=self.num_layers,
             stats=self.stats,
             generators=self.generators,
+            offset=self.offset + start * math.prod(self._shape()[1:]),
             expert_ids=self.expert_ids,
         )
+
+    def _shape(self) -> tuple[int, ...]:
+        ref = self.base if self.base is not None else self.weights()[0]
+        return tuple(ref.shape)
 
     def generator(self, expert: int) -> torch.Generator:
         """The CPU generator seeded by (recipe seed, expert index, tensor name), continued by
         every row chunk of the tensor."""
         if expert not in self.generators:
-            index = self.expert_ids[expert] if self.expert_ids is not None else expert
-            seed = seed_for(self.seed, index, self.name)
+            seed = self._key(expert)
             self.generators[expert] = torch.Generator(device="cpu").manual_seed(seed)
         return self.generators[expert]
 
+    def _key(self, expert: int) -> int:
+        index = self.expert_ids[expert] if self.expert_ids is not None else expert
+        return seed_for(self.seed, index, self.name)
+
+    def philox_mask(self, expert: int, keep: float | torch.Tensor) -> torch.Tensor:
+        """A keep-mask (``keep``: a probability, or one per entry) of mergecli's convention:
+        Philox4x32-10 keyed by (recipe seed, expert index, tensor name), one uniform per entry
+        index from this piece's offset, drawn on the CPU (by several threads for large masks)
+        and moved to the inputs' device. Equal for any chunking, thread count or device."""
+        from mergecli.methods.philox import keep_mask  # numba, imported on first use
+
+        ref = self.base if self.base is not None else self.weights()[0]
+        return keep_mask(self._key(expert), self.offset, tuple(ref.shape), keep).to(ref.device)
+
     def bernoulli_mask(self, expert: int, keep: float | torch.Tensor) -> torch.Tensor:
-        """A keep-mask drawn on the CPU (device independent), on the inputs' device."""
+        """A keep-mask of ``conventions: mergekit`` (its masks are unchanged): float64 uniforms
+        from a CPU torch generator seeded by (recipe seed, expert index, tensor name), on the
+        inputs' device."""
         ref = self.base if self.base is not None else self.weights()[0]
         uniform = torch.rand(ref.shape, generator=self.generator(expert), dtype=torch.float64)
         if isinstance(keep, torch.Tensor):

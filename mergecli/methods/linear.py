@@ -9,7 +9,7 @@ from mergecli.methods import mergekit
 from mergecli.methods.inputs import TensorInputs
 from mergecli.methods.registry import FRACTION, Param, Params, merge_method
 from mergecli.methods.result import Merged
-from mergecli.methods.sparsify import dare_drop
+from mergecli.methods.sparsify import PHILOX_MASKS, dare_drop
 
 WEIGHT = Param("weight", 1.0, help="per-model weight wt", per_model=True)
 LAMBDA = Param("lambda", 1.0, help="scaling λ of the merged task vector")
@@ -119,7 +119,7 @@ def task_arithmetic(inputs: TensorInputs, p: Params) -> torch.Tensor | Merged:
         Param("normalize", False, bool, "divide the sum by Σ wt"),
         Param("rescale", True, bool, RESCALE_HELP),
     ),
-    convention="Masks depend only on (seed, expert index, tensor name); drawn on the CPU.",
+    convention=PHILOX_MASKS,
     elementwise=lambda p: p["conventions"] != "mergekit",
     ignored=INT8_MASK,
     mergekit=f"rescale keeps each task vector's L1 norm (whole tensor) instead of ÷ density; "

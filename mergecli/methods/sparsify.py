@@ -11,11 +11,26 @@ from mergecli.methods.registry import Params
 from mergecli.methods.result import Kept, Merged, kept_fraction
 from mergecli.methods.statistics import kth_rank
 
+_BITS = {torch.float32: torch.int32, torch.float64: torch.int64}
+PHILOX_MASKS = (
+    "Masks: Philox4x32-10 keyed by (seed, expert index, tensor name), one uniform per entry "
+    "index, so chunks, threads and devices do not change them (conventions: mergekit keeps "
+    "a CPU torch.rand stream with the same key over the whole tensor)."
+)
+"""The convention of mergecli's DARE masks (``dare_drop``)."""
+
 
 def kth_largest(tv: torch.Tensor, rank: int) -> float:
-    """The ``rank``-th largest ``abs(tv)`` (1-based); +inf when rank = 0."""
+    """The ``rank``-th largest ``abs(tv)`` (1-based); +inf when rank = 0. On the CPU from the
+    digit histograms of the bit patterns (no copy); elsewhere by a selection on a copy."""
     if rank == 0:
         return float("inf")
+    if tv.device.type == "cpu" and tv.dtype in _BITS:
+        from mergecli.methods.histogram import kth_largest_magnitude  # numba, on first use
+
+        bits = tv.contiguous().view(_BITS[tv.dtype]).reshape(-1).numpy()
+        pattern = torch.tensor(kth_largest_magnitude(bits, rank), dtype=_BITS[tv.dtype])
+        return float(pattern.view(tv.dtype))
     # a selection in place on the private copy abs() makes: no sorted copy, no int64 indices
     magnitudes = tv.abs().reshape(-1).cpu().numpy()
     magnitudes.partition(tv.numel() - rank)
@@ -66,9 +81,9 @@ def magnitude_trim(tv: torch.Tensor, threshold: float) -> torch.Tensor:
 def dare_drop(
     inputs: TensorInputs, t: int, tv: torch.Tensor, density: float, rescale: bool = True
 ) -> tuple[torch.Tensor, float]:
-    """m ⊙ τ / density with m ~ Bernoulli(density), seeded per (seed, expert, tensor); and the
-    fraction of entries the mask keeps."""
-    mask = inputs.bernoulli_mask(t, density)
+    """m ⊙ τ / density with m ~ Bernoulli(density), a Philox mask keyed by (seed, expert,
+    tensor) and drawn by entry index (mergecli's convention); and the fraction it keeps."""
+    mask = inputs.philox_mask(t, density)
     kept = tv * mask
     return kept.div_(density) if rescale and density > 0 else kept, kept_fraction(mask)
 

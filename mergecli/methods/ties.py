@@ -13,6 +13,7 @@ from mergecli.methods.linear import INT8_MASK, LAMBDA, RESCALE_HELP, WEIGHT
 from mergecli.methods.registry import FRACTION, Param, Params, merge_method
 from mergecli.methods.result import Merged
 from mergecli.methods.sparsify import (
+    PHILOX_MASKS,
     dare_drop,
     disjoint_merge,
     elect_sign,
@@ -212,7 +213,7 @@ def ties_whole(inputs: TensorInputs, p: Params) -> Merged:
     ),
     check=check_mergekit,
     ignored=MERGEKIT_IGNORED,
-    convention="Masks depend only on (seed, expert index, tensor name); drawn on the CPU.",
+    convention=PHILOX_MASKS,
     elementwise=lambda p: p["conventions"] != "mergekit",
     mergekit="rescale keeps each task vector's L1 norm (whole tensor) instead of ÷ density; "
     "density ≥ 1 keeps everything; " + MERGEKIT_ELECTION,

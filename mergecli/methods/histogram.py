@@ -1,0 +1,37 @@
+"""One compiled pass (numba) adding a task vector's magnitude digits to a histogram.
+
+The float bit pattern of abs(x) is shifted right by ``shift`` and its low 16 bits counted,
+among the entries whose bits above those 16 equal ``prefix`` (all entries for a prefix of
+-1): the digit histograms of ``statistics.LargestMagnitudes``, without the abs copy, the
+boolean selection and the index tensor that the torch expressions make.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+
+@numba.njit(cache=True, nogil=True)
+def add_digits(bits: np.ndarray, shift: int, prefix: int, hist: np.ndarray) -> None:
+    """hist[(b >> shift) & 0xFFFF] += 1 for each b = bits of abs(x) with b >> (shift + 16) ==
+    prefix (``bits``: the values' bit patterns as signed integers of their width)."""
+    sign_off = (1 << (bits.itemsize * 8 - 1)) - 1
+    for b in bits:
+        m = b & sign_off
+        if prefix < 0 or (m >> (shift + 16)) == prefix:
+            hist[(m >> shift) & 0xFFFF] += 1
+
+
+def kth_largest_magnitude(bits: np.ndarray, rank: int) -> int:
+    """Bit pattern of the ``rank``-th largest abs(x) (1-based, rank ≥ 1) of one array of bit
+    patterns, digit by digit: one histogram pass per 16 bits."""
+    prefix = -1
+    for shift in range(bits.itemsize * 8 - 16, -1, -16):
+        hist = np.zeros(1 << 16, dtype=np.int64)
+        add_digits(bits, shift, prefix, hist)
+        from_top = np.cumsum(hist[::-1])
+        index = int(np.searchsorted(from_top, rank))  # the first digit reaching the rank
+        rank -= int(from_top[index - 1]) if index > 0 else 0
+        prefix = (max(prefix, 0) << 16) | ((1 << 16) - 1 - index)
+    return prefix
