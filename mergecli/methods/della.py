@@ -25,6 +25,14 @@ EPSILON = Param(
     bounds=NON_NEGATIVE,
 )
 
+RESCALE = Param(
+    "rescale",
+    True,
+    bool,
+    "rescale kept entries: ÷ p (mergecli), to the task vector's L1 norm "
+    "(conventions: mergekit); false keeps them as they are",
+)
+
 
 def keep_probabilities(tv: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
     """pi = (density − ε) + 2ε · rank / (n − 1) per row, rank 0 = smallest abs (float64).
@@ -110,13 +118,7 @@ def check_della(p: Params, name: str) -> None:
         EPSILON,
         LAMBDA,
         NORMALIZE,
-        Param(
-            "rescale",
-            True,
-            bool,
-            "rescale kept entries: ÷ p (mergecli), to the task vector's L1 norm "
-            "(conventions: mergekit); false keeps them as they are",
-        ),
+        RESCALE,
     ),
     check=check_della,
     ignored=MERGEKIT_IGNORED,
@@ -153,13 +155,7 @@ def della(inputs: TensorInputs, p: Params) -> Merged:
         EPSILON,
         LAMBDA,
         Param("normalize", False, bool, "divide the sum by Σ wt"),
-        Param(
-            "rescale",
-            True,
-            bool,
-            "rescale kept entries: ÷ p (mergecli), to the task vector's L1 norm "
-            "(conventions: mergekit); false keeps them as they are",
-        ),
+        RESCALE,
     ),
     check=check_della,
     ignored=MERGEKIT_IGNORED,

@@ -32,6 +32,14 @@ SIGN = Param("sign", "mass", str, "sign election: Σ τ̂t or Σ sign(τ̂t)", c
 NORMALIZE = Param(
     "normalize", True, bool, "mergekit compatibility: false turns merge_func mean into sum"
 )
+NORMALIZE_MERGEKIT_OFF = Param(
+    "normalize",
+    True,
+    bool,
+    "mergekit compatibility: false turns merge_func mean into sum",
+    mergekit=False,
+)
+"""``normalize`` of the methods whose mergekit default is false (dare_ties, breadcrumbs_ties)."""
 SCOPE = Param(
     "scope",
     "model",
@@ -202,13 +210,7 @@ def ties_whole(inputs: TensorInputs, p: Params) -> Merged:
         LAMBDA,
         MERGE_FUNC,
         SIGN,
-        Param(
-            "normalize",
-            True,
-            bool,
-            "mergekit compatibility: false turns merge_func mean into sum",
-            mergekit=False,
-        ),
+        NORMALIZE_MERGEKIT_OFF,
         Param("rescale", True, bool, RESCALE_HELP),
     ),
     check=check_mergekit,
