@@ -89,7 +89,8 @@ class FlexSection(_Strict):
 
     ``granularity`` is component, layer, tensor or a list of regular expressions (a tensor's
     block is the text the first matching pattern matches); ``sizes`` are the target sizes in
-    units of one model.
+    units of one model (of one adapter's modules with PEFT experts); ``heads`` name the
+    task-specific heads.
     """
 
     granularity: Literal["component", "layer", "tensor"] | list[str] = "component"
@@ -97,6 +98,8 @@ class FlexSection(_Strict):
     order: Literal["greedy", "left_to_right", "right_to_left"] = "greedy"
     strategy: Literal["flexmerge", "channel"] = "flexmerge"
     sizes: list[float] | None = Field(None, min_length=1)
+    heads: list[str] = Field(default_factory=list)
+    """Regular expressions naming task-specific heads: kept per task, not merged, not sized."""
 
 
 class MoePrompts(_Strict):

@@ -1,7 +1,7 @@
 """Reading FlexMerge artifacts (written by ``mergecli.flex``; layout in ``mergecli.flex.artifact``).
 
-Each task's tensor is either stored as is (a tensor outside the blocks, or its group's copy of
-a block) or, for a mask method's multi-member group, rebuilt as ``θ0 + scale_t · (mask_t ⊙
+Each task's tensor is either stored as is (a tensor outside the blocks, the task's own head,
+or its group's copy of a block) or, for a mask method's multi-member group, rebuilt as ``θ0 + scale_t · (mask_t ⊙
 unified)`` in float32 and cast to the stored dtype.
 """
 
@@ -29,6 +29,7 @@ class FlexArtifact:
         self.tasks: list[str] = manifest["tasks"]
         self.store = Checkpoint(path, f"{path}: flex artifact")
         self.shared: dict[str, str] = manifest["shared"]
+        self.heads: dict[str, dict[str, str]] = manifest.get("heads", {})
         self.block_of: dict[str, dict[str, Any]] = {
             name: block for block in manifest["blocks"] for name in block["tensors"]
         }
@@ -47,6 +48,8 @@ class FlexArtifact:
     def _spec_key(self, name: str) -> str:
         if name in self.shared:
             return self.shared[name]
+        if name in self.heads:
+            return next(iter(self.heads[name].values()))
         block = self.block_of[name]
         if block["base"]:
             return block["base"][name]
@@ -60,6 +63,8 @@ class FlexArtifact:
         """The key holding task's tensor as is (None: rebuilt from base, unified and mask)."""
         if name in self.shared:
             return self.shared[name]
+        if name in self.heads:
+            return self.heads[name][task]
         return self.group_of(task, name).get("tensors", {}).get(name)
 
     def task_tensor(self, task: str, name: str) -> torch.Tensor:

@@ -78,6 +78,14 @@ def flex(
     method: Annotated[
         str | None, typer.Option("--method", help="Merging method (overrides merge_method).")
     ] = None,
+    heads: Annotated[
+        str | None,
+        typer.Option(
+            "--heads",
+            help="Task-specific heads (regular expressions a,b,...): kept per task, not merged, "
+            "left out of the size.",
+        ),
+    ] = None,
     evaluate: Annotated[
         bool,
         typer.Option(
@@ -114,6 +122,7 @@ def flex(
         "linkage": linkage,
         "order": order,
         "strategy": strategy,
+        "heads": heads.split(",") if heads else None,
     }
     target = output_folder(recipe, spec, output, dry_run)
     plan = plan_flex(spec, overrides, device=device, shard_size=shard_size)

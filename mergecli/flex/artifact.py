@@ -10,7 +10,7 @@ singleton group, the method's merge for a larger one). Mask methods store a mult
 as ``<tensor>@g<j>.unified`` and ``<tensor>@g<j>.mask<t>`` (one bit per element, packed) with
 per-task scales in the manifest, and the block's base once as ``<tensor>@base``; task t's tensor
 is then ``θ0 + scale_t · (mask_t ⊙ unified)``. Tensors outside the blocks are stored once under
-their own name.
+their own name; task-specific heads once per task, as ``<tensor>@task<t>``.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ class Part:
     shape: tuple[int, ...]
     dtype: torch.dtype
     role: str
-    """"shared", "base", "weights", "unified" or "mask"."""
+    """"shared", "head", "base", "weights", "unified" or "mask"."""
     group: Group | None = None
     task: int | None = None
 
@@ -78,6 +78,8 @@ class FlexWriter:
         self,
         folder: Path,
         shared: list[TensorPlan],
+        heads: list[TensorPlan],
+        tasks: int,
         blocks: list[Block],
         partition: Partition,
         masks: bool,
@@ -89,6 +91,11 @@ class FlexWriter:
         self.parts: dict[str, list[Part]] = {
             t.name: [Part(t.name, t.shape, t.out_dtype, "shared")] for t in shared
         }
+        for t in heads:
+            self.parts[t.name] = [
+                Part(f"{t.name}@task{k}", t.shape, t.out_dtype, "head", None, k)
+                for k in range(tasks)
+            ]
         for block, groups in zip(blocks, partition, strict=True):
             for tensor in block.tensors:
                 self.parts[tensor.name] = tensor_parts(tensor, groups, masks)
@@ -131,6 +138,11 @@ class FlexWriter:
                 {"name": block.name, "tensors": names, "base": base or None, "groups": entries}
             )
         shared = {n: n for n, parts in self.parts.items() if parts[0].role == "shared"}
+        heads = {
+            n: {tasks[p.task]: p.key for p in parts if p.task is not None}
+            for n, parts in self.parts.items()
+            if parts[0].role == "head"
+        }
         manifest = {
             "mergecli_artifact": KIND,
             "version": 1,
@@ -139,6 +151,7 @@ class FlexWriter:
             "stored_bytes": self.stored_bytes,
             "tensor_order": list(self.parts),
             "shared": shared,
+            "heads": heads,
             "blocks": blocks,
         }
         (self.folder / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")

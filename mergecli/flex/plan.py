@@ -12,6 +12,8 @@ from mergecli.engine.layout import parse_size
 from mergecli.engine.plan import MergePlan, TensorPlan, plan_merge
 from mergecli.errors import RecipeError, did_you_mean
 from mergecli.flex.blocks import Block, cut_blocks
+from mergecli.flex.consensus import paper_consensus
+from mergecli.flex.parts import split_parts
 from mergecli.flex.size import SizeModel
 from mergecli.recipe import FlexSection, Recipe
 
@@ -25,6 +27,8 @@ class FlexPlan:
     blocks: list[Block]
     shared: list[TensorPlan]
     """Tensors outside the blocks (not merged), stored once."""
+    heads: list[TensorPlan]
+    """Task-specific heads, not merged, stored once per task."""
     targets: list[float]
     sizes: SizeModel
     shard_bytes: int
@@ -55,6 +59,8 @@ class FlexPlan:
             "linkage": self.options.linkage,
             "order": self.options.order,
             "blocks": len(self.blocks),
+            "heads": [t.name for t in self.heads],
+            "size_unit": self.sizes.unit,
             "targets": self.targets,
             "size_range": [self.smallest_size, float(len(self.tasks))],
             "model_bytes": self.sizes.model_bytes,
@@ -95,7 +101,9 @@ def plan_flex(
             "'mergecli merge'",
             key="output_format",
         )
+    recipe, notes = paper_consensus(recipe)
     merge = plan_merge(recipe, device=device, shard_size=shard_size)
+    merge.warnings[:0] = notes
     method, m = merge.method, len(merge.experts)
     if m < 2:
         raise RecipeError(
@@ -107,12 +115,20 @@ def plan_flex(
             "writes task masks (use strategy: flexmerge)",
             key="merge_method",
         )
-    blocks = cut_blocks(merge.tensors, options.granularity)
-    shared = [t for t in merge.tensors if not t.merge]
+    parts = split_parts(merge, options.heads)
+    blocks = cut_blocks(parts.blocked, options.granularity)
+    shared_bytes = sum(t.numel * t.out_dtype.itemsize for t in parts.shared)
+    head_bytes = m * sum(t.numel * t.out_dtype.itemsize for t in parts.heads)
     sizes = SizeModel(
-        blocks, sum(t.numel * t.out_dtype.itemsize for t in shared), method.output != "model"
+        blocks,
+        0 if parts.adapters else shared_bytes,
+        method.output != "model",
+        head_bytes + (shared_bytes if parts.adapters else 0),
+        "adapter modules" if parts.adapters else "model",
     )
-    plan = FlexPlan(merge, options, blocks, shared, [], sizes, parse_size(shard_size))
+    plan = FlexPlan(
+        merge, options, blocks, parts.shared, parts.heads, [], sizes, parse_size(shard_size)
+    )
     plan.targets = check_targets(plan, options.sizes or [])
     return plan
 

@@ -119,14 +119,21 @@ def run_flex(
         similarity_s = time.perf_counter() - started
         steps, states = decide_states(plan, grams)
         order_s = time.perf_counter() - started - similarity_s
-        check_space(output, sum(plan.sizes.stored_bytes(s.partition) for s in states))
+        check_space(output, sum(plan.sizes.artifact_bytes(s.partition) for s in states))
         folders = [root] if len(states) == 1 else [root / size_folder(s.target) for s in states]
         writers = []
         for folder, state in zip(folders, states, strict=True):
             folder.mkdir(exist_ok=True)
             writers.append(
                 FlexWriter(
-                    folder, plan.shared, plan.blocks, state.partition, plan.masks, plan.shard_bytes
+                    folder,
+                    plan.shared,
+                    plan.heads,
+                    len(plan.tasks),
+                    plan.blocks,
+                    state.partition,
+                    plan.masks,
+                    plan.shard_bytes,
                 )
             )
         merge_pass(plan, states, writers, runner)
@@ -146,7 +153,9 @@ def run_flex(
                 "order": plan.options.order,
                 "target": state.target,
                 "size": state.size,
+                "size_unit": plan.sizes.unit,
                 "model_bytes": plan.sizes.model_bytes,
+                "sized_bytes": plan.sizes.stored_bytes(state.partition),
             }
             manifest = writer.finish(plan, info)
             report = size_report(plan, manifest, rows, state.steps, timing)
@@ -265,7 +274,7 @@ def tensor_values(
 
 class GroupMerge:
     """FlexMerge's merge pass: each block tensor's distinct groups merged once, written into
-    every size; tensors outside the blocks copied into every size."""
+    every size; tensors outside the blocks and every task's heads copied into every size."""
 
     def __init__(
         self,
@@ -278,6 +287,7 @@ class GroupMerge:
         self.groups = groups
         """The distinct groups of each block tensor's block, over every size."""
         self.writers = writers
+        self.heads = {t.name for t in plan.heads}
         self.timer = runner.timer
         self.stats: dict[Group, StatValues] = {}
         self.params: dict[Group, dict[str, Params]] = {}
@@ -286,7 +296,13 @@ class GroupMerge:
         tensor = piece.tensor
         if piece.inputs is None:
             assert piece.raw is not None
-            queue.write(self.write, tensor.name, ({("shared", None, None): piece.raw}, {}))
+            raw = piece.raw.to(tensor.out_dtype)
+            queue.write(self.write, tensor.name, ({("shared", None, None): raw}, {}))
+            return
+        if tensor.name in self.heads:
+            weights = piece.inputs.weights()
+            heads = {("head", None, t): w.to(tensor.out_dtype) for t, w in enumerate(weights)}
+            queue.write(self.write, tensor.name, (heads, {}))
             return
         start = time.perf_counter()
         groups = self.groups[tensor.name]
@@ -302,8 +318,9 @@ class GroupMerge:
 def merge_pass(
     plan: FlexPlan, states: list[FlexState], writers: list[FlexWriter], runner: Runner
 ) -> None:
-    """Stream every tensor once, merge each distinct group once, write every size; with a
-    method's statistics, block by block, each block's statistics gathered first."""
+    """Stream every tensor once, merge each distinct group once, write every size (every
+    task's head as it is); with a method's statistics, block by block, each block's statistics
+    gathered first."""
     groups = {
         t.name: sorted({g for state in states for g in state.partition[b]})
         for b, block in enumerate(plan.blocks)
@@ -312,9 +329,12 @@ def merge_pass(
     merge = GroupMerge(plan, groups, writers, runner)
     tensors = [t for block in plan.blocks for t in block.tensors]
     runner.progress.start(
-        "merging", len(plan.shared) + len(tensors), flex_reading(plan.merge, tensors).nbytes
+        "merging",
+        len(plan.shared) + len(plan.heads) + len(tensors),
+        flex_reading(plan.merge, tensors).nbytes,
     )
     runner.run(flex_reading(plan.merge, plan.shared), [merge])
+    runner.run(flex_reading(plan.merge, plan.heads), [merge])
     if plan.merge.method.statistics is None:
         runner.run(flex_reading(plan.merge, tensors), [merge])
         return

@@ -262,6 +262,10 @@ class Adapter:
         terms = self.terms.get(name, [])
         return terms[0] if len(terms) == 1 and isinstance(terms[0], LowRank) else None
 
+    def changes(self, name: str) -> bool:
+        """Whether the adapter changes the base tensor ``name`` at all."""
+        return name in self.terms
+
     def saves(self, name: str) -> bool:
         """Whether the adapter stores ``name`` whole (``modules_to_save``)."""
         return any(isinstance(t, Saved) for t in self.terms.get(name, []))
