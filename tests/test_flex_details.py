@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import torch
 from peft import IA3Config, LoraConfig
+from safetensors.torch import save_file
 
 from mergecli.artifacts import open_artifact
 from mergecli.artifacts.export import export_task
@@ -18,7 +19,7 @@ from mergecli.flex import plan_flex, run_flex
 from mergecli.recipe import recipe_from_dict
 from scripts.fixtures import make_adapter
 from tests import dense
-from tests.helpers import load_state, read_json, run_cli, write_recipe
+from tests.helpers import load_state, read_json, run_cli, write_random_experts, write_recipe
 from tests.test_flex import TASKS, recipe, tensor_bytes
 
 
@@ -76,6 +77,34 @@ def test_adapter_experts_are_sized_in_adapter_modules(zoo: Path, tmp_path: Path)
     k_proj = "model.layers.0.self_attn.k_proj.weight"  # LoRA qv does not change k
     assert torch.equal(got["qv"][k_proj], base[k_proj])
     assert not torch.equal(got["ia3"][k_proj], base[k_proj])
+
+
+def test_blocks_no_expert_changes_are_stored_and_counted_once(tmp_path: Path) -> None:
+    """Four one-tensor blocks of 8×16, three experts; every expert leaves layer 2 as the base
+    (a frozen part). It is stored once: size = (1 + Σ groups of the other blocks) / 4."""
+    names = write_random_experts(tmp_path, 4, (8, 16), 3, seed=3, varied=False)
+    base = load_state(tmp_path / "base")
+    frozen = names[2]
+    for t in range(3):
+        state = load_state(tmp_path / f"e{t}")
+        save_file({**state, frozen: base[frozen]}, tmp_path / f"e{t}" / "model.safetensors")
+    spec = {
+        "merge_method": "task_arithmetic",
+        "base_model": str(tmp_path / "base"),
+        "models": [{"model": str(tmp_path / f"e{t}")} for t in range(3)],
+    }
+    result = run_flex(plan_flex(recipe_from_dict(spec), {"sizes": [1, 2, 3]}), tmp_path / "f")
+    assert [r.size for r in result.results][-1] == pytest.approx((1 + 3 * 3) / 4)  # not 3
+    for r in result.results:
+        manifest = read_json(r.folder / "flex.json")
+        assert manifest["shared"] == {frozen: frozen}
+        assert [b["tensors"] for b in manifest["blocks"]] == [[n] for n in names if n != frozen]
+        groups = sum(len(b["groups"]) for b in manifest["blocks"])
+        assert r.size == pytest.approx((1 + groups) / 4)
+        assert tensor_bytes(r.folder) == 4 * 8 * 16 * (1 + groups)
+    got = exported(result.results[-1].folder, "e1", tmp_path)
+    expert = load_state(tmp_path / "e1")
+    assert all(torch.equal(got[n], expert[n]) for n in names)
 
 
 # ---- task-specific heads -------------------------------------------------------------------------

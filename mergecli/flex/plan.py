@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
+import numpy as np
 from pydantic import ValidationError
 
 from mergecli.engine.layout import parse_size
@@ -154,3 +155,32 @@ def check_targets(plan: FlexPlan, targets: list[float]) -> list[float]:
                 key="--size",
             )
     return sorted(set(float(t) for t in targets))
+
+
+def without_untouched(plan: FlexPlan, grams: list[np.ndarray]) -> tuple[FlexPlan, list[np.ndarray]]:
+    """The plan without the blocks that no expert changes (every block task vector zero in the
+    similarity pass; full checkpoints' frozen parts): their tensors are stored once, as copies
+    of the base, and counted once (outside the unit with adapter experts)."""
+    touched = [bool(np.any(np.diag(g) > 0)) for g in grams]
+    if all(touched):
+        return plan, grams
+    if not any(touched):
+        raise RecipeError(
+            "models: no expert changes any merged tensor (every task vector is 0)", key="models"
+        )
+    moved = [
+        replace(t, merge=False)
+        for block, kept in zip(plan.blocks, touched, strict=True)
+        if not kept
+        for t in block.tensors
+    ]
+    nbytes = sum(t.numel * t.out_dtype.itemsize for t in moved)
+    adapters = plan.sizes.unit != "model"
+    sizes = replace(
+        plan.sizes,
+        blocks=[b for b, kept in zip(plan.blocks, touched, strict=True) if kept],
+        shared_bytes=plan.sizes.shared_bytes + (0 if adapters else nbytes),
+        outside_bytes=plan.sizes.outside_bytes + (nbytes if adapters else 0),
+    )
+    kept_grams = [g for g, kept in zip(grams, touched, strict=True) if kept]
+    return replace(plan, blocks=sizes.blocks, shared=plan.shared + moved, sizes=sizes), kept_grams

@@ -26,7 +26,7 @@ from mergecli.flex.artifact import FlexWriter, Stored
 from mergecli.flex.blocks import Block
 from mergecli.flex.channel import channel_partition
 from mergecli.flex.order import Group, Partition, Step, merge_order, partition_after
-from mergecli.flex.plan import FlexPlan
+from mergecli.flex.plan import FlexPlan, without_untouched
 from mergecli.flex.report import order_rows, size_report, write_size_reports
 from mergecli.flex.similarity import block_grams, flex_reading
 from mergecli.flex.size import steps_for
@@ -116,6 +116,7 @@ def run_flex(
     results = []
     with atomic_folder(output, force, wait) as root:
         grams = similarity(plan) if similarity else block_grams(plan.merge, plan.blocks, runner)
+        plan, grams = without_untouched(plan, grams)
         similarity_s = time.perf_counter() - started
         steps, states = decide_states(plan, grams)
         order_s = time.perf_counter() - started - similarity_s
