@@ -1,8 +1,8 @@
 """Reading FlexMerge artifacts (written by ``mergecli.flex``; layout in ``mergecli.flex.artifact``).
 
 Each task's tensor is either stored as is (a tensor outside the blocks, the task's own head,
-or its group's copy of a block) or, for a mask method's multi-member group, rebuilt as ``θ0 + scale_t · (mask_t ⊙
-unified)`` in float32 and cast to the stored dtype.
+or its group's copy of a block) or, for a mask method's multi-member group, rebuilt as
+``θ0 + scale_t · (mask_t ⊙ unified)`` in float32 and cast to the stored dtype.
 """
 
 from __future__ import annotations
