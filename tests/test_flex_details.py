@@ -159,6 +159,22 @@ def test_heads_stay_per_task_and_out_of_the_size(testbed: Path, tmp_path: Path) 
         torch.testing.assert_close(got[name], want, rtol=0, atol=1e-6)
 
 
+def test_lm_head_named_a_head_is_each_experts_own(zoo5: Path, tmp_path: Path) -> None:
+    """Tiny Llama by hand: 31,968 parameters, lm_head 64 × 32; at size 1 the artifact holds one
+    model without its head plus the five experts' heads."""
+    plan = plan_flex(recipe_from_dict(recipe(zoo5)), {"sizes": [1], "heads": [r"^lm_head\."]})
+    whole, head = 31968, 64 * 32
+    assert [t.name for t in plan.heads] == ["lm_head.weight"]
+    assert plan.sizes.model_bytes == 4 * (whole - head)
+    result = run_flex(plan, tmp_path / "f")
+    folder = result.results[0].folder
+    assert result.results[0].size == 1.0
+    assert tensor_bytes(folder) == 4 * (whole - head) + 4 * len(TASKS) * head
+    for task in TASKS:
+        got = exported(folder, task, tmp_path)
+        assert torch.equal(got["lm_head.weight"], load_state(zoo5 / task)["lm_head.weight"])
+
+
 def test_head_pattern_matching_nothing_is_an_error(zoo5: Path, tmp_path: Path) -> None:
     path = write_recipe(tmp_path, recipe(zoo5))
     res = run_cli("flex", path, "--size", "2", "--heads", "classifier", "--dry-run")
