@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -204,3 +206,34 @@ def test_dry_run_prints_the_graph(zoo: Path, tmp_path: Path) -> None:
         ("picky", [], "run"),
     ]
     assert not (tmp_path / "out").exists()
+
+
+def test_a_concurrent_writer_of_an_output_fails_the_recipe_or_is_waited_for(
+    zoo: Path, tmp_path: Path
+) -> None:
+    from mergecli.engine.output import output_lock
+
+    docs = recipes(zoo, tmp_path / "hold")[2:3]
+    out = tmp_path / "out"
+    batch = load_batch(write_batch(tmp_path, docs), out)
+    with output_lock(out / "ties"):  # another run is writing it
+        [outcome] = run_batch(batch).outcomes
+    assert outcome.status == "failed" and "being written by another mergecli run" in (
+        outcome.error or ""
+    )
+    assert not (out / "ties").exists()
+
+    done_elsewhere = tmp_path / "elsewhere"
+    assert run_batch(load_batch(write_batch(tmp_path, docs), done_elsewhere)).outcomes[0].ok
+    outcomes: list = []
+    waiting = threading.Thread(
+        target=lambda: outcomes.extend(run_batch(batch, RunOptions(wait=True)).outcomes)
+    )
+    with output_lock(out / "ties"):  # another run is writing it ...
+        waiting.start()
+        time.sleep(1.0)
+        assert waiting.is_alive() and not outcomes  # ... and the batch waits for it
+        shutil.copytree(done_elsewhere / "ties", out / "ties")  # which completes the output
+    waiting.join()
+    # found complete for the same fingerprint once the other writer was done
+    assert outcomes[0].status == "skipped", outcomes[0].error

@@ -27,7 +27,9 @@ from mergecli.sweep.run import sweep_grid
 from tests.helpers import ROOT, run_cli
 from tests.test_batch import recipes, write_batch
 
-pytestmark = pytest.mark.slow
+# One Ray cluster per test run: every test of this module goes to the same xdist worker
+# (scripts/test.sh runs pytest with --dist loadgroup), so two clusters never share the cores.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]
 
 SCORE = """import os, pathlib, signal, sys
 from safetensors.numpy import load_file

@@ -24,6 +24,7 @@ from mergecli.batch.display import BatchDisplay
 from mergecli.batch.graph import Batch, BatchRecipe
 from mergecli.distributed.executor import LocalExecutor, RayExecutor, here
 from mergecli.engine.merge import run_merge
+from mergecli.engine.output import output_lock
 from mergecli.engine.plan import MergePlan, plan_merge
 from mergecli.errors import BatchError, MergeError, OutputError
 from mergecli.methods import get_method
@@ -41,6 +42,9 @@ class RunOptions:
     shard_size: str = "5GB"
     force: bool = False
     """Replace outputs that exist but were not written by a batch."""
+    wait: bool = False
+    """Wait for another run writing the same output (then skip it if that run completed it),
+    instead of failing the recipe."""
 
 
 @dataclass
@@ -122,17 +126,20 @@ def run_recipe(
         # headers only: a selecting method's experts are selected when it is merged
         plan = plan_merge(entry.recipe, options.device, options.shard_size, experts_selected=True)
         outcome.fingerprint = fingerprint(entry, plan, needs, options)
-        done = completed(entry.output)
-        if done == outcome.fingerprint:
-            outcome.status = "skipped"
-        else:
-            if entry.output.exists() and done is None and not options.force:
-                raise OutputError(
-                    f"recipe '{entry.name}': output '{entry.output}' exists and was not written "
-                    "by a batch; use --force to replace it",
-                    entry.output,
-                )
-            _merge(entry, plan, outcome.fingerprint, options, progress or NullProgress())
+        # checked and replaced under the output's lock: a concurrent batch (or merge) writing
+        # the same output makes this recipe fail at once, or wait and then find it complete
+        with output_lock(entry.output, options.wait):
+            done = completed(entry.output)
+            if done == outcome.fingerprint:
+                outcome.status = "skipped"
+            else:
+                if entry.output.exists() and done is None and not options.force:
+                    raise OutputError(
+                        f"recipe '{entry.name}': output '{entry.output}' exists and was not "
+                        "written by a batch; use --force to replace it",
+                        entry.output,
+                    )
+                _merge(entry, plan, outcome.fingerprint, options, progress or NullProgress())
     except MergeError as exc:
         outcome.status, outcome.error = "failed", str(exc)
     except Exception as exc:

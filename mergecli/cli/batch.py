@@ -15,6 +15,7 @@ from mergecli.cli import (
     JsonOpt,
     QuietOpt,
     ShardOpt,
+    WaitOpt,
     app,
     err,
     handle_errors,
@@ -48,6 +49,7 @@ def batch(
     dry_run: DryRunOpt = False,
     json_out: JsonOpt = False,
     force: ForceOpt = False,
+    wait: WaitOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Run several recipes, one using another's output by name; finished ones are skipped."""
@@ -55,7 +57,7 @@ def batch(
     from mergecli.batch.run import preview
 
     spec = load_batch(file, work_dir, output)
-    options = RunOptions(device, shard_size, force)
+    options = RunOptions(device, shard_size, force, wait)
     if dry_run:
         rows = preview(spec, options)
         if json_out:
