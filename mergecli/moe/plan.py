@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from mergecli.engine.layout import Shard, files_bytes, parse_size, plan_shards
+from mergecli.engine.outputs import Target
 from mergecli.errors import RecipeError, ShapeError, SourceError, did_you_mean
 from mergecli.moe.arrow import ArrowAdapter, check_compatible, check_top_k, open_arrow_adapter
 from mergecli.moe.gates import load_tokenizer
@@ -70,6 +71,15 @@ class MoePlan:
             assert self.shared is not None
             return self.shared
         return self.experts[index]
+
+    def target(self) -> Target:
+        """Where the output's model files come from: config and generation config from the
+        base, tokenizer from ``tokenizer_source`` (else the base)."""
+        tokenizer = self.base.path
+        source = self.recipe.tokenizer_source
+        if source and source != "base":
+            tokenizer = self.recipe.resolve_path(source)
+        return Target(self.out_dtype, self.base.path, tokenizer)
 
     @property
     def bytes_to_write(self) -> int:

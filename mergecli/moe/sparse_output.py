@@ -14,12 +14,13 @@ from __future__ import annotations
 import json
 import shutil
 from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from mergecli.engine.outputs import CopyWriter, Written
+from mergecli.engine.outputs import CopyWriter, Target, Written
 from mergecli.engine.read_plan import ReadPlan, TensorPlan
 from mergecli.engine.runner import Runner, Timer
 from mergecli.engine.store import Store
@@ -67,7 +68,7 @@ def write_sparse(plan: MoePlan, folder: Path, runner: Runner) -> dict[str, Any]:
     )
     untrained = folder / UNTRAINED if plan.section.train_steps else folder
     untrained.mkdir(exist_ok=True)
-    writer = SparseWriter(ShardWriter(untrained, plan.shards), untrained, plan, gates)
+    writer = SparseMoe(plan, gates).open(untrained, plan.target())
     runner.run(read, [Store(writer, runner.timer)], "write experts")
     writer.finish({})
     bytes_read, bytes_written = runner.timer.bytes_read, writer.bytes_written
@@ -108,14 +109,36 @@ def write_sparse(plan: MoePlan, folder: Path, runner: Runner) -> dict[str, Any]:
     return report
 
 
+@dataclass
+class SparseMoe:
+    """The sparse MoE model's output: the planned shards, each layer's router rows (computed
+    before the stream; None when the stream reads them, as for trained weights)."""
+
+    plan: MoePlan
+    gates: torch.Tensor | None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(s.nbytes for s in self.plan.shards)
+
+    def open(self, folder: Path, target: Target) -> SparseWriter:
+        shards = ShardWriter(folder, self.plan.shards)
+        return SparseWriter(shards, folder, target, self.plan, self.gates)
+
+
 class SparseWriter(CopyWriter):
     """The MoE model's shards: each copied tensor in the output dtype, each layer's router rows
     (computed, not read) before the layer's experts; then config and tokenizer files."""
 
     def __init__(
-        self, shards: ShardWriter, folder: Path, plan: MoePlan, gates: torch.Tensor | None
+        self,
+        shards: ShardWriter,
+        folder: Path,
+        target: Target,
+        plan: MoePlan,
+        gates: torch.Tensor | None,
     ) -> None:
-        super().__init__(shards, folder)
+        super().__init__(shards, folder, target)
         self.plan = plan
         self.gates = gates
         self.entries = deque(plan.entries)
@@ -138,13 +161,12 @@ class SparseWriter(CopyWriter):
         return (rows[experts:] if router.shared else rows[:experts]).to(self.plan.out_dtype)
 
     def finish(self, per_tensor: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
-        super().finish(per_tensor)
-        plan = self.plan
-        plan.config.save_pretrained(self.folder)
-        tokenizer: Path = plan.base.path
-        if plan.recipe.tokenizer_source and plan.recipe.tokenizer_source != "base":
-            tokenizer = plan.recipe.resolve_path(plan.recipe.tokenizer_source)
-        sources = ((plan.base.path, CONFIG_FILES[1:]), (tokenizer, TOKENIZER_FILES))
+        """The shards, the MoE config, the base's generation config and the tokenizer."""
+        self.shards.finish()
+        self.plan.config.save_pretrained(self.folder)
+        target = self.target
+        assert target.model_files is not None and target.tokenizer is not None
+        sources = ((target.model_files, CONFIG_FILES[1:]), (target.tokenizer, TOKENIZER_FILES))
         for origin, names in sources:
             for name in names:
                 if (origin / name).is_file():
@@ -202,7 +224,7 @@ def write_trained(
     read = ReadPlan.copies(
         tensors, StateDict("trained MoE", state), plan.recipe.on_nonfinite, plan.warnings
     )
-    writer = SparseWriter(ShardWriter(folder, plan.shards), folder, plan, None)
+    writer = SparseMoe(plan, None).open(folder, plan.target())
     timer = Timer()  # the trained weights come from memory: not counted as bytes read
     Runner(runner.progress, timer).run(read, [Store(writer, timer)], "write trained weights")
     writer.finish({})
