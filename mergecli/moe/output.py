@@ -36,7 +36,7 @@ def run_moe(
 ) -> MoeResult:
     """Write the planned MoE into ``output`` (replaced only with ``force``; ``wait`` for a run
     that holds the target's lock instead of failing)."""
-    with folder_run(output, force, wait, plan.bytes_to_write, progress) as run:
+    with folder_run(output, force, wait, plan.bytes_on_disk, progress) as run:
         folder, timer = run.folder, run.runner.timer
         write = write_arrow if plan.kind == "arrow" else write_sparse
         report = write(plan, folder, run.runner)

@@ -87,6 +87,14 @@ class MoePlan:
             return sum(a.weights.nbytes for a in [*self.adapters, *self.general])
         return files_bytes(self.shards)
 
+    @property
+    def bytes_on_disk(self) -> int:
+        """The most the run holds on disk at once: the output, plus the merged tensors outside
+        the experts (written aside first) and, when training, the untrained model beside the
+        trained one."""
+        aside = self.merge.bytes_to_write if self.merge is not None else 0
+        return self.bytes_to_write * (2 if self.section.train_steps else 1) + aside
+
     def summary(self) -> dict[str, Any]:
         out: dict[str, Any] = {
             "kind": self.kind,
