@@ -22,7 +22,7 @@ import torch
 
 from mergecli.engine.outputs import CopyWriter, Target, Written
 from mergecli.engine.read_plan import ReadPlan, TensorPlan
-from mergecli.engine.runner import Runner, Timer
+from mergecli.engine.runner import Runner
 from mergecli.engine.store import Store
 from mergecli.engine.writer import ShardWriter
 from mergecli.moe.gates import gate_rows
@@ -71,7 +71,8 @@ def write_sparse(plan: MoePlan, folder: Path, runner: Runner) -> dict[str, Any]:
     writer = SparseMoe(plan, gates).open(untrained, plan.target())
     runner.run(read, [Store(writer, runner.timer)], "write experts")
     writer.finish({})
-    bytes_read, bytes_written = runner.timer.bytes_read, writer.bytes_written
+    bytes_read = runner.timer.bytes_read  # from the inputs (not the trained weights in memory)
+    bytes_written = writer.bytes_written
     shutil.rmtree(folder / SHARED, ignore_errors=True)
     training = None
     if plan.section.train_steps:
@@ -225,8 +226,6 @@ def write_trained(
         tensors, StateDict("trained MoE", state), plan.recipe.on_nonfinite, plan.warnings
     )
     writer = SparseMoe(plan, None).open(folder, plan.target())
-    timer = Timer()  # the trained weights come from memory: not counted as bytes read
-    Runner(runner.progress, timer).run(read, [Store(writer, timer)], "write trained weights")
+    runner.run(read, [Store(writer, runner.timer)], "write trained weights")
     writer.finish({})
-    runner.timer.write += timer.write
     return writer.bytes_written
