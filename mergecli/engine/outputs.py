@@ -155,6 +155,7 @@ class ModelFolder:
     merged_rows = True
     copied_rows = True
     reads_base = False
+    card = MODEL_CARD
 
     @property
     def nbytes(self) -> int:
@@ -165,8 +166,6 @@ class ModelFolder:
 
     def memory_error(self) -> str | None:
         return None
-
-    card = MODEL_CARD
 
     def open(self, folder: Path, target: Target) -> ModelWriter:
         return ModelWriter(ShardWriter(folder, self.shards, self.metadata), folder, target)
@@ -240,12 +239,14 @@ class CopyWriter(ModelWriter):
 
 
 class InMemory(WholeModel):
-    """The merged model's state dict in memory, on the plan's device (evaluation)."""
+    """A model's state dict in memory (a merge's on the plan's device, for evaluation; whole
+    tensors as read, ``engine/whole.read_whole``)."""
 
     merged_rows = False
     copied_rows = False
     reads_base = False
     nbytes = 0
+    card = MODEL_CARD
 
     def __init__(self) -> None:
         self.state: dict[str, torch.Tensor] = {}
@@ -256,8 +257,6 @@ class InMemory(WholeModel):
 
     def memory_error(self) -> str | None:
         return None
-
-    card = MODEL_CARD
 
     def open(self, folder: Path, target: Target) -> InMemory:
         return self
