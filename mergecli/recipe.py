@@ -24,6 +24,10 @@ DTYPE_ALIASES = {
 }
 
 
+Conventions = Literal["mergecli", "mergekit"]
+"""Whose defaults and behaviour a recipe follows: the papers' (mergecli) or mergekit 0.1.5's."""
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
@@ -178,7 +182,7 @@ class Recipe(_Strict):
     chat_template: str | None = None
     """A Jinja chat template written into the output's tokenizer_config.json, or ``auto``: the
     template most of the inputs have (mergekit's key)."""
-    conventions: Literal["mergecli", "mergekit"] = "mergecli"
+    conventions: Conventions = "mergecli"
     """Whose defaults and behaviour methods follow: mergecli's (the papers') or mergekit
     0.1.5's (``mergecli.conventions``)."""
     seed: int = 0

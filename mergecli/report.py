@@ -91,7 +91,7 @@ def write_reports(folder: Path, report: dict[str, Any], sections: list[str]) -> 
 def model_card(plan: MergePlan) -> str:
     """README.md with Hugging Face metadata: base_model, tags and the recipe."""
     recipe = plan.recipe.model_dump(mode="json", exclude={"folder"}, exclude_none=True)
-    card = plan.output.card(plan)
+    card = plan.output.card
     meta: dict[str, Any] = {"library_name": card.library, "tags": ["merge", "mergecli"]}
     base = plan.recipe.base_model or (plan.base.origin if plan.base else None)
     if base:

@@ -3,9 +3,9 @@
 ``python -m scripts.output_digest FIXTURES [--out DIGESTS.txt]`` builds the tiny fixtures in
 FIXTURES (once; reused afterwards), runs every method family, the LoRA and task-mask outputs,
 FlexMerge, ``analyze interference``, an in-memory merge, a temporal replay, ``export`` of
-artifacts' tasks and ``moe`` (sparse and Arrow) through the library, and prints one line per
-output file: its path and the sha256 of its bytes (reports and manifests without their timing
-and memory fields). Two checkouts that print the same lines write the same files.
+artifacts' tasks and ``moe`` (sparse, trained and Arrow) through the library, and prints one
+line per output file: its path and the sha256 of its bytes (reports and manifests without their
+timing and memory fields). Two checkouts that print the same lines write the same files.
 """
 
 from __future__ import annotations
@@ -86,6 +86,15 @@ def arrow_adapters(root: Path) -> list[Path]:
             make_adapter(root / "base", folder, config, seed=300 + i, scale=0.3)
         (root / "arrow" / "done").write_text("")
     return folders
+
+
+def train_texts(root: Path) -> Path:
+    """Training texts of tasks a and b for a trained MoE (``{task}`` in the returned path)."""
+    for i, task in enumerate("ab"):
+        lines = [" ".join(f"w{(5 * k + j + 20 * i) % 61}" for j in range(8)) for k in range(10)]
+        (root / "train" / task).mkdir(parents=True, exist_ok=True)
+        (root / "train" / task / "texts.txt").write_text("\n".join(lines) + "\n")
+    return root / "train" / "{task}" / "texts.txt"
 
 
 def recipe(root: Path, spec: dict[str, Any]) -> Any:
@@ -187,7 +196,8 @@ def digests(root: Path, work: Path) -> Iterator[str]:
 
 def export_and_moe(root: Path, work: Path) -> Iterator[str]:
     """Tasks exported from the task-mask and FlexMerge artifacts above; sparse MoE models
-    (random and cheap_embed gates, shared tensors merged) and an Arrow MoE with GenKnowSub."""
+    (random and cheap_embed gates, shared tensors merged, routers and experts trained) and an
+    Arrow MoE with GenKnowSub."""
     from mergecli.artifacts import open_artifact
     from mergecli.artifacts.export import export_task
     from mergecli.moe import plan_moe, run_moe
@@ -206,6 +216,16 @@ def export_and_moe(root: Path, work: Path) -> Iterator[str]:
             "merge_method": "task_arithmetic",
             "out_dtype": "bfloat16",
             "moe": {"gate_mode": "random"},
+        },
+        "moe-trained": {
+            "models": "ab",
+            "moe": {
+                "gate_mode": "random",
+                "train_data": str(train_texts(root)),
+                "train_steps": 3,
+                "lr": 0.01,
+                "batch_size": 4,
+            },
         },
     }
     for label, spec in specs.items():

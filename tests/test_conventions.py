@@ -104,6 +104,8 @@ def test_conventions_flag_and_bad_values(zoo: Path, tmp_path: Path) -> None:
     assert "differ from mergekit" not in result.output
     result = run_cli("merge", path, "--dry-run", "--conventions", "mergekt")
     assert result.exit_code == 2 and "--conventions" in result.output
+    result = run_cli("merge", path, "--dry-run", "--executor", "dask")
+    assert result.exit_code == 2 and "--executor" in result.output and "'ray'" in result.output
     with pytest.raises(mergecli.MergeError, match="conventions"):
         recipe_from_dict({**data, "conventions": "other"})
 

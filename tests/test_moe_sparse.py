@@ -364,6 +364,15 @@ def test_training_updates_routers_and_experts_only(zoo: Path, tmp_path: Path) ->
     untrained_out = tmp_path / "plain"
     assert run_cli("moe", path, "--output", untrained_out, "-q").exit_code == 0
     before = AutoModelForCausalLM.from_pretrained(untrained_out).state_dict()
+    # the trained weights are written in the planned layout: the untrained folder's files, with
+    # the same tensors in the same order; nothing is left beside them
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(
+        p.name for p in untrained_out.iterdir()
+    )
+    for file in untrained_out.glob("*.safetensors"):
+        plain, done = file.read_bytes(), (tmp_path / "out" / file.name).read_bytes()
+        header = 8 + int.from_bytes(plain[:8], "little")  # names, dtypes, shapes, offsets
+        assert len(done) == len(plain) and done[:header] == plain[:header]
     for name, tensor in before.items():
         changed = not torch.equal(trained[name], tensor)
         assert changed == (".gate." in name or ".experts." in name), name

@@ -84,3 +84,24 @@ def test_methods_leave_their_inputs_unchanged(method: str, params: dict) -> None
         assert torch.equal(tv, w - base)
     assert len(merged.kept) == 2
     assert (method == "task_arithmetic") == (merged.kept == [None, None])
+
+
+def test_read_whole_reads_every_tensor_as_stored_and_stops_at_nan(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    from mergecli.engine.whole import read_whole
+    from mergecli.sources import Checkpoint
+
+    tensors = {
+        "a": torch.arange(12, dtype=torch.float32).reshape(3, 4),
+        "b": torch.tensor([1.5, -2.0], dtype=torch.bfloat16),
+        "ids": torch.tensor([3, 1, 2]),
+    }
+    save_file(tensors, tmp_path / "model.safetensors")
+    state = read_whole(Checkpoint(tmp_path, "ckpt"), ["ids", "a", "b"])
+    assert list(state) == ["ids", "a", "b"]
+    for name, tensor in tensors.items():
+        assert state[name].dtype == tensor.dtype and torch.equal(state[name], tensor)
+    save_file({"a": torch.tensor([0.0, float("nan")])}, tmp_path / "model.safetensors")
+    with pytest.raises(mergecli.MergeError, match="'a'"):
+        read_whole(Checkpoint(tmp_path, "ckpt"), ["a"])

@@ -454,3 +454,26 @@ def test_two_runs_give_reports_identical_but_for_run(small: Path) -> None:
 def test_version_runs_as_a_module() -> None:
     done = run_module("--version")
     assert done.returncode == 0 and done.stdout.startswith("mergecli ")
+
+
+def test_folder_run_leaves_the_old_output_on_error_and_replaces_it_on_success(
+    tmp_path: Path,
+) -> None:
+    from mergecli.engine.folder_run import folder_run
+
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+    with pytest.raises(OutputError, match="--force"), folder_run(target):
+        pass
+    with pytest.raises(RuntimeError, match="boom"), folder_run(target, force=True) as run:
+        assert run.folder.parent == tmp_path and run.folder != target
+        (run.folder / "new.txt").write_text("new")
+        raise RuntimeError("boom")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert [p.name for p in target.iterdir()] == ["old.txt"]
+    with folder_run(target, force=True) as run:
+        (run.folder / "new.txt").write_text("new")
+    assert run.output == target.resolve() and run.wall >= 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert [p.name for p in target.iterdir()] == ["new.txt"]

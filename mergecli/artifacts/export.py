@@ -6,13 +6,11 @@ from pathlib import Path
 
 from mergecli.artifacts import Artifact, check_task
 from mergecli.artifacts.source import TaskSource
+from mergecli.engine.folder_run import folder_run
 from mergecli.engine.layout import parse_size, plan_shards
-from mergecli.engine.output import atomic_folder, copy_model_files
-from mergecli.engine.outputs import CopyWriter
+from mergecli.engine.outputs import Target, TensorCopies
 from mergecli.engine.read_plan import ReadPlan, TensorPlan
-from mergecli.engine.runner import Runner
 from mergecli.engine.store import Store
-from mergecli.engine.writer import ShardWriter
 from mergecli.progress import Progress
 
 
@@ -28,20 +26,18 @@ def export_task(
     """Stream one task's tensors into ``output`` (atomically, under its lock); returns the
     folder."""
     check_task(artifact, task)
-    output = Path(output).resolve()
     tensors = [
         TensorPlan(name, *artifact.tensor_spec(name), merge=False)
         for name in artifact.tensor_names()
     ]
     shards = plan_shards([(t.name, t.shape, t.out_dtype) for t in tensors], parse_size(shard_size))
     dtypes = [t.out_dtype for t in tensors if t.out_dtype.is_floating_point]
-    runner = Runner(progress)
-    with atomic_folder(output, force, wait, sum(s.nbytes for s in shards)) as folder:
-        writer = CopyWriter(ShardWriter(folder, shards, {"mergecli_task": task}), folder)
+    copies = TensorCopies(shards, {"mergecli_task": task})
+    files = artifact.model_files()
+    target = Target(max(set(dtypes), key=dtypes.count), files, files)
+    with folder_run(output, force, wait, copies.nbytes, progress) as run:
+        writer = copies.open(run.folder, target)
         read = ReadPlan.copies(tensors, TaskSource(artifact, task))
-        runner.run(read, [Store(writer, runner.timer)], f"exporting {task}")
+        run.runner.run(read, [Store(writer, run.runner.timer)], f"exporting {task}")
         writer.finish({})
-        files = artifact.model_files()
-        copy_model_files(files, files, folder, max(set(dtypes), key=dtypes.count))
-    runner.progress.stop()
-    return output
+    return run.output

@@ -17,8 +17,10 @@ import typer
 from rich.console import Console
 
 import mergecli
+from mergecli.distributed.executor import ExecutorName
 from mergecli.errors import MergeError, RecipeError
 from mergecli.jsonsafe import strict_json
+from mergecli.recipe import Conventions
 
 app = typer.Typer(
     name="mergecli",
@@ -42,6 +44,24 @@ WaitOpt = Annotated[
 DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N or auto.")]
 ShardOpt = Annotated[str, typer.Option("--shard-size", help="Largest output shard (5GB, 500MB).")]
 DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Print the plan; read no tensor.")]
+ConventionsOpt = Annotated[
+    Conventions | None,
+    typer.Option(
+        "--conventions",
+        help="mergecli (the papers', default) or mergekit (mergekit 0.1.5's defaults and "
+        "behaviour); overrides the recipe's conventions key.",
+    ),
+]
+ExecutorOpt = Annotated[
+    ExecutorName,
+    typer.Option("--executor", help="local, or ray: independent work as tasks on a Ray cluster."),
+]
+AddressOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--address", help="Ray cluster to join (host:port or auto; default: start one here)."
+    ),
+]
 OutputOpt = Annotated[
     Path | None, typer.Option("--output", "-o", help="Output folder (overrides the recipe).")
 ]

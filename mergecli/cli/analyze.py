@@ -11,7 +11,9 @@ from rich.table import Table
 
 import mergecli
 from mergecli.cli import (
+    AddressOpt,
     DeviceOpt,
+    ExecutorOpt,
     JsonOpt,
     QuietOpt,
     app,
@@ -21,7 +23,6 @@ from mergecli.cli import (
     print_json,
     print_warnings,
 )
-from mergecli.cli.executor import AddressOpt, ExecutorOpt
 from mergecli.distributed.executor import executor_for
 from mergecli.errors import MergeError, RecipeError
 from mergecli.progress import progress_for

@@ -9,8 +9,10 @@ import typer
 from rich.table import Table
 
 from mergecli.cli import (
+    AddressOpt,
     DeviceOpt,
     DryRunOpt,
+    ExecutorOpt,
     ForceOpt,
     JsonOpt,
     QuietOpt,
@@ -22,7 +24,6 @@ from mergecli.cli import (
     out,
     print_json,
 )
-from mergecli.cli.executor import AddressOpt, ExecutorOpt
 from mergecli.distributed.executor import executor_for
 
 

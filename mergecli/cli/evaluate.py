@@ -10,7 +10,9 @@ from rich.table import Table
 
 import mergecli
 from mergecli.cli import (
+    AddressOpt,
     DeviceOpt,
+    ExecutorOpt,
     ForceOpt,
     JsonOpt,
     OutputOpt,
@@ -24,7 +26,6 @@ from mergecli.cli import (
     print_json,
 )
 from mergecli.cli.analyze import analyze_app, show
-from mergecli.cli.executor import AddressOpt, ExecutorOpt
 from mergecli.distributed.executor import executor_for
 from mergecli.errors import RecipeError
 from mergecli.progress import count_bar_for

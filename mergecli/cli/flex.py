@@ -10,8 +10,10 @@ from rich.table import Table
 
 import mergecli
 from mergecli.cli import (
+    AddressOpt,
     DeviceOpt,
     DryRunOpt,
+    ExecutorOpt,
     ForceOpt,
     JsonOpt,
     OutputOpt,
@@ -26,7 +28,6 @@ from mergecli.cli import (
     print_json,
     print_warnings,
 )
-from mergecli.cli.executor import AddressOpt, ExecutorOpt
 from mergecli.distributed.executor import RayExecutor, executor_for
 from mergecli.errors import RecipeError
 from mergecli.progress import count_bar_for, progress_for

@@ -10,8 +10,11 @@ from rich.table import Table
 
 import mergecli
 from mergecli.cli import (
+    AddressOpt,
+    ConventionsOpt,
     DeviceOpt,
     DryRunOpt,
+    ExecutorOpt,
     ForceOpt,
     JsonOpt,
     OutputOpt,
@@ -27,9 +30,7 @@ from mergecli.cli import (
     print_json,
     print_warnings,
 )
-from mergecli.cli.executor import AddressOpt, ExecutorOpt
 from mergecli.distributed.executor import RayExecutor, executor_for
-from mergecli.errors import RecipeError
 from mergecli.progress import count_bar_for, progress_for
 from mergecli.report import human_bytes
 
@@ -51,28 +52,14 @@ def merge(
     force: ForceOpt = False,
     wait: WaitOpt = False,
     quiet: QuietOpt = False,
-    conventions: Annotated[
-        str | None,
-        typer.Option(
-            "--conventions",
-            help="mergecli (the papers', default) or mergekit (mergekit 0.1.5's defaults and "
-            "behaviour); overrides the recipe's conventions key.",
-        ),
-    ] = None,
+    conventions: ConventionsOpt = None,
 ) -> None:
     """Merge the checkpoints a recipe names into a new model folder."""
     spec = mergecli.load_recipe(recipe)
     if allow_bin:
         spec.allow_bin = True
     if conventions is not None:
-        from mergecli.methods.registry import CONVENTIONS
-
-        if conventions not in CONVENTIONS:
-            raise RecipeError(
-                f"--conventions: '{conventions}' is not one of {', '.join(CONVENTIONS)}",
-                key="conventions",
-            )
-        spec.conventions = conventions  # type: ignore[assignment]
+        spec.conventions = conventions
     target = output_folder(recipe, spec, output, dry_run)
     runner = None if dry_run else executor_for(executor, address)
     if dry_run:  # headers only: a selecting method's plan lists every expert

@@ -15,12 +15,13 @@ import socket
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import mergecli
 from mergecli.errors import MergeError
 
-EXECUTORS = ("local", "ray")
+ExecutorName = Literal["local", "ray"]
+EXECUTORS: tuple[ExecutorName, ...] = get_args(ExecutorName)
 RETRIES = 3
 """Times a Ray task is retried when its worker process or node dies."""
 

@@ -14,17 +14,21 @@ layout is the driver's.
 
 from __future__ import annotations
 
-import datetime
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from mergecli.distributed.executor import RayExecutor, Resources
 from mergecli.engine.figures import ReportSums
+from mergecli.engine.folder_run import folder_run
 from mergecli.engine.layout import Shard, index_json
-from mergecli.engine.merge import MergePass, MergeResult, build_report, statistics
-from mergecli.engine.output import atomic_folder, check_output, copy_model_files
+from mergecli.engine.merge import (
+    MergePass,
+    MergeResult,
+    build_report,
+    statistics,
+    write_merge_reports,
+)
 from mergecli.engine.outputs import ModelFolder, ModelWriter
 from mergecli.engine.plan import MergePlan, plan_merge
 from mergecli.engine.runner import Observe, Runner, Timer
@@ -33,9 +37,8 @@ from mergecli.engine.threads import compute_threads
 from mergecli.engine.writer import ShardWriter
 from mergecli.errors import MergeError
 from mergecli.methods.statistics import LargestMagnitudes, Statistic, StatValues
-from mergecli.progress import NullProgress, Progress
+from mergecli.progress import Progress
 from mergecli.recipe import Recipe
-from mergecli.report import model_card, write_reports
 from mergecli.sources.checkpoint import INDEX_NAME
 
 
@@ -94,7 +97,7 @@ def _merge_shard(
     assert isinstance(plan.output, ModelFolder)
     shard = shards[index]
     runner = Runner()
-    writer = ModelWriter(ShardWriter(folder, [shard], plan.output.metadata), folder, plan)
+    writer = ModelWriter(ShardWriter(folder, [shard], plan.output.metadata), folder, plan.target())
     sums, store = ReportSums(), Store(writer, runner.timer)
     with compute_threads():
         read = plan.read_plan(_tensors(plan, shard, merged_only=False))
@@ -173,15 +176,12 @@ def run_merge_on_ray(
             "--executor ray splits merges into model folders by shard; a LoRA adapter or "
             "task-mask artifact output runs without --executor ray"
         )
-    output = Path(output).resolve()
-    progress = progress or NullProgress()
-    check_output(output, force)
-    started = time.perf_counter()
-    started_at = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     unit = Unit(plan.recipe, str(plan.device), shard_size)
-    named, gathered = distributed_statistics(plan, unit, executor, progress)
     shards = plan.output.shards
-    with atomic_folder(output, force, wait, plan.bytes_to_write) as folder:
+    with folder_run(output, force, wait, plan.bytes_to_write, progress) as run:
+        progress = run.runner.progress
+        named, gathered = distributed_statistics(plan, unit, executor, progress)
+        folder = run.folder
         progress.start("merging (Ray)", len(plan.tensors), 0)
         for index in range(len(shards)):
             executor.submit(
@@ -205,11 +205,10 @@ def run_merge_on_ray(
         per_tensor = {t.name: per_tensor[t.name] for t in plan.tensors if t.name in per_tensor}
         if len(shards) > 1:
             (folder / INDEX_NAME).write_text(index_json(shards))
-        copy_model_files(plan.reference.path, plan.tokenizer_folder, folder, plan.out_dtype)
-        wall = time.perf_counter() - started
-        report = build_report(plan, output, per_tensor, timer, written, wall, started_at)
+        plan.target().copy_model_files(folder)
+        report = build_report(
+            plan, run.output, per_tensor, timer, written, run.wall, run.started_at
+        )
         report["run"]["executor"] = {"kind": "ray", "statistics": gathered, "tasks": tasks}
-        write_reports(folder, report, [])
-        (folder / "README.md").write_text(model_card(plan))
-    progress.stop()
-    return MergeResult(output, report)
+        write_merge_reports(folder, report=report, plan=plan, lines=[])
+    return MergeResult(run.output, report)

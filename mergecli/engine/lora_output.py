@@ -16,12 +16,12 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from mergecli.engine.layout import Shard
-from mergecli.engine.outputs import Card, Sharded, Written
+from mergecli.engine.outputs import Card, Sharded, Target, Written
 from mergecli.engine.read_plan import TensorPlan
 from mergecli.engine.writer import ShardWriter
 from mergecli.errors import RecipeError, SourceError
@@ -29,9 +29,6 @@ from mergecli.methods import MethodSpec, Params, TaskMasks, TensorInputs
 from mergecli.recipe import Recipe
 from mergecli.sources import Adapter, Checkpoint, Source
 from mergecli.sources.adapter import ADAPTER_CONFIG, PEFT_PREFIX
-
-if TYPE_CHECKING:
-    from mergecli.engine.plan import MergePlan
 
 WEIGHTS_FILE = "adapter_model.safetensors"
 
@@ -262,17 +259,16 @@ class LoraAdapter:
     def memory_error(self) -> str | None:
         return "this recipe writes a LoRA adapter; in-memory merges hold full weights"
 
-    def open(self, folder: Path, plan: MergePlan) -> LoraWriter:
+    card = Card(
+        "Merged LoRA adapter",
+        "This LoRA adapter holds the merged model's change of the base "
+        "(`PeftModel.from_pretrained(base, FOLDER)` loads it). It was merged",
+        "peft",
+    )
+
+    def open(self, folder: Path, target: Target) -> LoraWriter:
         return LoraWriter(
             self.layout, ShardWriter(folder, [self.layout.shard], self.metadata), folder
-        )
-
-    def card(self, plan: MergePlan) -> Card:
-        return Card(
-            "Merged LoRA adapter",
-            "This LoRA adapter holds the merged model's change of the base "
-            "(`PeftModel.from_pretrained(base, FOLDER)` loads it). It was merged",
-            "peft",
         )
 
 

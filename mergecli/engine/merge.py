@@ -3,7 +3,6 @@ sums the report's figures and hands the result to the output plug-in."""
 
 from __future__ import annotations
 
-import datetime
 import platform
 import resource
 import time
@@ -15,7 +14,7 @@ import torch
 
 from mergecli.engine.figures import ReportSums, summarize
 from mergecli.engine.finite import check_finite
-from mergecli.engine.output import atomic_folder, check_output
+from mergecli.engine.folder_run import folder_run
 from mergecli.engine.outputs import InMemory
 from mergecli.engine.plan import MergePlan, TensorPlan
 from mergecli.engine.runner import Pass, Piece, Runner, Timer, WriteQueue
@@ -65,33 +64,38 @@ def run_merge(
 ) -> MergeResult:
     """Execute a plan into ``output`` (atomically, under the output's lock; ``wait`` for a run
     that holds it instead of failing) and return the report."""
-    with compute_threads():
-        return _run_merge(plan, Path(output).resolve(), force, Runner(progress), wait)
-
-
-def _run_merge(
-    plan: MergePlan, output: Path, force: bool, runner: Runner, wait: bool
-) -> MergeResult:
-    check_output(output, force)
-    started = time.perf_counter()
-    started_at = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
-    with atomic_folder(output, force, wait, plan.bytes_to_write) as folder:
+    with (
+        compute_threads(),
+        folder_run(output, force, wait, plan.bytes_to_write, progress) as run,
+    ):
+        runner, folder = run.runner, run.folder
         stats = statistics(plan, runner)
-        writer = plan.output.open(folder, plan)
+        writer = plan.output.open(folder, plan.target())
         sums, store = ReportSums(), Store(writer, runner.timer)
         passes: list[Pass] = [MergePass(plan, stats, runner.timer), sums, store]
         runner.run(plan.read_plan(), passes, "merging")
         per_tensor = {n: {**r, **store.extra.get(n, {})} for n, r in sums.per_tensor().items()}
         section, lines = writer.finish(per_tensor)
-        wall = time.perf_counter() - started
         report = build_report(
-            plan, output, per_tensor, runner.timer, writer.bytes_written, wall, started_at
+            plan,
+            run.output,
+            per_tensor,
+            runner.timer,
+            writer.bytes_written,
+            run.wall,
+            run.started_at,
         )
         report.update(section)
-        write_reports(folder, report, lines)
-        (folder / "README.md").write_text(model_card(plan))
-    runner.progress.stop()
-    return MergeResult(output, report)
+        write_merge_reports(folder, plan, report, lines)
+    return MergeResult(run.output, report)
+
+
+def write_merge_reports(
+    folder: Path, plan: MergePlan, report: dict[str, Any], lines: list[str]
+) -> None:
+    """merge_report.json / .md (with the output's Markdown ``lines``) and the model card."""
+    write_reports(folder, report, lines)
+    (folder / "README.md").write_text(model_card(plan))
 
 
 def statistics(plan: MergePlan, runner: Runner) -> StatValues:

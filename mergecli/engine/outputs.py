@@ -1,20 +1,23 @@
-"""Output plug-ins: where a merge's tensors go.
+"""Output plug-ins: where a stream's tensors go.
 
-An output is planned from headers (its layout and size) and owns what it writes: its files,
-its extra files (config, tokenizer, adapter config, manifest), its section of the report and
-its model card. The merge pass hands it each merged or copied piece; the runner writes what it
-returns on the writer thread. Outputs: ``ModelFolder`` (here), ``LoraAdapter``
-(``engine/lora_output.py``), ``TaskMaskArtifact`` (``engine/task_artifact.py``), ``InMemory``
-(here, for evaluation); FlexMerge's artifact is written by its own pass (``flex/run.py``).
-Writers without a merge: ``CopyWriter`` (here; an exported task, a sparse MoE), the Arrow
-folder's ``AdapterCopies`` (``moe/arrow_output.py``).
+Every output kind is an ``Output``: planned from headers (its layout and size), opened on a
+folder with a ``Target`` (where its config and tokenizer files come from, the weights' dtype,
+the method), it returns an ``OutputWriter`` that owns what it writes: its files, its extra
+files (config, tokenizer, adapter config, manifest), its section of the report. The runner
+writes, on the writer thread, what the stream's passes hand it. Outputs a merge plan holds
+(``MergeOutput``: ``ModelFolder`` and ``InMemory`` here, ``LoraAdapter`` in
+``engine/lora_output.py``, ``TaskMaskArtifact`` in ``engine/task_artifact.py``) give a
+``PieceWriter``, which the merge's ``Store`` pass asks what to write for each merged or copied
+piece. Others: ``TensorCopies`` (here; an exported task), ``SparseMoe`` and ``ArrowMoe``
+(``moe/sparse_output.py``, ``moe/arrow_output.py``), ``FlexArtifact`` (``flex/artifact.py``,
+one per deployed size, fed by FlexMerge's own pass).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -25,11 +28,36 @@ from mergecli.engine.read_plan import TensorPlan
 from mergecli.engine.writer import ShardWriter
 from mergecli.methods import TaskMasks, TensorInputs
 
-if TYPE_CHECKING:
-    from mergecli.engine.plan import MergePlan
-
 Written = list[tuple[str, Any]]
 """What an output writes for one piece: (stored name, value) in layout order."""
+
+
+@dataclass(frozen=True)
+class Target:
+    """What an output is told about the run that fills it, besides its own layout."""
+
+    out_dtype: torch.dtype
+    """The weights' dtype (written into config.json)."""
+    model_files: Path | None = None
+    """The model whose config and generation config the output carries (None: none)."""
+    tokenizer: Path | None = None
+    """The folder whose tokenizer files the output carries."""
+    method: str = ""
+    """The merging method, for files that name it."""
+    chat_template: str | None = None
+    """The recipe's ``chat_template`` (a Jinja text or ``auto``)."""
+    inputs: tuple[Path, ...] = ()
+    """The input folders an ``auto`` chat template is taken from."""
+
+    def copy_model_files(self, folder: Path) -> None:
+        """config.json (dtype updated), generation config, tokenizer files, chat template."""
+        if self.model_files is not None:
+            copy_model_files(
+                self.model_files, self.tokenizer or self.model_files, folder, self.out_dtype
+            )
+        template = resolve_chat_template(self.chat_template, self.inputs)
+        if template is not None:
+            write_chat_template(folder, template)
 
 
 @dataclass
@@ -49,6 +77,19 @@ class OutputWriter(Protocol):
         """Bytes stored so far."""
         ...
 
+    def write(self, name: str, value: Any) -> None:
+        """Store one value (called on the writer thread, in order)."""
+        ...
+
+    def finish(self, per_tensor: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+        """Close the files, write the extra ones; the report's section (by key) and its
+        Markdown lines."""
+        ...
+
+
+class PieceWriter(OutputWriter, Protocol):
+    """An output writer that says what to write for each piece of a stream (``Store``)."""
+
     def merged(
         self, tensor: TensorPlan, inputs: TensorInputs, merged: torch.Tensor | TaskMasks
     ) -> tuple[Written, dict[str, Any]]:
@@ -59,14 +100,16 @@ class OutputWriter(Protocol):
         """What to write for one copied piece."""
         ...
 
-    def write(self, name: str, value: Any) -> None:
-        """Store one value (called on the writer thread, in order)."""
+
+class Output(Protocol):
+    """An output kind, planned from headers."""
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the weight files."""
         ...
 
-    def finish(self, per_tensor: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
-        """Close the files, write the extra ones; the report's section (by key) and its
-        Markdown lines."""
-        ...
+    def open(self, folder: Path, target: Target) -> OutputWriter: ...
 
 
 class RowPolicy(Protocol):
@@ -78,15 +121,15 @@ class RowPolicy(Protocol):
     """Whether copied tensors may come in row pieces."""
 
 
-class Output(RowPolicy, Protocol):
-    """An output kind, planned from headers."""
+class MergeOutput(Output, RowPolicy, Protocol):
+    """An output a merge plan holds: its writer takes merged and copied pieces."""
 
     reads_base: bool
     """Whether the base is read for every merged tensor (an adapter is a change of it)."""
 
     @property
-    def nbytes(self) -> int:
-        """Bytes of the weight files."""
+    def card(self) -> Card:
+        """What the model card says the output is."""
         ...
 
     def summary(self) -> dict[str, Any]:
@@ -97,9 +140,10 @@ class Output(RowPolicy, Protocol):
         """Why the merge cannot be held in memory as one model, or None when it can."""
         ...
 
-    def open(self, folder: Path, plan: MergePlan) -> OutputWriter: ...
+    def open(self, folder: Path, target: Target) -> PieceWriter: ...
 
-    def card(self, plan: MergePlan) -> Card: ...
+
+MODEL_CARD = Card("Merged model", "This model was merged")
 
 
 @dataclass
@@ -111,6 +155,7 @@ class ModelFolder:
     merged_rows = True
     copied_rows = True
     reads_base = False
+    card = MODEL_CARD
 
     @property
     def nbytes(self) -> int:
@@ -122,11 +167,8 @@ class ModelFolder:
     def memory_error(self) -> str | None:
         return None
 
-    def open(self, folder: Path, plan: MergePlan) -> ModelWriter:
-        return ModelWriter(ShardWriter(folder, self.shards, self.metadata), folder, plan)
-
-    def card(self, plan: MergePlan) -> Card:
-        return Card("Merged model", "This model was merged")
+    def open(self, folder: Path, target: Target) -> ModelWriter:
+        return ModelWriter(ShardWriter(folder, self.shards, self.metadata), folder, target)
 
 
 class WholeModel:
@@ -158,44 +200,53 @@ class Sharded:
         self.shards.write(name, value)
 
 
-class CopyWriter(WholeModel, Sharded):
-    """Writes copied tensors into safetensors shards, each in its planned dtype (an exported
-    task, a sparse MoE's tensors)."""
+@dataclass
+class TensorCopies:
+    """Copied tensors in safetensors shards, each in its planned dtype, with the target's
+    model files (an exported task)."""
+
+    shards: list[Shard]
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(s.nbytes for s in self.shards)
+
+    def open(self, folder: Path, target: Target) -> CopyWriter:
+        return CopyWriter(ShardWriter(folder, self.shards, self.metadata), folder, target)
+
+
+class ModelWriter(WholeModel, Sharded):
+    """Writes a model folder: every tensor in the output dtype, then config, tokenizer and chat
+    template."""
+
+    def __init__(self, shards: ShardWriter, folder: Path, target: Target) -> None:
+        super().__init__(shards, folder)
+        self.target = target
+
+    def finish(self, per_tensor: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+        self.shards.finish()
+        self.target.copy_model_files(self.folder)
+        return {}, []
+
+
+class CopyWriter(ModelWriter):
+    """A model folder of copied tensors, each in its planned dtype (an exported task, a sparse
+    MoE's tensors)."""
 
     def copied(self, tensor: TensorPlan, value: torch.Tensor) -> Written:
         return [(tensor.name, value.to(tensor.out_dtype))]
 
-    def finish(self, per_tensor: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
-        self.shards.finish()
-        return {}, []
-
-
-class ModelWriter(WholeModel, Sharded):
-    """Writes a model folder: every tensor in the output dtype, then config and tokenizer."""
-
-    def __init__(self, shards: ShardWriter, folder: Path, plan: MergePlan) -> None:
-        super().__init__(shards, folder)
-        self.plan = plan
-
-    def finish(self, per_tensor: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
-        self.shards.finish()
-        copy_model_files(
-            self.plan.reference.path, self.plan.tokenizer_folder, self.folder, self.plan.out_dtype
-        )
-        sources = [s.path for s in (self.plan.base, *self.plan.experts) if s]
-        template = resolve_chat_template(self.plan.recipe.chat_template, sources)
-        if template is not None:
-            write_chat_template(self.folder, template)
-        return {}, []
-
 
 class InMemory(WholeModel):
-    """The merged model's state dict in memory, on the plan's device (evaluation)."""
+    """A model's state dict in memory (a merge's on the plan's device, for evaluation; whole
+    tensors as read, ``engine/whole.read_whole``)."""
 
     merged_rows = False
     copied_rows = False
     reads_base = False
     nbytes = 0
+    card = MODEL_CARD
 
     def __init__(self) -> None:
         self.state: dict[str, torch.Tensor] = {}
@@ -207,11 +258,8 @@ class InMemory(WholeModel):
     def memory_error(self) -> str | None:
         return None
 
-    def open(self, folder: Path, plan: MergePlan) -> InMemory:
+    def open(self, folder: Path, target: Target) -> InMemory:
         return self
-
-    def card(self, plan: MergePlan) -> Card:
-        return Card("Merged model", "This model was merged")
 
     def write(self, name: str, value: Any) -> None:
         self.state[name] = value

@@ -15,7 +15,7 @@ from mergecli.conventions import apply_conventions, parameter_position
 from mergecli.engine.checks import adapter_warnings, check_bounds, check_weights, model_warnings
 from mergecli.engine.layout import files_bytes, parse_size, plan_shards
 from mergecli.engine.lora_output import LoraAdapter, plan_lora_output
-from mergecli.engine.outputs import ModelFolder, Output, RowPolicy
+from mergecli.engine.outputs import MergeOutput, ModelFolder, RowPolicy, Target
 from mergecli.engine.read_plan import (
     LOOKAHEAD,
     ReadPlan,
@@ -105,9 +105,21 @@ class MergePlan(InputPlan):
     """Everything decided before the first tensor is read."""
 
     method: MethodSpec
-    output: Output
+    output: MergeOutput
     """Where the merged tensors go: a model folder, a LoRA adapter or a task-mask artifact."""
     statistics: list[Statistic]
+
+    def target(self) -> Target:
+        """What the output is told: the reference model's files, the tokenizer's folder, the
+        output dtype, the method and the recipe's chat template over the inputs."""
+        return Target(
+            self.out_dtype,
+            self.reference.path,
+            self.tokenizer_folder,
+            self.method.name,
+            self.recipe.chat_template,
+            tuple(s.path for s in (self.base, *self.experts) if s),
+        )
 
     @property
     def uses_base(self) -> bool:
@@ -446,7 +458,7 @@ def plan_output(
     experts: list[Source],
     tensors: list[TensorPlan],
     shard_bytes: int,
-) -> Output:
+) -> MergeOutput:
     """The output's layout: a LoRA adapter (``output_format: lora``), a task-mask artifact (mask
     methods) or a model folder."""
     metadata = {"mergecli_method": method.name}

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from mergecli.engine.outputs import OutputWriter
+from mergecli.engine.outputs import PieceWriter
 from mergecli.engine.runner import Piece, Timer, WriteQueue
 
 
@@ -14,7 +14,7 @@ class Store:
     """The output pass: what the output writes for each piece, queued for the writer thread;
     the output's per-tensor figures (a LoRA pair's energy kept) in ``extra``."""
 
-    def __init__(self, writer: OutputWriter, timer: Timer) -> None:
+    def __init__(self, writer: PieceWriter, timer: Timer) -> None:
         self.writer = writer
         self.timer = timer
         self.extra: dict[str, dict[str, Any]] = {}

@@ -17,20 +17,16 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 
 from mergecli.engine.layout import Shard, files_bytes, plan_shards
-from mergecli.engine.output import copy_model_files
-from mergecli.engine.outputs import Card, Written
+from mergecli.engine.outputs import Card, Target, Written
 from mergecli.engine.read_plan import TensorPlan
 from mergecli.engine.writer import ShardWriter
 from mergecli.methods import TaskMasks, TensorInputs
-
-if TYPE_CHECKING:
-    from mergecli.engine.plan import MergePlan
 
 MANIFEST = "artifact.json"
 KIND = "task_masks"
@@ -160,10 +156,8 @@ class TaskMaskArtifact:
             "artifact, not one model: run it into a folder"
         )
 
-    def open(self, folder: Path, plan: MergePlan) -> TaskArtifactWriter:
-        return TaskArtifactWriter(folder, self.layout, plan)
-
-    def card(self, plan: MergePlan) -> Card:
+    @property
+    def card(self) -> Card:
         return Card(
             "Task-mask artifact",
             "This folder is not one model: it holds the base, a unified task vector and one-bit "
@@ -171,15 +165,18 @@ class TaskMaskArtifact:
             "--task NAME --output DIR` writes one task's model. It was made",
         )
 
+    def open(self, folder: Path, target: Target) -> TaskArtifactWriter:
+        return TaskArtifactWriter(folder, self.layout, target)
+
 
 class TaskArtifactWriter:
     """Streams an artifact's tensors into its shards, then writes the manifest."""
 
-    def __init__(self, folder: Path, layout: TaskArtifactLayout, plan: MergePlan) -> None:
+    def __init__(self, folder: Path, layout: TaskArtifactLayout, target: Target) -> None:
         self.folder = folder
         self.layout = layout
-        self.plan = plan
-        self.method = plan.method.name
+        self.target = target
+        self.method = target.method
         self.base = ShardWriter(_mkdir(folder / BASE), layout.base, layout.metadata)
         self.unified = ShardWriter(_mkdir(folder / UNIFIED), layout.unified, layout.metadata)
         self.masks = [
@@ -235,8 +232,7 @@ class TaskArtifactWriter:
         summary = {k: v for k, v in self.summary().items() if k != "kind"}
         manifest = {"mergecli_artifact": KIND, "version": 1, **summary, "scales": self.scales}
         (self.folder / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
-        plan = self.plan
-        copy_model_files(plan.reference.path, plan.tokenizer_folder, self.folder, plan.out_dtype)
+        self.target.copy_model_files(self.folder)
         section = self.summary()
         return {"artifact": section}, markdown(section)
 

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
+from mergecli.engine.whole import read_whole
 from mergecli.errors import EvaluationError, RecipeError, ShapeError, SourceError
 from mergecli.evaluate.tasks import Task, read_examples
 from mergecli.progress import CountBar
@@ -153,7 +154,10 @@ class BuiltinEvaluator:
         return kind, config
 
     def load(self, source: ModelSource) -> tuple[torch.nn.Module, str, Path]:
-        """The model of a folder or of merged tensors, its kind, and its tokenizer's folder."""
+        """The model of a folder or of merged tensors, its kind, and its tokenizer's folder.
+
+        Scoring runs forward passes, so the whole model is loaded: a folder's tensors are read
+        by the runner (``engine/whole.read_whole``), merged ones come from ``merge_state``."""
         if isinstance(source, MergedState):
             model, kind = self._skeleton(source.reference)
             _load_state(model, source.state, str(source.reference))
@@ -162,7 +166,7 @@ class BuiltinEvaluator:
             return self._moe(source)
         model, kind = self._skeleton(source)
         checkpoint = Checkpoint(source, str(source))
-        state = {name: checkpoint.read(name) for name in checkpoint.tensor_names()}
+        state = read_whole(checkpoint, checkpoint.tensor_names())
         _load_state(model, state, str(source))
         return model, kind, source
 

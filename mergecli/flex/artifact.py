@@ -24,13 +24,12 @@ import torch
 
 from mergecli.artifacts.flex import KIND, MANIFEST
 from mergecli.engine.layout import plan_shards, tensor_bytes
-from mergecli.engine.output import copy_model_files
+from mergecli.engine.outputs import Target
 from mergecli.engine.plan import TensorPlan
 from mergecli.engine.task_artifact import packed_numel
 from mergecli.engine.writer import ShardWriter
 from mergecli.flex.blocks import Block
 from mergecli.flex.order import Group, Partition
-from mergecli.flex.plan import FlexPlan
 
 
 @dataclass(frozen=True)
@@ -71,50 +70,93 @@ Stored = dict[tuple[str, Group | None, int | None], torch.Tensor]
 """The tensors one input tensor gives, by (role, group, task), shared by every size."""
 
 
+def artifact_parts(
+    shared: list[TensorPlan],
+    heads: list[TensorPlan],
+    tasks: int,
+    blocks: list[Block],
+    partition: Partition,
+    masks: bool,
+) -> dict[str, list[Part]]:
+    """Every input tensor's stored parts, in writing order: tensors outside the blocks once,
+    task-specific heads once per task, each block tensor per group of the block."""
+    parts = {t.name: [Part(t.name, t.shape, t.out_dtype, "shared")] for t in shared}
+    for t in heads:
+        parts[t.name] = [
+            Part(f"{t.name}@task{k}", t.shape, t.out_dtype, "head", None, k) for k in range(tasks)
+        ]
+    for block, groups in zip(blocks, partition, strict=True):
+        for tensor in block.tensors:
+            parts[tensor.name] = tensor_parts(tensor, groups, masks)
+    return parts
+
+
+@dataclass
+class FlexArtifact:
+    """The output of one deployed size: its stored tensors, manifest and model files (fed by
+    FlexMerge's merge pass, ``flex/run.GroupMerge``)."""
+
+    shared: list[TensorPlan]
+    heads: list[TensorPlan]
+    blocks: list[Block]
+    partition: Partition
+    masks: bool
+    shard_bytes: int
+    tasks: list[str]
+    info: dict[str, Any]
+    """The manifest's description of the run (strategy, method, target, size...)."""
+
+    @property
+    def nbytes(self) -> int:
+        parts = artifact_parts(
+            self.shared, self.heads, len(self.tasks), self.blocks, self.partition, self.masks
+        )
+        return sum(tensor_bytes(p.shape, p.dtype) for ps in parts.values() for p in ps)
+
+    def open(self, folder: Path, target: Target) -> FlexWriter:
+        return FlexWriter(folder, self, target)
+
+
 class FlexWriter:
     """Streams one size's stored tensors into its shards; then the manifest."""
 
-    def __init__(
-        self,
-        folder: Path,
-        shared: list[TensorPlan],
-        heads: list[TensorPlan],
-        tasks: int,
-        blocks: list[Block],
-        partition: Partition,
-        masks: bool,
-        shard_bytes: int,
-    ) -> None:
+    def __init__(self, folder: Path, artifact: FlexArtifact, target: Target) -> None:
         self.folder = folder
-        self.blocks = blocks
-        self.partition = partition
-        self.parts: dict[str, list[Part]] = {
-            t.name: [Part(t.name, t.shape, t.out_dtype, "shared")] for t in shared
-        }
-        for t in heads:
-            self.parts[t.name] = [
-                Part(f"{t.name}@task{k}", t.shape, t.out_dtype, "head", None, k)
-                for k in range(tasks)
-            ]
-        for block, groups in zip(blocks, partition, strict=True):
-            for tensor in block.tensors:
-                self.parts[tensor.name] = tensor_parts(tensor, groups, masks)
+        self.artifact = artifact
+        self.target = target
+        self.blocks = artifact.blocks
+        self.partition = artifact.partition
+        self.parts = artifact_parts(
+            artifact.shared,
+            artifact.heads,
+            len(artifact.tasks),
+            artifact.blocks,
+            artifact.partition,
+            artifact.masks,
+        )
         specs = [(p.key, p.shape, p.dtype) for parts in self.parts.values() for p in parts]
         self.stored_bytes = sum(tensor_bytes(shape, dtype) for _, shape, dtype in specs)
-        self.writer = ShardWriter(folder, plan_shards(specs, shard_bytes), {KIND: "1"})
+        self.writer = ShardWriter(folder, plan_shards(specs, artifact.shard_bytes), {KIND: "1"})
         self.scales: dict[Group, dict[str, list[float]]] = {}
 
-    def write(self, name: str, stored: Stored, scales: dict[Group, list[float]]) -> None:
-        """Write tensor ``name``'s parts from the values computed for every size."""
+    @property
+    def bytes_written(self) -> int:
+        return self.writer.bytes_written
+
+    def write(self, name: str, value: tuple[Stored, dict[Group, list[float]]]) -> None:
+        """Write tensor ``name``'s parts from the values computed for every size (the stored
+        tensors by role, group and task; the groups' mask scales)."""
+        stored, scales = value
         for part in self.parts[name]:
             self.writer.write(part.key, stored[part.source])
             if part.role == "unified" and part.group in scales:
                 self.scales.setdefault(part.group, {})[name] = scales[part.group]
 
-    def finish(self, plan: FlexPlan, info: dict[str, Any]) -> dict[str, Any]:
-        """Close the shards, write ``flex.json`` and the model files; returns the manifest."""
+    def finish(self, per_tensor: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+        """Close the shards, write ``flex.json`` and the model files; the manifest (under
+        ``manifest``)."""
         self.writer.finish()
-        tasks = plan.tasks
+        tasks = self.artifact.tasks
         keys = {name: {p.source: p.key for p in parts} for name, parts in self.parts.items()}
         blocks = []
         for block, groups in zip(self.blocks, self.partition, strict=True):
@@ -147,7 +189,7 @@ class FlexWriter:
             "mergecli_artifact": KIND,
             "version": 1,
             "tasks": tasks,
-            **info,
+            **self.artifact.info,
             "stored_bytes": self.stored_bytes,
             "tensor_order": list(self.parts),
             "shared": shared,
@@ -155,6 +197,5 @@ class FlexWriter:
             "blocks": blocks,
         }
         (self.folder / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
-        merge = plan.merge
-        copy_model_files(merge.reference.path, merge.tokenizer_folder, self.folder, merge.out_dtype)
-        return manifest
+        self.target.copy_model_files(self.folder)
+        return {"manifest": manifest}, []

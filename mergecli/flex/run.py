@@ -16,13 +16,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from mergecli.engine.folder_run import folder_run
 from mergecli.engine.merge import merge_tensor
-from mergecli.engine.output import atomic_folder, check_output, check_space
+from mergecli.engine.output import check_space
+from mergecli.engine.outputs import Target
 from mergecli.engine.plan import TensorPlan
 from mergecli.engine.runner import Each, Piece, Runner, WriteQueue
 from mergecli.engine.task_artifact import pack_mask
 from mergecli.errors import RecipeError
-from mergecli.flex.artifact import FlexWriter, Stored
+from mergecli.flex.artifact import FlexArtifact, FlexWriter, Stored
 from mergecli.flex.blocks import Block
 from mergecli.flex.channel import channel_partition
 from mergecli.flex.order import Group, Partition, Step, merge_order, partition_after
@@ -32,7 +34,7 @@ from mergecli.flex.similarity import block_grams, flex_reading
 from mergecli.flex.size import steps_for
 from mergecli.methods import Params, TaskMasks, TensorInputs
 from mergecli.methods.statistics import StatValues
-from mergecli.progress import NullProgress, Progress
+from mergecli.progress import Progress
 
 
 @dataclass
@@ -109,34 +111,47 @@ def run_flex(
     ``size-<target>`` folder per target otherwise), atomically, under the output's lock.
     ``similarity`` computes the blocks' Gram matrices instead of the similarity pass here (on a
     Ray cluster)."""
-    progress = progress or NullProgress()
-    output = Path(output).resolve()
-    check_output(output, force)
-    runner, started = Runner(progress), time.perf_counter()
     results = []
-    with atomic_folder(output, force, wait) as root:
+    merge = plan.merge
+    target = Target(merge.out_dtype, merge.reference.path, merge.tokenizer_folder)
+    with folder_run(output, force, wait, progress=progress) as run:
+        root, runner, started = run.folder, run.runner, run.started
         grams = similarity(plan) if similarity else block_grams(plan.merge, plan.blocks, runner)
         plan, grams = without_untouched(plan, grams)
         similarity_s = time.perf_counter() - started
         steps, states = decide_states(plan, grams)
         order_s = time.perf_counter() - started - similarity_s
-        check_space(output, sum(plan.sizes.artifact_bytes(s.partition) for s in states))
+        outputs = [
+            FlexArtifact(
+                plan.shared,
+                plan.heads,
+                plan.blocks,
+                state.partition,
+                plan.masks,
+                plan.shard_bytes,
+                plan.tasks,
+                {
+                    "strategy": plan.options.strategy,
+                    "method": plan.merge.method.name,
+                    "parameters": plan.merge.recipe.parameters,
+                    "granularity": plan.options.granularity,
+                    "linkage": plan.options.linkage,
+                    "order": plan.options.order,
+                    "target": state.target,
+                    "size": state.size,
+                    "size_unit": plan.sizes.unit,
+                    "model_bytes": plan.sizes.model_bytes,
+                    "sized_bytes": plan.sizes.stored_bytes(state.partition),
+                },
+            )
+            for state in states
+        ]
+        check_space(run.output, sum(plan.sizes.artifact_bytes(s.partition) for s in states))
         folders = [root] if len(states) == 1 else [root / size_folder(s.target) for s in states]
         writers = []
-        for folder, state in zip(folders, states, strict=True):
+        for folder, artifact in zip(folders, outputs, strict=True):
             folder.mkdir(exist_ok=True)
-            writers.append(
-                FlexWriter(
-                    folder,
-                    plan.shared,
-                    plan.heads,
-                    len(plan.tasks),
-                    plan.blocks,
-                    state.partition,
-                    plan.masks,
-                    plan.shard_bytes,
-                )
-            )
+            writers.append(artifact.open(folder, target))
         merge_pass(plan, states, writers, runner)
         rows = order_rows(plan, steps)
         timing = {
@@ -145,27 +160,13 @@ def run_flex(
             "merge_s": time.perf_counter() - started - similarity_s - order_s,
         }
         for folder, state, writer in zip(folders, states, writers, strict=True):
-            info = {
-                "strategy": plan.options.strategy,
-                "method": plan.merge.method.name,
-                "parameters": plan.merge.recipe.parameters,
-                "granularity": plan.options.granularity,
-                "linkage": plan.options.linkage,
-                "order": plan.options.order,
-                "target": state.target,
-                "size": state.size,
-                "size_unit": plan.sizes.unit,
-                "model_bytes": plan.sizes.model_bytes,
-                "sized_bytes": plan.sizes.stored_bytes(state.partition),
-            }
-            manifest = writer.finish(plan, info)
-            report = size_report(plan, manifest, rows, state.steps, timing)
-            final = output if folder == root else output / folder.name
+            section, _ = writer.finish({})
+            report = size_report(plan, section["manifest"], rows, state.steps, timing)
+            final = run.output if folder == root else run.output / folder.name
             results.append(SizeResult(state.target, state.size, final, report))
         write_size_reports([(f, r.report) for f, r in zip(folders, results, strict=True)])
-    progress.stop()
-    timing["wall_s"] = time.perf_counter() - started
-    return FlexResult(output, rows, results, grams, timing)
+    timing["wall_s"] = run.wall
+    return FlexResult(run.output, rows, results, grams, timing)
 
 
 def expert_tensors(inputs: TensorInputs) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -313,7 +314,7 @@ class GroupMerge:
 
     def write(self, name: str, values: tuple[Stored, dict[Group, list[float]]]) -> None:
         for writer in self.writers:
-            writer.write(name, *values)
+            writer.write(name, values)
 
 
 def merge_pass(

@@ -3,7 +3,8 @@
 A stored tensor that several tasks use (their common group's block, a tensor outside the blocks)
 is read once and the very same tensor object goes into each of those tasks' state dicts, so a
 block shared by k tasks is held once, as in the paper's inference setup. A mask method's
-multi-member group is rebuilt per task (θ0 + scale_t · (mask_t ⊙ unified)).
+multi-member group is rebuilt per task (θ0 + scale_t · (mask_t ⊙ unified)). Serving needs every
+task's whole model, so everything is loaded; the runner reads it (``engine/whole.read_whole``).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import torch
 
 from mergecli.artifacts import open_artifact
 from mergecli.artifacts.flex import FlexArtifact
+from mergecli.artifacts.source import TaskSource
+from mergecli.engine.whole import read_whole
 from mergecli.errors import SourceError
 
 
@@ -23,19 +26,18 @@ def task_state_dicts(path: str | Path, device: str = "cpu") -> dict[str, dict[st
     artifact = open_artifact(path)
     if not isinstance(artifact, FlexArtifact):
         raise SourceError(f"'{path}' is not a FlexMerge artifact (no flex.json)", path=path)
-    cache: dict[str, torch.Tensor] = {}
+    names = artifact.tensor_names()
+    keys = {t: {n: artifact.stored_key(t, n) for n in names} for t in artifact.task_names()}
+    stored = list(dict.fromkeys(k for by in keys.values() for k in by.values() if k is not None))
+    cache = {k: t.to(device) for k, t in read_whole(artifact.store, stored).items()}
     states: dict[str, dict[str, torch.Tensor]] = {}
-    for task in artifact.task_names():
-        state = {}
-        for name in artifact.tensor_names():
-            key = artifact.stored_key(task, name)
-            if key is None:
-                state[name] = artifact.task_tensor(task, name).to(device)
-                continue
-            if key not in cache:
-                cache[key] = artifact.store.read(key).to(device)
-            state[name] = cache[key]
-        states[task] = state
+    for task, by_name in keys.items():
+        rebuilt = read_whole(
+            TaskSource(artifact, task), [n for n, k in by_name.items() if k is None]
+        )
+        states[task] = {
+            n: rebuilt[n].to(device) if k is None else cache[k] for n, k in by_name.items()
+        }
     return states
 
 

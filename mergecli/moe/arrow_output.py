@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from mergecli.engine.layout import Shard
-from mergecli.engine.outputs import WholeModel
+from mergecli.engine.outputs import Target, WholeModel
 from mergecli.engine.read_plan import ReadPlan, TensorPlan, whole
 from mergecli.engine.runner import Each, Runner
 from mergecli.engine.store import Store
@@ -39,7 +40,7 @@ def write_arrow(plan: MoePlan, folder: Path, runner: Runner) -> dict[str, Any]:
         *((f"experts/{a.name}", a) for a in plan.adapters),
         *((f"general/{a.name}", a) for a in plan.general),
     ]
-    writer = AdapterCopies(folder, copies)
+    writer = ArrowMoe(copies).open(folder, plan.target())
     runner.run(copy_reads(copies), [Store(writer, runner.timer)], "copy adapters")
     writer.finish({})
     manifest = {
@@ -112,6 +113,21 @@ def copy_reads(copies: list[tuple[str, ArrowAdapter]]) -> ReadPlan:
         for name, (source, n) in names.items()
     ]
     return ReadPlan.copies(tensors, Renamed("Arrow adapters", names))
+
+
+@dataclass
+class ArrowMoe:
+    """The Arrow folder's output: each adapter copied unchanged into its sub-folder."""
+
+    copies: list[tuple[str, ArrowAdapter]]
+    """(sub-folder, adapter) pairs."""
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.weights.nbytes for _, a in self.copies)
+
+    def open(self, folder: Path, target: Target) -> AdapterCopies:
+        return AdapterCopies(folder, self.copies)
 
 
 class AdapterCopies(WholeModel):

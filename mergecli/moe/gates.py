@@ -9,7 +9,8 @@ weight of expert e in layer l.
   for negative prompts is subtracted and the difference normalised again. Equal in every layer.
 - ``hidden``: the base's hidden state entering layer l at the last token of each prompt, averaged
   over the prompts; positive minus negative, normalised per layer. The base runs one decoder
-  layer at a time, so one layer's weights are in memory, never the whole model. Each prompt runs
+  layer at a time, so one layer's weights are in memory, never the whole model (each layer's
+  tensors read by the runner, ``engine/whole.read_whole``). Each prompt runs
   alone (mergekit pads a batch and reads its last position, which is a pad token for shorter
   prompts; equal with prompts of one length).
 """
@@ -21,6 +22,7 @@ from typing import Any
 
 import torch
 
+from mergecli.engine.whole import read_whole
 from mergecli.errors import RecipeError, SourceError
 from mergecli.recipe import MoePrompts
 from mergecli.sources.checkpoint import Checkpoint
@@ -59,7 +61,7 @@ def random_gates(layers: int, experts: int, hidden: int, seed: int) -> torch.Ten
 def cheap_embed_gates(
     base: Checkpoint, tokenizer: Any, prompts: list[MoePrompts], layers: int
 ) -> torch.Tensor:
-    embed = base.read(EMBED).to(torch.float32)
+    embed = read_whole(base, [EMBED])[EMBED].to(torch.float32)
 
     def embedded(texts: list[str]) -> torch.Tensor:
         ids = torch.tensor([i for row in token_ids(tokenizer, texts) for i in row])
@@ -84,7 +86,7 @@ def last_token_states(base: Checkpoint, tokenizer: Any, texts: list[str]) -> tor
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config).model
     rotary = type(skeleton.rotary_emb)(config=config)
-    embed = base.read(EMBED).to(torch.float32)
+    embed = read_whole(base, [EMBED])[EMBED].to(torch.float32)
     states = [embed[torch.tensor(ids)].unsqueeze(0) for ids in token_ids(tokenizer, texts)]
     del embed
     positions = [torch.arange(h.shape[1]).unsqueeze(0) for h in states]
@@ -94,10 +96,10 @@ def last_token_states(base: Checkpoint, tokenizer: Any, texts: list[str]) -> tor
     with torch.no_grad():
         for index, layer in enumerate(skeleton.layers):
             prefix = f"model.layers.{index}."
+            layer_names = [n for n in names if n.startswith(prefix)]
             weights = {
-                n.removeprefix(prefix): base.read(n).to(torch.float32)
-                for n in names
-                if n.startswith(prefix)
+                n.removeprefix(prefix): t.to(torch.float32)
+                for n, t in read_whole(base, layer_names).items()
             }
             layer.load_state_dict(weights, strict=True, assign=True)
             del weights

@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import json
 import resource
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mergecli.engine.output import atomic_folder, check_output
-from mergecli.engine.runner import Runner
+from mergecli.engine.folder_run import folder_run
 from mergecli.moe.arrow_output import write_arrow
 from mergecli.moe.plan import MoePlan
 from mergecli.moe.report import markdown_report, model_card
@@ -38,33 +36,24 @@ def run_moe(
 ) -> MoeResult:
     """Write the planned MoE into ``output`` (replaced only with ``force``; ``wait`` for a run
     that holds the target's lock instead of failing)."""
-    output = Path(output)
-    check_output(output, force)
-    runner = Runner(progress)
-    start = time.perf_counter()
-    try:
-        with atomic_folder(output, force, wait, plan.bytes_to_write) as folder:
-            write = write_arrow if plan.kind == "arrow" else write_sparse
-            report = write(plan, folder, runner)
-            timer = runner.timer
-            report |= {
-                "output": str(output),
-                "kind": plan.kind,
-                "plan": plan.summary(),
-                "recipe": plan.recipe.model_dump(
-                    mode="json", exclude={"folder"}, exclude_none=True
-                ),
-                "wall_s": time.perf_counter() - start,
-                "timing": {
-                    "read_s": timer.read,
-                    "compute_s": timer.compute,
-                    "write_s": timer.write,
-                },
-                "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-            }
-            (folder / "moe_report.json").write_text(json.dumps(report, indent=2) + "\n")
-            (folder / "moe_report.md").write_text(markdown_report(report))
-            (folder / "README.md").write_text(model_card(plan, report))
-    finally:
-        runner.progress.stop()
-    return MoeResult(output, report)
+    with folder_run(output, force, wait, plan.bytes_on_disk, progress) as run:
+        folder, timer = run.folder, run.runner.timer
+        write = write_arrow if plan.kind == "arrow" else write_sparse
+        report = write(plan, folder, run.runner)
+        report |= {
+            "output": str(run.output),
+            "kind": plan.kind,
+            "plan": plan.summary(),
+            "recipe": plan.recipe.model_dump(mode="json", exclude={"folder"}, exclude_none=True),
+            "wall_s": run.wall,
+            "timing": {
+                "read_s": timer.read,
+                "compute_s": timer.compute,
+                "write_s": timer.write,
+            },
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        }
+        (folder / "moe_report.json").write_text(json.dumps(report, indent=2) + "\n")
+        (folder / "moe_report.md").write_text(markdown_report(report))
+        (folder / "README.md").write_text(model_card(plan, report))
+    return MoeResult(run.output, report)

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from mergecli.engine.layout import Shard, files_bytes, parse_size, plan_shards
+from mergecli.engine.outputs import Target
 from mergecli.errors import RecipeError, ShapeError, SourceError, did_you_mean
 from mergecli.moe.arrow import ArrowAdapter, check_compatible, check_top_k, open_arrow_adapter
 from mergecli.moe.gates import load_tokenizer
@@ -71,11 +72,28 @@ class MoePlan:
             return self.shared
         return self.experts[index]
 
+    def target(self) -> Target:
+        """Where the output's model files come from: config and generation config from the
+        base, tokenizer from ``tokenizer_source`` (else the base)."""
+        tokenizer = self.base.path
+        source = self.recipe.tokenizer_source
+        if source and source != "base":
+            tokenizer = self.recipe.resolve_path(source)
+        return Target(self.out_dtype, self.base.path, tokenizer)
+
     @property
     def bytes_to_write(self) -> int:
         if self.kind == "arrow":
             return sum(a.weights.nbytes for a in [*self.adapters, *self.general])
         return files_bytes(self.shards)
+
+    @property
+    def bytes_on_disk(self) -> int:
+        """The most the run holds on disk at once: the output, plus the merged tensors outside
+        the experts (written aside first) and, when training, the untrained model beside the
+        trained one."""
+        aside = self.merge.bytes_to_write if self.merge is not None else 0
+        return self.bytes_to_write * (2 if self.section.train_steps else 1) + aside
 
     def summary(self) -> dict[str, Any]:
         out: dict[str, Any] = {

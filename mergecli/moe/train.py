@@ -4,7 +4,10 @@ undertraining paper's second MoErging stage, §2.2/§3.3).
 The mixture of the tasks' training texts (``moe.train_data``, one file per task with ``{task}``
 in the path, or one file) is shuffled with the recipe's seed and cut into batches; AdamW on the
 causal-LM loss updates only the router and expert weights. Same seed, data and steps give the
-same weights on one device. The whole model is in memory while it trains.
+same weights on one device. Training needs forward and backward passes, so the whole model is
+loaded (transformers' ``from_pretrained``) from the untrained folder and held in memory; the
+trained weights go back as a state dict, which the runner streams into the output's shards
+(``moe/sparse_output.write_trained``).
 """
 
 from __future__ import annotations
@@ -55,9 +58,9 @@ def train(
     seed: int,
     device: str,
     progress: Progress,
-) -> tuple[Any, dict[str, Any]]:
-    """Train the MoE model in ``folder``; returns the trained model (float32, CPU) and the
-    training report (loss per step)."""
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Train the MoE model in ``folder``; returns the training report (loss per step) and the
+    trained weights (float32, CPU, by parameter name)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.manual_seed(seed)
@@ -113,4 +116,14 @@ def train(
         "frozen_parameters": sum(p.numel() for p in model.parameters() if not p.requires_grad),
         "loss": losses,
     }
-    return model.to("cpu"), report
+    return report, checkpoint_state(model.to("cpu"))
+
+
+def checkpoint_state(model: Any) -> dict[str, torch.Tensor]:
+    """The model's weights under the checkpoint's names and in its layout (transformers
+    fuses some tensors when it loads them, e.g. Mixtral's experts; ``save_pretrained``
+    undoes that with the same conversion)."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    state = {k: v.detach() for k, v in model.state_dict().items()}
+    return dict(revert_weight_conversion(model, state))
