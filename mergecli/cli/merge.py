@@ -59,11 +59,23 @@ def merge(
             "behaviour); overrides the recipe's conventions key.",
         ),
     ] = None,
+    report: Annotated[
+        str | None,
+        typer.Option(
+            "--report",
+            help="full (default: totals and a row per tensor) or summary (totals only); "
+            "overrides the recipe's report key.",
+        ),
+    ] = None,
 ) -> None:
     """Merge the checkpoints a recipe names into a new model folder."""
     spec = mergecli.load_recipe(recipe)
     if allow_bin:
         spec.allow_bin = True
+    if report is not None:
+        if report not in ("full", "summary"):
+            raise RecipeError(f"--report: '{report}' is not full or summary", key="report")
+        spec.report = report  # type: ignore[assignment]
     if conventions is not None:
         from mergecli.methods.registry import CONVENTIONS
 
