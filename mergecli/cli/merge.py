@@ -59,7 +59,7 @@ def merge(
             "behaviour); overrides the recipe's conventions key.",
         ),
     ] = None,
-    report: Annotated[
+    report_detail: Annotated[
         str | None,
         typer.Option(
             "--report",
@@ -72,10 +72,10 @@ def merge(
     spec = mergecli.load_recipe(recipe)
     if allow_bin:
         spec.allow_bin = True
-    if report is not None:
-        if report not in ("full", "summary"):
-            raise RecipeError(f"--report: '{report}' is not full or summary", key="report")
-        spec.report = report  # type: ignore[assignment]
+    if report_detail is not None:
+        if report_detail not in ("full", "summary"):
+            raise RecipeError(f"--report: '{report_detail}' is not full or summary", key="report")
+        spec.report = report_detail  # type: ignore[assignment]
     if conventions is not None:
         from mergecli.methods.registry import CONVENTIONS
 
