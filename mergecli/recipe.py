@@ -6,7 +6,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    model_serializer,
+)
 
 from mergecli.chat_template import check_chat_template
 from mergecli.errors import RecipeError, SourceError, did_you_mean
@@ -195,11 +203,22 @@ class Recipe(_Strict):
     """``lora``: write a PEFT LoRA adapter of the merged model over the base."""
     rank: int | None = Field(None, gt=0)
     """The LoRA output's rank where a merged delta is truncated by SVD."""
+    report: Literal["full", "summary"] = "full"
+    """``summary``: the merge report gives the totals only, without a row per tensor."""
     temporal: TemporalSection | None = None
     evaluate: EvaluateSection | None = None
     flex: FlexSection | None = None
     moe: MoeSection | None = None
     folder: Path = Field(default_factory=Path.cwd, exclude=True)
+
+    @model_serializer(mode="wrap")
+    def _serialize(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """The recipe as written: ``report`` only where it is not the default (so reports and
+        cards of earlier recipes are unchanged)."""
+        data: dict[str, Any] = handler(self)
+        if self.report == "full":
+            data.pop("report", None)
+        return data
 
     def resolve_path(self, value: str) -> Path:
         """A recipe path: relative to the recipe's folder, else to the cwd, else as given."""

@@ -59,7 +59,7 @@ RECIPES: dict[str, dict[str, Any]] = {
 }
 """Recipes by name; ``models`` lists fixture letters (a, b, c experts; L, M LoRA adapters)."""
 
-CHUNKED = ("task_arithmetic", "ties_model", "dare_ties", "tall_masks", "lora_svd")
+CHUNKED = ("task_arithmetic", "ties_model", "ties_tensor", "dare_ties", "tall_masks", "lora_svd")
 """Recipes run a second time with row chunks of 512 entries (the engine's chunked path)."""
 
 

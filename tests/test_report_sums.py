@@ -3,12 +3,16 @@ within float64 rounding noise, counts exactly."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
 import mergecli.engine.figures as figures
 from mergecli.engine.figures import PieceFigures
 from mergecli.methods import TensorInputs
+from tests.conftest import EXPERTS
+from tests.helpers import load_state, read_json, run_cli, write_recipe
 
 
 def dense(tvs: list[torch.Tensor], delta: torch.Tensor) -> dict[str, list]:
@@ -81,3 +85,31 @@ def test_kept_reported_by_the_method_is_kept(path: str, monkeypatch: pytest.Monk
 def test_no_base_reports_kept_only() -> None:
     inputs = TensorInputs("w", None, [torch.ones(3)], [None])
     assert PieceFigures()(inputs, torch.ones(3), [0.5]) == {"kept": [0.5], "size": 3}
+
+
+@pytest.mark.slow  # three merges through the CLI
+def test_summary_report_keeps_the_totals_without_tensor_rows(zoo: Path, tmp_path: Path) -> None:
+    """``report: summary`` (recipe key, or ``--report`` over it) writes the same totals as
+    ``full``, which adds a row per merged tensor; a bad value is one line, exit 2."""
+    recipe = {
+        "merge_method": "task_arithmetic",
+        "base_model": str(zoo / "base"),
+        "models": [{"model": str(zoo / n)} for n in EXPERTS],
+    }
+    full = write_recipe(tmp_path, recipe, "full.yaml")
+    summary = write_recipe(tmp_path, {**recipe, "report": "summary"}, "summary.yaml")
+    runs = {"full": (full,), "summary": (summary,), "option": (full, "--report", "summary")}
+    reports = {}
+    for label, args in runs.items():
+        result = run_cli("merge", *args, "--output", tmp_path / label, "--quiet")
+        assert result.exit_code == 0, result.output
+        reports[label] = read_json(tmp_path / label / "merge_report.json")
+    floats = {n for n, v in load_state(zoo / "base").items() if v.is_floating_point()}
+    assert set(reports["full"]["tensors"]) == floats
+    for label in ("summary", "option"):
+        assert "tensors" not in reports[label]
+        assert reports[label]["totals"] == reports["full"]["totals"]
+    assert reports["summary"]["recipe"]["report"] == "summary"
+    assert "report" not in reports["full"]["recipe"]  # the default is not written
+    bad = run_cli("merge", full, "--output", tmp_path / "bad", "--report", "rows")
+    assert bad.exit_code == 2 and "--report" in bad.output and "Traceback" not in bad.output

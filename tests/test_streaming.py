@@ -18,6 +18,7 @@ from mergecli.engine.layout import plan_shards
 from mergecli.engine.writer import ShardWriter
 from mergecli.recipe import recipe_from_dict
 from mergecli.sources import Checkpoint
+from tests import dense
 from tests.conftest import EXPERTS
 from tests.helpers import load_state, read_json
 from tests.test_statistics_memory import start_measured_merge
@@ -95,7 +96,12 @@ def test_ties_in_row_blocks_equals_whole_tensor_ties(
     assert reports[0] == reports[1]
 
 
-def test_tensor_scope_ties_is_never_chunked(zoo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.slow
+def test_tensor_scope_ties_streams_in_chunks_and_equals_the_formula(
+    zoo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Tensor scope streams its large tensors in row chunks, each tensor's thresholds from the
+    statistics passes over its chunks, and writes the whole-tensor TIES of the dense formula."""
     monkeypatch.setattr(plan_module, "CHUNK_ELEMENTS", 97)
     recipe = recipe_from_dict(
         {
@@ -106,7 +112,20 @@ def test_tensor_scope_ties_is_never_chunked(zoo: Path, monkeypatch: pytest.Monke
         }
     )
     plan = mergecli.plan_merge(recipe)
-    assert all(plan.pieces(t) == [None] for t in plan.tensors if t.merge)
+    streamed = [t for t in plan.tensors if t.merge and len(plan.pieces(t)) > 1]
+    assert len(streamed) > 5 and plan.passes == 3
+    (statistic,) = plan.statistics
+    assert statistic.tensors == {t.name for t in streamed}  # whole tensors need no pass
+    mergecli.run_merge(plan, tmp_path / "out")
+    base, experts = dense.load_inputs(zoo)
+    got = load_state(tmp_path / "out")
+    for t in plan.tensors:
+        if not t.merge:
+            continue
+        tvs = dense.task_vectors(base, experts, t.name)
+        trimmed = [tv * (tv.abs() >= dense.top_k(tv, 0.3)) for tv in tvs]
+        want = base[t.name] + dense.ties_vector(trimmed, [1.0] * len(tvs))
+        torch.testing.assert_close(got[t.name].float(), want, rtol=0, atol=1e-6, msg=t.name)
 
 
 def test_checkpoint_reads_rows_into_private_memory(tmp_path: Path) -> None:
@@ -135,7 +154,10 @@ def test_writer_assembles_row_chunks_and_refuses_wrong_ones(tmp_path: Path) -> N
 
 
 @pytest.mark.slow
-def test_peak_memory_does_not_grow_with_the_largest_tensor(tmp_path: Path) -> None:
+@pytest.mark.parametrize("scope", ["model", "tensor"])
+def test_peak_memory_does_not_grow_with_the_largest_tensor(tmp_path: Path, scope: str) -> None:
+    """Either scope of TIES streams a tensor far larger than a row chunk: the statistics passes
+    and the merge hold a chunk at a time, never the whole tensor."""
     rows, cols = 4096, 2048  # 32 MB in float32: one tensor, merged in 256 KB chunks
     gen = torch.Generator().manual_seed(0)
     base = torch.randn(rows, cols, generator=gen)
@@ -150,7 +172,7 @@ def test_peak_memory_does_not_grow_with_the_largest_tensor(tmp_path: Path) -> No
         "merge_method": "ties",
         "base_model": str(tmp_path / "m0"),
         "models": [{"model": str(tmp_path / f"m{t}")} for t in (1, 2, 3)],
-        "parameters": {"density": 0.3},
+        "parameters": {"density": 0.3, "scope": scope},
     }
     setup = "import mergecli.engine.plan as p; p.CHUNK_ELEMENTS = 1 << 16\n"
     run = start_measured_merge(recipe, tmp_path / "out", setup)
@@ -158,6 +180,14 @@ def test_peak_memory_does_not_grow_with_the_largest_tensor(tmp_path: Path) -> No
     assert run.returncode == 0
     # the whole-tensor path holds four float32 copies and more; chunks stay under one
     assert int(stdout.split()[-1]) < tensor_bytes, stdout
+    name = "model.embed_tokens.weight"
+    base_value, *expert_values = (load_state(tmp_path / f"m{t}")[name] for t in range(4))
+    tvs = [e - base_value for e in expert_values]
+    # one tensor: both scopes take each expert's threshold over it
+    trimmed = [tv * (tv.abs() >= dense.top_k(tv, 0.3)) for tv in tvs]
+    want = base_value + dense.ties_vector(trimmed, [1.0] * 3)
+    got = load_state(tmp_path / "out")[name]
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
 
 
 def test_compute_threads_follow_the_cgroup_quota(

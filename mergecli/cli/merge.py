@@ -53,11 +53,23 @@ def merge(
     wait: WaitOpt = False,
     quiet: QuietOpt = False,
     conventions: ConventionsOpt = None,
+    report_detail: Annotated[
+        str | None,
+        typer.Option(
+            "--report",
+            help="full (default: totals and a row per tensor) or summary (totals only); "
+            "overrides the recipe's report key.",
+        ),
+    ] = None,
 ) -> None:
     """Merge the checkpoints a recipe names into a new model folder."""
     spec = mergecli.load_recipe(recipe)
     if allow_bin:
         spec.allow_bin = True
+    if report_detail is not None:
+        if report_detail not in ("full", "summary"):
+            raise RecipeError(f"--report: '{report_detail}' is not full or summary", key="report")
+        spec.report = report_detail  # type: ignore[assignment]
     if conventions is not None:
         spec.conventions = conventions
     target = output_folder(recipe, spec, output, dry_run)

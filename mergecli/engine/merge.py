@@ -152,9 +152,9 @@ def build_report(
     wall: float,
     started: str,
 ) -> dict[str, Any]:
-    """The merge report: inputs, parameters, per-tensor figures and totals; what differs from
-    one run of the same recipe to the next (timings, memory, paths, host, device) sits under
-    ``run``, so two runs' reports are otherwise identical."""
+    """The merge report: inputs, parameters, totals and (``report: full``) per-tensor figures;
+    what differs from one run of the same recipe to the next (timings, memory, paths, host,
+    device) sits under ``run``, so two runs' reports are otherwise identical."""
     inputs = ([("base", plan.base)] if plan.base else []) + list(
         zip(plan.expert_names, plan.experts, strict=True)
     )
@@ -169,7 +169,7 @@ def build_report(
         ],
         "plan": {k: v for k, v in summary.items() if k not in VOLATILE_PLAN},
         "totals": summarize(per_tensor, len(plan.experts)),
-        "tensors": per_tensor,
+        **({"tensors": per_tensor} if plan.recipe.report == "full" else {}),
         "bytes_read": timer.bytes_read,
         "bytes_written": bytes_written,
         "run": {

@@ -21,6 +21,7 @@ from mergecli.engine.read_plan import (
     ReadPlan,
     Rows,
     TensorPlan,
+    observed,
     piece_numel,
     whole,
 )
@@ -145,6 +146,10 @@ class MergePlan(InputPlan):
         chunks = row_chunks(tensor.shape, CHUNK_ELEMENTS) if chunked else None
         return [None] if chunks is None else list(chunks)
 
+    def streams(self, tensor: TensorPlan) -> bool:
+        """Whether ``tensor`` is merged in row pieces."""
+        return tensor.merge and len(self.pieces(tensor)) > 1
+
     def read_plan(
         self,
         tensors: list[TensorPlan] | None = None,
@@ -157,7 +162,8 @@ class MergePlan(InputPlan):
 
     @property
     def passes(self) -> int:
-        return 1 + sum(s.passes(self.compute_dtype) for s in self.statistics)
+        """The statistics passes (which the statistics share) and the merge."""
+        return 1 + max((s.passes(self.compute_dtype) for s in self.statistics), default=0)
 
     @property
     def bytes_per_pass(self) -> int:
@@ -165,8 +171,22 @@ class MergePlan(InputPlan):
 
     @property
     def bytes_to_read(self) -> int:
-        stat_bytes = self.read_plan([t for t in self.tensors if t.merge]).nbytes
-        return self.bytes_per_pass + (self.passes - 1) * stat_bytes
+        """The merge pass's bytes and each statistics pass's (the tensors its statistics
+        observe)."""
+        stat_bytes = 0
+        for number in range(1, self.passes):
+            active = [s for s in self.statistics if s.passes(self.compute_dtype) >= number]
+            stat_bytes += self.read_plan(observed(self.tensors, active)).nbytes
+        return self.bytes_per_pass + stat_bytes
+
+    def keep_streamed(self) -> None:
+        """Narrow each per-tensor statistic to the tensors merged in row pieces (the method
+        takes a whole tensor's own statistic from it); drop those left with none."""
+        for s in self.statistics:
+            if s.tensors is not None:
+                wanted = s.tensors
+                s.tensors = {t.name for t in self.tensors if t.name in wanted and self.streams(t)}
+        self.statistics = [s for s in self.statistics if s.tensors is None or s.tensors]
 
     @property
     def bytes_to_write(self) -> int:
@@ -374,7 +394,9 @@ def plan_merge(
         else []
     )
     output = plan_output(recipe, method, inputs.base, inputs.experts, tensors, shard_bytes)
-    return MergePlan(**vars(inputs), method=method, output=output, statistics=statistics)
+    plan = MergePlan(**vars(inputs), method=method, output=output, statistics=statistics)
+    plan.keep_streamed()
+    return plan
 
 
 def plan_inputs(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -15,6 +16,9 @@ from mergecli.engine.finite import Mode
 from mergecli.methods import Params
 from mergecli.sources import Source
 from mergecli.sources.readable import Readable
+
+if TYPE_CHECKING:
+    from mergecli.methods.statistics import Statistic
 
 LOOKAHEAD = 2
 """Pieces (tensors or row chunks) read ahead of the one being computed, at most."""
@@ -44,6 +48,15 @@ class TensorPlan:
 
 def piece_numel(tensor: TensorPlan, rows: Rows) -> int:
     return tensor.numel if rows is None else tensor.numel // tensor.shape[0] * (rows[1] - rows[0])
+
+
+def observed(tensors: list[TensorPlan], statistics: list[Statistic]) -> list[TensorPlan]:
+    """The merged tensors that any of ``statistics`` observes."""
+    return [
+        t
+        for t in tensors
+        if t.merge and any(s.tensors is None or t.name in s.tensors for s in statistics)
+    ]
 
 
 def whole(tensor: TensorPlan) -> list[Rows]:

@@ -18,7 +18,14 @@ from typing import Any, Protocol
 import torch
 
 from mergecli.engine.finite import check_finite
-from mergecli.engine.read_plan import LOOKAHEAD, READ_AHEAD_BYTES, ReadPlan, Rows, TensorPlan
+from mergecli.engine.read_plan import (
+    LOOKAHEAD,
+    READ_AHEAD_BYTES,
+    ReadPlan,
+    Rows,
+    TensorPlan,
+    observed,
+)
 from mergecli.methods import TensorInputs
 from mergecli.methods.statistics import Statistic, StatValues
 from mergecli.progress import NullProgress, Progress
@@ -110,12 +117,14 @@ class Runner:
             queue.drain()
 
     def statistics(self, read: ReadPlan, statistics: list[Statistic]) -> StatValues:
-        """Stream ``read`` once per pass until every statistic is final; their values."""
+        """Stream ``read`` once per pass until every statistic is final (each pass reads the
+        tensors that its statistics observe); their values."""
         passes = 0
         while any(s.wants_pass() for s in statistics):
             passes += 1
             active = [s for s in statistics if s.wants_pass()]
-            self.run(read, [Observe(active)], f"statistics pass {passes}")
+            read_now = read.subset(observed(read.tensors, active))
+            self.run(read_now, [Observe(active)], f"statistics pass {passes}")
             for statistic in active:
                 statistic.end_pass()
         return StatValues.of(statistics)
@@ -197,7 +206,7 @@ class Runner:
 
 
 class Observe:
-    """The statistics pass: every statistic observes each merged piece's inputs."""
+    """The statistics pass: each statistic observes the merged pieces of its tensors."""
 
     def __init__(self, statistics: list[Statistic]) -> None:
         self.statistics = statistics
@@ -205,7 +214,8 @@ class Observe:
     def piece(self, piece: Piece, queue: WriteQueue) -> None:
         assert piece.inputs is not None
         for statistic in self.statistics:
-            statistic.observe(piece.inputs)
+            if statistic.tensors is None or piece.tensor.name in statistic.tensors:
+                statistic.observe(piece.inputs)
 
 
 class Each:

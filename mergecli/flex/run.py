@@ -213,7 +213,11 @@ def group_statistics(
     make = plan.merge.method.statistics
     assert make is not None
     params = {g: {t.name: group_params(plan, t.params, g) for t in block.tensors} for g in groups}
-    stats = {g: make(params[g], plan.merge.warnings.append) for g in groups}
+    # tensors are read whole here: a per-tensor statistic comes from the tensor itself
+    stats = {
+        g: [s for s in make(params[g], plan.merge.warnings.append) if s.tensors is None]
+        for g in groups
+    }
     quiet = Runner(timer=runner.timer)
     while any(s.wants_pass() for ss in stats.values() for s in ss):
         active = {g: [s for s in ss if s.wants_pass()] for g, ss in stats.items()}

@@ -32,6 +32,7 @@ class Rescalers:
 
     def __init__(self, handle: Handle[list[float]]) -> None:
         self.handle = handle
+        self.tensors: set[str] | None = None
         self.task: list[float] = []
         self.masked: list[float] = []
         self.done = False

@@ -48,6 +48,10 @@ class StatValues:
     def __getitem__(self, handle: Handle[T]) -> T:
         return cast(T, self._values[handle])
 
+    def get(self, handle: Handle[T]) -> T | None:
+        """The value, or None where the run gathered no such statistic."""
+        return cast(T | None, self._values.get(handle))
+
     @classmethod
     def of(cls, statistics: Sequence[Statistic]) -> StatValues:
         return cls({s.handle: s.value() for s in statistics})
@@ -55,6 +59,10 @@ class StatValues:
 
 class Statistic(Protocol):
     handle: Handle[Any]
+    tensors: set[str] | None
+    """The merged tensors it observes (None: all of them). A statistic that names its tensors
+    is one of each tensor alone: the engine keeps those streamed in row pieces, since a method
+    takes a whole tensor's statistic from the tensor itself."""
 
     def passes(self, compute_dtype: torch.dtype) -> int: ...
 
@@ -72,6 +80,47 @@ class _Target:
     rank: int
 
 
+def add_histogram(
+    hist: torch.Tensor | None, tv: torch.Tensor, shift: int, prefix: int | None
+) -> torch.Tensor:
+    """``hist`` (a new one for None) plus the histogram of the 16-bit digit at ``shift`` of the
+    bit patterns of ``abs(tv)`` whose higher bits equal ``prefix`` (None: every entry). On the
+    CPU one compiled loop (``histogram.add_digits``), 20 times faster than torch's abs,
+    selection and bincount."""
+    int_dtype = _BITS[tv.dtype][0]
+    if tv.device.type == "cpu":
+        from mergecli.methods.histogram import add_digits  # numba, on first use
+
+        hist = torch.zeros(BINS, dtype=torch.int64) if hist is None else hist
+        patterns = tv.contiguous().view(int_dtype).reshape(-1).numpy()
+        add_digits(patterns, shift, -1 if prefix is None else prefix, hist.numpy())
+        return hist
+    pattern = tv.abs().view(int_dtype).reshape(-1)
+    if prefix is not None:  # keep only the entries under the prefix found so far
+        pattern = pattern[(pattern >> (shift + _DIGIT)) == prefix]
+    counts = torch.bincount((pattern >> shift) & (BINS - 1), minlength=BINS).cpu()
+    return counts if hist is None else hist.add_(counts)
+
+
+def narrow(target: _Target, hist: torch.Tensor) -> None:
+    """Extend ``target``'s prefix by the digit its rank falls on in ``hist`` (that digit's
+    histogram under the prefix) and make its rank relative to that digit."""
+    from_top = torch.cumsum(hist.flip(0), 0)
+    index = int(torch.searchsorted(from_top, torch.tensor(target.rank)))
+    target.rank -= int(from_top[index - 1]) if index > 0 else 0
+    target.prefix = (target.prefix << _DIGIT) | (BINS - 1 - index)
+
+
+def magnitude(target: _Target, bits: int) -> float:
+    """The float whose bit pattern a finished target holds (+inf for a rank 0)."""
+    if not target.rank:
+        return float("inf")
+    int_dtype, float_dtype = (
+        (torch.int32, torch.float32) if bits == 32 else (torch.int64, torch.float64)
+    )
+    return float(torch.tensor(target.prefix, dtype=int_dtype).view(float_dtype))
+
+
 class LargestMagnitudes:
     """Exact r-th largest ``abs(τt)`` over all tensors of each expert, for a few ranks r.
 
@@ -79,8 +128,7 @@ class LargestMagnitudes:
     digit (16 bits a pass) from histograms of the bit patterns: two passes for float32, four for
     float64. Memory is at most one 65,536-bin histogram per (expert, rank), whatever the model's
     size. Each value equals ``torch.kthvalue`` on the concatenated task vector, since both see
-    the same float bit patterns. On the CPU a tensor's histogram is one compiled loop
-    (``histogram.add_digits``), 20 times faster than torch's abs, selection and bincount.
+    the same float bit patterns.
     """
 
     def __init__(
@@ -89,6 +137,7 @@ class LargestMagnitudes:
         """``ranks[t]`` maps expert t's number of entries n to 1-based ranks from the top
         (a rank 0 selects nothing: its value is +inf)."""
         self.handle = handle
+        self.tensors: set[str] | None = None
         self.rank_fns = list(ranks)
         self.counts = [0] * len(self.rank_fns)
         self.targets: list[list[_Target]] | None = None
@@ -111,33 +160,14 @@ class LargestMagnitudes:
 
     def observe(self, inputs: TensorInputs) -> None:
         for t, tv in enumerate(inputs.task_vectors()):
-            int_dtype, bits = _BITS[tv.dtype]
             if self.shift is None:
-                self.bits, self.shift = bits, bits - _DIGIT
+                self.bits, self.shift = _BITS[tv.dtype][1], _BITS[tv.dtype][1] - _DIGIT
             if self.targets is None:
                 self.counts[t] += tv.numel()
-            if tv.device.type == "cpu":
-                from mergecli.methods.histogram import add_digits  # numba, on first use
-
-                patterns = tv.contiguous().view(int_dtype).reshape(-1).numpy()
-                for prefix in self._prefixes(t):
-                    if (t, prefix) not in self.hist:
-                        self.hist[t, prefix] = torch.zeros(BINS, dtype=torch.int64)
-                    hist = self.hist[t, prefix].numpy()
-                    add_digits(patterns, self.shift, -1 if prefix is None else prefix, hist)
-                continue
-            pattern = tv.abs().view(int_dtype).reshape(-1)
             for prefix in self._prefixes(t):
-                # keep only the entries under the prefix found so far
-                selected = pattern
-                if prefix is not None:
-                    selected = pattern[(pattern >> (self.shift + _DIGIT)) == prefix]
-                digit = (selected >> self.shift) & (BINS - 1)
-                counts = torch.bincount(digit, minlength=BINS).cpu()
-                if (t, prefix) in self.hist:
-                    self.hist[t, prefix] += counts
-                else:
-                    self.hist[t, prefix] = counts
+                self.hist[t, prefix] = add_histogram(
+                    self.hist.get((t, prefix)), tv, self.shift, prefix
+                )
 
     def end_pass(self) -> None:
         assert self.shift is not None
@@ -149,13 +179,8 @@ class LargestMagnitudes:
             ]
         for t, targets in enumerate(self.targets):
             for target in targets:
-                if target.rank == 0:
-                    continue
-                hist = self.hist[t, None if first else target.prefix]
-                from_top = torch.cumsum(hist.flip(0), 0)
-                index = int(torch.searchsorted(from_top, torch.tensor(target.rank)))
-                target.rank -= int(from_top[index - 1]) if index > 0 else 0
-                target.prefix = (target.prefix << _DIGIT) | (BINS - 1 - index)
+                if target.rank:
+                    narrow(target, self.hist[t, None if first else target.prefix])
         self.hist = {}
         if self.shift == 0:
             self.done = True
@@ -169,17 +194,7 @@ class LargestMagnitudes:
     def value(self) -> list[list[float]]:
         """Per expert, the magnitude at each rank (+inf for a rank 0)."""
         assert self.done and self.targets is not None and self.bits is not None
-        int_dtype = torch.int32 if self.bits == 32 else torch.int64
-        float_dtype = torch.float32 if self.bits == 32 else torch.float64
-        return [
-            [
-                float(torch.tensor(x.prefix, dtype=int_dtype).view(float_dtype))
-                if x.rank
-                else float("inf")
-                for x in targets
-            ]
-            for targets in self.targets
-        ]
+        return [[magnitude(x, self.bits) for x in targets] for targets in self.targets]
 
 
 class KthLargestMagnitude(LargestMagnitudes):
@@ -193,6 +208,86 @@ class KthLargestMagnitude(LargestMagnitudes):
     def value(self) -> list[float]:  # type: ignore[override]
         """Thresholds per expert (+inf where k = 0: nothing is kept)."""
         return [values[0] for values in super().value()]
+
+
+class TensorKthLargestMagnitude:
+    """Per tensor, TIES' tensor-scope threshold: the k-th largest ``abs(τt)`` of each expert's
+    task vector within that tensor alone, k = ceil(density · n).
+
+    The same digit-by-digit selection as ``LargestMagnitudes`` (one 16-bit digit a pass), with
+    a tensor's histograms summed over its pieces as they stream by (the pieces of one tensor
+    come together) and narrowed when the next tensor starts, so a tensor merged in row chunks
+    is never held whole. Memory: one histogram per expert for the tensor being observed, and a
+    prefix and a rank per (tensor, expert) between passes. Each value equals ``kth_largest``
+    on the whole tensor.
+    """
+
+    def __init__(self, handle: Handle[dict[str, list[float]]], densities: dict[str, list[float]]):
+        """``densities``: per tensor, each expert's density."""
+        self.handle = handle
+        self.densities = densities
+        self.tensors: set[str] | None = set(densities)
+        self.targets: dict[str, list[_Target]] = {}
+        self.first = True
+        self.bits: int | None = None
+        self.shift: int | None = None
+        self.current: str | None = None
+        self.count = 0
+        self.hist: list[torch.Tensor | None] = []
+        self.done = False
+
+    def passes(self, compute_dtype: torch.dtype) -> int:
+        return _BITS[compute_dtype][1] // _DIGIT
+
+    def wants_pass(self) -> bool:
+        return not self.done
+
+    def observe(self, inputs: TensorInputs) -> None:
+        if self.tensors is not None and inputs.name not in self.tensors:
+            return
+        if inputs.name != self.current:
+            self._narrow()
+            self.current, self.count = inputs.name, 0
+            self.hist = [None] * inputs.num_experts
+        for t, tv in enumerate(inputs.task_vectors()):
+            if self.shift is None:
+                self.bits, self.shift = _BITS[tv.dtype][1], _BITS[tv.dtype][1] - _DIGIT
+            self.count += tv.numel() if t == 0 else 0
+            target = None if self.first else self.targets[inputs.name][t]
+            if target is None or target.rank:
+                prefix = None if target is None else target.prefix
+                self.hist[t] = add_histogram(self.hist[t], tv, self.shift, prefix)
+
+    def _narrow(self) -> None:
+        """The tensor observed last is complete: narrow its targets by its histograms."""
+        if self.current is None:
+            return
+        if self.first:
+            densities = self.densities[self.current]
+            self.targets[self.current] = [_Target(0, kth_rank(d, self.count)) for d in densities]
+        for target, hist in zip(self.targets[self.current], self.hist, strict=True):
+            if target.rank:
+                assert hist is not None
+                narrow(target, hist)
+        self.current, self.hist = None, []
+
+    def end_pass(self) -> None:
+        self._narrow()
+        self.first = False
+        if not self.shift:  # the last digit (or nothing observed)
+            self.done = True
+        else:
+            self.shift = max(self.shift - _DIGIT, 0)
+
+    def state_bytes(self) -> int:
+        """Bytes held by the histograms now (one tensor's: experts × 65,536 × 8)."""
+        return sum(h.nbytes for h in self.hist if h is not None)
+
+    def value(self) -> dict[str, list[float]]:
+        """Per tensor, the threshold of each expert (+inf where k = 0: nothing is kept)."""
+        assert self.done
+        bits = self.bits or 32
+        return {n: [magnitude(x, bits) for x in ts] for n, ts in self.targets.items()}
 
 
 def _top_k(density: float, n: int) -> list[int]:

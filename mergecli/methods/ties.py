@@ -21,9 +21,16 @@ from mergecli.methods.sparsify import (
     model_scope_values,
     tensor_threshold,
 )
-from mergecli.methods.statistics import Handle, KthLargestMagnitude, Statistic
+from mergecli.methods.statistics import (
+    Handle,
+    KthLargestMagnitude,
+    Statistic,
+    TensorKthLargestMagnitude,
+)
 
 THRESHOLDS: Handle[list[float]] = Handle("ties.thresholds")
+TENSOR_THRESHOLDS: Handle[dict[str, list[float]]] = Handle("ties.tensor_thresholds")
+"""Per tensor streamed in row chunks with scope: tensor, each expert's threshold."""
 BLOCK_ELEMENTS = 1 << 20
 """Entries per row block of a large tensor that TIES merges whole."""
 
@@ -101,6 +108,9 @@ def trim_thresholds(inputs: TensorInputs, p: Params) -> list[float]:
     """κt: the magnitude each task vector's top ``density`` starts at, within ``scope``."""
     if p["scope"] == "model":
         return inputs.stats[THRESHOLDS]
+    streamed = inputs.stats.get(TENSOR_THRESHOLDS)
+    if streamed is not None and inputs.name in streamed:
+        return streamed[inputs.name]
     tvs = inputs.task_vectors()
     return [tensor_threshold(tv, d) for tv, d in zip(tvs, p["density"], strict=True)]
 
@@ -119,6 +129,26 @@ def model_scope_thresholds(
     """The exact model-scope top-k thresholds, when any tensor uses scope: model."""
     shared = model_scope_values(params_by_tensor, warn, ("density",))
     return [] if shared is None else [KthLargestMagnitude(THRESHOLDS, [d for (d,) in shared])]
+
+
+def streams(p: Params) -> bool:
+    """Whether TIES may take a tensor in row chunks: its thresholds then come from statistics
+    passes (no L1 rescale, which needs the whole trimmed vector; not mergekit's own trim)."""
+    return not p["rescale"] and (p["scope"] == "model" or p["conventions"] != "mergekit")
+
+
+def ties_statistics(
+    params_by_tensor: dict[str, Params], warn: Callable[[str], None]
+) -> list[Statistic]:
+    """The model-scope thresholds, and the tensor-scope ones of the tensors TIES may stream
+    (the engine keeps those it does stream in row chunks)."""
+    model = model_scope_thresholds(params_by_tensor, warn)
+    tensor = {
+        name: p["density"]
+        for name, p in params_by_tensor.items()
+        if p["scope"] == "tensor" and streams(p)
+    }
+    return model + ([TensorKthLargestMagnitude(TENSOR_THRESHOLDS, tensor)] if tensor else [])
 
 
 @merge_method(
@@ -142,10 +172,10 @@ def model_scope_thresholds(
         NORMALIZE,
         L1_RESCALE,
     ),
-    statistics=model_scope_thresholds,
+    statistics=ties_statistics,
     check=check_mergekit,
     ignored=MERGEKIT_IGNORED,
-    elementwise=lambda p: p["scope"] == "model" and not p["rescale"],
+    elementwise=streams,
     mergekit="scope tensor keeps k = max(1, ⌊density·n⌋) entries (density ≥ 1: all); "
     + MERGEKIT_ELECTION,
     convention=(
@@ -158,9 +188,10 @@ def model_scope_thresholds(
     ),
 )
 def ties(inputs: TensorInputs, p: Params) -> Merged:
-    """Once the thresholds are known TIES is elementwise: a large tensor (merged whole, as
-    scope: tensor needs) is trimmed, elected and merged in row blocks, so its temporaries are
-    those of one block."""
+    """Once the thresholds are known TIES is elementwise: the engine streams a large tensor in
+    row chunks (its tensor-scope thresholds from ``TENSOR_THRESHOLDS``); one merged whole
+    (another caller, an output that takes whole tensors) is trimmed, elected and merged in row
+    blocks, so its temporaries are those of one block."""
     if p["conventions"] == "mergekit" or p["rescale"]:
         return ties_whole(inputs, p)
     thresholds = trim_thresholds(inputs, p)
