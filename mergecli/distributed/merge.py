@@ -94,7 +94,8 @@ def _merge_shard(
     assert isinstance(plan.output, ModelFolder)
     shard = shards[index]
     runner = Runner()
-    writer = ModelWriter(ShardWriter(folder, [shard], plan.output.metadata), folder, plan)
+    shard_writer = ShardWriter(folder, [shard], plan.output.metadata)
+    writer = ModelWriter(shard_writer, folder, plan, plan.output.config)
     sums, store = ReportSums(), Store(writer, runner.timer)
     with compute_threads():
         read = plan.read_plan(_tensors(plan, shard, merged_only=False))
@@ -205,7 +206,13 @@ def run_merge_on_ray(
         per_tensor = {t.name: per_tensor[t.name] for t in plan.tensors if t.name in per_tensor}
         if len(shards) > 1:
             (folder / INDEX_NAME).write_text(index_json(shards))
-        copy_model_files(plan.reference.path, plan.tokenizer_folder, folder, plan.out_dtype)
+        copy_model_files(
+            plan.reference.path,
+            plan.tokenizer_folder,
+            folder,
+            plan.out_dtype,
+            plan.output.config,
+        )
         wall = time.perf_counter() - started
         report = build_report(plan, output, per_tensor, timer, written, wall, started_at)
         report["run"]["executor"] = {"kind": "ray", "statistics": gathered, "tasks": tasks}

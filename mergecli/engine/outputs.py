@@ -108,6 +108,8 @@ class ModelFolder:
 
     shards: list[Shard]
     metadata: dict[str, str] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+    """Keys set in the copied config.json (a slices merge's new depth)."""
     merged_rows = True
     copied_rows = True
     reads_base = False
@@ -123,7 +125,9 @@ class ModelFolder:
         return None
 
     def open(self, folder: Path, plan: MergePlan) -> ModelWriter:
-        return ModelWriter(ShardWriter(folder, self.shards, self.metadata), folder, plan)
+        return ModelWriter(
+            ShardWriter(folder, self.shards, self.metadata), folder, plan, self.config
+        )
 
     def card(self, plan: MergePlan) -> Card:
         return Card("Merged model", "This model was merged")
@@ -173,14 +177,18 @@ class CopyWriter(WholeModel, Sharded):
 class ModelWriter(WholeModel, Sharded):
     """Writes a model folder: every tensor in the output dtype, then config and tokenizer."""
 
-    def __init__(self, shards: ShardWriter, folder: Path, plan: MergePlan) -> None:
+    def __init__(
+        self, shards: ShardWriter, folder: Path, plan: MergePlan, config: dict[str, Any]
+    ) -> None:
         super().__init__(shards, folder)
         self.plan = plan
+        self.config = config
 
     def finish(self, per_tensor: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
         self.shards.finish()
+        plan = self.plan
         copy_model_files(
-            self.plan.reference.path, self.plan.tokenizer_folder, self.folder, self.plan.out_dtype
+            plan.reference.path, plan.tokenizer_folder, self.folder, plan.out_dtype, self.config
         )
         sources = [s.path for s in (self.plan.base, *self.plan.experts) if s]
         template = resolve_chat_template(self.plan.recipe.chat_template, sources)
