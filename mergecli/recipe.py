@@ -358,7 +358,7 @@ def check_slices(recipe: Recipe, source: str) -> None:
         raise RecipeError(
             f"{source}: give 'models' or 'slices', not both (as in mergekit)", key="slices"
         )
-    for key in ("temporal", "flex", "moe"):
+    for key in ("temporal", "flex", "moe", "evaluate"):
         if getattr(recipe, key) is not None:
             raise RecipeError(f"{source}: slices: not with a '{key}' section", key="slices")
     if recipe.output_format != "model":

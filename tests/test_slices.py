@@ -13,11 +13,12 @@ from typing import Any
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 import mergecli
 from mergecli.errors import MergeError, RecipeError, SourceError
 from mergecli.recipe import recipe_from_dict
+from scripts.fixtures import save_model
 from tests.helpers import load_state, run_cli, write_recipe
 
 LAYER = "model.layers."
@@ -123,6 +124,41 @@ def test_frankenmerge_of_two_models(zoo: Path, tmp_path: Path) -> None:
     assert report["plan"]["layers"][2] == "2 ← slices[1]: code:1"
 
 
+def test_per_layer_config_lists_follow_the_layer_map(tmp_path: Path) -> None:
+    """A config's ``layer_types`` gets one entry per output layer, from the layer it copies
+    (transformers refuses a list whose length differs from num_hidden_layers)."""
+    torch.manual_seed(0)
+    types = ["full_attention", "sliding_attention", "full_attention"]
+    config = Qwen2Config(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        use_sliding_window=True,
+        sliding_window=4,
+        layer_types=types,
+    )
+    model = save_model(Qwen2ForCausalLM(config), tmp_path / "qwen", torch.float32)
+    recipe = {
+        "slices": [
+            {"sources": [{"model": str(model), "layer_range": [0, 2]}]},
+            {"sources": [{"model": str(model), "layer_range": [1, 3]}]},
+        ],
+        "merge_method": "passthrough",
+    }
+    out = merge(tmp_path, recipe)
+    written = json.loads((out / "config.json").read_text())
+    assert written["num_hidden_layers"] == 4
+    assert written["layer_types"] == [types[0], types[1], types[1], types[2]]
+    state = load_state(model)
+    assert_state(
+        out, expected_stack([(state, 0), (state, 1), (state, 1), (state, 2)], state, state)
+    )
+    forward(out, 4)
+
+
 def slerp64(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
     """Spherical interpolation of the flattened tensors (float64), linear when nearly
     parallel."""
@@ -165,9 +201,7 @@ def test_gradient_slerp_over_a_slice(zoo: Path, tmp_path: Path) -> None:
     assert_state(out, want, atol=2e-6)
 
 
-def test_linear_slices_with_per_slice_and_per_source_parameters(
-    zoo: Path, tmp_path: Path
-) -> None:
+def test_linear_slices_with_per_slice_and_per_source_parameters(zoo: Path, tmp_path: Path) -> None:
     """Two slices of different models: a source's weight beats the slice's gradient, which
     beats the recipe's; a one-layer slice sits at t = 1 under mergekit's conventions."""
     a, b, c, d = (zoo / n for n in ("math", "code", "chat", "base"))

@@ -92,7 +92,8 @@ class SlicePlan(MergePlan):
             f"{e['layer']} ← slices[{e['slice']}]: {', '.join(e['sources'])}"
             for e in self.layer_map
         ]
-        return {**super().summary(), "layers": layers}
+        *figures, warnings = super().summary().items()
+        return {**dict(figures), "layers": layers, warnings[0]: warnings[1]}
 
 
 Opener = Callable[[str, str], Checkpoint]
