@@ -4,7 +4,8 @@ The format is mergekit-multi's: a multi-document YAML (or one document holding a
 recipe with a ``name``. A ``base_model``, ``models[].model``, ``slices[].sources[].model`` (or
 a slice's ``base_model``) or ``tokenizer_source`` equal to another recipe's name stands for that
 recipe's output folder and makes it a dependency. At most one recipe may go without a name
-(mergekit's final merge); it is called ``final`` and needs an ``output`` (or ``--output``). A named recipe writes to its ``output``, else ``WORK_DIR/NAME``.
+(mergekit's final merge); it is called ``final`` and needs an ``output`` (or ``--output``). A
+named recipe writes to its ``output``, else ``WORK_DIR/NAME``.
 """
 
 from __future__ import annotations
