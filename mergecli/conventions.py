@@ -63,10 +63,21 @@ def unset_differing(recipe: Recipe, method: MethodSpec) -> list[Param]:
     for param in differing_params(method):
         if param.name in recipe.parameters:
             continue
-        if param.per_model and all(param.name in m.parameters for m in recipe.models):
+        if param.per_model and set_for_every_model(recipe, param.name):
             continue
         unset.append(param)
     return unset
+
+
+def set_for_every_model(recipe: Recipe, name: str) -> bool:
+    """Whether every expert has its own value of ``name`` (in a slices recipe: every source,
+    or its slice)."""
+    if recipe.slices:
+        return all(
+            name in part.parameters or all(name in s.parameters for s in part.sources)
+            for part in recipe.slices
+        )
+    return all(name in m.parameters for m in recipe.models)
 
 
 def defaults_warning(recipe: Recipe, method: MethodSpec) -> str | None:

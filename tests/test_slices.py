@@ -16,6 +16,7 @@ import torch
 from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 import mergecli
+from mergecli.conventions import unset_differing
 from mergecli.errors import MergeError, RecipeError, SourceError
 from mergecli.recipe import recipe_from_dict
 from scripts.fixtures import save_model
@@ -350,3 +351,30 @@ def test_dry_run_shows_the_layer_map(zoo: Path, tmp_path: Path) -> None:
         "3 ← slices[1]: code:2",
     ]
     assert summary["tensors"] == 3 + 4 * 9
+
+
+def test_defaults_warning_counts_values_set_in_slices(zoo: Path) -> None:
+    """A per-model parameter set on every source (or on its slice) is not left to the default."""
+    method = mergecli.get_method("dare_ties")
+    density = {"parameters": {"density": 0.5}}
+
+    def unset(on_sources: dict[str, Any]) -> list[str]:
+        recipe = recipe_from_dict(
+            {
+                "slices": [
+                    {"sources": [source(zoo, "base", 0, 2), source(zoo, "math", 0, 2)], **density},
+                    {
+                        "sources": [
+                            source(zoo, "base", 2, 3, **on_sources),
+                            source(zoo, "math", 2, 3, **on_sources),
+                        ]
+                    },
+                ],
+                "merge_method": "dare_ties",
+                "base_model": str(zoo / "base"),
+            }
+        )
+        return [p.name for p in unset_differing(recipe, method)]
+
+    assert "density" in unset({})
+    assert "density" not in unset(density)
