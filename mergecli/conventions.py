@@ -17,7 +17,11 @@ from mergecli.methods.registry import SAME, MethodSpec, Param
 from mergecli.recipe import Recipe
 
 BEHAVIOUR = (
-    ("base model listed under models", "an expert with τ = 0", "dropped from the experts"),
+    (
+        "base model listed under models (or among a slice's sources)",
+        "an expert with τ = 0",
+        "dropped from the experts",
+    ),
     (
         "filter list",
         "the first matching filter applies; an entry without filter is the fallback",
@@ -25,8 +29,10 @@ BEHAVIOUR = (
     ),
     (
         "gradient position",
-        "layer l of L at l/(L−1) (one layer: 0); embeddings at 0, final norm and head at 1",
-        "layer l of L at l/(L−1) (one layer: 1); every tensor outside the layers at 0",
+        "layer l of L (of its slice) at l/(L−1) (one layer: 0); embeddings at 0, final norm "
+        "and head at 1",
+        "layer l of L (of its slice) at l/(L−1) (one layer: 1); every tensor outside the "
+        "layers at 0",
     ),
     (
         "output dtype",
