@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from mergecli.conventions import parameter_position, same_model
+from mergecli.engine.checks import check_weights
 from mergecli.engine.layout import plan_shards
 from mergecli.engine.outputs import ModelFolder
 from mergecli.engine.plan import (
@@ -85,6 +86,7 @@ class SlicePlan(MergePlan):
 
     @property
     def expert_names(self) -> list[str]:
+        """Each input's models' names joined by '+' (``math+code``)."""
         return [e.label for e in self.experts]
 
     def summary(self) -> dict[str, Any]:
@@ -92,8 +94,9 @@ class SlicePlan(MergePlan):
             f"{e['layer']} ← slices[{e['slice']}]: {', '.join(e['sources'])}"
             for e in self.layer_map
         ]
-        *figures, warnings = super().summary().items()
-        return {**dict(figures), "layers": layers, warnings[0]: warnings[1]}
+        summary = super().summary()
+        warnings = summary.pop("warnings")
+        return {**summary, "layers": layers, "warnings": warnings}
 
 
 Opener = Callable[[str, str], Checkpoint]
@@ -158,6 +161,7 @@ def plan_slices(
     has_base = slices[0].has_base
     experts: list[Source] = list(stacked[1:] if has_base else stacked)
     merged = {t.name: t.params for t in tensors if t.merge}
+    notes += check_weights(method, merged)
     shards = plan_shards([(t.name, t.shape, t.out_dtype) for t in tensors], shard_bytes)
     config = output_config(slices, layer_map, config_model)
     return SlicePlan(
