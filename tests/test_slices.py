@@ -200,6 +200,8 @@ def test_gradient_slerp_over_a_slice(zoo: Path, tmp_path: Path) -> None:
             t = int(name.split(".")[2]) / 2
         want[name] = slerp64(sa[name], sb[name], t)
     assert_state(out, want, atol=2e-6)
+    report = json.loads((out / "merge_report.json").read_text())
+    assert report["plan"]["layers"][1] == "1 ← slices[0]: base math:1, code:1"
 
 
 def test_linear_slices_with_per_slice_and_per_source_parameters(zoo: Path, tmp_path: Path) -> None:

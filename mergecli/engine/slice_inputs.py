@@ -169,6 +169,8 @@ def stack(
                     names[j][out] = (source.checkpoint, f"{stem}.{source.start + offset}.{rest}")
                 owners[out] = (part, position, layer)
             sources = [f"{s.name}:{s.start + offset}" for s in part.inputs]
+            if part.has_base:
+                sources[0] = f"base {sources[0]}"
             layer_map.append(
                 {"layer": layer, "slice": part.index, "t": position, "sources": sources}
             )
