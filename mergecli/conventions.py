@@ -17,7 +17,11 @@ from mergecli.methods.registry import SAME, MethodSpec, Param
 from mergecli.recipe import Recipe
 
 BEHAVIOUR = (
-    ("base model listed under models", "an expert with τ = 0", "dropped from the experts"),
+    (
+        "base model listed under models (or among a slice's sources)",
+        "an expert with τ = 0",
+        "dropped from the experts",
+    ),
     (
         "filter list",
         "the first matching filter applies; an entry without filter is the fallback",
@@ -25,8 +29,10 @@ BEHAVIOUR = (
     ),
     (
         "gradient position",
-        "layer l of L at l/(L−1) (one layer: 0); embeddings at 0, final norm and head at 1",
-        "layer l of L at l/(L−1) (one layer: 1); every tensor outside the layers at 0",
+        "layer l of L (of its slice) at l/(L−1) (one layer: 0); embeddings at 0, final norm "
+        "and head at 1",
+        "layer l of L (of its slice) at l/(L−1) (one layer: 1); every tensor outside the "
+        "layers at 0",
     ),
     (
         "output dtype",
@@ -63,10 +69,21 @@ def unset_differing(recipe: Recipe, method: MethodSpec) -> list[Param]:
     for param in differing_params(method):
         if param.name in recipe.parameters:
             continue
-        if param.per_model and all(param.name in m.parameters for m in recipe.models):
+        if param.per_model and set_for_every_model(recipe, param.name):
             continue
         unset.append(param)
     return unset
+
+
+def set_for_every_model(recipe: Recipe, name: str) -> bool:
+    """Whether every expert has its own value of ``name`` (in a slices recipe: every source,
+    or its slice)."""
+    if recipe.slices:
+        return all(
+            name in part.parameters or all(name in s.parameters for s in part.sources)
+            for part in recipe.slices
+        )
+    return all(name in m.parameters for m in recipe.models)
 
 
 def defaults_warning(recipe: Recipe, method: MethodSpec) -> str | None:

@@ -174,12 +174,33 @@ class TokenizerSection(_Strict):
     pad_to_multiple_of: int | None = Field(None, gt=0)
 
 
+class SliceSource(_Strict):
+    """One input of an output slice (mergekit's ``InputSliceDefinition``): layers
+    ``layer_range[0]`` to ``layer_range[1] - 1`` of a model, with its own parameters."""
+
+    model: str
+    layer_range: tuple[int, int]
+    parameters: dict[str, Any] = Field(default_factory=dict)
+
+
+class OutputSlice(_Strict):
+    """A run of output layers (mergekit's ``OutputSliceDefinition``): each layer merged from
+    the same layer of every source, with the slice's base model and parameters."""
+
+    sources: list[SliceSource] = Field(min_length=1)
+    base_model: str | None = None
+    parameters: dict[str, Any] = Field(default_factory=dict)
+
+
 class Recipe(_Strict):
     """A merge recipe. Relative paths are resolved against the recipe's folder (then the cwd)."""
 
     merge_method: str | None = None
     """Required, except in an MoE recipe where it merges the tensors outside the experts."""
-    models: list[ModelEntry] = Field(min_length=1)
+    models: list[ModelEntry] = Field(default_factory=list)
+    """The experts; a recipe gives either ``models`` or ``slices``."""
+    slices: list[OutputSlice] | None = Field(None, min_length=1)
+    """Layer ranges of several models stacked into a new depth (``mergecli.engine.slices``)."""
     base_model: str | None = None
     parameters: dict[str, Any] = Field(default_factory=dict)
     dtype: str = "float32"
@@ -229,6 +250,21 @@ class Recipe(_Strict):
             if (root / path).exists():
                 return (root / path).resolve()
         return self.folder / path
+
+    def parameter_places(self) -> list[tuple[str, dict[str, Any], bool]]:
+        """Every ``parameters`` mapping of the recipe: (its key, its values, whether it is a
+        model's own), global first."""
+        places = [("parameters", self.parameters, False)]
+        places += [
+            (f"models[{i}].parameters", m.parameters, True) for i, m in enumerate(self.models)
+        ]
+        for i, part in enumerate(self.slices or []):
+            places.append((f"slices[{i}].parameters", part.parameters, False))
+            places += [
+                (f"slices[{i}].sources[{j}].parameters", s.parameters, True)
+                for j, s in enumerate(part.sources)
+            ]
+        return places
 
     def model_name(self, index: int) -> str:
         """The expert's task name (one rule for every command): ``models[i].name``, else the
@@ -282,6 +318,10 @@ def _fields_at(loc: tuple[Any, ...]) -> list[str]:
             model = MoePrompts
         elif part == "tokenizer":
             model = TokenizerSection
+        elif part == "slices":
+            model = OutputSlice
+        elif part == "sources":
+            model = SliceSource
     return [n for n in model.model_fields if n != "folder"]
 
 
@@ -289,10 +329,6 @@ def recipe_from_dict(data: Any, folder: Path | None = None, source: str = "recip
     """Validate a recipe mapping; one-line RecipeError naming the key on any problem."""
     if not isinstance(data, dict):
         raise RecipeError(f"{source}: a recipe is a mapping of keys (merge_method, models, ...)")
-    if "slices" in data:
-        raise RecipeError(
-            f"{source}: 'slices' (layer-stacking merges) are not supported", key="slices"
-        )
     try:
         recipe = Recipe.model_validate({**data, "folder": folder or Path.cwd()})
     except ValidationError as exc:
@@ -307,6 +343,7 @@ def recipe_from_dict(data: Any, folder: Path | None = None, source: str = "recip
         if err["type"] == "missing":
             raise RecipeError(f"{source}: missing required key '{where}'", key=where) from None
         raise RecipeError(f"{source}: {where}: {err['msg']}", key=where) from None
+    check_slices(recipe, source)
     if recipe.merge_method is None and recipe.moe is None:
         raise RecipeError(f"{source}: missing required key 'merge_method'", key="merge_method")
     section = recipe.evaluate
@@ -334,6 +371,34 @@ def recipe_from_dict(data: Any, folder: Path | None = None, source: str = "recip
             )
         setattr(recipe, key, value)
     return recipe
+
+
+def check_slices(recipe: Recipe, source: str) -> None:
+    """Exactly one of ``models`` and ``slices`` (as in mergekit); slices only in a plain merge;
+    their parameter values checked like the others."""
+    if not recipe.models and not recipe.slices:
+        raise RecipeError(f"{source}: missing required key 'models' (or 'slices')", key="models")
+    if recipe.slices is None:
+        return
+    if recipe.models:
+        raise RecipeError(
+            f"{source}: give 'models' or 'slices', not both (as in mergekit)", key="slices"
+        )
+    for key in ("temporal", "flex", "moe", "evaluate"):
+        if getattr(recipe, key) is not None:
+            raise RecipeError(f"{source}: slices: not with a '{key}' section", key="slices")
+    if recipe.output_format != "model":
+        raise RecipeError(
+            f"{source}: slices: a stacked model is written as a model folder, not "
+            f"output_format: {recipe.output_format}",
+            key="output_format",
+        )
+    for i, part in enumerate(recipe.slices):
+        for key, value in part.parameters.items():
+            check_value(value, f"slices[{i}].parameters.{key}", source)
+        for j, src in enumerate(part.sources):
+            for key, value in src.parameters.items():
+                check_value(value, f"slices[{i}].sources[{j}].parameters.{key}", source)
 
 
 def check_tokenizer(recipe: Recipe, source: str) -> None:

@@ -96,7 +96,12 @@ def model_card(plan: MergePlan) -> str:
     base = plan.recipe.base_model or (plan.base.origin if plan.base else None)
     if base:
         meta["base_model"] = base
-    models = "\n".join(f"- `{m.model}`" for m in plan.recipe.models)
+    listed = [m.model for m in plan.recipe.models] + [
+        f"{s.model} layers {s.layer_range[0]}–{s.layer_range[1] - 1}"
+        for part in plan.recipe.slices or []
+        for s in part.sources
+    ]
+    models = "\n".join(f"- `{m}`" for m in listed)
     return (
         f"---\n{yaml.safe_dump(meta, sort_keys=False)}---\n\n"
         f"# {card.title}\n\n{card.what} with mergecli "

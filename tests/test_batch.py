@@ -81,6 +81,24 @@ def test_order_names_and_outputs(zoo: Path, tmp_path: Path) -> None:
     assert [r["action"] for r in preview(batch)] == ["run"] * 4
 
 
+def test_slice_sources_name_other_recipes(zoo: Path, tmp_path: Path) -> None:
+    deep = {
+        "name": "deep",
+        "merge_method": "passthrough",
+        "slices": [
+            {"sources": [{"model": str(zoo / "math"), "layer_range": [0, 2]}]},
+            {"sources": [{"model": "soup", "layer_range": [1, 3]}], "base_model": "soup"},
+        ],
+    }
+    soup = recipes(zoo, tmp_path / "hold")[0]
+    batch = load_batch(write_batch(tmp_path, [deep, soup]), tmp_path / "out")
+    assert [r.name for r in batch.recipes] == ["soup", "deep"]
+    deep = batch.get("deep").recipe.slices
+    assert deep is not None and deep[1].sources[0].model == str(tmp_path / "out" / "soup")
+    assert deep[1].base_model == str(tmp_path / "out" / "soup")
+    assert deep[0].sources[0].model == str(zoo / "math")
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [

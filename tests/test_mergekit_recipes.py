@@ -4,6 +4,7 @@ default conventions the ones that rely on defaults that differ get the one warni
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -74,3 +75,34 @@ def test_mergekit_recipes_cover_the_shared_methods() -> None:
     methods = {yaml.safe_load((RECIPES / f"{n}.yaml").read_text())["merge_method"] for n in NAMES}
     assert len(NAMES) >= 20
     assert {"nuslerp", "karcher", "sce", "arcee_fusion", "nearswap", "ram", "ramplus_tl"} <= methods
+
+
+def test_mergekit_passthrough_tests_hold(zoo: Path, tmp_path: Path) -> None:
+    """mergekit's passthrough tests: a copy is the model, two full stacks double the depth
+    (layer k and k + 3 both layer k), a scale filtered to o_proj zeroes only those."""
+    a = load_state(zoo / "math")
+    got = {}
+    for name in ("passthrough_copy", "passthrough_stack", "passthrough_scale"):
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(adapted(name, zoo))
+        out = tmp_path / name
+        result = run_cli("merge", path, "--output", out, "--conventions", "mergekit", "--quiet")
+        assert result.exit_code == 0, result.output
+        got[name] = load_state(out)
+    assert got["passthrough_copy"].keys() == a.keys()
+    assert all(torch.equal(got["passthrough_copy"][n], a[n].bfloat16()) for n in a)
+    stack = got["passthrough_stack"]
+    config = json.loads((tmp_path / "passthrough_stack" / "config.json").read_text())
+    assert config["num_hidden_layers"] == 6
+    for name, value in a.items():
+        parts = name.split(".")
+        if parts[1] != "layers":
+            assert torch.equal(stack[name], value.bfloat16())
+            continue
+        for k in (int(parts[2]), int(parts[2]) + 3):
+            assert torch.equal(stack[".".join([*parts[:2], str(k), *parts[3:]])], value.bfloat16())
+    scaled = got["passthrough_scale"]
+    assert any("o_proj" in n for n in a)
+    for name, value in a.items():
+        want = torch.zeros_like(value) if "o_proj" in name else value
+        assert torch.equal(scaled[name], want), name

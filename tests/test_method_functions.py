@@ -108,6 +108,12 @@ def test_linear_refuses_weights_that_sum_to_zero() -> None:
     assert caught.value.key == "parameters.weight"
 
 
+def test_passthrough_copies_its_one_model_scaled() -> None:
+    base, experts = tensors(experts=1)
+    close(call("passthrough", None, experts), experts[0])
+    close(call("passthrough", base, experts, scale=[0.5]), 0.5 * experts[0])
+
+
 def test_greedy_soup_averages_the_experts_it_is_given() -> None:
     base, experts = tensors()
     close(call("greedy_soup", base, experts), sum(experts) / len(experts))

@@ -1,14 +1,16 @@
 """A batch file: several named recipes, where one may use another's output as an input.
 
 The format is mergekit-multi's: a multi-document YAML (or one document holding a list), each
-recipe with a ``name``. A ``base_model``, ``models[].model`` or ``tokenizer_source`` equal to
-another recipe's name stands for that recipe's output folder and makes it a dependency. At most
-one recipe may go without a name (mergekit's final merge); it is called ``final`` and needs an
-``output`` (or ``--output``). A named recipe writes to its ``output``, else ``WORK_DIR/NAME``.
+recipe with a ``name``. A ``base_model``, ``models[].model``, ``slices[].sources[].model`` (or
+a slice's ``base_model``) or ``tokenizer_source`` equal to another recipe's name stands for that
+recipe's output folder and makes it a dependency. At most one recipe may go without a name
+(mergekit's final merge); it is called ``final`` and needs an ``output`` (or ``--output``). A
+named recipe writes to its ``output``, else ``WORK_DIR/NAME``.
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -100,36 +102,38 @@ def _named(path: Path, docs: list[Any]) -> dict[str, dict[str, Any]]:
     return named
 
 
-def _references(doc: dict[str, Any]) -> list[tuple[str, Any]]:
-    """The (key, value) pairs of a recipe mapping that may name a model folder."""
-    refs = [
-        ("base_model", doc.get("base_model")),
-        ("tokenizer_source", doc.get("tokenizer_source")),
+def _references(doc: dict[str, Any]) -> list[tuple[tuple[str | int, ...], Any]]:
+    """The (path of keys, value) pairs of a recipe mapping that may name a model folder."""
+    refs: list[tuple[tuple[str | int, ...], Any]] = [
+        (("base_model",), doc.get("base_model")),
+        (("tokenizer_source",), doc.get("tokenizer_source")),
     ]
-    models = doc.get("models")
-    if isinstance(models, list):
-        refs += [
-            (f"models[{i}].model", m.get("model"))
-            for i, m in enumerate(models)
-            if isinstance(m, dict)
-        ]
+    for i, m in enumerate(_dicts(doc.get("models"))):
+        refs.append((("models", i, "model"), m.get("model")))
+    for i, part in enumerate(_dicts(doc.get("slices"))):
+        refs.append((("slices", i, "base_model"), part.get("base_model")))
+        for j, source in enumerate(_dicts(part.get("sources"))):
+            refs.append((("slices", i, "sources", j, "model"), source.get("model")))
     return [(key, value) for key, value in refs if isinstance(value, str)]
+
+
+def _dicts(value: Any) -> list[dict[str, Any]]:
+    """The entries of a recipe list (non-mappings as empty ones, keeping the indices)."""
+    return [m if isinstance(m, dict) else {} for m in value] if isinstance(value, list) else []
 
 
 def _substitute(doc: dict[str, Any], outputs: dict[str, Path]) -> tuple[dict[str, Any], list[str]]:
     """The mapping with other recipes' names replaced by their output folders, and those names."""
-    doc = dict(doc)
-    if isinstance(doc.get("models"), list):
-        doc["models"] = [dict(m) if isinstance(m, dict) else m for m in doc["models"]]
+    doc = copy.deepcopy(doc)
     needs: list[str] = []
-    for key, value in _references(doc):
+    for path, value in _references(doc):
         if value not in outputs:
             continue
         needs.append(value)
-        if key.startswith("models["):
-            doc["models"][int(key[7 : key.index("]")])]["model"] = str(outputs[value])
-        else:
-            doc[key] = str(outputs[value])
+        holder: Any = doc
+        for part in path[:-1]:
+            holder = holder[part]
+        holder[path[-1]] = str(outputs[value])
     return doc, list(dict.fromkeys(needs))
 
 

@@ -14,7 +14,7 @@ layout is the driver's.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -97,7 +97,8 @@ def _merge_shard(
     assert isinstance(plan.output, ModelFolder)
     shard = shards[index]
     runner = Runner()
-    writer = ModelWriter(ShardWriter(folder, [shard], plan.output.metadata), folder, plan.target())
+    target = replace(plan.target(), config=plan.output.config)
+    writer = ModelWriter(ShardWriter(folder, [shard], plan.output.metadata), folder, target)
     sums, store = ReportSums(), Store(writer, runner.timer)
     with compute_threads():
         read = plan.read_plan(_tensors(plan, shard, merged_only=False))
@@ -205,7 +206,7 @@ def run_merge_on_ray(
         per_tensor = {t.name: per_tensor[t.name] for t in plan.tensors if t.name in per_tensor}
         if len(shards) > 1:
             (folder / INDEX_NAME).write_text(index_json(shards))
-        plan.target().copy_model_files(folder)
+        replace(plan.target(), config=plan.output.config).copy_model_files(folder)
         report = build_report(
             plan, run.output, per_tensor, timer, written, run.wall, run.started_at
         )

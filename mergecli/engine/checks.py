@@ -32,10 +32,7 @@ def numbers(raw: Any, key: str) -> list[tuple[float, str]]:
 
 def check_bounds(recipe: Recipe, method: MethodSpec) -> None:
     """Each value of a bounded parameter lies in its bounds (one line naming the key)."""
-    places = [("parameters", recipe.parameters)] + [
-        (f"models[{i}].parameters", m.parameters) for i, m in enumerate(recipe.models)
-    ]
-    for where, values in places:
+    for where, values, _ in recipe.parameter_places():
         for name, raw in values.items():
             param = method.param(name)
             if param is None or param.bounds is None:

@@ -29,6 +29,7 @@ from mergecli.methods import MethodSpec, Params, TaskMasks, TensorInputs
 from mergecli.recipe import Recipe
 from mergecli.sources import Adapter, Checkpoint, Source
 from mergecli.sources.adapter import ADAPTER_CONFIG, PEFT_PREFIX
+from mergecli.sources.stacked import Stacked
 
 WEIGHTS_FILE = "adapter_model.safetensors"
 
@@ -175,7 +176,7 @@ def changes(name: str, experts: list[Source]) -> bool:
 def plan_lora_output(
     recipe: Recipe,
     method: MethodSpec,
-    base: Checkpoint | None,
+    base: Checkpoint | Stacked | None,
     experts: list[Source],
     merged: dict[str, Params],
     dtype: torch.dtype,

@@ -211,9 +211,14 @@ def atomic_folder(
 
 
 def copy_model_files(
-    source: Path, tokenizer_source: Path, folder: Path, out_dtype: torch.dtype
+    source: Path,
+    tokenizer_source: Path,
+    folder: Path,
+    out_dtype: torch.dtype,
+    config_updates: dict[str, Any] | None = None,
 ) -> None:
-    """config.json (dtype updated), generation config and tokenizer files."""
+    """config.json (dtype updated, then ``config_updates`` set), generation config and
+    tokenizer files."""
     for name in CONFIG_FILES:
         if (source / name).is_file():
             shutil.copyfile(source / name, folder / name)
@@ -224,6 +229,7 @@ def copy_model_files(
         keys = [k for k in ("torch_dtype", "dtype") if k in config] or ["torch_dtype"]
         for key in keys:
             config[key] = dtype
+        config.update(config_updates or {})
         config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     for name in TOKENIZER_FILES:
         if (tokenizer_source / name).is_file():

@@ -15,7 +15,7 @@ one per deployed size, fed by FlexMerge's own pass).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -48,12 +48,18 @@ class Target:
     """The recipe's ``chat_template`` (a Jinja text or ``auto``)."""
     inputs: tuple[Path, ...] = ()
     """The input folders an ``auto`` chat template is taken from."""
+    config: dict[str, Any] = field(default_factory=dict)
+    """Keys set in the copied config.json (a slices merge's new depth)."""
 
     def copy_model_files(self, folder: Path) -> None:
         """config.json (dtype updated), generation config, tokenizer files, chat template."""
         if self.model_files is not None:
             copy_model_files(
-                self.model_files, self.tokenizer or self.model_files, folder, self.out_dtype
+                self.model_files,
+                self.tokenizer or self.model_files,
+                folder,
+                self.out_dtype,
+                self.config,
             )
         template = resolve_chat_template(self.chat_template, self.inputs)
         if template is not None:
@@ -152,6 +158,8 @@ class ModelFolder:
 
     shards: list[Shard]
     metadata: dict[str, str] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+    """Keys set in the copied config.json (a slices merge's new depth)."""
     merged_rows = True
     copied_rows = True
     reads_base = False
@@ -168,6 +176,7 @@ class ModelFolder:
         return None
 
     def open(self, folder: Path, target: Target) -> ModelWriter:
+        target = replace(target, config={**target.config, **self.config})
         return ModelWriter(ShardWriter(folder, self.shards, self.metadata), folder, target)
 
 

@@ -40,6 +40,7 @@ from mergecli.methods.statistics import Statistic
 from mergecli.params import resolve_value
 from mergecli.recipe import Recipe
 from mergecli.sources import Checkpoint, Source, open_models
+from mergecli.sources.stacked import Stacked
 
 CHUNK_ELEMENTS = 1 << 20
 """Entries of one row chunk: tensors merged elementwise, and copied tensors, are read, merged
@@ -52,7 +53,8 @@ class InputPlan:
     or copied, in order."""
 
     recipe: Recipe
-    base: Checkpoint | None
+    base: Checkpoint | Stacked | None
+    """The base; a slices merge's inputs are ``Stacked`` (``engine/slices.py``)."""
     experts: list[Source]
     tensors: list[TensorPlan]
     device: torch.device
@@ -262,10 +264,7 @@ def check_parameter_names(recipe: Recipe, method: MethodSpec) -> list[str]:
     """Unknown parameters are errors; accepted-but-ignored ones become warnings."""
     notes = []
     known = [*method.param_names, *method.ignored]
-    places = [("parameters", recipe.parameters, False)] + [
-        (f"models[{i}].parameters", m.parameters, True) for i, m in enumerate(recipe.models)
-    ]
-    for where, values, per_model_place in places:
+    for where, values, per_model_place in recipe.parameter_places():
         for key in values:
             if key in method.ignored:
                 notes.append(f"{where}.{key} ignored: {method.ignored[key]}")
@@ -371,20 +370,22 @@ def plan_merge(
     recipe, notes = apply_conventions(recipe, method)
     notes += check_parameter_names(recipe, method)
     check_bounds(recipe, method)
+    try:
+        shard_bytes = parse_size(shard_size)
+    except ValueError as exc:
+        raise RecipeError(f"--shard-size: {exc}", key="--shard-size") from None
+    if recipe.slices:
+        from mergecli.engine.slices import plan_slices  # it builds on this module
+
+        return plan_slices(recipe, method, device, shard_bytes, notes)
     notes += model_warnings(recipe)
     n = len(recipe.models)
-    least, most = method.min_models, method.max_models
-    if recipe.conventions == "mergekit" and method.mergekit_models is not None:
-        least, most = method.mergekit_models
+    least, most = model_counts(recipe, method)
     if n < least or (most and n > most):
         want = f"exactly {least}" if least == most else f"at least {least}"
         raise RecipeError(
             f"models: '{method.name}' needs {want} models, the recipe lists {n}", key="models"
         )
-    try:
-        shard_bytes = parse_size(shard_size)
-    except ValueError as exc:
-        raise RecipeError(f"--shard-size: {exc}", key="--shard-size") from None
     inputs = plan_inputs(recipe, device, method, notes)
     tensors = inputs.tensors
     notes += check_weights(method, {t.name: t.params for t in tensors if t.merge})
@@ -397,6 +398,13 @@ def plan_merge(
     plan = MergePlan(**vars(inputs), method=method, output=output, statistics=statistics)
     plan.keep_streamed()
     return plan
+
+
+def model_counts(recipe: Recipe, method: MethodSpec) -> tuple[int, int | None]:
+    """The least and most experts the method takes under the recipe's conventions."""
+    if recipe.conventions == "mergekit" and method.mergekit_models is not None:
+        return method.mergekit_models
+    return method.min_models, method.max_models
 
 
 def plan_inputs(
@@ -427,16 +435,8 @@ def plan_inputs(
             f"{reference.label}: '{reference.path}' has no floating-point tensors",
             path=reference.path,
         )
-    given_dtype = recipe.out_dtype
-    mergekit = recipe.conventions == "mergekit"
-    if given_dtype is None and mergekit and "dtype" in recipe.model_fields_set:
-        given_dtype = recipe.dtype  # mergekit writes in dtype when out_dtype is unset
-    out_dtype = (
-        getattr(torch, given_dtype)
-        if given_dtype
-        else max(set(float_dtypes), key=float_dtypes.count)
-    )
-    compute_dtype = torch.float64 if recipe.dtype == "float64" else torch.float32
+    out_dtype = output_dtype(recipe, float_dtypes)
+    compute_dtype = compute_dtype_of(recipe)
 
     tensors: list[TensorPlan] = []
     for name in names:
@@ -473,10 +473,27 @@ def plan_inputs(
     )
 
 
+def output_dtype(recipe: Recipe, float_dtypes: list[torch.dtype]) -> torch.dtype:
+    """``out_dtype``, else (mergekit's conventions) ``dtype`` when given, else the dtype most of
+    the reference's floating-point tensors have."""
+    given_dtype = recipe.out_dtype
+    mergekit = recipe.conventions == "mergekit"
+    if given_dtype is None and mergekit and "dtype" in recipe.model_fields_set:
+        given_dtype = recipe.dtype  # mergekit writes in dtype when out_dtype is unset
+    if given_dtype:
+        dtype: torch.dtype = getattr(torch, given_dtype)
+        return dtype
+    return max(set(float_dtypes), key=float_dtypes.count)
+
+
+def compute_dtype_of(recipe: Recipe) -> torch.dtype:
+    return torch.float64 if recipe.dtype == "float64" else torch.float32
+
+
 def plan_output(
     recipe: Recipe,
     method: MethodSpec,
-    base: Checkpoint | None,
+    base: Checkpoint | Stacked | None,
     experts: list[Source],
     tensors: list[TensorPlan],
     shard_bytes: int,

@@ -23,6 +23,7 @@ from mergecli.methods import (  # noqa: F401  (registration)
     arcee_fusion,
     nearswap,
     ram,
+    passthrough,
 )
 
 # isort: on

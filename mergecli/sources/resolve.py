@@ -11,8 +11,9 @@ from mergecli.recipe import Recipe
 from mergecli.sources.adapter import ADAPTER_CONFIG, Adapter, read_peft_config
 from mergecli.sources.checkpoint import Checkpoint
 from mergecli.sources.hub import hub_snapshot, open_checkpoint, parse_hub_id
+from mergecli.sources.stacked import Stacked
 
-Source = Checkpoint | Adapter
+Source = Checkpoint | Adapter | Stacked
 """Anything that answers "which tensors" and "give me tensor X" (weights or task vectors)."""
 
 
