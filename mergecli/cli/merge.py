@@ -30,8 +30,8 @@ from mergecli.cli import (
     print_json,
     print_warnings,
 )
-from mergecli.errors import RecipeError
 from mergecli.distributed.executor import RayExecutor, executor_for
+from mergecli.errors import RecipeError
 from mergecli.progress import count_bar_for, progress_for
 from mergecli.report import human_bytes
 
