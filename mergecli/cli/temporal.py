@@ -60,7 +60,9 @@ temporal_app = typer.Typer(
         "mergecli temporal add STATE EXPERT: fold in the next expert.\n\n"
         "mergecli temporal status STATE: the sequence, the strategies and the sizes on disk.\n\n"
         "mergecli temporal RECIPE (same as 'replay RECIPE'): fold a recipe's experts in order, "
-        "as set by its temporal: section."
+        "as set by its temporal: section.\n\n"
+        "mergecli temporal evaluate RECIPE -o STUDY: score every step of each (init, deploy) "
+        "pair (A_KA, A_ZS, trajectory plot)."
     ),
 )
 app.add_typer(temporal_app)
@@ -328,6 +330,8 @@ def evaluate(
     print_warnings(result["warnings"])
     if json_out:
         print_json(result)
+        return
+    if quiet:
         return
     table = Table(
         title=f"{result['method']} over time: mean {result['metric']} on {result['reported_on']} "
