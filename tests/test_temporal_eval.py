@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,12 +15,13 @@ import torch
 from safetensors.torch import save_file
 from transformers import AutoTokenizer, BertForSequenceClassification
 
-from mergecli.errors import RecipeError
+from mergecli.errors import EvaluationError, RecipeError
 from mergecli.recipe import load_recipe
 from mergecli.temporal import (
     PAIRS,
     TrainRequest,
     add_expert,
+    command_trainer,
     evaluate_over_time,
     init_state,
     recency_weights,
@@ -142,6 +144,20 @@ def test_evaluate_refuses_trained_pairs_without_a_train_command(tmp_path: Path) 
     assert "temporal.train" in result.stderr and "Traceback" not in result.stderr
     result = run_cli("temporal", "evaluate", path, "-o", tmp_path / "o", "--pairs", "ema-ema")
     assert result.exit_code == 2 and "--pairs 'ema-ema'" in result.stderr
+
+
+def test_train_command_fills_the_template_and_fails_loudly(zoo: Path, tmp_path: Path) -> None:
+    script = "import shutil, sys; shutil.copytree(*sys.argv[1:])"
+    copy = f"{sys.executable} -c '{script}' {{init}} {{output}}"
+    request = TrainRequest(2, "code", zoo / "base", tmp_path / "experts" / "02-code", zoo / "code")
+    out = command_trainer(copy)(request)
+    assert out == request.output and load_state(out).keys() == load_state(zoo / "base").keys()
+    fail = f"{sys.executable} -c 'import sys; sys.exit(sys.argv[1])' {{task}}-{{step}}"
+    with pytest.raises(EvaluationError, match=r"step 2, code\): exit status 1: code-2$"):
+        command_trainer(fail)(request)
+    empty = f"{sys.executable} -c 'import sys' {{output}}"
+    with pytest.raises(EvaluationError, match="wrote no safetensors"):
+        command_trainer(empty)(TrainRequest(1, "x", zoo / "base", tmp_path / "none", zoo / "code"))
 
 
 # ---- on the reduced testbed -------------------------------------------------------------
