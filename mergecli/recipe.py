@@ -62,6 +62,15 @@ class TemporalSection(_Strict):
     deploy: Literal["latest", "ema", "all"] = "ema"
     ema_weight: float = Field(0.5, gt=0, le=1)
     keep_steps: bool = False
+    recency: Literal["uniform", "log", "quadratic", "exponential", "cubic"] = "uniform"
+    """Weights of ``deploy: all`` over the experts so far (``mergecli.temporal.recency``)."""
+    recency_reversed: bool = False
+    """Give the larger recency weights to the older experts instead (TIME App. D.2)."""
+    task_vectors: Literal["base", "previous"] = "base"
+    """Task vectors of the EMA merge against θ0, or against EMA_{t−1} (TIME App. B)."""
+    train: str | None = None
+    """Command that trains step t's expert from the init model (``temporal evaluate`` only):
+    a template with {init}, {output}, {task}, {step} and {model}."""
 
 
 class EvalTask(_Strict):

@@ -60,7 +60,9 @@ temporal_app = typer.Typer(
         "mergecli temporal add STATE EXPERT: fold in the next expert.\n\n"
         "mergecli temporal status STATE: the sequence, the strategies and the sizes on disk.\n\n"
         "mergecli temporal RECIPE (same as 'replay RECIPE'): fold a recipe's experts in order, "
-        "as set by its temporal: section."
+        "as set by its temporal: section.\n\n"
+        "mergecli temporal evaluate RECIPE -o STUDY: score every step of each (init, deploy) "
+        "pair (A_KA, A_ZS, trajectory plot)."
     ),
 )
 app.add_typer(temporal_app)
@@ -276,3 +278,81 @@ def replay(
             f"({len(result.steps)} folded now)",
             highlight=False,
         )
+
+
+@temporal_app.command("evaluate")
+@handle_errors
+def evaluate(
+    recipe: Annotated[
+        Path,
+        typer.Argument(
+            help="YAML recipe with temporal: and evaluate: sections.", show_default=False
+        ),
+    ],
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="Study folder: states, experts, JSON, PNG.")
+    ],
+    pairs: Annotated[
+        str | None,
+        typer.Option(
+            "--pairs",
+            help="'all' or INIT/DEPLOY,... (default: all 8 with temporal.train, else init base).",
+        ),
+    ] = None,
+    device: DeviceOpt = "cpu",
+    json_out: JsonOpt = False,
+    force: Annotated[bool, typer.Option("--force", help="Start the study over.")] = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Score every step of each (init, deploy) pair: A_KA, A_ZS and √(A_KA·A_ZS) (TIME §3)."""
+    from mergecli.temporal.timeline import FIGURE, RESULT, evaluate_over_time, parse_pairs
+
+    spec = mergecli.load_recipe(recipe)
+
+    def on_row(row: dict[str, Any]) -> None:
+        if not (quiet or json_out):
+            err.print(
+                f"{row['init']}/{row['deploy']} step {row['step']}: A_KA {fmt(row['ka'])}, "
+                f"A_ZS {fmt(row['zs'])}",
+                highlight=False,
+            )
+
+    result = evaluate_over_time(
+        spec,
+        output,
+        parse_pairs(pairs) if pairs else None,
+        device,
+        force=force,
+        new_progress=lambda: progress_for(err, True),
+        on_row=on_row,
+        source=str(recipe),
+    )
+    print_warnings(result["warnings"])
+    if json_out:
+        print_json(result)
+        return
+    if quiet:
+        return
+    table = Table(
+        title=f"{result['method']} over time: mean {result['metric']} on {result['reported_on']} "
+        f"data (adaptation: {', '.join(result['adaptation_tasks'])}; held out: "
+        f"{', '.join(result['held_out_tasks']) or 'none'})"
+    )
+    columns = ("init", "deploy", "step", "expert", "A_KA", "A_ZS", "√(KA·ZS)", "known", "unseen")
+    for column in columns:
+        left = column in ("init", "deploy", "expert")
+        table.add_column(column, justify="left" if left else "right", no_wrap=not left)
+    for row in [{**result["base"], "init": "–", "deploy": "θ0"}, *result["rows"]]:
+        table.add_row(
+            row["init"],
+            row["deploy"],
+            str(row["step"]),
+            row["expert"] or "–",
+            *(fmt(row[k]) for k in ("ka", "zs", "geo", "known", "unseen")),
+        )
+    out.print(table)
+    out.print(f"{output / RESULT}, {output / FIGURE}", highlight=False)
+
+
+def fmt(value: float | None) -> str:
+    return "–" if value is None else f"{value:.4f}"

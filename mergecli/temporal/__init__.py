@@ -20,10 +20,29 @@ After step t:
   ``all`` f(θ0, [θ1, ..., θt]) with the method's default weights (``linear``: the mean).
 
 Before the first expert both are θ0. ``init: ema, deploy: ema`` is the paper's Best-in-TIME.
+``recency`` weighs deploy: all towards recent experts (``recency``), ``task_vectors: previous``
+takes the EMA merge's task vectors against EMA_{t−1}, and ``evaluate_over_time`` scores every
+step of every (init, deploy) pair (``timeline``).
 """
 
 from mergecli.temporal.fold import StepResult, add_expert, init_state
+from mergecli.temporal.recency import recency_weights
 from mergecli.temporal.replay import ReplayResult, replay
 from mergecli.temporal.state import status
+from mergecli.temporal.timeline import PAIRS, evaluate_over_time, time_metrics
+from mergecli.temporal.train import TrainRequest, command_trainer
 
-__all__ = ["ReplayResult", "StepResult", "add_expert", "init_state", "replay", "status"]
+__all__ = [
+    "PAIRS",
+    "ReplayResult",
+    "StepResult",
+    "TrainRequest",
+    "add_expert",
+    "command_trainer",
+    "evaluate_over_time",
+    "init_state",
+    "recency_weights",
+    "replay",
+    "status",
+    "time_metrics",
+]

@@ -24,6 +24,7 @@ from mergecli.progress import Progress
 from mergecli.recipe import TemporalSection, recipe_from_dict
 from mergecli.sources import Checkpoint
 from mergecli.temporal.manifest import Manifest, StepRecord, read_manifest, write_manifest
+from mergecli.temporal.recency import recency_weights
 from mergecli.temporal.state import (
     STEPS,
     check_source,
@@ -125,6 +126,12 @@ def check_settings(
             f"{method.max_models} models",
             key="temporal.deploy",
         )
+    if temporal.recency != "uniform" and (weight is None or not weight.per_model):
+        raise RecipeError(
+            f"{source}: temporal.recency: '{method.name}' has no per-model weight to give the "
+            "experts recency weights",
+            key="temporal.recency",
+        )
     if temporal.deploy == "all" and method.min_models > 1:
         raise RecipeError(
             f"{source}: deploy: all merges the single expert of step 1, but '{method.name}' "
@@ -146,6 +153,10 @@ def check_settings(
     elif temporal.deploy == "all":
         plan_merge(manifest.recipe([{"model": str(base)}]))
     warnings = []
+    if temporal.deploy != "all" and (temporal.recency != "uniform" or temporal.recency_reversed):
+        warnings.append("temporal.recency weighs deploy: all only; it has no effect here")
+    if temporal.task_vectors == "previous" and not uses_ema:
+        warnings.append("temporal.task_vectors: previous changes the EMA merge only; no EMA here")
     if temporal.init == "base" and temporal.deploy == "latest":
         warnings.append(
             "init: base with deploy: latest serves each expert alone, trained from the base "
@@ -182,11 +193,17 @@ def model_card(manifest: Manifest, label: str) -> str:
         "base_model": settings["base_model"],
     }
     params = ", ".join(f"{k}={v}" for k, v in settings["parameters"].items()) or "defaults"
+    against = "θ0" if temporal.task_vectors == "base" else f"EMA_{step - 1}"
+    recency = (
+        f", {'reversed ' if temporal.recency_reversed else ''}{temporal.recency} recency weights"
+        if temporal.recency != "uniform"
+        else ""
+    )
     what = (
-        f"EMA_{step} = f(θ0, [EMA_{step - 1}, θ{step}], weights [1 − w, w]) with "
+        f"EMA_{step} = f({against}, [EMA_{step - 1}, θ{step}], weights [1 − w, w]) with "
         f"w = {temporal.ema_weight}, EMA_0 = θ0"
         if label == "ema"
-        else f"f(θ0, [θ1 .. θ{step}]), the merge of every expert so far"
+        else f"f(θ0, [θ1 .. θ{step}]), the merge of every expert so far{recency}"
     )
     experts = "\n".join(
         f"{i}. `{s.name}`: `{s.expert}`" for i, s in enumerate(manifest.steps, start=1)
@@ -242,6 +259,7 @@ def fold(
         recipe = manifest.recipe(
             ema_models(prev, str(expert), name, temporal.ema_weight),
             seed=step_seed(settings["seed"], step),
+            base=prev if temporal.task_vectors == "previous" else None,
         )
         plan = plan_merge(recipe, device, shard_size)  # also checks the expert against the base
         on_purpose = model_warnings(recipe)  # the EMA's recipe lists the base at step 1
@@ -255,7 +273,12 @@ def fold(
                 check_source(
                     Path(s.expert), s.fingerprint, f"step {i + 1} expert", settings["allow_bin"]
                 )
-            models = [{"model": s.expert, "name": s.name} for s in new.steps]
+            weights = recency_weights(temporal.recency, len(new.steps), temporal.recency_reversed)
+            models = [
+                {"model": s.expert, "name": s.name}
+                | ({"parameters": {"weight": weights[i]}} if weights else {})
+                for i, s in enumerate(new.steps)
+            ]
             plan = plan_merge(manifest.recipe(models), device, shard_size)
             warnings += [w for w in plan.warnings if w not in warnings]
             merges.append(_run(plan, folder / step_dir / "all", new, "all", new_progress))

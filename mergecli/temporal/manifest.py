@@ -56,12 +56,17 @@ class Manifest(_Strict):
     def base(self) -> Path:
         return Path(self.settings["base_model"])
 
-    def recipe(self, models: list[dict[str, Any]], seed: int | None = None) -> Recipe:
-        """The merge recipe of these models over the state's base, method and parameters."""
+    def recipe(
+        self, models: list[dict[str, Any]], seed: int | None = None, base: str | None = None
+    ) -> Recipe:
+        """The merge recipe of these models over the state's base (or ``base``, the model the
+        task vectors are taken against), method and parameters."""
         data = {key: value for key, value in self.settings.items() if key != "temporal"}
         data["models"] = models
         if seed is not None:
             data["seed"] = seed
+        if base is not None:
+            data["base_model"] = base
         return recipe_from_dict(data, source=MANIFEST)
 
 

@@ -1,6 +1,8 @@
 """``python -m scripts.testbed build OUT [--reduced] [--seed 0]`` builds the testbed;
 ``python -m scripts.testbed figures TESTBED [--docs docs] [--parts methods,flex,durations]``
-draws its figures with mergecli (docs/testbed.md), building the testbed first if needed."""
+draws its figures with mergecli (docs/testbed.md), building the testbed first if needed;
+``python -m scripts.testbed train TESTBED --task T --init DIR --output DIR`` fine-tunes one task
+from any checkpoint (the ``temporal.train`` command of ``mergecli temporal evaluate``)."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ from pathlib import Path
 
 from scripts.testbed.build import build
 from scripts.testbed.figures import PARTS, figures
+from scripts.testbed.train import train_expert
 
 
 def main() -> None:
@@ -23,7 +26,15 @@ def main() -> None:
     figures_cmd.add_argument("testbed", type=Path, help="a built testbed (built here if absent)")
     figures_cmd.add_argument("--docs", type=Path, default=Path("docs"))
     figures_cmd.add_argument("--parts", default=",".join(PARTS))
+    train_cmd = commands.add_parser("train", help="fine-tune one task from a checkpoint")
+    train_cmd.add_argument("testbed", type=Path)
+    train_cmd.add_argument("--task", required=True)
+    train_cmd.add_argument("--init", type=Path, required=True, help="checkpoint to start from")
+    train_cmd.add_argument("--output", type=Path, required=True)
     args = parser.parse_args()
+    if args.command == "train":
+        print(train_expert(args.testbed, args.task, args.init, args.output))
+        return
     if args.command == "figures":
         parts = tuple(p for p in args.parts.split(",") if p)
         unknown = set(parts) - set(PARTS)
