@@ -352,7 +352,11 @@ def landscape(
         ),
     ],
     path: Annotated[
-        str, typer.Option("--path", help="linear: (1−α)θA + αθB; task_arithmetic: θ0 + α·Στ.")
+        str,
+        typer.Option(
+            "--path",
+            help="linear: (1−α)θA + αθB; task_arithmetic: θ0 + α·Στ; ties: θ0 + α·τ_TIES.",
+        ),
     ] = "linear",
     alphas: Annotated[str, typer.Option("--alphas", help="α grid (start:stop:step or list).")] = (
         "0:1:0.1"
@@ -411,6 +415,12 @@ def landscape(
     out.print(
         f"barrier {_fmt(result['barrier'])} ({ends}); per task: "
         + ", ".join(f"{n} {_fmt(b)}" for n, b in result["task_barriers"].items()),
+        highlight=False,
+    )
+    out.print(
+        f"chord barrier {_fmt(result['chord_barrier'])} (largest gap between the path and the "
+        "straight line joining its ends); per task: "
+        + ", ".join(f"{n} {_fmt(b)}" for n, b in result["task_chord_barriers"].items()),
         highlight=False,
     )
     for file in result.get("files", []):

@@ -1,25 +1,41 @@
 """Loss landscapes: the loss along an interpolation path and its barrier.
 
 - ``linear``: θ(α) = (1 − α)·θA + α·θB (two models);
-- ``task_arithmetic``: θ(α) = θ0 + α·Σ τt over the named models (one or more; needs a base).
+- ``task_arithmetic``: θ(α) = θ0 + α·Σ τt over the named models (one or more; needs a base);
+- ``ties``: θ(α) = θ0 + α·τ_TIES, the TIES-merged task vector of the named models scaled by α
+  (the α-interpolation of TIES in §4.2 and App. F of the optimiser-bias paper), with the
+  recipe's TIES parameters (density, merge_func, ...; the defaults when it has none).
 
 Each θ(α) is merged by the engine (``linear`` with weights 1 − α and α, ``task_arithmetic``
-with λ = α) and scored per task. The barrier of a curve L is max_α L(α) − (L(α0) + L(αn))/2
-(the ends of the α grid); for a higher-is-better score, (S(α0) + S(αn))/2 − min_α S(α).
+and ``ties`` with λ = α) and scored per task. Two barriers are measured on a curve L over the
+α grid α0 < … < αn:
+
+- ``barrier`` (the training-duration paper, §5.2): max_α L(α) − (L(α0) + L(αn))/2, the highest
+  point above the mean of the ends;
+- ``chord_barrier``: max_α L(α) − [(1 − s)·L(α0) + s·L(αn)] with s = (α − α0)/(αn − α0), the
+  highest point above the straight chord between the ends (for the unit grid,
+  max_α f(θα) − [(1−α)f(θA) + αf(θB)]). It is never below 0 and, unlike ``barrier``, is 0 on
+  a straight line between ends of different heights.
+
+For a higher-is-better score both are mirrored: (S(α0) + S(αn))/2 − min_α S(α) and
+max_α [(1 − s)·S(α0) + s·S(αn) − S(α)].
 """
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 from mergecli.errors import RecipeError, did_you_mean
 from mergecli.evaluate import Scorer
+from mergecli.methods import get_method
 from mergecli.recipe import ModelEntry, Recipe
 
-PATHS = ("linear", "task_arithmetic")
+PATHS = ("linear", "task_arithmetic", "ties")
 FORMULAS = {
     "linear": "θ(α) = (1−α)·θA + α·θB",
     "task_arithmetic": "θ(α) = θ0 + α·Στ",
+    "ties": "θ(α) = θ0 + α·τ_TIES",
 }
 
 
@@ -56,6 +72,16 @@ def path_recipe(recipe: Recipe, models: list[ModelEntry], path: str, alpha: floa
                 "parameters": {"normalize": False},
             }
         )
+    if path == "ties":
+        keep = set(get_method("ties", "--path").resolve(recipe.parameters).param_names)
+        parameters = {k: v for k, v in recipe.parameters.items() if k in keep}
+        return recipe.model_copy(
+            update={
+                "merge_method": "ties",
+                "models": models,
+                "parameters": {**parameters, "lambda": alpha},
+            }
+        )
     return recipe.model_copy(
         update={
             "merge_method": "task_arithmetic",
@@ -65,28 +91,49 @@ def path_recipe(recipe: Recipe, models: list[ModelEntry], path: str, alpha: floa
     )
 
 
-def landscape_recipe(recipe: Recipe, metric: str | None = None, source: str = "recipe") -> Recipe:
-    """The recipe whose ``evaluate:`` section measures the path: a built-in ``metric``
-    (default loss), or the recipe's command (then no ``metric`` may be given); errors start
-    with ``source``."""
+def with_metric(recipe: Recipe, metric: str | None, source: str = "recipe") -> Recipe:
+    """The recipe whose ``evaluate:`` section scores with the built-in ``metric`` instead of its
+    own (unchanged when None; a command evaluator takes none); errors start with ``source``."""
     section = recipe.evaluate
     if section is None:
         raise RecipeError(
             f"{source}: no 'evaluate:' section saying which data to measure", key="evaluate"
         )
-    if section.metric is not None:
-        section = section.model_copy(update={"metric": metric or "loss", "higher_is_better": None})
-    elif metric is not None:
+    if metric is None:
+        return recipe
+    if section.metric is None:
         raise RecipeError(
             "--metric: the recipe scores with a command; its score is used", key="--metric"
         )
+    section = section.model_copy(update={"metric": metric, "higher_is_better": None})
     return recipe.model_copy(update={"evaluate": section})
+
+
+def landscape_recipe(recipe: Recipe, metric: str | None = None, source: str = "recipe") -> Recipe:
+    """The recipe whose ``evaluate:`` section measures the path: a built-in ``metric``
+    (default loss), or the recipe's command (then no ``metric`` may be given); errors start
+    with ``source``."""
+    builtin = recipe.evaluate is not None and recipe.evaluate.metric is not None
+    return with_metric(recipe, metric or ("loss" if builtin else None), source)
 
 
 def barrier(values: list[float], higher_is_better: bool) -> float:
     """Height of the path above (below, for scores) the mean of its ends."""
     ends = (values[0] + values[-1]) / 2
     return ends - min(values) if higher_is_better else max(values) - ends
+
+
+def chord(values: list[float], alphas: list[float]) -> list[float]:
+    """The straight line between the curve's ends, at each α of the grid."""
+    span = alphas[-1] - alphas[0]
+    return [values[0] + (a - alphas[0]) / span * (values[-1] - values[0]) for a in alphas]
+
+
+def chord_barrier(values: list[float], alphas: list[float], higher_is_better: bool) -> float:
+    """Height of the path above (below, for scores) the chord between its ends."""
+    line = chord(values, alphas)
+    sign = -1.0 if higher_is_better else 1.0
+    return max(sign * (v - c) for v, c in zip(values, line, strict=True))
 
 
 def landscape(
@@ -100,7 +147,7 @@ def landscape(
     """The curve per task and its mean over tasks on the α grid, with their barriers."""
     if path not in PATHS:
         raise RecipeError(
-            f"--path: '{path}' is not linear or task_arithmetic{did_you_mean(path, PATHS)}",
+            f"--path: '{path}' is not linear, task_arithmetic or ties{did_you_mean(path, PATHS)}",
             key="--path",
         )
     entries = pick_models(recipe, models)
@@ -108,13 +155,15 @@ def landscape(
         raise RecipeError(
             f"--models: the linear path needs two models, got {len(entries)}", key="--models"
         )
-    if path == "task_arithmetic" and not recipe.base_model:
+    if path != "linear" and not recipe.base_model:
         raise RecipeError(
-            "base_model: the task_arithmetic path θ0 + α·Στ needs a base model", key="base_model"
+            f"base_model: the {path} path {FORMULAS[path]} needs a base model", key="base_model"
         )
     alphas = alphas or [round(0.1 * k, 10) for k in range(11)]
     if len(alphas) < 2:
         raise RecipeError("--alphas: a path needs at least two values of α", key="--alphas")
+    if any(b <= a for a, b in itertools.pairwise(alphas)):
+        raise RecipeError("--alphas: the α grid must increase", key="--alphas")
     chosen = _tasks(scorer, recipe, entries, tasks)
     curves: dict[str, list[float]] = {t.name: [] for t in chosen}
     handle = scorer.bar.add("landscape", len(alphas))
@@ -135,7 +184,11 @@ def landscape(
         "tasks": curves,
         "mean": mean,
         "barrier": barrier(mean, scorer.higher_is_better),
+        "chord_barrier": chord_barrier(mean, alphas, scorer.higher_is_better),
         "task_barriers": {n: barrier(c, scorer.higher_is_better) for n, c in curves.items()},
+        "task_chord_barriers": {
+            n: chord_barrier(c, alphas, scorer.higher_is_better) for n, c in curves.items()
+        },
     }
     return scorer.record_placements(result)
 

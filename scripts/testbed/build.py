@@ -22,6 +22,7 @@ from scripts.testbed.model import (
     make_tokenizer,
     mean_loss,
     train,
+    training_args,
 )
 
 LAMBDAS = tuple(round(0.1 * i, 1) for i in range(1, 11))
@@ -44,10 +45,15 @@ REDUCED = Scale(tasks=6, pretrain_steps=200, finetune_steps=60, save_every=15, h
 
 
 def save(
-    model: BertForSequenceClassification, tokenizer: PreTrainedTokenizerFast, folder: Path
+    model: BertForSequenceClassification,
+    tokenizer: PreTrainedTokenizerFast,
+    folder: Path,
+    args: dict[str, object],
 ) -> None:
+    """The checkpoint, its tokenizer and the arguments that trained it (``training_args.json``)."""
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
+    (folder / "training_args.json").write_text(json.dumps(args, indent=2) + "\n")
 
 
 def task_arithmetic(
@@ -86,7 +92,7 @@ def _build(out: Path, scale: Scale, seed: int) -> Path:
     train(
         model, encode(tokenizer, part(split.train, None)), scale.pretrain_steps, LEARNING_RATE, seed
     )
-    save(model, tokenizer, out / "base")
+    save(model, tokenizer, out / "base", training_args(scale.pretrain_steps, LEARNING_RATE, seed))
     base_state = {k: v.clone() for k, v in model.state_dict().items()}
 
     held: dict[str, dict[str, Encoded]] = {}
@@ -102,13 +108,16 @@ def _build(out: Path, scale: Scale, seed: int) -> Path:
         curve: dict[int, float] = {}
         losses: dict[int, float] = {}
 
+        run_args = training_args(scale.finetune_steps, LEARNING_RATE, seed + 1 + i)
+
         def checkpoint(
             step: int,
             task: str = task,
             curve: dict[int, float] = curve,
             losses: dict[int, float] = losses,
+            args: dict[str, object] = run_args,
         ) -> None:
-            save(model, tokenizer, out / "runs" / task / f"checkpoint-{step}")
+            save(model, tokenizer, out / "runs" / task / f"checkpoint-{step}", args)
             curve[step] = accuracy(model, held[task]["validation"])
             losses[step] = mean_loss(model, held[task]["validation"])
 

@@ -103,6 +103,24 @@ def batches(data: Encoded, size: int, seed: int) -> Iterator[tuple[torch.Tensor,
                 yield data.ids[chunk], data.labels[chunk]
 
 
+def training_args(steps: int, lr: float, seed: int, batch: int = 64) -> dict[str, object]:
+    """What ``train`` does, in the keys of Hugging Face's ``training_args.json``
+    (``TrainingArguments.to_json_string()``), which ``mergecli analyze gains`` reads."""
+    return {
+        "max_steps": steps,
+        "learning_rate": lr,
+        "per_device_train_batch_size": batch,
+        "gradient_accumulation_steps": 1,
+        "optim": "adamw_torch",
+        "adam_beta1": 0.9,
+        "adam_beta2": 0.999,
+        "weight_decay": 0.01,
+        "lr_scheduler_type": "constant_with_warmup",
+        "warmup_steps": max(1, steps // 20),
+        "seed": seed,
+    }
+
+
 def train(
     model: BertForSequenceClassification,
     data: Encoded,
