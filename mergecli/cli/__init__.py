@@ -155,4 +155,4 @@ def main() -> None:
         sys.exit(128 + code)
 
 
-from mergecli.cli import analyze, batch, evaluate, flex, merge, moe, temporal  # noqa: E402,F401  (command registration)
+from mergecli.cli import analyze, batch, evaluate, examples, flex, merge, moe, temporal  # noqa: E402,F401  (command registration)
