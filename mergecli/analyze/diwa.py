@@ -19,7 +19,8 @@ vectors, the Brier score):
 
 Each figure is the mean over a task's examples; ``mean`` is their mean over tasks. Every member
 predicts every task's data (the tasks must share the label set). With one run, var and cov are
-0 and bias² is the ensemble's error.
+0 and bias² is the ensemble's error. Over checkpoints (the paper's Fig. 2, against training
+duration), each matched checkpoint of the runs is decomposed the same way.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from typing import Any
 
 import torch
 
+from mergecli.analyze.runs import sweep_points
+from mergecli.analyze.sweep import point_recipe
 from mergecli.errors import EvaluationError, RecipeError
 from mergecli.evaluate.predictions import Predictions
 from mergecli.evaluate.score import Scorer
@@ -54,8 +57,12 @@ def analyze_diwa(
     split: Split = "validation",
     device: str = "cpu",
     bar: CountBar | None = None,
+    over_checkpoints: bool = False,
+    match: str = "step",
 ) -> dict[str, Any]:
-    """The decomposition per task and its mean over tasks (see the module)."""
+    """The decomposition per task and its mean over tasks (see the module); with
+    ``over_checkpoints`` the experts are training runs and every matched checkpoint (as in
+    ``analyze interference --over-checkpoints``) is one point of ``points``."""
     if len(recipe.models) < 2:
         raise RecipeError("models: the decomposition needs at least two experts", key="models")
     runs = [seed_recipe(recipe, s) for s in seeds] if seeds else [recipe]
@@ -67,6 +74,37 @@ def analyze_diwa(
             "the data paths",
             key="evaluate.data",
         )
+    head = {
+        "analysis": "diwa",
+        "method": recipe.merge_method,
+        "data": "evaluate.test_data" if split == "test" else "evaluate.data",
+        "members": [recipe.model_name(i) for i in range(len(recipe.models))],
+        "seeds": seeds,
+    }
+    if not over_checkpoints:
+        return {**head, **_decompose_runs(runs, scorers)}
+    points = [sweep_points(run, match) for run in runs]
+    where = [[(p.step, p.fraction) for p in run] for run in points]
+    if any(w != where[0] for w in where):
+        raise RecipeError(
+            "--seeds: every seed's runs must have the same checkpoints", key="--seeds"
+        )
+    head["match"] = match
+    head["points"] = [
+        {
+            "step": point.step,
+            "fraction": point.fraction,
+            **_decompose_runs(
+                [point_recipe(run, p[k]) for run, p in zip(runs, points, strict=True)], scorers
+            ),
+        }
+        for k, point in enumerate(points[0])
+    ]
+    return head
+
+
+def _decompose_runs(runs: list[Recipe], scorers: list[Scorer]) -> dict[str, Any]:
+    """Every task's terms over the runs (one recipe and its scorer per run) and their mean."""
     members: list[list[dict[str, Predictions]]] = []
     merges: list[dict[str, Predictions]] = []
     for run, scorer in zip(runs, scorers, strict=True):
@@ -79,11 +117,6 @@ def analyze_diwa(
         probs = [[member[task.name] for member in run] for run in members]
         tasks[task.name] = decompose(probs, [m[task.name] for m in merges], task.name)
     return {
-        "analysis": "diwa",
-        "method": recipe.merge_method,
-        "data": "evaluate.test_data" if split == "test" else "evaluate.data",
-        "members": [recipe.model_name(i) for i in range(len(recipe.models))],
-        "seeds": seeds,
         "tasks": tasks,
         "mean": {f: math.fsum(t[f] for t in tasks.values()) / len(tasks) for f in FIELDS},
     }

@@ -59,18 +59,25 @@ def write_forgetting_plots(result: dict[str, Any], folder: Path) -> list[Path]:
     return written
 
 
+def _terms(rows: list[dict[str, Any]], m: int) -> dict[str, list[float]]:
+    return {
+        "bias²": [r["bias2"] for r in rows],
+        "variance / M": [r["variance"] / m for r in rows],
+        "(1 − 1/M) · covariance": [(1 - 1 / m) * r["covariance"] for r in rows],
+    }
+
+
 def write_diwa_plot(result: dict[str, Any], folder: Path) -> Path:
     """``diwa.png``: per task (and the mean) bias², var/M and (1 − 1/M)·cov stacked, the
-    ensemble's and the merge's error as markers."""
+    ensemble's and the merge's error as markers; over checkpoints, the means over tasks against
+    training progress (training-duration Fig. 2)."""
     folder.mkdir(parents=True, exist_ok=True)
+    if "points" in result:
+        return _diwa_curves(result, folder)
     rows = {**result["tasks"], "mean": result["mean"]}
     m = len(result["members"])
     x = np.arange(len(rows))
-    parts = {
-        "bias²": [r["bias2"] for r in rows.values()],
-        "variance / M": [r["variance"] / m for r in rows.values()],
-        "(1 − 1/M) · covariance": [(1 - 1 / m) * r["covariance"] for r in rows.values()],
-    }
+    parts = _terms(list(rows.values()), m)
     fig = Figure(figsize=(2 + 0.8 * len(rows), 4.2), dpi=DPI, layout="constrained")
     ax = fig.add_subplot()
     positive, negative = np.zeros(len(rows)), np.zeros(len(rows))
@@ -103,6 +110,32 @@ def write_diwa_plot(result: dict[str, Any], folder: Path) -> Path:
     runs = len(result["seeds"] or [0])
     ax.set_title(
         f"DiWA decomposition: {m} members, {runs} runs, {result['method']}, {result['data']}",
+        fontsize=9,
+    )
+    ax.legend(fontsize=7)
+    path = folder / "diwa.png"
+    fig.savefig(path)
+    return path
+
+
+def _diwa_curves(result: dict[str, Any], folder: Path) -> Path:
+    points = result["points"]
+    by_step = result["match"] == "step"
+    x = [p["step"] if by_step else p["fraction"] for p in points]
+    m = len(result["members"])
+    means = [p["mean"] for p in points]
+    fig = Figure(figsize=(6.4, 4.2), dpi=DPI, layout="constrained")
+    ax = fig.add_subplot()
+    for label, values in _terms(means, m).items():
+        ax.plot(x, values, marker="o", label=label)
+    ax.plot(x, [p["ensemble"] for p in means], "k--", marker="_", label="ensemble error")
+    ax.plot(x, [p["merged"] for p in means], color="red", marker="o", label="merged error")
+    ax.axhline(0, color="grey", lw=0.5)
+    ax.set_xlabel("training step" if by_step else "fraction of each expert's run")
+    ax.set_ylabel("squared error of the probabilities (mean over tasks)")
+    runs = len(result["seeds"] or [0])
+    ax.set_title(
+        f"DiWA decomposition over training: {m} members, {runs} runs, {result['method']}",
         fontsize=9,
     )
     ax.legend(fontsize=7)

@@ -141,6 +141,15 @@ def diwa(
         str | None,
         typer.Option("--seeds", help="Runs: the recipe once per seed ({seed} in its model paths)."),
     ] = None,
+    over_checkpoints: Annotated[
+        bool,
+        typer.Option(
+            "--over-checkpoints", help="Experts are runs with checkpoint-<step> folders: sweep."
+        ),
+    ] = False,
+    match: Annotated[
+        str, typer.Option("--match", help="Match checkpoints by 'step' or by 'fraction' of runs.")
+    ] = "step",
     test: TestOpt = False,
     plot: PlotOpt = None,
     device: DeviceOpt = "cpu",
@@ -149,7 +158,7 @@ def diwa(
 ) -> None:
     """DiWA's bias–variance–covariance decomposition of the merge's error over runs
     (training-duration §5.1)."""
-    from mergecli.analyze.diwa import analyze_diwa
+    from mergecli.analyze.diwa import FIELDS, analyze_diwa
     from mergecli.analyze.example_plots import write_diwa_plot
     from mergecli.cli import print_warnings
     from mergecli.sweep.grid import parse_values
@@ -161,6 +170,8 @@ def diwa(
         "test" if test else "validation",
         device,
         count_bar_for(err, quiet or json_out),
+        over_checkpoints,
+        match,
     )
     if values is None or len(values) < 2:
         print_warnings(["one run: variance and covariance are 0 (give --seeds for several)"])
@@ -171,29 +182,28 @@ def diwa(
     if quiet:
         return
     m = len(result["members"])
-    table = Table(
-        title=f"DiWA decomposition of the {result['method']} merge's error (Brier), {m} members, "
-        f"{len(values or [0])} runs ({result['data']})"
-    )
+    runs = len(values or [0])
     columns = ("bias²", "variance", "covariance", "ensemble", "merged", "ens. acc", "merged acc")
-    table.add_column("task")
+    what = f"{m} members, {runs} runs ({result['data']})"
+    if "points" in result:
+        table = Table(title=f"DiWA decomposition over training, mean over tasks, {what}")
+        table.add_column("step" if result["match"] == "step" else "fraction")
+        rows = {
+            _fmt(p["step"]) if result["match"] == "step" else f"{p['fraction']:.2f}": p["mean"]
+            for p in result["points"]
+        }
+    else:
+        table = Table(title=f"DiWA decomposition of the {result['method']} merge's error, {what}")
+        table.add_column("task")
+        rows = {**result["tasks"], "mean": result["mean"]}
     for column in columns:
         table.add_column(column, justify="right")
-    fields = (
-        "bias2",
-        "variance",
-        "covariance",
-        "ensemble",
-        "merged",
-        "ensemble_accuracy",
-        "merged_accuracy",
-    )
-    for name, row in {**result["tasks"], "mean": result["mean"]}.items():
-        table.add_row(name, *(_fmt(row[f]) for f in fields))
+    for name, row in rows.items():
+        table.add_row(name, *(_fmt(row[f]) for f in FIELDS))
     show(table)
     out.print(
-        f"ensemble = bias² + variance/{m} + (1 − 1/{m})·covariance; merged − ensemble is "
-        "DiWA's locality term",
+        f"ensemble = bias² + variance/{m} + (1 − 1/{m})·covariance (Brier score of the "
+        "probabilities); merged − ensemble is DiWA's locality term",
         highlight=False,
     )
     for path in result.get("plots", []):
