@@ -74,7 +74,7 @@ def analyze_diwa(
             "the data paths",
             key="evaluate.data",
         )
-    head = {
+    head: dict[str, Any] = {
         "analysis": "diwa",
         "method": recipe.merge_method,
         "data": "evaluate.test_data" if split == "test" else "evaluate.data",
