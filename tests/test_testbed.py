@@ -55,7 +55,7 @@ def test_layout_matches_contract(testbed: Path) -> None:
         chosen = testbed / "runs" / task / f"checkpoint-{best}" / "model.safetensors"
         expert = testbed / "experts" / task / "model.safetensors"
         assert chosen.read_bytes() == expert.read_bytes()
-        for part in ("validation", "test"):
+        for part in ("train", "validation", "test"):
             records = read_jsonl(testbed / info["data"][task][part])
             assert records
             assert all(set(r) == {"text", "label"} and 0 <= r["label"] < 10 for r in records)

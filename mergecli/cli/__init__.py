@@ -175,4 +175,14 @@ def main() -> None:
         sys.exit(128 + code)
 
 
-from mergecli.cli import analyze, batch, evaluate, flex, landscape, merge, moe, temporal  # noqa: E402,F401  (command registration)
+from mergecli.cli import (  # noqa: E402,F401  (command registration)
+    analyze,
+    batch,
+    evaluate,
+    examples,
+    flex,
+    landscape,
+    merge,
+    moe,
+    temporal,
+)

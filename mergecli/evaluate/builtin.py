@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from mergecli.engine.whole import read_whole
 from mergecli.errors import EvaluationError, RecipeError, ShapeError, SourceError
+from mergecli.evaluate.predictions import Predictions
 from mergecli.evaluate.tasks import Task, read_examples
 from mergecli.progress import CountBar
 from mergecli.recipe import EvaluateSection
@@ -234,16 +235,21 @@ class BuiltinEvaluator:
 
     # scoring -----------------------------------------------------------------------------
 
-    def score(
-        self, source: ModelSource, tasks: list[Task], bar: CountBar | None = None
-    ) -> dict[str, float]:
-        """The metric on each task's data."""
-        bar = bar or CountBar()
+    def _ready(self, source: ModelSource) -> tuple[torch.nn.Module, str, Any, str, int]:
+        """The model, its kind, its tokenizer, the tokenizer's fingerprint and the pad id."""
         model, kind, tok_folder = self.load(source)
         tokenizer, key = self._tokenizer(tok_folder)
         pad = tokenizer.pad_token_id
         if pad is None:
             pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+        return model, kind, tokenizer, key, pad
+
+    def score(
+        self, source: ModelSource, tasks: list[Task], bar: CountBar | None = None
+    ) -> dict[str, float]:
+        """The metric on each task's data."""
+        bar = bar or CountBar()
+        model, kind, tokenizer, key, pad = self._ready(source)
         scores = {}
         for task in tasks:
             examples = self._examples(task, kind, tokenizer, key, model)
@@ -266,6 +272,36 @@ class BuiltinEvaluator:
                     math.exp(loss / count) if self.metric == "perplexity" else (loss / count)
                 )
         return scores
+
+    def predict(self, source: ModelSource, task: Task) -> Predictions:
+        """Per-example class probabilities (softmax of the logits, float64) and labels of a
+        sequence classifier on one task's data, in file order."""
+        model, kind, tokenizer, key, pad = self._ready(source)
+        if kind != "classification":
+            raise EvaluationError(
+                f"evaluate: per-example predictions need a sequence classifier; the model "
+                f"holds a {kind} language model"
+            )
+        examples = self._examples(task, kind, tokenizer, key, model)
+        size = self.section.batch_size
+        probs, labels = [], []
+        with torch.inference_mode():
+            for start in range(0, len(examples), size):
+                batch = _collate(examples[start : start + size], pad, self.device)
+                logits = model(
+                    input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+                ).logits
+                _check_labels(batch["label"], logits.shape[-1], task)
+                probs.append(logits.double().softmax(-1).cpu())
+                labels.append(batch["label"])
+        return Predictions(torch.cat(probs), torch.cat(labels))
+
+
+def _check_labels(labels: torch.Tensor, classes: int, task: Task) -> None:
+    if int(labels.max()) >= classes or int(labels.min()) < 0:
+        raise EvaluationError(
+            f"{task.data}: a label is outside 0…{classes - 1}, the model's classes"
+        )
 
 
 def _load_state(model: PreTrainedModel, state: dict[str, torch.Tensor], where: str) -> None:
@@ -346,10 +382,7 @@ def _masked(model: torch.nn.Module, batch: dict[str, Any], task: Task) -> Sums:
 def _classify(model: torch.nn.Module, batch: dict[str, Any], task: Task) -> Sums:
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     labels = batch["label"].to(logits.device)
-    if int(labels.max()) >= logits.shape[-1] or int(labels.min()) < 0:
-        raise EvaluationError(
-            f"{task.data}: a label is outside 0…{logits.shape[-1] - 1}, the model's classes"
-        )
+    _check_labels(labels, logits.shape[-1], task)
     loss = F.cross_entropy(logits.float(), labels, reduction="sum")
     return float(loss), float((logits.argmax(-1) == labels).sum()), float(len(labels))
 

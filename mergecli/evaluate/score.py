@@ -21,6 +21,7 @@ from mergecli.engine.plan import plan_merge, resolve_device
 from mergecli.errors import MergeError, RecipeError, did_you_mean
 from mergecli.evaluate.builtin import BuiltinEvaluator, MergedState
 from mergecli.evaluate.command import CommandEvaluator
+from mergecli.evaluate.predictions import Predictions
 from mergecli.evaluate.tasks import Split, Task, has_test_data, resolve_tasks
 from mergecli.progress import CountBar
 from mergecli.recipe import Recipe
@@ -174,6 +175,25 @@ class Scorer:
             if is_artifact(folder):
                 return Evaluation(self.artifact(folder, tasks).tasks, recipe)
             return Evaluation(self.evaluator.score(folder, tasks, self.bar), recipe)
+
+    def merged(self, recipe: Recipe) -> MergedState:
+        """The tensors a recipe merges, in memory (without selection), for ``predictions``."""
+        plan = plan_merge(recipe, device=self.device, experts_selected=True)
+        problem = plan.output.memory_error()
+        if problem is not None:
+            raise MergeError(f"per-example predictions merge in memory: {problem}")
+        return MergedState(merge_state(plan), plan.reference.path)
+
+    def predictions(self, source: Path | MergedState, task: Task) -> Predictions:
+        """Per-example class probabilities and labels of a checkpoint folder or merged tensors
+        on one task's data (built-in metrics on sequence classifiers only)."""
+        if not isinstance(self.evaluator, BuiltinEvaluator):
+            raise RecipeError(
+                "evaluate.metric: per-example predictions need a built-in metric (accuracy or "
+                "loss); an evaluation command returns one score per task",
+                key="evaluate.metric",
+            )
+        return self.evaluator.predict(source, task)
 
     def artifact(self, folder: Path, tasks: list[Task] | None = None) -> Evaluation:
         """Scores of a task-conditional artifact (FlexMerge, EMR, TALL masks): each task on the

@@ -121,7 +121,9 @@ def _build(out: Path, scale: Scale, seed: int) -> Path:
             curve[step] = accuracy(model, held[task]["validation"])
             losses[step] = mean_loss(model, held[task]["validation"])
 
-        data = encode(tokenizer, part(split.train, task))
+        training = part(split.train, task)
+        write_jsonl(out / "data" / task / "train.jsonl", training)
+        data = encode(tokenizer, training)
         train(
             model,
             data,
@@ -169,7 +171,9 @@ def _build(out: Path, scale: Scale, seed: int) -> Path:
         "tasks": tasks,
         "base": "base",
         "runs": runs,
-        "data": {t: {p: f"data/{t}/{p}.jsonl" for p in ("validation", "test")} for t in tasks},
+        "data": {
+            t: {p: f"data/{t}/{p}.jsonl" for p in ("train", "validation", "test")} for t in tasks
+        },
         "task_arithmetic_lambda": lam,
         "test_accuracy": test,
         "average_test_accuracy": {name: mean(values) for name, values in test.items()},
