@@ -10,6 +10,7 @@ Layout: ``base/``, ``runs/<task>/checkpoint-<step>/``, ``data/<task>/{train,vali
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -79,7 +80,13 @@ def texts(records: list[dict[str, str | int]]) -> list[dict[str, str | int]]:
     return [{"text": f"{r['text']} = d{r['label']}"} for r in records]
 
 
-def train(model: LlamaForCausalLM, ids: torch.Tensor, steps: int, seed: int, save=None) -> None:
+def train(
+    model: LlamaForCausalLM,
+    ids: torch.Tensor,
+    steps: int,
+    seed: int,
+    save: Callable[[int], None] | None = None,
+) -> None:
     """AdamW on the causal-LM loss, batches of 64; ``save(step)`` after every step."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, weight_decay=0.01)
     gen = torch.Generator().manual_seed(seed)
