@@ -108,7 +108,7 @@ def arrow(args: argparse.Namespace) -> None:
     for point in result["points"]:  # the sweep scores no LoRA run on its own
         own = [lora_accuracy(testbed, t, point["x"]) for t in tasks]
         point["expert_score"] = sum(own) / len(own)
-    print("Arrow MoE of LoRA experts, validation accuracy; TA and TIES at the best lambda of")
+    print("Arrow MoE of LoRA experts, validation accuracy; TA and TIES at the best")
     print(f"{GRID[1]} per step, experts: each LoRA run on its own task\n")
     print(table(result, lambda v: f"{100 * v:.1f}%", "LoRA steps"))
     print(chosen(result))
@@ -163,12 +163,14 @@ def sparse(args: argparse.Namespace) -> None:
         return f"{v:.3f}"
 
     print("\nMixtral of full Llama experts, validation loss (lower is better), no training;")
-    print(f"TA and TIES at the best lambda of {GRID[1]} per step\n")
+    print(f"TA and TIES at the best {GRID[1]} per step\n")
     print(table(plain, fmt, "expert steps"))
     print(chosen(plain))
     print(f"\nthe MoE after {args.train_steps} steps of router + expert training\n")
     print(table(trained, fmt, "expert steps"))
-    figure(plain, trained, args.train_steps, args.figure)
+    base = base_loss(lm)
+    print(f"base: {base:.3f}")
+    figure(plain, trained, base, args.train_steps, args.figure)
     print(f"\nlabel-word accuracy at step {args.lm_steps} (validation)\n")
     print(final_accuracy(lm, recipe, plain["points"][-1], tasks, args.lm_steps))
 
@@ -224,7 +226,19 @@ def label_accuracy(folder: Path, records: list[dict[str, str | int]]) -> float:
     return float((logits.argmax(-1) == truth).float().mean())
 
 
-def figure(plain: dict[str, Any], trained: dict[str, Any], steps: int, path: Path) -> None:
+def base_loss(lm: Path) -> float:
+    """``mergecli evaluate moe-durations.yaml --model base``: the base's mean validation loss."""
+    argv = [sys.executable, "-m", "mergecli", "evaluate", str(lm / "moe-durations.yaml")]
+    argv += ["--model", str(lm / "base"), "--json", "--quiet"]
+    done = subprocess.run(argv, capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.exit(done.stderr)
+    return float(json.loads(done.stdout)["rows"][0]["score"])
+
+
+def figure(
+    plain: dict[str, Any], trained: dict[str, Any], base: float, steps: int, path: Path
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -241,6 +255,7 @@ def figure(plain: dict[str, Any], trained: dict[str, Any], steps: int, path: Pat
     for label, result, method, style in lines:
         ax.plot(xs, [p["methods"][method]["score"] for p in result["points"]], style, label=label)
     ax.plot(xs, [p["expert_score"] for p in plain["points"]], "k--", label="experts (own task)")
+    ax.axhline(base, color="grey", linestyle=":", label="base")
     ax.set_xlabel("expert fine-tuning steps")
     ax.set_ylabel("validation loss, mean over 6 tasks")
     ax.set_title("Causal-LM testbed: Mixtral MoE vs merging")
