@@ -11,7 +11,9 @@ from rich.table import Table
 
 import mergecli
 from mergecli.cli import (
+    AddressOpt,
     DeviceOpt,
+    ExecutorOpt,
     ForceOpt,
     JsonOpt,
     OutputOpt,
@@ -24,7 +26,6 @@ from mergecli.cli import (
 )
 from mergecli.cli.analyze import analyze_app, show
 from mergecli.cli.evaluate import _fmt, _target
-from mergecli.cli.executor import AddressOpt, ExecutorOpt
 from mergecli.distributed.executor import executor_for
 from mergecli.progress import count_bar_for
 
