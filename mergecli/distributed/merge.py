@@ -205,7 +205,9 @@ def run_merge_on_ray(
         per_tensor = {t.name: per_tensor[t.name] for t in plan.tensors if t.name in per_tensor}
         if len(shards) > 1:
             (folder / INDEX_NAME).write_text(index_json(shards))
-        copy_model_files(plan.reference.path, plan.tokenizer_folder, folder, plan.out_dtype)
+        copy_model_files(
+            plan.reference.path, plan.tokenizer_folder, folder, plan.out_dtype, plan.vocabulary
+        )
         wall = time.perf_counter() - started
         report = build_report(plan, output, per_tensor, timer, written, wall, started_at)
         report["run"]["executor"] = {"kind": "ray", "statistics": gathered, "tasks": tasks}

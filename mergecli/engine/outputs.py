@@ -180,7 +180,11 @@ class ModelWriter(WholeModel, Sharded):
     def finish(self, per_tensor: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
         self.shards.finish()
         copy_model_files(
-            self.plan.reference.path, self.plan.tokenizer_folder, self.folder, self.plan.out_dtype
+            self.plan.reference.path,
+            self.plan.tokenizer_folder,
+            self.folder,
+            self.plan.out_dtype,
+            self.plan.vocabulary,
         )
         sources = [s.path for s in (self.plan.base, *self.plan.experts) if s]
         template = resolve_chat_template(self.plan.recipe.chat_template, sources)

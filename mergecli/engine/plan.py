@@ -39,6 +39,7 @@ from mergecli.methods.statistics import Statistic
 from mergecli.params import resolve_value
 from mergecli.recipe import Recipe
 from mergecli.sources import Checkpoint, Source, open_models
+from mergecli.vocab import Vocabulary, plan_vocabulary
 
 CHUNK_ELEMENTS = 1 << 20
 """Entries of one row chunk: tensors merged elementwise, and copied tensors, are read, merged
@@ -59,6 +60,9 @@ class InputPlan:
     out_dtype: torch.dtype
     num_layers: int
     warnings: list[str]
+    vocabulary: Vocabulary | None
+    """The output's new vocabulary (``tokenizer_source: union``, the ``tokenizer:`` section),
+    onto which every input's embeddings and heads are remapped; None when it is copied."""
 
     @property
     def reference(self) -> Source:
@@ -380,6 +384,7 @@ def plan_inputs(
     notes += adapter_warnings(recipe, base, experts)
     if method and method.base == "required" and base is None:
         raise RecipeError(f"base_model: '{method.name}' needs a base model", key="base_model")
+    vocabulary = plan_vocabulary(recipe, base, experts, notes)
     reference = base or experts[0]
     check_architectures([reference, *[e for e in experts if e is not reference]])
 
@@ -435,7 +440,16 @@ def plan_inputs(
         notes.append(f"{len(extra)} tensors only in experts are not written (e.g. {extra[0]})")
 
     return InputPlan(
-        recipe, base, experts, tensors, torch_device, compute_dtype, out_dtype, num_layers, notes
+        recipe,
+        base,
+        experts,
+        tensors,
+        torch_device,
+        compute_dtype,
+        out_dtype,
+        num_layers,
+        notes,
+        vocabulary,
     )
 
 

@@ -236,7 +236,13 @@ class TaskArtifactWriter:
         manifest = {"mergecli_artifact": KIND, "version": 1, **summary, "scales": self.scales}
         (self.folder / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
         plan = self.plan
-        copy_model_files(plan.reference.path, plan.tokenizer_folder, self.folder, plan.out_dtype)
+        copy_model_files(
+            plan.reference.path,
+            plan.tokenizer_folder,
+            self.folder,
+            plan.out_dtype,
+            plan.vocabulary,
+        )
         section = self.summary()
         return {"artifact": section}, markdown(section)
 

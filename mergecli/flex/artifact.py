@@ -143,5 +143,11 @@ class FlexWriter:
         }
         (self.folder / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
         merge = plan.merge
-        copy_model_files(merge.reference.path, merge.tokenizer_folder, self.folder, merge.out_dtype)
+        copy_model_files(
+            merge.reference.path,
+            merge.tokenizer_folder,
+            self.folder,
+            merge.out_dtype,
+            merge.vocabulary,
+        )
         return manifest
