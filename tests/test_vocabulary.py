@@ -215,6 +215,7 @@ def test_remapped_rows_stream_in_pieces(vocab_zoo: Path, tmp_path: Path) -> None
     data = recipe(vocab_zoo, tmp_path / "out", tokenizer_source="union")
     plan = mergecli.plan_merge(recipe_from_dict(data))
     assert plan.vocabulary is not None and plan.vocabulary.rows == 21
+    assert plan.summary()["vocabulary"] == {"tokens": 21, "rows": 21}
     expert = plan.experts[1]
     assert expert.info(NAMES[0]).shape == (21, 16)
     whole = expert.read(NAMES[0])
@@ -291,3 +292,30 @@ def test_same_sized_inputs_with_tokenizer_source_base_copy_the_files(
         "tokenizer_source": "base",
     }
     assert mergecli.plan_merge(recipe_from_dict(data)).vocabulary is None
+
+
+@pytest.mark.slow
+def test_scoring_a_union_merge_uses_its_tokenizer(vocab_zoo: Path, tmp_path: Path) -> None:
+    """A merge over a new vocabulary is scored from its folder, with the union tokenizer: the
+    same loss as the written merge's, which the base's tokenizer would not give (x0, y0)."""
+    from mergecli.evaluate import Scorer
+
+    (tmp_path / "text.txt").write_text("w1 x0 y0 w2\nx3 x4 <|im_start|> w9\n")
+    evaluate = {"metric": "loss", "data": str(tmp_path / "text.txt")}
+    data = recipe(vocab_zoo, tmp_path / "out", tokenizer_source="union", evaluate=evaluate)
+    spec = recipe_from_dict(data)
+    written = mergecli.run_merge(mergecli.plan_merge(spec), tmp_path / "out").output
+    scorer = Scorer(spec)
+    assert scorer.merge(spec).score == pytest.approx(scorer.model(written).score, rel=1e-6)
+    base_tokens = AutoTokenizer.from_pretrained(vocab_zoo / "base")("w1 x0 y0 w2")["input_ids"]
+    assert base_tokens[1] == 0  # the base's tokenizer knows no x0
+
+
+def test_moe_refuses_a_new_vocabulary(vocab_zoo: Path, tmp_path: Path) -> None:
+    from mergecli.moe import plan_moe
+
+    data = recipe(vocab_zoo, tmp_path / "out", tokenizer_source="union", moe={})
+    del data["merge_method"]
+    with pytest.raises(RecipeError, match="MoE keeps its base's vocabulary") as info:
+        plan_moe(recipe_from_dict(data))
+    assert info.value.key == "tokenizer_source"

@@ -75,9 +75,10 @@ class InputPlan:
 
     @property
     def tokenizer_folder(self) -> Path:
-        """The recipe's ``tokenizer_source``, or the reference model's folder."""
+        """The folder whose tokenizer is copied: the recipe's ``tokenizer_source``, or the
+        reference model's (a new vocabulary is written by ``vocabulary`` instead)."""
         source = self.recipe.tokenizer_source
-        if source and source != "base":
+        if source and source not in ("base", "union"):
             return self.recipe.resolve_path(source)
         return self.reference.path
 
@@ -196,6 +197,11 @@ class MergePlan(InputPlan):
             "compute_dtype": str(self.compute_dtype).removeprefix("torch."),
             "out_dtype": str(self.out_dtype).removeprefix("torch."),
             **dict(extra),
+            **(
+                {"vocabulary": {"tokens": len(v.tokens), "rows": v.rows}}
+                if (v := self.vocabulary)
+                else {}
+            ),
             "warnings": self.warnings,
         }
 
