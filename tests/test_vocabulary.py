@@ -209,9 +209,13 @@ def test_tokenizer_section_token_sources_and_padding(vocab_zoo: Path, tmp_path: 
     assert AutoModelForCausalLM.from_pretrained(out).config.vocab_size == 24
 
 
-def test_remapped_rows_stream_in_pieces(vocab_zoo: Path, tmp_path: Path) -> None:
+def test_remapped_rows_stream_in_pieces(
+    vocab_zoo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A read of rows a:b equals those rows of the whole remapped tensor and reads stored rows
-    in slices (never a whole tensor)."""
+    in slices (never a whole tensor); here blocks of 3 rows, a slice per run of rows."""
+    monkeypatch.setattr("mergecli.vocab.rows.BLOCK_ELEMENTS", 3 * 16)
+    monkeypatch.setattr("mergecli.vocab.rows.GAP", 0)
     data = recipe(vocab_zoo, tmp_path / "out", tokenizer_source="union")
     plan = mergecli.plan_merge(recipe_from_dict(data))
     assert plan.vocabulary is not None and plan.vocabulary.rows == 21
@@ -224,15 +228,19 @@ def test_remapped_rows_stream_in_pieces(vocab_zoo: Path, tmp_path: Path) -> None
     for a, b in ((0, 5), (5, 13), (13, 21), (18, 19)):
         assert torch.equal(expert.read(NAMES[0], (a, b)), whole[a:b])
     reads: list[tuple[str, Any]] = []
-    read_stored = expert.read_stored
+    for source in (plan.base, expert):
+        assert source is not None
 
-    def counted(name: str, rows: Any = None) -> torch.Tensor:
-        reads.append((name, rows))
-        return read_stored(name, rows)
+        def counted(name: str, rows: Any = None, read: Any = source.read_stored) -> Any:
+            reads.append((read.__self__.label, rows))
+            return read(name, rows)
 
-    expert.read_stored = counted  # type: ignore[method-assign]
+        source.read_stored = counted  # type: ignore[method-assign]
     expert.read(NAMES[0], (18, 19))  # x4: the expert's own row 12, alone
-    assert reads == [(NAMES[0], (12, 13))]
+    assert reads == [("models[1].model", (12, 13))]
+    reads.clear()
+    expert.read(NAMES[0], (3, 6))  # w0..w2: the base's rows 3, 4, 5 (a run), none of its own
+    assert reads == [("base_model", (3, 6))]
 
 
 def test_bad_token_sources_are_one_line_recipe_errors(vocab_zoo: Path, tmp_path: Path) -> None:

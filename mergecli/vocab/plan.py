@@ -128,7 +128,8 @@ def plan_vocabulary(
                     f"config's vocab_size is {sizes[s.path]}",
                     path=s.path,
                 )
-        rowmap = RowMap(perms, holders, base_input, configured, rows)
+        width = next(s.stored_info(name).shape[1:] for s in checkpoints if name in s)
+        rowmap = RowMap(perms, holders, base_input, configured, rows, width)
         absent = max(absent, rowmap.absent)
         remap(name, rowmap, [s for s in checkpoints if name in s], index, paths)
     if absent:

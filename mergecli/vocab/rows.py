@@ -27,9 +27,9 @@ ZERO = -2
 MEAN = -1
 """A default that is the mean of the rows of the inputs having the token."""
 GAP = 64
-"""Stored rows that lie at most this far apart are read in one slice."""
-CHUNK_ROWS = 4096
-"""Rows per read while the mean of an input's rows (for padding rows) is summed."""
+"""Stored rows with at most this many unneeded rows between them are read in one slice."""
+BLOCK_ELEMENTS = 1 << 20
+"""Entries computed at once (in float64): a read of many rows is filled block by block."""
 
 Reader = Callable[[int, int, int], torch.Tensor]
 """``read(input, start, stop)``: stored rows ``start:stop`` of the tensor from one input."""
@@ -51,7 +51,7 @@ class RowMap:
     ``perms[k][r]`` is input k's row of output token r, −1 where it lacks it; ``holders`` the
     inputs holding the tensor; ``base`` the base's input index (None without a base);
     ``configured`` the ``tokenizer.tokens`` defaults by output id; ``rows`` the output's row
-    count (the vocabulary, padded).
+    count (the vocabulary, padded); ``width`` the shape of one row.
     """
 
     def __init__(
@@ -61,11 +61,14 @@ class RowMap:
         base: int | None,
         configured: dict[int, TokenDefault],
         rows: int,
+        width: tuple[int, ...],
     ) -> None:
         self.perms = perms
         self.holders = holders
         self.vocab = perms.shape[1]
         self.rows = rows
+        self.width = width
+        self.block = max(1, BLOCK_ELEMENTS // max(1, int(np.prod(width))))
         held = perms[holders]
         present = held >= 0
         self.count = present.sum(axis=0)
@@ -94,22 +97,22 @@ class RowMap:
     def read(
         self, k: int, start: int, stop: int, reader: Reader, dtype: torch.dtype
     ) -> torch.Tensor:
-        """Input ``k``'s rows ``start:stop`` of the tensor, in ``dtype``."""
-        inside = min(stop, self.vocab)
-        parts = [self._rows(k, start, inside, reader)] if inside > start else []
-        if stop > max(start, self.vocab):
-            mean = self.mean(k, reader)
-            parts.append(mean.expand(stop - max(start, self.vocab), *mean.shape).clone())
-        return torch.cat(parts).to(dtype)
+        """Input ``k``'s rows ``start:stop`` of the tensor, in ``dtype``, computed block by
+        block (so a whole tensor costs one block beyond itself)."""
+        out = torch.empty((stop - start, *self.width), dtype=dtype)
+        for a in range(start, min(stop, self.vocab), self.block):
+            b = min(a + self.block, stop, self.vocab)
+            out[a - start : b - start] = self._rows(k, a, b, reader)
+        if stop > self.vocab:
+            out[max(start, self.vocab) - start :] = self.mean(k, reader)
+        return out
 
     def mean(self, k: int, reader: Reader) -> torch.Tensor:
         """The mean of input ``k``'s rows over the vocabulary (float64), summed in chunks."""
         if k not in self._means:
-            total = sum(
-                self._rows(k, a, min(a + CHUNK_ROWS, self.vocab), reader).sum(0)
-                for a in range(0, self.vocab, CHUNK_ROWS)
-            )
-            assert isinstance(total, torch.Tensor)
+            total = torch.zeros(self.width, dtype=torch.float64)
+            for a in range(0, self.vocab, self.block):
+                total += self._rows(k, a, min(a + self.block, self.vocab), reader).sum(0)
             self._means[k] = total / self.vocab
         return self._means[k]
 
@@ -133,24 +136,19 @@ class RowMap:
             src.append(np.full(len(has), h))
             stored.append(self.perms[h, tokens[has]])
         positions, inputs, rows = (np.concatenate(x) for x in (pos, src, stored))
-        out: torch.Tensor | None = None
+        out = torch.zeros((len(tokens), *self.width), dtype=torch.float64)
         for h in np.unique(inputs):
             mine = inputs == h
             values = gather(reader, int(h), rows[mine])
-            if out is None:
-                out = torch.zeros((len(tokens), *values.shape[1:]), dtype=torch.float64)
             out.index_add_(0, torch.from_numpy(positions[mine]), values)
-        if out is None:  # every row zero: the row width comes from one stored row
-            width = reader(k if k in self.holders else self.holders[0], 0, 1).shape[1:]
-            return torch.zeros((len(tokens), *width), dtype=torch.float64)
         return out / torch.from_numpy(divisor).reshape(-1, *([1] * (out.dim() - 1)))
 
 
 def gather(reader: Reader, k: int, rows: np.ndarray) -> torch.Tensor:
     """Stored rows ``rows`` of input ``k`` (float64, in that order), read as few slices: rows
-    at most ``GAP`` apart share one."""
+    with at most ``GAP`` unneeded rows between them share one."""
     wanted = np.unique(rows)
-    breaks = np.flatnonzero(np.diff(wanted) > GAP) + 1
+    breaks = np.flatnonzero(np.diff(wanted) > GAP + 1) + 1
     starts = wanted[np.r_[0, breaks]]
     stops = wanted[np.r_[breaks - 1, len(wanted) - 1]] + 1
     slices = [
