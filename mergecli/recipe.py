@@ -169,14 +169,18 @@ class TokenSource(_Strict):
 
 
 class TokenEmbedding(_Strict):
-    """One entry of ``tokenizer.tokens``: the embedding source of a token."""
+    """One entry of ``tokenizer.tokens``: the embedding source of a token (a model of the
+    merge, whose row of that token is taken; a ``TokenSource``; or None: the default rule), and
+    ``force``: every input takes it, even one that has the token."""
 
     source: TokenSource | str | None = None
     force: bool = False
 
 
 class TokenizerSection(_Strict):
-    """mergekit's ``tokenizer:`` section: the output vocabulary and its embedding sources."""
+    """mergekit's ``tokenizer:`` section: the output vocabulary (``union``, ``base`` or a model
+    folder, plus every token listed under ``tokens``), its embedding sources, and the embedding
+    rows rounded up to a multiple of ``pad_to_multiple_of``."""
 
     source: str = "union"
     tokens: dict[str, TokenEmbedding] | None = None
@@ -215,7 +219,7 @@ class Recipe(_Strict):
     dtype: str = "float32"
     out_dtype: str | None = None
     tokenizer_source: str | None = None
-    """``base`` (default), a model folder or Hub id, or ``union`` (mergekit)."""
+    """``base`` (default), a model folder, or ``union``: every input's tokens (mergekit)."""
     tokenizer: TokenizerSection | None = None
     chat_template: str | None = None
     """A Jinja chat template written into the output's tokenizer_config.json, or ``auto``: the
@@ -274,6 +278,23 @@ class Recipe(_Strict):
                 for j, s in enumerate(part.sources)
             ]
         return places
+
+    def find_model(self, value: str) -> int | None:
+        """The model a token source names (mergekit's model reference): -1 for the base, ``i``
+        for ``models[i]``, matched by the recipe's text, the expert's ``name`` or the same
+        resolved path; None when it names none of them."""
+        named: list[tuple[int, str, str | None]] = (
+            [(-1, self.base_model, None)] if self.base_model else []
+        )
+        named += [(i, m.model, m.name) for i, m in enumerate(self.models)]
+        for index, model, name in named:
+            if value in (model, name):
+                return index
+        path = self.resolve_path(value)
+        for index, model, _ in named:
+            if path.exists() and self.resolve_path(str(model)) == path:
+                return index
+        return None
 
     def model_name(self, index: int) -> str:
         """The expert's task name (one rule for every command): ``models[i].name``, else the
@@ -402,6 +423,13 @@ def check_slices(recipe: Recipe, source: str) -> None:
             f"output_format: {recipe.output_format}",
             key="output_format",
         )
+    if recipe.tokenizer is not None or recipe.tokenizer_source == "union":
+        key = "tokenizer" if recipe.tokenizer is not None else "tokenizer_source"
+        raise RecipeError(
+            f"{source}: {key}: a new vocabulary (union, the tokenizer section) is not supported "
+            "with slices; give tokenizer_source: base or a model",
+            key=key,
+        )
     for i, part in enumerate(recipe.slices):
         for key, value in part.parameters.items():
             check_value(value, f"slices[{i}].parameters.{key}", source)
@@ -411,36 +439,63 @@ def check_slices(recipe: Recipe, source: str) -> None:
 
 
 def check_tokenizer(recipe: Recipe, source: str) -> None:
-    """The tokenizer keys mergekit takes: parsed; a merged vocabulary (mergekit's ``tokenizer``
-    section) refused; ``tokenizer_source`` checked by ``check_tokenizer_source``."""
+    """The tokenizer keys, as mergekit takes them: ``tokenizer_source`` or the ``tokenizer``
+    section (not both), its source, and each token's embedding source."""
     if recipe.tokenizer is not None and recipe.tokenizer_source is not None:
         raise RecipeError(
             f"{source}: give 'tokenizer' or 'tokenizer_source', not both (as in mergekit)",
             key="tokenizer",
         )
-    if recipe.tokenizer is not None:
-        raise RecipeError(
-            f"{source}: tokenizer: a merged vocabulary (union, per-token embedding sources) is "
-            "not supported yet; use tokenizer_source: base or a model folder",
-            key="tokenizer",
-        )
-    check_tokenizer_source(recipe, source)
-
-
-def check_tokenizer_source(recipe: Recipe, source: str) -> None:
-    """``tokenizer_source`` is ``base`` or an existing folder (whose tokenizer is copied)."""
-    value = recipe.tokenizer_source
-    if value is None or value == "base" or recipe.resolve_path(value).is_dir():
+    if recipe.tokenizer is None:
+        check_vocabulary_source(recipe, recipe.tokenizer_source, "tokenizer_source", source)
         return
-    hint = (
-        " (mergekit's 'union' vocabulary is not supported: give 'base' or a folder)"
-        if value == "union" or value.startswith("model:")
-        else ""
-    )
+    check_vocabulary_source(recipe, recipe.tokenizer.source, "tokenizer.source", source)
+    for token, entry in (recipe.tokenizer.tokens or {}).items():
+        check_token_source(recipe, entry.source, f"tokenizer.tokens.{token}.source", source)
+
+
+def check_vocabulary_source(recipe: Recipe, value: str | None, key: str, source: str) -> None:
+    """``base``, ``union`` or an existing folder (whose tokenizer the output takes)."""
+    if value in (None, "base", "union") or recipe.resolve_path(str(value)).is_dir():
+        return
     raise RecipeError(
-        f"{source}: tokenizer_source: '{value}' is neither 'base' nor an existing folder{hint}",
-        key="tokenizer_source",
+        f"{source}: {key}: '{value}' is neither 'base', 'union' nor an existing folder", key=key
     )
+
+
+def check_token_source(
+    recipe: Recipe, value: TokenSource | str | None, key: str, source: str
+) -> None:
+    """A token's embedding source names one of the recipe's models (and, for ``model_token``,
+    exactly one of ``token_id`` and ``token``); ``kind: zero`` takes nothing else."""
+    if isinstance(value, str):
+        check_model_reference(recipe, value, key, source)
+        return
+    if value is None:
+        return
+    if value.kind == "zero":
+        given = [k for k in ("model", "token_id", "token") if getattr(value, k) is not None]
+        if given:
+            raise RecipeError(f"{source}: {key}: kind zero takes no '{given[0]}'", key=key)
+        return
+    if value.model is None:
+        raise RecipeError(f"{source}: {key}: kind model_token needs 'model'", key=f"{key}.model")
+    check_model_reference(recipe, value.model, f"{key}.model", source)
+    if (value.token_id is None) == (value.token is None):
+        raise RecipeError(
+            f"{source}: {key}: kind model_token needs exactly one of 'token_id' and 'token'",
+            key=key,
+        )
+
+
+def check_model_reference(recipe: Recipe, value: str, key: str, source: str) -> None:
+    """``value`` names the base or an expert (``Recipe.find_model``)."""
+    if recipe.find_model(value) is None:
+        names = [m for m in (recipe.base_model, *(e.model for e in recipe.models)) if m]
+        raise RecipeError(
+            f"{source}: {key}: '{value}' is not a model of this merge{did_you_mean(value, names)}",
+            key=key,
+        )
 
 
 def load_recipe(path: str | Path) -> Recipe:

@@ -324,6 +324,18 @@ def test_bad_slice_recipes_fail_on_one_line(zoo: Path, tmp_path: Path) -> None:
     with pytest.raises(RecipeError, match="did you mean 'layer_range'") as caught:
         recipe_from_dict(typo)
     assert caught.value.key == "slices[0].sources[0].layer_rnge"
+    union = {
+        "slices": [{"sources": [source(zoo, "math", 0, 2)]}],
+        "merge_method": "passthrough",
+        "tokenizer_source": "union",
+    }
+    with pytest.raises(RecipeError, match="not supported with slices") as caught:
+        recipe_from_dict(union)
+    assert caught.value.key == "tokenizer_source"
+    section = {**union, "tokenizer_source": None, "tokenizer": {"source": "union"}}
+    with pytest.raises(RecipeError, match="not supported with slices") as caught:
+        recipe_from_dict(section)
+    assert caught.value.key == "tokenizer"
     path = write_recipe(
         tmp_path,
         {"slices": [{"sources": [source(zoo, "math", 0, 9)]}], "merge_method": "passthrough"},

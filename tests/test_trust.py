@@ -205,11 +205,10 @@ def test_task_names_are_unique_by_one_rule() -> None:
     assert any("models[4].name 't' is also the name of models[3]" in n for n in notes)
 
 
-@pytest.mark.parametrize("value", ["union", "no/such/folder"])
-def test_tokenizer_source_must_be_base_or_a_folder(small: Path, value: str) -> None:
-    result = run_cli("merge", recipe(small, tokenizer_source=value))
+def test_tokenizer_source_must_be_base_union_or_a_folder(small: Path) -> None:
+    result = run_cli("merge", recipe(small, tokenizer_source="no/such/folder"))
     assert result.exit_code == 2 and "tokenizer_source:" in result.stderr
-    assert ("'union' vocabulary is not supported" in result.stderr) == (value == "union")
+    assert "no/such/folder" in result.stderr and "Traceback" not in result.output
 
 
 def test_adapter_of_another_base_warns(tmp_path: Path) -> None:

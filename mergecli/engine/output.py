@@ -28,6 +28,8 @@ from mergecli.sources import CONFIG_FILES, TOKENIZER_FILES
 if TYPE_CHECKING:
     import torch
 
+    from mergecli.vocab import Vocabulary
+
 LOCK = ".{name}.mergecli-lock"
 WORK = re.compile(r"^\.(?P<name>.+)\.mergecli-(?:tmp|old)-(?P<pid>\d+)$")
 """The temporary (``tmp``) and replaced (``old``) folders of a run, beside its target."""
@@ -216,9 +218,11 @@ def copy_model_files(
     folder: Path,
     out_dtype: torch.dtype,
     config_updates: dict[str, Any] | None = None,
+    vocabulary: Vocabulary | None = None,
 ) -> None:
     """config.json (dtype updated, then ``config_updates`` set), generation config and
-    tokenizer files."""
+    tokenizer files; with a new ``vocabulary``, its tokenizer and its row count as the config's
+    vocab_size."""
     for name in CONFIG_FILES:
         if (source / name).is_file():
             shutil.copyfile(source / name, folder / name)
@@ -230,7 +234,13 @@ def copy_model_files(
         for key in keys:
             config[key] = dtype
         config.update(config_updates or {})
+        if vocabulary is not None:
+            nested = "vocab_size" not in config and "vocab_size" in config.get("text_config", {})
+            (config["text_config"] if nested else config)["vocab_size"] = vocabulary.rows
         config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    if vocabulary is not None:
+        vocabulary.save(folder)
+        return
     for name in TOKENIZER_FILES:
         if (tokenizer_source / name).is_file():
             shutil.copyfile(tokenizer_source / name, folder / name)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
@@ -27,6 +27,9 @@ from mergecli.engine.output import copy_model_files
 from mergecli.engine.read_plan import TensorPlan
 from mergecli.engine.writer import ShardWriter
 from mergecli.methods import TaskMasks, TensorInputs
+
+if TYPE_CHECKING:
+    from mergecli.vocab import Vocabulary
 
 Written = list[tuple[str, Any]]
 """What an output writes for one piece: (stored name, value) in layout order."""
@@ -50,6 +53,9 @@ class Target:
     """The input folders an ``auto`` chat template is taken from."""
     config: dict[str, Any] = field(default_factory=dict)
     """Keys set in the copied config.json (a slices merge's new depth)."""
+    vocabulary: Vocabulary | None = None
+    """A merged vocabulary (``tokenizer_source: union``, the ``tokenizer`` section): its
+    tokenizer is written instead of the copied one, its row count as the config's vocab_size."""
 
     def copy_model_files(self, folder: Path) -> None:
         """config.json (dtype updated), generation config, tokenizer files, chat template."""
@@ -60,6 +66,7 @@ class Target:
                 folder,
                 self.out_dtype,
                 self.config,
+                self.vocabulary,
             )
         template = resolve_chat_template(self.chat_template, self.inputs)
         if template is not None:
@@ -160,6 +167,9 @@ class ModelFolder:
     metadata: dict[str, str] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
     """Keys set in the copied config.json (a slices merge's new depth)."""
+    vocabulary: Vocabulary | None = None
+    """A merged vocabulary (``tokenizer_source: union``, the ``tokenizer`` section): its
+    tokenizer is written instead of the copied one, its row count as the config's vocab_size."""
     merged_rows = True
     copied_rows = True
     reads_base = False

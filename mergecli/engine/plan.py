@@ -41,6 +41,7 @@ from mergecli.params import resolve_value
 from mergecli.recipe import Recipe
 from mergecli.sources import Checkpoint, Source, open_models
 from mergecli.sources.stacked import Stacked
+from mergecli.vocab import Vocabulary, plan_vocabulary
 
 CHUNK_ELEMENTS = 1 << 20
 """Entries of one row chunk: tensors merged elementwise, and copied tensors, are read, merged
@@ -62,6 +63,9 @@ class InputPlan:
     out_dtype: torch.dtype
     num_layers: int
     warnings: list[str]
+    vocabulary: Vocabulary | None
+    """The output's new vocabulary (``tokenizer_source: union``, the ``tokenizer:`` section),
+    onto which every input's embeddings and heads are remapped; None when it is copied."""
 
     @property
     def reference(self) -> Source:
@@ -74,9 +78,10 @@ class InputPlan:
 
     @property
     def tokenizer_folder(self) -> Path:
-        """The recipe's ``tokenizer_source``, or the reference model's folder."""
+        """The folder whose tokenizer is copied: the recipe's ``tokenizer_source``, or the
+        reference model's (a new vocabulary is written by ``vocabulary`` instead)."""
         source = self.recipe.tokenizer_source
-        if source and source != "base":
+        if source and source not in ("base", "union"):
             return self.recipe.resolve_path(source)
         return self.reference.path
 
@@ -122,6 +127,7 @@ class MergePlan(InputPlan):
             self.method.name,
             self.recipe.chat_template,
             tuple(s.path for s in (self.base, *self.experts) if s),
+            vocabulary=self.vocabulary,
         )
 
     @property
@@ -226,6 +232,11 @@ class MergePlan(InputPlan):
             "compute_dtype": str(self.compute_dtype).removeprefix("torch."),
             "out_dtype": str(self.out_dtype).removeprefix("torch."),
             **dict(extra),
+            **(
+                {"vocabulary": {"tokens": len(v.tokens), "rows": v.rows}}
+                if (v := self.vocabulary)
+                else {}
+            ),
             "warnings": self.warnings,
         }
 
@@ -422,6 +433,7 @@ def plan_inputs(
     notes += adapter_warnings(recipe, base, experts)
     if method and method.base == "required" and base is None:
         raise RecipeError(f"base_model: '{method.name}' needs a base model", key="base_model")
+    vocabulary = plan_vocabulary(recipe, base, experts, notes)
     reference = base or experts[0]
     check_architectures([reference, *[e for e in experts if e is not reference]])
 
@@ -469,7 +481,16 @@ def plan_inputs(
         notes.append(f"{len(extra)} tensors only in experts are not written (e.g. {extra[0]})")
 
     return InputPlan(
-        recipe, base, experts, tensors, torch_device, compute_dtype, out_dtype, num_layers, notes
+        recipe,
+        base,
+        experts,
+        tensors,
+        torch_device,
+        compute_dtype,
+        out_dtype,
+        num_layers,
+        notes,
+        vocabulary,
     )
 
 

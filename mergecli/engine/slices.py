@@ -137,6 +137,7 @@ def plan_slices(
         out_dtype,
         len(layer_map),
         notes,
+        None,  # check_slices refuses a new vocabulary
         method=method,
         output=ModelFolder(shards, {"mergecli_method": method.name}, config),
         statistics=method.statistics(merged, notes.append) if method.statistics else [],

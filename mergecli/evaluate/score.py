@@ -70,7 +70,9 @@ class Scorer:
         section = recipe.evaluate
         assert section is not None
         self.device = device
-        source = recipe.tokenizer_source if recipe.tokenizer_source != "base" else None
+        source = (
+            recipe.tokenizer_source if recipe.tokenizer_source not in ("base", "union") else None
+        )
         tokenizer = source or recipe.base_model or recipe.models[0].model
         self.evaluator: BuiltinEvaluator | CommandEvaluator = (
             BuiltinEvaluator(
@@ -164,7 +166,10 @@ class Scorer:
         selecting method's are scored by ``mergecli.evaluate.score_recipe``)."""
         tasks = self._pick(tasks)
         plan = plan_merge(recipe, device=self.device, experts_selected=True)
-        if isinstance(self.evaluator, BuiltinEvaluator) and plan.output.memory_error() is None:
+        in_memory = plan.output.memory_error() is None and plan.vocabulary is None
+        if (
+            isinstance(self.evaluator, BuiltinEvaluator) and in_memory
+        ):  # else: its folder's tokenizer
             state = merge_state(plan)
             return Evaluation(
                 self.evaluator.score(MergedState(state, plan.reference.path), tasks, self.bar),

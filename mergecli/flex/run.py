@@ -113,7 +113,9 @@ def run_flex(
     Ray cluster)."""
     results = []
     merge = plan.merge
-    target = Target(merge.out_dtype, merge.reference.path, merge.tokenizer_folder)
+    target = Target(
+        merge.out_dtype, merge.reference.path, merge.tokenizer_folder, vocabulary=merge.vocabulary
+    )
     with folder_run(output, force, wait, progress=progress) as run:
         root, runner, started = run.folder, run.runner, run.started
         grams = similarity(plan) if similarity else block_grams(plan.merge, plan.blocks, runner)

@@ -133,6 +133,13 @@ def plan_moe(recipe: Recipe, shard_size: str | int = "5GB", device: str = "cpu")
     section = recipe.moe
     if section is None:
         raise RecipeError("the recipe has no 'moe:' section", "moe")
+    if recipe.tokenizer is not None or recipe.tokenizer_source == "union":
+        key = "tokenizer" if recipe.tokenizer is not None else "tokenizer_source"
+        raise RecipeError(
+            f"{key}: an MoE keeps its base's vocabulary; a new one (union, tokenizer:) is not "
+            "supported here",
+            key,
+        )
     folders = [
         locate(recipe, m.model, f"models[{i}].model", m.revision)
         for i, m in enumerate(recipe.models)

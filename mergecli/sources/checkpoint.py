@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -81,6 +83,10 @@ class Checkpoint:
     """Whether reading some rows costs only those rows (so tensors may stream in row chunks)."""
     origin: str | None = None
     """What the recipe (or an adapter's config) named: a path or a Hub id."""
+    _remapped: Mapping[str, tuple[TensorInfo, Callable[[int, int], torch.Tensor]]] = (
+        MappingProxyType({})
+    )
+    """Tensors shown over a new vocabulary (``remap``): their stored header and row reader."""
 
     def __init__(self, path: Path, label: str, allow_bin: bool = False) -> None:
         self.path = path
@@ -155,11 +161,30 @@ class Checkpoint:
         """The shard's path once it is on disk (at once for a local folder)."""
         return file
 
+    def remap(self, name: str, rows: int, read: Callable[[int, int], torch.Tensor]) -> None:
+        """Show tensor ``name`` with ``rows`` rows, rows ``start:stop`` computed by
+        ``read(start, stop)`` (from ``read_stored``): a tensor over a merge's new vocabulary
+        (``mergecli.vocab``). ``read_stored`` still reads what the file holds."""
+        stored = self.stored_info(name)
+        self._remapped = {**self._remapped, name: (stored, read)}
+        self._infos[name] = TensorInfo((rows, *stored.shape[1:]), stored.dtype, stored.file)
+
+    def stored_info(self, name: str) -> TensorInfo:
+        """The header of ``name`` as stored in its file (``info`` unless remapped)."""
+        return self._remapped[name][0] if name in self._remapped else self._infos[name]
+
     def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
         """One tensor (or its rows ``start:stop``), on the CPU, in its stored dtype. The result
         may be modified in place: a whole tensor lives in a private (copy-on-write) mapping of
         its own, rows are copied out of the file, and a ``.bin`` tensor is copied."""
-        info = self._infos[name]
+        if name in self._remapped:
+            start, stop = rows or (0, self._infos[name].shape[0])
+            return self._remapped[name][1](start, stop)
+        return self.read_stored(name, rows)
+
+    def read_stored(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """``read`` of what the file holds, whether or not ``name`` is remapped."""
+        info = self.stored_info(name)
         if info.file in self._bins:
             tensor = self._bins[info.file][name]
             return (tensor if rows is None else tensor[rows[0] : rows[1]]).clone()

@@ -144,7 +144,7 @@ def check_settings(
     base = base.resolve()
     normalized = recipe.model_dump(mode="json", exclude={"models", "output", "folder"})
     normalized["base_model"] = str(base)
-    if recipe.tokenizer_source and recipe.tokenizer_source != "base":
+    if recipe.tokenizer_source and recipe.tokenizer_source not in ("base", "union"):
         normalized["tokenizer_source"] = str(recipe.resolve_path(recipe.tokenizer_source))
     fingerprint = Checkpoint(base, "base_model", allow_bin=recipe.allow_bin).fingerprint()
     manifest = Manifest(settings=normalized, base_fingerprint=fingerprint)
