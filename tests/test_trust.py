@@ -270,7 +270,45 @@ def test_wait_waits_for_the_running_one(small: Path) -> None:
     assert (small / "out" / "model.safetensors").is_file() and not leftovers(small)
 
 
-def test_stale_folders_are_listed_cleaned_and_removed_by_the_next_run(small: Path) -> None:
+def dead_pid() -> int:
+    """The PID of a process that has exited."""
+    done = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        text=True,
+        capture_output=True,
+        check=True,
+    )
+    return int(done.stdout)
+
+
+def test_scratch_folders_of_dead_processes_are_removed(tmp_path: Path, monkeypatch) -> None:
+    import socket
+    import tempfile
+
+    from mergecli.engine.scratch import scratch_folder
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    host = socket.gethostname().replace("-", "_")
+    dead = tmp_path / f"mergecli-eval-{host}-{dead_pid()}-ab12cd_x"
+    mine = tmp_path / f"mergecli-eval-{host}-{os.getpid()}-zz9"
+    elsewhere = tmp_path / f"mergecli-eval-otherhost-{dead_pid()}-q1"
+    for folder in (dead, mine, elsewhere):
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"partial")
+    listed = run_cli("cleanup", tmp_path / "outputs", "--json")
+    assert json.loads(listed.stdout)["stale"] == [str(dead)] and dead.exists()
+    with scratch_folder("eval") as folder:
+        assert folder.parent == tmp_path and folder.is_dir() and str(os.getpid()) in folder.name
+        assert not dead.exists() and mine.exists() and elsewhere.exists()
+    assert not folder.exists()
+
+
+def test_stale_folders_are_listed_cleaned_and_removed_by_the_next_run(
+    small: Path, tmp_path: Path, monkeypatch
+) -> None:
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # no scratch folders listed
     dead = subprocess.run(
         [sys.executable, "-c", "import os; print(os.getpid())"],
         text=True,

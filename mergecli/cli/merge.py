@@ -252,10 +252,15 @@ def cleanup(
     remove: Annotated[bool, typer.Option("--remove", help="Delete them (default: list).")] = False,
     json_out: JsonOpt = False,
 ) -> None:
-    """List (or remove) the temporary folders that interrupted runs left beside their outputs."""
+    """List (or remove) the temporary folders that interrupted runs left beside their outputs,
+    and the scratch folders (in the system's temporary directory) of evaluations that died."""
     from mergecli.engine.output import remove_stale_in, stale_folders
+    from mergecli.engine.scratch import remove_stale_scratch, stale_scratch
 
-    found = remove_stale_in(folder) if remove else stale_folders(folder)
+    if remove:
+        found = remove_stale_in(folder) + remove_stale_scratch()
+    else:
+        found = stale_folders(folder) + stale_scratch()
     verb = "removed" if remove else "stale"
     if json_out:
         print_json({"folder": str(folder), verb: [str(p) for p in found]})

@@ -91,7 +91,8 @@ def _read_pid(path: Path) -> int | None:
         return None
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs on this host (one of another user counts as running)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -123,7 +124,7 @@ def stale_folders(folder: Path) -> list[Path]:
         if not match or not path.is_dir():
             continue
         pid = int(match["pid"])
-        if pid == os.getpid() or (_alive(pid) and _locked_by_other(folder / match["name"])):
+        if pid == os.getpid() or (process_alive(pid) and _locked_by_other(folder / match["name"])):
             continue
         stale.append(path)
     return stale

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import math
-import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any
 from mergecli.distributed.executor import LocalExecutor, RayExecutor, Resources
 from mergecli.engine.merge import merge_state, run_merge
 from mergecli.engine.plan import plan_merge, resolve_device
+from mergecli.engine.scratch import scratch_folder
 from mergecli.errors import MergeError, RecipeError, did_you_mean
 from mergecli.evaluate.builtin import BuiltinEvaluator, MergedState
 from mergecli.evaluate.command import CommandEvaluator
@@ -175,8 +175,8 @@ class Scorer:
                 self.evaluator.score(MergedState(state, plan.reference.path), tasks, self.bar),
                 recipe,
             )
-        with tempfile.TemporaryDirectory(prefix="mergecli-eval-") as tmp:
-            folder = run_merge(plan, Path(tmp) / "merged").output
+        with scratch_folder("eval") as tmp:
+            folder = run_merge(plan, tmp / "merged").output
             if is_artifact(folder):
                 return Evaluation(self.artifact(folder, tasks).tasks, recipe)
             return Evaluation(self.evaluator.score(folder, tasks, self.bar), recipe)
@@ -222,8 +222,8 @@ class Scorer:
                 source = MergedState(task_state_dict(opened, name), opened.model_files())
                 scores.update(self.evaluator.score(source, [task], self.bar))
                 continue
-            with tempfile.TemporaryDirectory(prefix="mergecli-eval-") as tmp:
-                exported = export_task(opened, name, Path(tmp) / name)
+            with scratch_folder("eval") as tmp:
+                exported = export_task(opened, name, tmp / name)
                 scores.update(self.evaluator.score(exported, [task], self.bar))
         return Evaluation(scores)
 
@@ -246,8 +246,8 @@ class Scorer:
         from mergecli.moe import plan_moe, run_moe
 
         plan = plan_moe(recipe, device=self.device)
-        with tempfile.TemporaryDirectory(prefix="mergecli-eval-") as tmp:
-            folder = run_moe(plan, Path(tmp) / "moe").folder
+        with scratch_folder("eval") as tmp:
+            folder = run_moe(plan, tmp / "moe").folder
             return Evaluation(self.evaluator.score(folder, self._pick(tasks), self.bar), recipe)
 
     def expert_scores(self, recipe: Recipe) -> dict[str, float]:
