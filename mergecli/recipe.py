@@ -330,28 +330,22 @@ def _location(loc: tuple[Any, ...]) -> str:
 
 
 def _fields_at(loc: tuple[Any, ...]) -> list[str]:
+    """The keys allowed where a validation error points (for its "did you mean")."""
+    sections: dict[str, type[BaseModel]] = {
+        "models": ModelEntry,
+        "temporal": TemporalSection,
+        "evaluate": EvaluateSection,
+        "tasks": EvalTask,
+        "flex": FlexSection,
+        "moe": MoeSection,
+        "prompts": MoePrompts,
+        "tokenizer": TokenizerSection,
+        "slices": OutputSlice,
+        "sources": SliceSource,
+    }
     model: type[BaseModel] = Recipe
     for part in loc:
-        if part == "models":
-            model = ModelEntry
-        elif part == "temporal":
-            model = TemporalSection
-        elif part == "evaluate":
-            model = EvaluateSection
-        elif part == "tasks":
-            model = EvalTask
-        elif part == "flex":
-            model = FlexSection
-        elif part == "moe":
-            model = MoeSection
-        elif part == "prompts":
-            model = MoePrompts
-        elif part == "tokenizer":
-            model = TokenizerSection
-        elif part == "slices":
-            model = OutputSlice
-        elif part == "sources":
-            model = SliceSource
+        model = sections.get(part, model) if isinstance(part, str) else model
     return [n for n in model.model_fields if n != "folder"]
 
 
