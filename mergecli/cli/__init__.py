@@ -42,6 +42,15 @@ WaitOpt = Annotated[
     typer.Option("--wait", help="Wait for another run writing the same output, not fail."),
 ]
 DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N or auto.")]
+SweepRunsOpt = Annotated[
+    bool,
+    typer.Option(
+        "--over-checkpoints", help="Experts are runs with checkpoint-<step> folders: sweep."
+    ),
+]
+MatchOpt = Annotated[
+    str, typer.Option("--match", help="Match checkpoints by 'step' or by 'fraction' of runs.")
+]
 ShardOpt = Annotated[str, typer.Option("--shard-size", help="Largest output shard (5GB, 500MB).")]
 DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Print the plan; read no tensor.")]
 ConventionsOpt = Annotated[

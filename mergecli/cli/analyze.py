@@ -15,7 +15,9 @@ from mergecli.cli import (
     DeviceOpt,
     ExecutorOpt,
     JsonOpt,
+    MatchOpt,
     QuietOpt,
+    SweepRunsOpt,
     app,
     err,
     handle_errors,
@@ -75,15 +77,8 @@ def interference(
     plot: Annotated[
         Path | None, typer.Option("--plot", help="Write PNG heatmaps and curves into DIR.")
     ] = None,
-    over_checkpoints: Annotated[
-        bool,
-        typer.Option(
-            "--over-checkpoints", help="Experts are runs with checkpoint-<step> folders: sweep."
-        ),
-    ] = False,
-    match: Annotated[
-        str, typer.Option("--match", help="Match checkpoints by 'step' or by 'fraction' of runs.")
-    ] = "step",
+    over_checkpoints: SweepRunsOpt = False,
+    match: MatchOpt = "step",
     blocks: Annotated[bool, typer.Option("--blocks", help="Also print the per-block table.")] = (
         False
     ),

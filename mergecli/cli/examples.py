@@ -9,7 +9,17 @@ import typer
 from rich.table import Table
 
 import mergecli
-from mergecli.cli import DeviceOpt, JsonOpt, QuietOpt, err, handle_errors, out, print_json
+from mergecli.cli import (
+    DeviceOpt,
+    JsonOpt,
+    MatchOpt,
+    QuietOpt,
+    SweepRunsOpt,
+    err,
+    handle_errors,
+    out,
+    print_json,
+)
 from mergecli.cli.analyze import _fmt, analyze_app, show
 from mergecli.progress import count_bar_for
 
@@ -141,15 +151,8 @@ def diwa(
         str | None,
         typer.Option("--seeds", help="Runs: the recipe once per seed ({seed} in its model paths)."),
     ] = None,
-    over_checkpoints: Annotated[
-        bool,
-        typer.Option(
-            "--over-checkpoints", help="Experts are runs with checkpoint-<step> folders: sweep."
-        ),
-    ] = False,
-    match: Annotated[
-        str, typer.Option("--match", help="Match checkpoints by 'step' or by 'fraction' of runs.")
-    ] = "step",
+    over_checkpoints: SweepRunsOpt = False,
+    match: MatchOpt = "step",
     test: TestOpt = False,
     plot: PlotOpt = None,
     device: DeviceOpt = "cpu",
