@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mergecli.methods import sparsify
-from mergecli.methods.histogram import add_digits
+from mergecli.methods.histogram import BLOCK, add_difference_digits, add_digits
 from mergecli.methods.inputs import TensorInputs
 from mergecli.methods.statistics import Handle, TensorKthLargestMagnitude
 
@@ -36,6 +36,25 @@ def test_digits_equal_bincount(dtype: torch.dtype, int_dtype: torch.dtype, shift
     add_digits(x.view(int_dtype).numpy(), second, prefix, hist)
     selected = pattern[(pattern >> (second + 16)) == prefix]
     want = torch.bincount((selected >> second) & 0xFFFF, minlength=1 << 16)
+    assert np.array_equal(hist, want.numpy()) and hist.sum() > 1
+
+
+@pytest.mark.parametrize("shift", [16, 0])
+def test_difference_digits_equal_bincount_of_the_task_vector(shift: int) -> None:
+    """Digits of weight − base formed block by block (over several blocks and a partial one)
+    equal torch's bincount over the stored float32 difference."""
+    g = torch.Generator().manual_seed(2)
+    weight, base = (
+        torch.randn(2 * BLOCK + 77, generator=g),
+        torch.randn(2 * BLOCK + 77, generator=g),
+    )
+    weight[:300] = base[:300]  # zero task-vector entries
+    pattern = (weight - base).abs().view(torch.int32)
+    prefix = -1 if shift == 16 else int(torch.mode(pattern >> 16).values)
+    hist = np.zeros(1 << 16, dtype=np.int64)
+    add_difference_digits(weight.numpy(), base.numpy(), shift, prefix, hist)
+    selected = pattern if prefix < 0 else pattern[(pattern >> 16) == prefix]
+    want = torch.bincount((selected >> shift) & 0xFFFF, minlength=1 << 16)
     assert np.array_equal(hist, want.numpy()) and hist.sum() > 1
 
 

@@ -35,3 +35,22 @@ def kth_largest_magnitude(bits: np.ndarray, rank: int) -> int:
         rank -= int(from_top[index - 1]) if index > 0 else 0
         prefix = (max(prefix, 0) << 16) | ((1 << 16) - 1 - index)
     return prefix
+
+
+BLOCK = 4096
+"""Entries of a float32 task vector formed at a time by ``add_difference_digits``."""
+
+
+@numba.njit(cache=True, nogil=True)
+def add_difference_digits(
+    weight: np.ndarray, base: np.ndarray, shift: int, prefix: int, hist: np.ndarray
+) -> None:
+    """``add_digits`` over the float32 task vector weight − base, formed a block at a time
+    (the same float32 subtraction as torch's, without storing the task vector)."""
+    block = np.empty(BLOCK, dtype=np.float32)
+    bits = block.view(np.int32)
+    for start in range(0, weight.shape[0], BLOCK):
+        size = min(BLOCK, weight.shape[0] - start)
+        for i in range(size):
+            block[i] = weight[start + i] - base[start + i]
+        add_digits(bits[:size], shift, prefix, hist)

@@ -80,21 +80,44 @@ class _Target:
     rank: int
 
 
+def task_vector_terms(inputs: TensorInputs) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """Per expert, (θt, θ0) where the inputs hold a float32 weight on the CPU (the histogram
+    loop forms τt as it reads), else (τt, None)."""
+    base = inputs.base
+    if base is None or base.device.type != "cpu" or base.dtype != torch.float32:
+        return [(tv, None) for tv in inputs.task_vectors()]
+    weights = inputs.expert_weights
+    if any(w is None or w.dtype != torch.float32 for w in weights):
+        return [(tv, None) for tv in inputs.task_vectors()]
+    return [(w, base) for w in weights if w is not None]
+
+
 def add_histogram(
-    hist: torch.Tensor | None, tv: torch.Tensor, shift: int, prefix: int | None
+    hist: torch.Tensor | None,
+    tv: torch.Tensor,
+    shift: int,
+    prefix: int | None,
+    base: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``hist`` (a new one for None) plus the histogram of the 16-bit digit at ``shift`` of the
-    bit patterns of ``abs(tv)`` whose higher bits equal ``prefix`` (None: every entry). On the
-    CPU one compiled loop (``histogram.add_digits``), 20 times faster than torch's abs,
-    selection and bincount."""
+    bit patterns of ``abs(tv)`` (``abs(tv − base)`` when a float32 ``base`` on the CPU is given)
+    whose higher bits equal ``prefix`` (None: every entry). On the CPU one compiled loop
+    (``histogram.add_digits``), 20 times faster than torch's abs, selection and bincount."""
     int_dtype = _BITS[tv.dtype][0]
     if tv.device.type == "cpu":
-        from mergecli.methods.histogram import add_digits  # numba, on first use
+        from mergecli.methods.histogram import add_difference_digits, add_digits  # numba
 
         hist = torch.zeros(BINS, dtype=torch.int64) if hist is None else hist
+        digit = -1 if prefix is None else prefix
+        if base is not None:
+            weight, minus = (x.contiguous().reshape(-1).numpy() for x in (tv, base))
+            add_difference_digits(weight, minus, shift, digit, hist.numpy())
+            return hist
         patterns = tv.contiguous().view(int_dtype).reshape(-1).numpy()
-        add_digits(patterns, shift, -1 if prefix is None else prefix, hist.numpy())
+        add_digits(patterns, shift, digit, hist.numpy())
         return hist
+    if base is not None:
+        tv = tv - base
     pattern = tv.abs().view(int_dtype).reshape(-1)
     if prefix is not None:  # keep only the entries under the prefix found so far
         pattern = pattern[(pattern >> (shift + _DIGIT)) == prefix]
@@ -159,14 +182,14 @@ class LargestMagnitudes:
         return {target.prefix for target in self.targets[t] if target.rank}
 
     def observe(self, inputs: TensorInputs) -> None:
-        for t, tv in enumerate(inputs.task_vectors()):
+        for t, (tv, base) in enumerate(task_vector_terms(inputs)):
             if self.shift is None:
                 self.bits, self.shift = _BITS[tv.dtype][1], _BITS[tv.dtype][1] - _DIGIT
             if self.targets is None:
                 self.counts[t] += tv.numel()
             for prefix in self._prefixes(t):
                 self.hist[t, prefix] = add_histogram(
-                    self.hist.get((t, prefix)), tv, self.shift, prefix
+                    self.hist.get((t, prefix)), tv, self.shift, prefix, base
                 )
 
     def end_pass(self) -> None:
@@ -249,14 +272,14 @@ class TensorKthLargestMagnitude:
             self._narrow()
             self.current, self.count = inputs.name, 0
             self.hist = [None] * inputs.num_experts
-        for t, tv in enumerate(inputs.task_vectors()):
+        for t, (tv, base) in enumerate(task_vector_terms(inputs)):
             if self.shift is None:
                 self.bits, self.shift = _BITS[tv.dtype][1], _BITS[tv.dtype][1] - _DIGIT
             self.count += tv.numel() if t == 0 else 0
             target = None if self.first else self.targets[inputs.name][t]
             if target is None or target.rank:
                 prefix = None if target is None else target.prefix
-                self.hist[t] = add_histogram(self.hist[t], tv, self.shift, prefix)
+                self.hist[t] = add_histogram(self.hist[t], tv, self.shift, prefix, base)
 
     def _narrow(self) -> None:
         """The tensor observed last is complete: narrow its targets by its histograms."""
