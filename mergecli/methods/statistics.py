@@ -81,15 +81,29 @@ class _Target:
 
 
 def task_vector_terms(inputs: TensorInputs) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
-    """Per expert, (θt, θ0) where the inputs hold a float32 weight on the CPU (the histogram
-    loop forms τt as it reads), else (τt, None)."""
-    base = inputs.base
-    if base is None or base.device.type != "cpu" or base.dtype != torch.float32:
+    """Per expert, (θt, θ0) where the inputs hold weights on the CPU in float32 or bfloat16
+    (as stored: the histogram loop widens them and forms the float32 τt as it reads), else
+    (τt, None) in the compute dtype."""
+    base, weights = inputs.base, inputs.expert_weights
+    if (
+        base is not None
+        and base.device.type == "cpu"
+        and base.dtype in (torch.float32, torch.bfloat16)
+        and all(w is not None and w.dtype == base.dtype for w in weights)
+    ):
+        return [(w, base) for w in weights if w is not None]
+    stored = [x for x in [base, *weights, *inputs.expert_deltas] if x is not None]
+    if base is None or all(x.dtype != torch.bfloat16 for x in stored):
         return [(tv, None) for tv in inputs.task_vectors()]
-    weights = inputs.expert_weights
-    if any(w is None or w.dtype != torch.float32 for w in weights):
-        return [(tv, None) for tv in inputs.task_vectors()]
-    return [(w, base) for w in weights if w is not None]
+    return [  # inputs handed on as stored: the float32 τt that the merge pass forms
+        (d.float() if d is not None else cast(torch.Tensor, w).float() - base.float(), None)
+        for w, d in zip(weights, inputs.expert_deltas, strict=True)
+    ]
+
+
+def compute_bits(tv: torch.Tensor) -> int:
+    """Bits of the float the task vector is computed in (float32 for bfloat16 as stored)."""
+    return _BITS[torch.float32 if tv.dtype == torch.bfloat16 else tv.dtype][1]
 
 
 def add_histogram(
@@ -100,24 +114,29 @@ def add_histogram(
     base: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``hist`` (a new one for None) plus the histogram of the 16-bit digit at ``shift`` of the
-    bit patterns of ``abs(tv)`` (``abs(tv − base)`` when a float32 ``base`` on the CPU is given)
-    whose higher bits equal ``prefix`` (None: every entry). On the CPU one compiled loop
-    (``histogram.add_digits``), 20 times faster than torch's abs, selection and bincount."""
-    int_dtype = _BITS[tv.dtype][0]
+    bit patterns of ``abs(tv)`` (``abs(tv − base)`` when ``base`` is given)
+    whose higher bits equal ``prefix`` (None: every entry); a bfloat16 ``tv`` and ``base``
+    are widened to float32 first. On the CPU one compiled loop (``histogram.add_digits``), 20
+    times faster than torch's abs, selection and bincount."""
     if tv.device.type == "cpu":
-        from mergecli.methods.histogram import add_difference_digits, add_digits  # numba
+        from mergecli.methods import histogram  # numba, on first use
 
         hist = torch.zeros(BINS, dtype=torch.int64) if hist is None else hist
         digit = -1 if prefix is None else prefix
+        if base is not None and tv.dtype == torch.bfloat16:
+            weight, minus = (
+                x.contiguous().view(torch.uint16).reshape(-1).numpy() for x in (tv, base)
+            )
+            histogram.add_bfloat16_difference_digits(weight, minus, shift, digit, hist.numpy())
+            return hist
         if base is not None:
             weight, minus = (x.contiguous().reshape(-1).numpy() for x in (tv, base))
-            add_difference_digits(weight, minus, shift, digit, hist.numpy())
+            histogram.add_difference_digits(weight, minus, shift, digit, hist.numpy())
             return hist
-        patterns = tv.contiguous().view(int_dtype).reshape(-1).numpy()
-        add_digits(patterns, shift, digit, hist.numpy())
+        patterns = tv.contiguous().view(_BITS[tv.dtype][0]).reshape(-1).numpy()
+        histogram.add_digits(patterns, shift, digit, hist.numpy())
         return hist
-    if base is not None:
-        tv = tv - base
+    int_dtype = _BITS[tv.dtype][0]
     pattern = tv.abs().view(int_dtype).reshape(-1)
     if prefix is not None:  # keep only the entries under the prefix found so far
         pattern = pattern[(pattern >> (shift + _DIGIT)) == prefix]
@@ -161,6 +180,7 @@ class LargestMagnitudes:
         (a rank 0 selects nothing: its value is +inf)."""
         self.handle = handle
         self.tensors: set[str] | None = None
+        self.takes_bfloat16 = True
         self.rank_fns = list(ranks)
         self.counts = [0] * len(self.rank_fns)
         self.targets: list[list[_Target]] | None = None
@@ -184,7 +204,8 @@ class LargestMagnitudes:
     def observe(self, inputs: TensorInputs) -> None:
         for t, (tv, base) in enumerate(task_vector_terms(inputs)):
             if self.shift is None:
-                self.bits, self.shift = _BITS[tv.dtype][1], _BITS[tv.dtype][1] - _DIGIT
+                self.bits = compute_bits(tv)
+                self.shift = self.bits - _DIGIT
             if self.targets is None:
                 self.counts[t] += tv.numel()
             for prefix in self._prefixes(t):
@@ -250,6 +271,7 @@ class TensorKthLargestMagnitude:
         self.handle = handle
         self.densities = densities
         self.tensors: set[str] | None = set(densities)
+        self.takes_bfloat16 = True
         self.targets: dict[str, list[_Target]] = {}
         self.first = True
         self.bits: int | None = None
@@ -274,7 +296,8 @@ class TensorKthLargestMagnitude:
             self.hist = [None] * inputs.num_experts
         for t, (tv, base) in enumerate(task_vector_terms(inputs)):
             if self.shift is None:
-                self.bits, self.shift = _BITS[tv.dtype][1], _BITS[tv.dtype][1] - _DIGIT
+                self.bits = compute_bits(tv)
+                self.shift = self.bits - _DIGIT
             self.count += tv.numel() if t == 0 else 0
             target = None if self.first else self.targets[inputs.name][t]
             if target is None or target.rank:
