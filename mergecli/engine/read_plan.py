@@ -85,6 +85,8 @@ class ReadPlan:
     on_nonfinite: Mode = "error"
     """The finite-value guard on every piece read (``warn``: one warning per tensor)."""
     warnings: list[str] = field(default_factory=list)
+    keep_bfloat16: bool = False
+    """Hand bfloat16 inputs on as stored (statistics that widen them in their own loop)."""
 
     @classmethod
     def copies(
@@ -99,6 +101,10 @@ class ReadPlan:
         return cls(
             tensors, whole, None, [], source, cpu, torch.float32, 0, 0, on_nonfinite, warnings or []
         )
+
+    def input_dtype(self, stored: torch.dtype) -> torch.dtype:
+        """The dtype a merged input stored as ``stored`` arrives in."""
+        return stored if self.keep_bfloat16 and stored == torch.bfloat16 else self.compute_dtype
 
     def sources(self, tensor: TensorPlan) -> list[Readable]:
         if not tensor.merge:

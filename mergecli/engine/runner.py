@@ -12,7 +12,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 import torch
@@ -123,7 +123,12 @@ class Runner:
         while any(s.wants_pass() for s in statistics):
             passes += 1
             active = [s for s in statistics if s.wants_pass()]
-            read_now = read.subset(observed(read.tensors, active))
+            read_now = replace(
+                read.subset(observed(read.tensors, active)),
+                keep_bfloat16=read.device.type == "cpu"
+                and read.compute_dtype == torch.float32
+                and all(getattr(s, "takes_bfloat16", False) for s in active),
+            )
             self.run(read_now, [Observe(active)], f"statistics pass {passes}")
             for statistic in active:
                 statistic.end_pass()
@@ -162,7 +167,9 @@ class Runner:
                     yield Piece(tensor, rows, raw=raw.pop())
                     continue
                 start = time.perf_counter()
-                moved = [t.to(read.device, non_blocking=True).to(read.compute_dtype) for t in raw]
+                moved = [
+                    t.to(read.device, non_blocking=True).to(read.input_dtype(t.dtype)) for t in raw
+                ]
                 del raw
                 base = moved.pop(0) if read.base is not None else None
                 experts = [None if e.delta else w for e, w in zip(read.experts, moved, strict=True)]
@@ -200,7 +207,7 @@ class Runner:
             if cuda:
                 out.append(t.pin_memory())
             else:
-                out.append(t.to(read.compute_dtype) if tensor.merge else t)
+                out.append(t.to(read.input_dtype(t.dtype)) if tensor.merge else t)
         self.timer.read += time.perf_counter() - start
         return out
 

@@ -35,3 +35,42 @@ def kth_largest_magnitude(bits: np.ndarray, rank: int) -> int:
         rank -= int(from_top[index - 1]) if index > 0 else 0
         prefix = (max(prefix, 0) << 16) | ((1 << 16) - 1 - index)
     return prefix
+
+
+BLOCK = 4096
+"""Entries of a float32 task vector formed at a time by the difference loops."""
+
+
+@numba.njit(cache=True, nogil=True)
+def add_difference_digits(
+    weight: np.ndarray, base: np.ndarray, shift: int, prefix: int, hist: np.ndarray
+) -> None:
+    """``add_digits`` over the float32 task vector weight − base, formed a block at a time
+    (the same float32 subtraction as torch's, without storing the task vector)."""
+    block = np.empty(BLOCK, dtype=np.float32)
+    bits = block.view(np.int32)
+    for start in range(0, weight.shape[0], BLOCK):
+        size = min(BLOCK, weight.shape[0] - start)
+        for i in range(size):
+            block[i] = weight[start + i] - base[start + i]
+        add_digits(bits[:size], shift, prefix, hist)
+
+
+@numba.njit(cache=True, nogil=True)
+def add_bfloat16_difference_digits(
+    weight: np.ndarray, base: np.ndarray, shift: int, prefix: int, hist: np.ndarray
+) -> None:
+    """``add_difference_digits`` of bfloat16 inputs (their bit patterns as uint16): each is
+    widened to float32 exactly (its bits shifted up by 16) before the float32 subtraction."""
+    wide = np.empty((2, BLOCK), dtype=np.uint32)
+    values = wide.view(np.float32)
+    block = np.empty(BLOCK, dtype=np.float32)
+    bits = block.view(np.int32)
+    for start in range(0, weight.shape[0], BLOCK):
+        size = min(BLOCK, weight.shape[0] - start)
+        for i in range(size):
+            wide[0, i] = np.uint32(weight[start + i]) << np.uint32(16)
+            wide[1, i] = np.uint32(base[start + i]) << np.uint32(16)
+        for i in range(size):
+            block[i] = values[0, i] - values[1, i]
+        add_digits(bits[:size], shift, prefix, hist)

@@ -73,9 +73,13 @@ def magnitude_trim(tv: torch.Tensor, threshold: float) -> torch.Tensor:
     Computed as a hard shrink at the float just below κ (abs(τ) > that ⇔ abs(τ) ≥ κ), one
     vectorised pass instead of a comparison, a boolean mask and a product.
     """
-    kappa = torch.tensor(threshold, dtype=tv.dtype)
-    below = float(torch.nextafter(kappa, torch.zeros_like(kappa)))
-    return torch.nn.functional.hardshrink(tv, below)
+    return torch.nn.functional.hardshrink(tv, shrink_below(threshold, tv.dtype))
+
+
+def shrink_below(threshold: float, dtype: torch.dtype) -> float:
+    """The float of ``dtype`` just below κ: abs(τ) > it ⇔ abs(τ) ≥ κ."""
+    kappa = torch.tensor(threshold, dtype=dtype)
+    return float(torch.nextafter(kappa, torch.zeros_like(kappa)))
 
 
 def dare_drop(

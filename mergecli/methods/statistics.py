@@ -80,21 +80,63 @@ class _Target:
     rank: int
 
 
+def task_vector_terms(inputs: TensorInputs) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """Per expert, (θt, θ0) where the inputs hold weights on the CPU in float32 or bfloat16
+    (as stored: the histogram loop widens them and forms the float32 τt as it reads), else
+    (τt, None) in the compute dtype."""
+    base, weights = inputs.base, inputs.expert_weights
+    if (
+        base is not None
+        and base.device.type == "cpu"
+        and base.dtype in (torch.float32, torch.bfloat16)
+        and all(w is not None and w.dtype == base.dtype for w in weights)
+    ):
+        return [(w, base) for w in weights if w is not None]
+    stored = [x for x in [base, *weights, *inputs.expert_deltas] if x is not None]
+    if base is None or all(x.dtype != torch.bfloat16 for x in stored):
+        return [(tv, None) for tv in inputs.task_vectors()]
+    return [  # inputs handed on as stored: the float32 τt that the merge pass forms
+        (d.float() if d is not None else cast(torch.Tensor, w).float() - base.float(), None)
+        for w, d in zip(weights, inputs.expert_deltas, strict=True)
+    ]
+
+
+def compute_bits(tv: torch.Tensor) -> int:
+    """Bits of the float the task vector is computed in (float32 for bfloat16 as stored)."""
+    return _BITS[torch.float32 if tv.dtype == torch.bfloat16 else tv.dtype][1]
+
+
 def add_histogram(
-    hist: torch.Tensor | None, tv: torch.Tensor, shift: int, prefix: int | None
+    hist: torch.Tensor | None,
+    tv: torch.Tensor,
+    shift: int,
+    prefix: int | None,
+    base: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``hist`` (a new one for None) plus the histogram of the 16-bit digit at ``shift`` of the
-    bit patterns of ``abs(tv)`` whose higher bits equal ``prefix`` (None: every entry). On the
-    CPU one compiled loop (``histogram.add_digits``), 20 times faster than torch's abs,
-    selection and bincount."""
-    int_dtype = _BITS[tv.dtype][0]
+    bit patterns of ``abs(tv)`` (``abs(tv − base)`` when ``base`` is given)
+    whose higher bits equal ``prefix`` (None: every entry); a bfloat16 ``tv`` and ``base``
+    are widened to float32 first. On the CPU one compiled loop (``histogram.add_digits``), 20
+    times faster than torch's abs, selection and bincount."""
     if tv.device.type == "cpu":
-        from mergecli.methods.histogram import add_digits  # numba, on first use
+        from mergecli.methods import histogram  # numba, on first use
 
         hist = torch.zeros(BINS, dtype=torch.int64) if hist is None else hist
-        patterns = tv.contiguous().view(int_dtype).reshape(-1).numpy()
-        add_digits(patterns, shift, -1 if prefix is None else prefix, hist.numpy())
+        digit = -1 if prefix is None else prefix
+        if base is not None and tv.dtype == torch.bfloat16:
+            weight, minus = (
+                x.contiguous().view(torch.uint16).reshape(-1).numpy() for x in (tv, base)
+            )
+            histogram.add_bfloat16_difference_digits(weight, minus, shift, digit, hist.numpy())
+            return hist
+        if base is not None:
+            weight, minus = (x.contiguous().reshape(-1).numpy() for x in (tv, base))
+            histogram.add_difference_digits(weight, minus, shift, digit, hist.numpy())
+            return hist
+        patterns = tv.contiguous().view(_BITS[tv.dtype][0]).reshape(-1).numpy()
+        histogram.add_digits(patterns, shift, digit, hist.numpy())
         return hist
+    int_dtype = _BITS[tv.dtype][0]
     pattern = tv.abs().view(int_dtype).reshape(-1)
     if prefix is not None:  # keep only the entries under the prefix found so far
         pattern = pattern[(pattern >> (shift + _DIGIT)) == prefix]
@@ -138,6 +180,7 @@ class LargestMagnitudes:
         (a rank 0 selects nothing: its value is +inf)."""
         self.handle = handle
         self.tensors: set[str] | None = None
+        self.takes_bfloat16 = True
         self.rank_fns = list(ranks)
         self.counts = [0] * len(self.rank_fns)
         self.targets: list[list[_Target]] | None = None
@@ -159,14 +202,15 @@ class LargestMagnitudes:
         return {target.prefix for target in self.targets[t] if target.rank}
 
     def observe(self, inputs: TensorInputs) -> None:
-        for t, tv in enumerate(inputs.task_vectors()):
+        for t, (tv, base) in enumerate(task_vector_terms(inputs)):
             if self.shift is None:
-                self.bits, self.shift = _BITS[tv.dtype][1], _BITS[tv.dtype][1] - _DIGIT
+                self.bits = compute_bits(tv)
+                self.shift = self.bits - _DIGIT
             if self.targets is None:
                 self.counts[t] += tv.numel()
             for prefix in self._prefixes(t):
                 self.hist[t, prefix] = add_histogram(
-                    self.hist.get((t, prefix)), tv, self.shift, prefix
+                    self.hist.get((t, prefix)), tv, self.shift, prefix, base
                 )
 
     def end_pass(self) -> None:
@@ -227,6 +271,7 @@ class TensorKthLargestMagnitude:
         self.handle = handle
         self.densities = densities
         self.tensors: set[str] | None = set(densities)
+        self.takes_bfloat16 = True
         self.targets: dict[str, list[_Target]] = {}
         self.first = True
         self.bits: int | None = None
@@ -249,14 +294,15 @@ class TensorKthLargestMagnitude:
             self._narrow()
             self.current, self.count = inputs.name, 0
             self.hist = [None] * inputs.num_experts
-        for t, tv in enumerate(inputs.task_vectors()):
+        for t, (tv, base) in enumerate(task_vector_terms(inputs)):
             if self.shift is None:
-                self.bits, self.shift = _BITS[tv.dtype][1], _BITS[tv.dtype][1] - _DIGIT
+                self.bits = compute_bits(tv)
+                self.shift = self.bits - _DIGIT
             self.count += tv.numel() if t == 0 else 0
             target = None if self.first else self.targets[inputs.name][t]
             if target is None or target.rank:
                 prefix = None if target is None else target.prefix
-                self.hist[t] = add_histogram(self.hist[t], tv, self.shift, prefix)
+                self.hist[t] = add_histogram(self.hist[t], tv, self.shift, prefix, base)
 
     def _narrow(self) -> None:
         """The tensor observed last is complete: narrow its targets by its histograms."""

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
+from torch.nn.functional import hardshrink
 
 from mergecli.errors import RecipeError
 from mergecli.methods import mergekit
@@ -19,6 +21,7 @@ from mergecli.methods.sparsify import (
     elect_sign,
     magnitude_trim,
     model_scope_values,
+    shrink_below,
     tensor_threshold,
 )
 from mergecli.methods.statistics import (
@@ -96,12 +99,47 @@ def ties_vector(trimmed: list[torch.Tensor], p: Params) -> Merged:
     return disjoint_merge(trimmed, p["weight"], gamma, merge_func)
 
 
-def elect_and_merge(inputs: TensorInputs, trimmed: list[torch.Tensor], p: Params) -> Merged:
-    """θ0 + λ · disjoint merge of the trimmed task vectors around the elected sign."""
+def elect_and_merge(
+    inputs: TensorInputs, trimmed: list[torch.Tensor], p: Params, below: list[float] | None = None
+) -> Merged:
+    """θ0 + λ · disjoint merge of the trimmed task vectors around the elected sign (each first
+    hard-shrunk at ``below`` when given): one compiled pass for float32 on the CPU."""
     assert inputs.base is not None
+    fused = fused_merge(inputs.base, trimmed, p, below)
+    if fused is not None:
+        return fused
+    if below is not None:
+        trimmed = [hardshrink(tv, k) for tv, k in zip(trimmed, below, strict=True)]
     merged = ties_vector(trimmed, p)
     assert isinstance(merged.value, torch.Tensor)
     return Merged(merged.value.mul_(p["lambda"]).add_(inputs.base), merged.kept)
+
+
+def fused_merge(
+    base: torch.Tensor, tvs: list[torch.Tensor], p: Params, below: list[float] | None
+) -> Merged | None:
+    """``elect_and_merge`` by ``ties_kernel`` where it applies (float32 on the CPU, mean or sum,
+    finite weights and λ, finite entries); else None."""
+    merge_func = "sum" if p["merge_func"] == "mean" and not p["normalize"] else p["merge_func"]
+    numbers = [*p["weight"], p["lambda"]]
+    if (
+        merge_func == "max"
+        or base.device.type != "cpu"
+        or any(x.dtype != torch.float32 or x.device != base.device for x in [base, *tvs])
+        or not all(math.isfinite(x) for x in numbers)
+    ):
+        return None
+    from mergecli.methods.ties_kernel import fused_ties  # numba, on first use
+
+    shrink = below if below is not None else [-math.inf] * len(tvs)
+    result = fused_ties(
+        tvs, shrink, p["weight"], p["lambda"], base, p["sign"] == "count", merge_func == "mean"
+    )
+    if result is None:
+        return None
+    out, counts = result
+    n = max(base.numel(), 1)
+    return Merged(out, [c / n for c in counts])
 
 
 def trim_thresholds(inputs: TensorInputs, p: Params) -> list[float]:
@@ -121,6 +159,13 @@ def trimmed_task_vectors(
     """τ̂t: each task vector keeps its top ``density`` by magnitude, within ``scope``."""
     thresholds = thresholds if thresholds is not None else trim_thresholds(inputs, p)
     return [magnitude_trim(tv, k) for tv, k in zip(inputs.task_vectors(), thresholds, strict=True)]
+
+
+def trim_elect_merge(inputs: TensorInputs, thresholds: list[float], p: Params) -> Merged:
+    """θ0 + λ · disjoint merge of the task vectors trimmed at ``thresholds``."""
+    tvs = inputs.task_vectors()
+    below = [shrink_below(k, tv.dtype) for tv, k in zip(tvs, thresholds, strict=True)]
+    return elect_and_merge(inputs, tvs, p, below)
 
 
 def model_scope_thresholds(
@@ -199,12 +244,12 @@ def ties(inputs: TensorInputs, p: Params) -> Merged:
     assert inputs.base is not None
     chunks = row_chunks(tuple(inputs.base.shape), BLOCK_ELEMENTS)
     if chunks is None:
-        return elect_and_merge(inputs, trimmed_task_vectors(inputs, p, thresholds), p)
+        return trim_elect_merge(inputs, thresholds, p)
     out = torch.empty_like(inputs.base)
     counts = [0] * inputs.num_experts
     for start, stop in chunks:
         part = inputs.rows(start, stop)
-        merged = elect_and_merge(part, trimmed_task_vectors(part, p, thresholds), p)
+        merged = trim_elect_merge(part, thresholds, p)
         assert isinstance(merged.value, torch.Tensor)
         out[start:stop] = merged.value
         n = part.base.numel() if part.base is not None else 0
