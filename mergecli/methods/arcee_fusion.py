@@ -35,6 +35,7 @@ def fusion_threshold(scores: torch.Tensor) -> float:
     convention="Quantiles are exact (mergekit 0.1.5 samples a million entries with replacement "
     "from larger tensors); the base model and the one expert are the two models.",
     ignored=IGNORED_WEIGHT,
+    mergekit_compute="dtype",
 )
 def arcee_fusion(inputs: TensorInputs, p: Params) -> Merged:
     assert inputs.base is not None

@@ -74,6 +74,7 @@ def stock_ratios(tvs: list[torch.Tensor], filter_wise: bool, mergekit: bool) -> 
     ),
     mergekit="cosines divide by the norm product clamped to 1e-6; abs(1+(M−1)c) < 1e-6 keeps "
     "the base; computed in the compute dtype",
+    mergekit_compute="dtype",
 )
 def model_stock(inputs: TensorInputs, p: Params) -> torch.Tensor:
     tvs = inputs.task_vectors()

@@ -57,6 +57,7 @@ def nuslerp_pair(t: float, a: torch.Tensor, b: torch.Tensor, row_wise: bool, fla
     max_models=2,
     convention="abs(w1 + w2) < 1e-6 gives t = 0.5; norms clamped to 1e-7; vectors with "
     "1 − cos² ≤ 1e-16 are interpolated linearly (mergekit 0.1.5).",
+    mergekit_compute="dtype",
 )
 def nuslerp(inputs: TensorInputs, p: Params) -> torch.Tensor:
     w = p["weight"]
@@ -82,6 +83,7 @@ def nuslerp(inputs: TensorInputs, p: Params) -> torch.Tensor:
     base="optional",
     convention="One model is returned as is; a weighted mean direction of norm < eps falls back "
     "to the weighted sum for two models and is an error otherwise (mergekit 0.1.5).",
+    mergekit_compute="dtype",
 )
 def multislerp(inputs: TensorInputs, p: Params) -> torch.Tensor:
     tensors = inputs.task_vectors() if inputs.base is not None else inputs.weights()
@@ -171,6 +173,7 @@ def karcher_mean(tensors: list[torch.Tensor], max_iter: int, tol: float) -> torc
     mergekit="the base model, when given, is one of the averaged models (mergekit adds it to "
     "the inputs)",
     ignored=IGNORED_WEIGHT,
+    mergekit_compute="dtype",
 )
 def karcher(inputs: TensorInputs, p: Params) -> torch.Tensor:
     tensors = inputs.weights()

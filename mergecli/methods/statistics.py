@@ -20,6 +20,14 @@ if TYPE_CHECKING:
     from mergecli.methods.inputs import TensorInputs
 
 _BITS = {torch.float32: (torch.int32, 32), torch.float64: (torch.int64, 64)}
+
+
+def _bits(dtype: torch.dtype) -> tuple[torch.dtype, int]:
+    """The integer view and width of ``dtype``'s bit patterns; half precision (mergekit's
+    conventions) is counted as its exact float32 widening."""
+    return _BITS.get(dtype, _BITS[torch.float32])
+
+
 _DIGIT = 16
 BINS = 1 << _DIGIT
 """Bins of one histogram of the magnitude statistics."""
@@ -87,6 +95,8 @@ def add_histogram(
     bit patterns of ``abs(tv)`` whose higher bits equal ``prefix`` (None: every entry). On the
     CPU one compiled loop (``histogram.add_digits``), 20 times faster than torch's abs,
     selection and bincount."""
+    if tv.dtype not in _BITS:
+        tv = tv.float()
     int_dtype = _BITS[tv.dtype][0]
     if tv.device.type == "cpu":
         from mergecli.methods.histogram import add_digits  # numba, on first use
@@ -147,7 +157,7 @@ class LargestMagnitudes:
         self.done = False
 
     def passes(self, compute_dtype: torch.dtype) -> int:
-        return _BITS[compute_dtype][1] // _DIGIT
+        return _bits(compute_dtype)[1] // _DIGIT
 
     def wants_pass(self) -> bool:
         return not self.done
@@ -161,7 +171,7 @@ class LargestMagnitudes:
     def observe(self, inputs: TensorInputs) -> None:
         for t, tv in enumerate(inputs.task_vectors()):
             if self.shift is None:
-                self.bits, self.shift = _BITS[tv.dtype][1], _BITS[tv.dtype][1] - _DIGIT
+                self.bits, self.shift = _bits(tv.dtype)[1], _bits(tv.dtype)[1] - _DIGIT
             if self.targets is None:
                 self.counts[t] += tv.numel()
             for prefix in self._prefixes(t):
@@ -237,7 +247,7 @@ class TensorKthLargestMagnitude:
         self.done = False
 
     def passes(self, compute_dtype: torch.dtype) -> int:
-        return _BITS[compute_dtype][1] // _DIGIT
+        return _bits(compute_dtype)[1] // _DIGIT
 
     def wants_pass(self) -> bool:
         return not self.done
@@ -251,7 +261,7 @@ class TensorKthLargestMagnitude:
             self.hist = [None] * inputs.num_experts
         for t, tv in enumerate(inputs.task_vectors()):
             if self.shift is None:
-                self.bits, self.shift = _BITS[tv.dtype][1], _BITS[tv.dtype][1] - _DIGIT
+                self.bits, self.shift = _bits(tv.dtype)[1], _bits(tv.dtype)[1] - _DIGIT
             self.count += tv.numel() if t == 0 else 0
             target = None if self.first else self.targets[inputs.name][t]
             if target is None or target.rank:
