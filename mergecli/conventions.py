@@ -5,8 +5,9 @@ parameter defaults (``Param.mergekit``), each method's behaviour (``MethodSpec.m
 base model listed under ``models`` dropped from the experts, its filter-list rules
 (``mergecli.params``), its gradient positions (``mergekit_position``), its output dtype
 (``dtype`` when ``out_dtype`` is unset) and its compute dtype per method
-(``MethodSpec.mergekit_compute``, ``mergecli.engine.plan.compute_dtype_of``). Under mergecli's conventions a recipe that leaves unset
-a parameter whose default differs gets one warning naming them.
+(``MethodSpec.mergekit_compute``, ``mergecli.engine.plan.compute_dtype_of``). Under mergecli's
+conventions a recipe that leaves unset a parameter whose default differs gets one warning naming
+them.
 """
 
 from __future__ import annotations
