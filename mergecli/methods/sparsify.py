@@ -33,8 +33,8 @@ def kth_largest(tv: torch.Tensor, rank: int) -> float:
         return float(pattern.view(tv.dtype))
     # a selection in place on the private copy abs() makes: no sorted copy, no int64 indices;
     # half-precision magnitudes (mergekit's conventions) are widened exactly, numpy has no bf16
-    magnitudes = tv.abs().reshape(-1).cpu()
-    magnitudes = (magnitudes if magnitudes.dtype in _BITS else magnitudes.float()).numpy()
+    flat = tv.abs().reshape(-1).cpu()
+    magnitudes = (flat if flat.dtype in _BITS else flat.float()).numpy()
     magnitudes.partition(tv.numel() - rank)
     return float(magnitudes[tv.numel() - rank])
 
