@@ -116,6 +116,12 @@ def multislerp(inputs: TensorInputs, p: Params) -> torch.Tensor:
     return result.reshape(tensors[0].shape) + offset
 
 
+def norm(x: torch.Tensor) -> torch.Tensor:
+    """The L2 norm of ``x``, in float32 for half precision (mergekit's conventions: mergekit
+    takes Karcher norms in float32 while the directions stay in the tensors' dtype)."""
+    return torch.linalg.vector_norm(x if x.dtype in (torch.float32, torch.float64) else x.float())
+
+
 def karcher_mean(tensors: list[torch.Tensor], max_iter: int, tol: float) -> torch.Tensor:
     """The equal-weight Karcher mean of the directions, scaled by the mean norm.
 
@@ -125,7 +131,7 @@ def karcher_mean(tensors: list[torch.Tensor], max_iter: int, tol: float) -> torc
     below tol.
     """
     alpha = 1.0 / len(tensors)
-    norms = [torch.linalg.vector_norm(x) for x in tensors]
+    norms = [norm(x) for x in tensors]
     units = [
         x / n if n.item() > 0 else torch.zeros_like(x) for x, n in zip(tensors, norms, strict=True)
     ]
@@ -134,7 +140,7 @@ def karcher_mean(tensors: list[torch.Tensor], max_iter: int, tol: float) -> torc
         return torch.zeros_like(tensors[0])
     share = 1.0 / len(valid)
     mean = sum(share * u for u in valid)
-    mean_norm = torch.linalg.vector_norm(mean)
+    mean_norm = norm(mean)
     mean = valid[0].clone() if mean_norm.item() < tol else mean / mean_norm
     for _ in range(max_iter):
         tangent = torch.zeros_like(mean)
@@ -144,11 +150,11 @@ def karcher_mean(tensors: list[torch.Tensor], max_iter: int, tol: float) -> torc
             if theta.item() < tol:
                 continue
             tangent += share * (theta / torch.sin(theta)) * (u - dot * mean)
-        length = torch.linalg.vector_norm(tangent)
+        length = norm(tangent)
         if length.item() < tol:
             break
         mean = torch.cos(length) * mean + torch.sin(length) * (tangent / length)
-        unit_norm = torch.linalg.vector_norm(mean)
+        unit_norm = norm(mean)
         if unit_norm.item() > tol:
             mean = mean / unit_norm
     return sum(alpha * n for n in norms) * mean
