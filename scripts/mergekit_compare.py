@@ -11,8 +11,8 @@ Tokenizer recipes: where the two output vocabularies give a token different ids,
 embedding and output-head rows are compared by token (the note says so).
 
 Random masks (dare_ties, della) cannot agree entry by entry: their rows compare the fraction
-of entries each tool changes from the base, and a ``density: 1`` run (no mask) checks the
-rest of the method exactly.
+of entries each tool changes from the base, and ``density: 1`` runs (no mask, in the recipe's
+dtype and in float32) check the rest of the method exactly.
 
     python -m scripts.mergekit_compare [--only NAME ...]
 """
@@ -165,12 +165,12 @@ def main() -> None:
         if args.float32_only:
             variants = variants[1:]
         if data["merge_method"] in RANDOM:
-            exact = {
-                **data,
-                "dtype": "float32",
-                "parameters": {**data.get("parameters", {}), "density": 1.0},
-            }
-            variants.append(("float32, density 1", yaml.safe_dump(exact)))
+            native = yaml.safe_load(placed(raw, zoo(getattr(torch, half))))
+            exact = [(half, native)] if not args.float32_only else []
+            for tag, recipe in [*exact, ("float32", {**data, "dtype": "float32"})]:
+                no_mask = {**recipe.get("parameters", {}), "density": 1.0}
+                text = yaml.safe_dump({**recipe, "parameters": no_mask})
+                variants.append((f"{tag}, density 1", text))
         for tag, variant in variants:
             row = run_pair(name, variant, tag.replace(", ", "-").replace(" ", ""), mergekit_yaml)
             row["dtype"] = tag
