@@ -19,9 +19,7 @@ from tests.helpers import load_state
 BF16 = torch.bfloat16
 WEIGHTS = (0.6, 0.4)
 
-Formula = Callable[
-    [torch.Tensor, list[torch.Tensor], torch.dtype], tuple[torch.Tensor, torch.Tensor]
-]
+Formula = Callable[[torch.Tensor, list[torch.Tensor], torch.dtype], tuple[Any, ...]]
 """(base, task vectors, dtype) → (merged, entries whose selection the formula decides)."""
 
 

@@ -139,7 +139,7 @@ def karcher_mean(tensors: list[torch.Tensor], max_iter: int, tol: float) -> torc
     if not valid:
         return torch.zeros_like(tensors[0])
     share = 1.0 / len(valid)
-    mean = sum(share * u for u in valid)
+    mean = sum((share * u for u in valid[1:]), share * valid[0])
     mean_norm = norm(mean)
     mean = valid[0].clone() if mean_norm.item() < tol else mean / mean_norm
     for _ in range(max_iter):
