@@ -3,9 +3,11 @@
 ``conventions: mergekit`` reproduces mergekit 0.1.5 for every method both tools have: its
 parameter defaults (``Param.mergekit``), each method's behaviour (``MethodSpec.mergekit``), a
 base model listed under ``models`` dropped from the experts, its filter-list rules
-(``mergecli.params``), its gradient positions (``mergekit_position``) and its output dtype
-(``dtype`` when ``out_dtype`` is unset). Under mergecli's conventions a recipe that leaves unset
-a parameter whose default differs gets one warning naming them.
+(``mergecli.params``), its gradient positions (``mergekit_position``), its output dtype
+(``dtype`` when ``out_dtype`` is unset) and its compute dtype per method
+(``MethodSpec.mergekit_compute``, ``mergecli.engine.plan.compute_dtype_of``). Under mergecli's
+conventions a recipe that leaves unset a parameter whose default differs gets one warning naming
+them.
 """
 
 from __future__ import annotations

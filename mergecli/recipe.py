@@ -393,7 +393,8 @@ def recipe_from_dict(data: Any, folder: Path | None = None, source: str = "recip
             raise RecipeError(
                 f"{source}: {key}: unknown dtype '{value}'{did_you_mean(value, DTYPES)}", key=key
             )
-        setattr(recipe, key, value)
+        if value != getattr(recipe, key):  # an alias: assigning marks the key as set
+            setattr(recipe, key, value)
     return recipe
 
 

@@ -7,9 +7,12 @@ own dtype) and once more with ``dtype: float32``, and prints a markdown table: p
 dtype, the largest absolute difference over every tensor and the largest difference counted
 in bfloat16 steps (the spacing of bfloat16 at mergekit's value).
 
+Tokenizer recipes: where the two output vocabularies give a token different ids, the
+embedding and output-head rows are compared by token (the note says so).
+
 Random masks (dare_ties, della) cannot agree entry by entry: their rows compare the fraction
-of entries each tool changes from the base, and a ``density: 1`` run (no mask) checks the
-rest of the method exactly.
+of entries each tool changes from the base, and ``density: 1`` runs (no mask, in the recipe's
+dtype and in float32) check the rest of the method exactly.
 
     python -m scripts.mergekit_compare [--only NAME ...]
 """
@@ -61,6 +64,37 @@ def bf16_steps(got: torch.Tensor, want: torch.Tensor) -> float:
     return float(((got.double() - want.double()).abs() / spacing).max())
 
 
+def vocabulary(folder: Path) -> dict[str, int] | None:
+    """The output tokenizer's token → id (added tokens included), None without one."""
+    file = folder / "tokenizer.json"
+    if not file.exists():
+        return None
+    from tokenizers import Tokenizer
+
+    return dict(Tokenizer.from_file(str(file)).get_vocab(with_added_tokens=True))
+
+
+def by_token(
+    a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], ours: Path, theirs: Path
+) -> str:
+    """Where the two output vocabularies give tokens different ids, the rows of the tensors
+    indexed by token (embeddings, output head) reordered so that row i of both is one token;
+    returns a note on the vocabularies ("" when they agree)."""
+    va, vb = vocabulary(ours), vocabulary(theirs)
+    if va is None or vb is None or va == vb:
+        return "" if va == vb else "one output has no tokenizer"
+    common = sorted(set(va) & set(vb), key=va.__getitem__)
+    rows_a, rows_b = [va[t] for t in common], [vb[t] for t in common]
+    for name in a:
+        if name in b and ("embed_tokens" in name or "lm_head" in name):
+            a[name], b[name] = a[name][rows_a], b[name][rows_b]
+    only_a, only_b = sorted(set(va) - set(vb)), sorted(set(vb) - set(va))
+    return (
+        f"ids differ: compared by token over {len(common)} tokens"
+        f"; only mergecli's: {only_a[:3]}; only mergekit's: {only_b[:3]}"
+    )
+
+
 def changed_fraction(merged: dict[str, torch.Tensor], base: dict[str, torch.Tensor]) -> float:
     """Fraction of the entries that differ from the base (what a random mask keeps)."""
     total = changed = 0
@@ -83,6 +117,7 @@ def run_pair(name: str, text: str, tag: str, mergekit_yaml: Path) -> dict[str, o
     mk = [str(mergekit_yaml), str(recipe), str(theirs), "--quiet", "--random-seed", "0"]
     subprocess.run(mk, check=True)
     a, b = state(ours), state(theirs)
+    vocab_note = by_token(a, b, ours, theirs)
     missing = sorted(set(a) ^ set(b))
     diff = max(
         (float((a[k].double() - b[k].double()).abs().max()) for k in a if k in b), default=0.0
@@ -96,6 +131,8 @@ def run_pair(name: str, text: str, tag: str, mergekit_yaml: Path) -> dict[str, o
     }
     if missing:
         row["missing"] = missing[:3]
+    if vocab_note:
+        row["vocabulary"] = vocab_note
     method = yaml.safe_load(text)["merge_method"]
     if method in RANDOM:
         base = state(Path(yaml.safe_load(text)["base_model"]))
@@ -128,12 +165,12 @@ def main() -> None:
         if args.float32_only:
             variants = variants[1:]
         if data["merge_method"] in RANDOM:
-            exact = {
-                **data,
-                "dtype": "float32",
-                "parameters": {**data.get("parameters", {}), "density": 1.0},
-            }
-            variants.append(("float32, density 1", yaml.safe_dump(exact)))
+            native = yaml.safe_load(placed(raw, zoo(getattr(torch, half))))
+            exact = [(half, native)] if not args.float32_only else []
+            for tag, recipe in [*exact, ("float32", {**data, "dtype": "float32"})]:
+                no_mask = {**recipe.get("parameters", {}), "density": 1.0}
+                text = yaml.safe_dump({**recipe, "parameters": no_mask})
+                variants.append((f"{tag}, density 1", text))
         for tag, variant in variants:
             row = run_pair(name, variant, tag.replace(", ", "-").replace(" ", ""), mergekit_yaml)
             row["dtype"] = tag
@@ -146,6 +183,8 @@ def main() -> None:
         note = f"{changed[0]:.4f} / {changed[1]:.4f}" if changed else ""  # type: ignore[index]
         if r.get("missing"):
             note += f" tensors only in one output: {r['missing']}"
+        if r.get("vocabulary"):
+            note += f" {r['vocabulary']}"
         diff, steps = f"{r['max_abs_diff']:.3g}", f"{r['bf16_steps']:.2f}"
         print(f"| {r['recipe']} | {r['dtype']} | {diff} | {steps} | {note} |")
 

@@ -40,6 +40,7 @@ def conventions_table() -> str:
     parameters whose defaults differ and the behaviour mergekit's conventions change."""
     rows = ["| where | what | mergecli | mergekit 0.1.5 |", "|---|---|---|---|"]
     rows += [f"| recipe | {what} | {ours} | {theirs} |" for what, ours, theirs in BEHAVIOUR]
+    rows.append(compute_row())
     for spec in list_methods():
         for p in differing_params(spec):
             rows.append(f"| `{spec.name}` | `{p.name}` default | `{p.default}` | `{p.mergekit}` |")
@@ -53,6 +54,16 @@ def conventions_table() -> str:
                 f"| {least}–{most or 'any'} besides the base |"
             )
     return "\n".join(rows)
+
+
+def compute_row() -> str:
+    """The compute dtype under each convention, from ``MethodSpec.mergekit_compute``."""
+    in_dtype = ", ".join(f"`{s.name}`" for s in list_methods() if s.mergekit_compute == "dtype")
+    upcast = "float32 (float64 when dtype is float64)"
+    return (
+        f"| recipe | compute dtype | {upcast} | dtype (unset: the dtype tensors are stored in) "
+        f"for {in_dtype}; {upcast} for the others |"
+    )
 
 
 def readme_table(readme: str, begin: str = BEGIN, end: str = END) -> str:

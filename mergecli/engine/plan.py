@@ -448,7 +448,7 @@ def plan_inputs(
             path=reference.path,
         )
     out_dtype = output_dtype(recipe, float_dtypes)
-    compute_dtype = compute_dtype_of(recipe)
+    compute_dtype = compute_dtype_of(recipe, method, majority(float_dtypes))
 
     tensors: list[TensorPlan] = []
     for name in names:
@@ -504,10 +504,26 @@ def output_dtype(recipe: Recipe, float_dtypes: list[torch.dtype]) -> torch.dtype
     if given_dtype:
         dtype: torch.dtype = getattr(torch, given_dtype)
         return dtype
-    return max(set(float_dtypes), key=float_dtypes.count)
+    return majority(float_dtypes)
 
 
-def compute_dtype_of(recipe: Recipe) -> torch.dtype:
+def majority(dtypes: list[torch.dtype]) -> torch.dtype:
+    """The dtype most of the reference's floating-point tensors are stored in."""
+    return max(set(dtypes), key=dtypes.count)
+
+
+def compute_dtype_of(
+    recipe: Recipe, method: MethodSpec | None = None, stored: torch.dtype = torch.float32
+) -> torch.dtype:
+    """The dtype tensors are merged in: float32 (float64 when ``dtype`` is float64).
+
+    Under mergekit's conventions a method that mergekit 0.1.5 computes in the dtype it loads
+    tensors in (``MethodSpec.mergekit_compute``) runs in ``dtype``, or in the ``stored`` dtype
+    when the recipe leaves ``dtype`` unset (mergekit then keeps tensors as stored).
+    """
+    if recipe.conventions == "mergekit" and method and method.mergekit_compute == "dtype":
+        given = recipe.dtype if "dtype" in recipe.model_fields_set else None
+        return getattr(torch, given) if given else stored
     return torch.float64 if recipe.dtype == "float64" else torch.float32
 
 

@@ -187,6 +187,7 @@ class Runner:
                     num_layers=read.num_layers,
                     generators=generators[tensor.name],
                     offset=0 if rows is None else rows[0] * math.prod(tensor.shape[1:]),
+                    as_stored=read.keep_bfloat16,
                 )
                 del moved, base, experts, deltas
                 yield Piece(tensor, rows, inputs=inputs)

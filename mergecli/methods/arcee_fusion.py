@@ -19,11 +19,14 @@ def importance(expert: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
     return (expert - base).abs() * kl
 
 
-def fusion_threshold(scores: torch.Tensor) -> float:
-    """median + 1.5·(q3 − q1) with quantile q the sorted score at index ⌊q·(n − 1)⌋."""
+def fusion_threshold(scores: torch.Tensor, mergekit: bool = False) -> float:
+    """median + 1.5·(q3 − q1) with quantile q the sorted score at index ⌊q·(n − 1)⌋; in float64,
+    or (``mergekit``) rounded to the scores' dtype after each step, as mergekit computes it."""
     ordered = scores.reshape(-1).sort().values
-    q1, median, q3 = (float(ordered[int(q * (ordered.numel() - 1))]) for q in QUANTILES)
-    return median + 1.5 * (q3 - q1)
+    q1, median, q3 = (ordered[int(q * (ordered.numel() - 1))] for q in QUANTILES)
+    if mergekit:
+        return float(median + 1.5 * (q3 - q1))
+    return float(median) + 1.5 * (float(q3) - float(q1))
 
 
 @merge_method(
@@ -35,10 +38,12 @@ def fusion_threshold(scores: torch.Tensor) -> float:
     convention="Quantiles are exact (mergekit 0.1.5 samples a million entries with replacement "
     "from larger tensors); the base model and the one expert are the two models.",
     ignored=IGNORED_WEIGHT,
+    mergekit_compute="dtype",
 )
 def arcee_fusion(inputs: TensorInputs, p: Params) -> Merged:
     assert inputs.base is not None
     (expert,) = inputs.weights()
     scores = importance(expert, inputs.base)
-    mask = (scores >= fusion_threshold(scores)).to(expert.dtype)
+    threshold = fusion_threshold(scores, p["conventions"] == "mergekit")
+    mask = (scores >= threshold).to(expert.dtype)
     return Merged(inputs.base + (expert - inputs.base) * mask, [kept_fraction(mask)])

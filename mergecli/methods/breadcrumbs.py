@@ -135,6 +135,7 @@ def check_fractions(p: Params, name: str) -> None:
     ignored=MERGEKIT_IGNORED,
     convention=CONVENTION,
     mergekit=MERGEKIT_TRIM + "; abs(Σ wt) < 1e-8 is not divided by",
+    mergekit_compute="dtype",
 )
 def breadcrumbs(inputs: TensorInputs, p: Params) -> Merged:
     trimmed = breadcrumbs_trimmed(inputs, p)
@@ -173,6 +174,7 @@ def breadcrumbs(inputs: TensorInputs, p: Params) -> Merged:
     ignored=MERGEKIT_IGNORED,
     convention=CONVENTION + " Election and disjoint merge as in ties.",
     mergekit=MERGEKIT_TRIM + "; " + MERGEKIT_ELECTION,
+    mergekit_compute="dtype",
 )
 def breadcrumbs_ties(inputs: TensorInputs, p: Params) -> Merged:
     if p["conventions"] == "mergekit":

@@ -134,6 +134,7 @@ def check_della(p: Params, name: str) -> None:
     ),
     mergekit="rescale keeps each task vector's L1 norm (whole tensor) instead of ÷ p; "
     "density ≥ 1 keeps everything; " + MERGEKIT_CONSENSUS,
+    mergekit_compute="dtype",
 )
 def della(inputs: TensorInputs, p: Params) -> Merged:
     dropped, _ = della_sparse(inputs, p)
@@ -162,6 +163,7 @@ def della(inputs: TensorInputs, p: Params) -> Merged:
     convention="Drop probabilities, masks and rescaling as in della; no sign election.",
     mergekit="rescale keeps each task vector's L1 norm (whole tensor) instead of ÷ p; "
     "density ≥ 1 keeps everything; abs(Σ wt) < 1e-8 is not divided by",
+    mergekit_compute="dtype",
 )
 def della_linear(inputs: TensorInputs, p: Params) -> Merged:
     dropped, kept = della_sparse(inputs, p)

@@ -55,6 +55,9 @@ class TensorInputs:
     expert_ids: list[int] | None = None
     """The experts' indices in the recipe when these inputs hold a subset of them (FlexMerge's
     groups): seeds follow the recipe's index, not the position in the subset."""
+    as_stored: bool = False
+    """bfloat16 tensors are handed on as stored for float32 compute (statistics passes that
+    widen them in their own loop), not rounded to a bfloat16 compute dtype."""
 
     @property
     def num_experts(self) -> int:
@@ -105,6 +108,7 @@ class TensorInputs:
             generators=self.generators,
             offset=self.offset + start * math.prod(self._shape()[1:]),
             expert_ids=self.expert_ids,
+            as_stored=self.as_stored,
         )
 
     def _shape(self) -> tuple[int, ...]:

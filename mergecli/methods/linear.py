@@ -91,6 +91,7 @@ def greedy_soup(inputs: TensorInputs, p: Params) -> torch.Tensor:
     coefficients=task_arithmetic_coefficients,
     ignored=INT8_MASK,
     mergekit=MERGEKIT_SUM,
+    mergekit_compute="dtype",
 )
 def task_arithmetic(inputs: TensorInputs, p: Params) -> torch.Tensor | Merged:
     if p["conventions"] == "mergekit":
@@ -124,6 +125,7 @@ def task_arithmetic(inputs: TensorInputs, p: Params) -> torch.Tensor | Merged:
     ignored=INT8_MASK,
     mergekit=f"rescale keeps each task vector's L1 norm (whole tensor) instead of ÷ density; "
     f"density ≥ 1 keeps everything; {MERGEKIT_SUM}",
+    mergekit_compute="dtype",
 )
 def dare_linear(inputs: TensorInputs, p: Params) -> Merged:
     if p["conventions"] == "mergekit":

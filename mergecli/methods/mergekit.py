@@ -37,8 +37,22 @@ def magnitude(tv: torch.Tensor, density: float, rescale: bool) -> torch.Tensor:
     if density <= 0 or tv.numel() == 0:
         return torch.zeros_like(tv)
     k = max(1, int(density * tv.numel()))
-    masked = magnitude_trim(tv, kth_largest(tv, k))
+    kappa = kth_largest(tv, k)
+    if int((tv.abs() >= kappa).sum()) == k:
+        masked = magnitude_trim(tv, kappa)
+    else:  # magnitudes tie at the k-th (common in bfloat16)
+        masked = sorted_slice(tv, 0, k, descending=True)
     return l1_rescaled(tv, masked) if rescale else masked
+
+
+def sorted_slice(tv: torch.Tensor, start: int, stop: int, descending: bool) -> torch.Tensor:
+    """``tv`` where positions [start, stop) of torch's sort of ``abs(tv)`` fall, else 0: which of
+    tied magnitudes mergekit keeps (its unstable sort, of float32 magnitudes on the CPU)."""
+    w = tv.abs().reshape(-1)
+    order = torch.sort(w.float() if w.device.type == "cpu" else w, descending=descending).indices
+    mask = torch.zeros(tv.numel(), dtype=tv.dtype, device=tv.device)
+    mask[order[start:stop]] = 1
+    return tv * mask.reshape_as(tv)
 
 
 def outliers(tv: torch.Tensor, density: float, gamma: float, rescale: bool) -> torch.Tensor:
@@ -54,7 +68,11 @@ def outliers(tv: torch.Tensor, density: float, gamma: float, rescale: bool) -> t
     magnitude_ = tv.abs()
     top = kth_largest(tv, n - bottom - target)  # +inf when nothing is dropped at the top
     low = kth_largest(tv, n - bottom)
-    masked = tv * ((magnitude_ < top) & (magnitude_ >= low))
+    window = (magnitude_ < top) & (magnitude_ >= low)
+    if int(window.sum()) == target:
+        masked = tv * window
+    else:  # magnitudes tie at a boundary (common in bfloat16)
+        masked = sorted_slice(tv, bottom, bottom + target, descending=False)
     return l1_rescaled(tv, masked) if rescale else masked
 
 
@@ -97,15 +115,18 @@ def combine(
     """θ0 + λ · (the weighted, elected, normalized sum of the sparse task vectors); kept: the
     agreeing non-zero entries with consensus, else ``kept`` (None: the report counts)."""
     assert inputs.base is not None
-    weighted = [x * w for x, w in zip(sparse, weights, strict=True)]
+    stacked = torch.stack(list(sparse))
+    # the weights in the compute dtype, as mergekit holds them (bfloat16 rounds 0.6 to 0.6016)
+    w = torch.tensor(list(weights), dtype=stacked.dtype, device=stacked.device)
+    shape = (-1,) + (1,) * (stacked.dim() - 1)
+    stacked *= w.reshape(shape)
     fractions: Kept = list(kept) if kept is not None else [None] * len(sparse)
     if consensus is None:
-        mixed = torch.stack(weighted).sum(0)
-        divisor = float(sum(weights))
+        mixed = stacked.sum(0)
+        divisor = w.sum()
         if normalize:
-            mixed /= divisor if abs(divisor) >= 1e-8 else 1.0
+            mixed /= divisor if abs(float(divisor)) >= 1e-8 else 1.0
     else:
-        stacked = torch.stack(weighted)
         signs = stacked.sign()
         votes = stacked.sum(0) if consensus == "mass" else signs.sum(0)
         gamma = torch.where(votes >= 0, 1.0, -1.0).to(stacked.dtype)
@@ -113,8 +134,6 @@ def combine(
         fractions = [kept_fraction(agree[t] * (sparse[t] != 0)) for t in range(len(sparse))]
         mixed = (stacked * agree).sum(0)
         if normalize:
-            shape = (-1,) + (1,) * (stacked.dim() - 1)
-            w = torch.tensor(list(weights), dtype=stacked.dtype, device=stacked.device)
             agreeing = (w.reshape(shape) * agree).sum(0)
             agreeing[agreeing == 0] = 1
             mixed /= agreeing

@@ -73,14 +73,20 @@ def stock_ratios(tvs: list[torch.Tensor], filter_wise: bool, mergekit: bool) -> 
         "1+(M−1)c = 0."
     ),
     mergekit="cosines divide by the norm product clamped to 1e-6; abs(1+(M−1)c) < 1e-6 keeps "
-    "the base; computed in the compute dtype",
+    "the base; θ = s·mean(θt) + (1−s)·θ0 as written, in the compute dtype",
+    mergekit_compute="dtype",
 )
 def model_stock(inputs: TensorInputs, p: Params) -> torch.Tensor:
-    tvs = inputs.task_vectors()
-    mean = torch.stack(tvs).mean(0)
     assert inputs.base is not None
     mergekit = p["conventions"] == "mergekit"
-    if not p["filter_wise"] and not mergekit:
+    if mergekit:  # mergekit's form s·mean(θt) + (1−s)·θ0, each step rounded to the dtype
+        experts = inputs.weights()  # before task_vectors(): θt exactly
+        ratio = stock_ratios(inputs.task_vectors(), p["filter_wise"], True).to(experts[0].dtype)
+        average = sum(experts[1:], experts[0]) / len(experts)
+        return ratio * average + (1 - ratio) * inputs.base
+    tvs = inputs.task_vectors()
+    mean = torch.stack(tvs).mean(0)
+    if not p["filter_wise"]:
         return inputs.base + stock_ratio(tvs) * mean
-    ratio = stock_ratios(tvs, p["filter_wise"], mergekit).to(mean.dtype)
+    ratio = stock_ratios(tvs, p["filter_wise"], False).to(mean.dtype)
     return inputs.base + ratio * mean

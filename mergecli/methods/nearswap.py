@@ -41,6 +41,7 @@ def check_t(p: Params, name: str) -> None:
     convention="abs(θ1 − θ0) is clamped to 1e-6 (mergekit 0.1.5); the base model and the one "
     "expert are the two models.",
     ignored=IGNORED_WEIGHT,
+    mergekit_compute="dtype",
 )
 def nearswap(inputs: TensorInputs, p: Params) -> torch.Tensor:
     assert inputs.base is not None

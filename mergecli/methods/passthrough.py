@@ -18,6 +18,7 @@ from mergecli.methods.registry import Param, Params, merge_method
     max_models=1,
     convention="Exactly one model per slice (mergekit's rule); a base model only supplies config.",
     elementwise=True,
+    mergekit_compute="dtype",
 )
 def passthrough(inputs: TensorInputs, p: Params) -> torch.Tensor:
     (weight,) = inputs.weights()

@@ -29,6 +29,7 @@ def contributions(inputs: TensorInputs, epsilon: float) -> tuple[torch.Tensor, t
     params=(EPSILON,),
     elementwise=True,
     ignored=IGNORED_WEIGHT,
+    mergekit_compute="dtype",
 )
 def ram(inputs: TensorInputs, p: Params) -> Merged:
     tvs, counts, kept = contributions(inputs, p["epsilon"])
@@ -48,6 +49,7 @@ def ram(inputs: TensorInputs, p: Params) -> Merged:
     convention="ρt is counted per tensor (the paper counts over the whole model), its "
     "denominator clamped to ε (mergekit 0.1.5).",
     ignored=IGNORED_WEIGHT,
+    mergekit_compute="dtype",
 )
 def ramplus_tl(inputs: TensorInputs, p: Params) -> Merged:
     tvs, counts, kept = contributions(inputs, p["epsilon"])

@@ -160,6 +160,10 @@ class MethodSpec:
     mergekit_models: tuple[int, int | None] | None = None
     """(min, max) experts under ``conventions: mergekit`` where they differ (mergekit's base is
     an endpoint of slerp, nearswap and arcee_fusion)."""
+    mergekit_compute: Literal["dtype", "float32"] = "float32"
+    """The precision mergekit 0.1.5 computes the method in, which ``conventions: mergekit``
+    follows: "dtype" (the recipe's ``dtype``, which mergekit casts every tensor to on loading)
+    or "float32" (float64 when ``dtype`` is float64: mergekit upcasts, as mergecli always does)."""
     composes: str | None = None
     """The parameter naming another method that this one wraps (``lines``' base_method): the
     recipe then also takes that method's parameters, and its statistics and checks apply."""

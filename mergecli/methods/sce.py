@@ -39,6 +39,7 @@ def variance_mask(tvs: torch.Tensor, topk: float) -> torch.Tensor:
     convention="Weights ηt = mean(τt²)/Σs mean(τs²) (uniform when that sum < 1e-6) from the "
     "selected τt; a zero vote sum elects +1; the weighted sum is divided by the agreeing "
     "weights clamped to 1e-6 (mergekit 0.1.5; the FuseChat paper's Algorithm 1).",
+    mergekit_compute="dtype",
 )
 def sce(inputs: TensorInputs, p: Params) -> Merged:
     tvs = torch.stack(inputs.task_vectors())

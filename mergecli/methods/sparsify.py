@@ -31,8 +31,10 @@ def kth_largest(tv: torch.Tensor, rank: int) -> float:
         bits = tv.contiguous().view(_BITS[tv.dtype]).reshape(-1).numpy()
         pattern = torch.tensor(kth_largest_magnitude(bits, rank), dtype=_BITS[tv.dtype])
         return float(pattern.view(tv.dtype))
-    # a selection in place on the private copy abs() makes: no sorted copy, no int64 indices
-    magnitudes = tv.abs().reshape(-1).cpu().numpy()
+    # a selection in place on the private copy abs() makes: no sorted copy, no int64 indices;
+    # half-precision magnitudes (mergekit's conventions) are widened exactly, numpy has no bf16
+    flat = tv.abs().reshape(-1).cpu()
+    magnitudes = (flat if flat.dtype in _BITS else flat.float()).numpy()
     magnitudes.partition(tv.numel() - rank)
     return float(magnitudes[tv.numel() - rank])
 

@@ -57,6 +57,7 @@ def nuslerp_pair(t: float, a: torch.Tensor, b: torch.Tensor, row_wise: bool, fla
     max_models=2,
     convention="abs(w1 + w2) < 1e-6 gives t = 0.5; norms clamped to 1e-7; vectors with "
     "1 − cos² ≤ 1e-16 are interpolated linearly (mergekit 0.1.5).",
+    mergekit_compute="dtype",
 )
 def nuslerp(inputs: TensorInputs, p: Params) -> torch.Tensor:
     w = p["weight"]
@@ -82,6 +83,7 @@ def nuslerp(inputs: TensorInputs, p: Params) -> torch.Tensor:
     base="optional",
     convention="One model is returned as is; a weighted mean direction of norm < eps falls back "
     "to the weighted sum for two models and is an error otherwise (mergekit 0.1.5).",
+    mergekit_compute="dtype",
 )
 def multislerp(inputs: TensorInputs, p: Params) -> torch.Tensor:
     tensors = inputs.task_vectors() if inputs.base is not None else inputs.weights()
@@ -114,6 +116,12 @@ def multislerp(inputs: TensorInputs, p: Params) -> torch.Tensor:
     return result.reshape(tensors[0].shape) + offset
 
 
+def norm(x: torch.Tensor) -> torch.Tensor:
+    """The L2 norm of ``x``, in float32 for half precision (mergekit's conventions: mergekit
+    takes Karcher norms in float32 while the directions stay in the tensors' dtype)."""
+    return torch.linalg.vector_norm(x if x.dtype in (torch.float32, torch.float64) else x.float())
+
+
 def karcher_mean(tensors: list[torch.Tensor], max_iter: int, tol: float) -> torch.Tensor:
     """The equal-weight Karcher mean of the directions, scaled by the mean norm.
 
@@ -123,7 +131,7 @@ def karcher_mean(tensors: list[torch.Tensor], max_iter: int, tol: float) -> torc
     below tol.
     """
     alpha = 1.0 / len(tensors)
-    norms = [torch.linalg.vector_norm(x) for x in tensors]
+    norms = [norm(x) for x in tensors]
     units = [
         x / n if n.item() > 0 else torch.zeros_like(x) for x, n in zip(tensors, norms, strict=True)
     ]
@@ -131,8 +139,8 @@ def karcher_mean(tensors: list[torch.Tensor], max_iter: int, tol: float) -> torc
     if not valid:
         return torch.zeros_like(tensors[0])
     share = 1.0 / len(valid)
-    mean = sum(share * u for u in valid)
-    mean_norm = torch.linalg.vector_norm(mean)
+    mean = sum((share * u for u in valid[1:]), share * valid[0])
+    mean_norm = norm(mean)
     mean = valid[0].clone() if mean_norm.item() < tol else mean / mean_norm
     for _ in range(max_iter):
         tangent = torch.zeros_like(mean)
@@ -142,11 +150,11 @@ def karcher_mean(tensors: list[torch.Tensor], max_iter: int, tol: float) -> torc
             if theta.item() < tol:
                 continue
             tangent += share * (theta / torch.sin(theta)) * (u - dot * mean)
-        length = torch.linalg.vector_norm(tangent)
+        length = norm(tangent)
         if length.item() < tol:
             break
         mean = torch.cos(length) * mean + torch.sin(length) * (tangent / length)
-        unit_norm = torch.linalg.vector_norm(mean)
+        unit_norm = norm(mean)
         if unit_norm.item() > tol:
             mean = mean / unit_norm
     return sum(alpha * n for n in norms) * mean
@@ -171,6 +179,7 @@ def karcher_mean(tensors: list[torch.Tensor], max_iter: int, tol: float) -> torc
     mergekit="the base model, when given, is one of the averaged models (mergekit adds it to "
     "the inputs)",
     ignored=IGNORED_WEIGHT,
+    mergekit_compute="dtype",
 )
 def karcher(inputs: TensorInputs, p: Params) -> torch.Tensor:
     tensors = inputs.weights()

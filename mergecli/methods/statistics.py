@@ -20,6 +20,14 @@ if TYPE_CHECKING:
     from mergecli.methods.inputs import TensorInputs
 
 _BITS = {torch.float32: (torch.int32, 32), torch.float64: (torch.int64, 64)}
+
+
+def _bits(dtype: torch.dtype) -> tuple[torch.dtype, int]:
+    """The integer view and width of ``dtype``'s bit patterns; half precision (mergekit's
+    conventions) is counted as its exact float32 widening."""
+    return _BITS.get(dtype, _BITS[torch.float32])
+
+
 _DIGIT = 16
 BINS = 1 << _DIGIT
 """Bins of one histogram of the magnitude statistics."""
@@ -85,15 +93,16 @@ def task_vector_terms(inputs: TensorInputs) -> list[tuple[torch.Tensor, torch.Te
     (as stored: the histogram loop widens them and forms the float32 τt as it reads), else
     (τt, None) in the compute dtype."""
     base, weights = inputs.base, inputs.expert_weights
+    widened = (torch.float32, torch.bfloat16) if inputs.as_stored else (torch.float32,)
     if (
         base is not None
         and base.device.type == "cpu"
-        and base.dtype in (torch.float32, torch.bfloat16)
+        and base.dtype in widened
         and all(w is not None and w.dtype == base.dtype for w in weights)
     ):
         return [(w, base) for w in weights if w is not None]
     stored = [x for x in [base, *weights, *inputs.expert_deltas] if x is not None]
-    if base is None or all(x.dtype != torch.bfloat16 for x in stored):
+    if not inputs.as_stored or base is None or all(x.dtype != torch.bfloat16 for x in stored):
         return [(tv, None) for tv in inputs.task_vectors()]
     return [  # inputs handed on as stored: the float32 τt that the merge pass forms
         (d.float() if d is not None else cast(torch.Tensor, w).float() - base.float(), None)
@@ -103,7 +112,7 @@ def task_vector_terms(inputs: TensorInputs) -> list[tuple[torch.Tensor, torch.Te
 
 def compute_bits(tv: torch.Tensor) -> int:
     """Bits of the float the task vector is computed in (float32 for bfloat16 as stored)."""
-    return _BITS[torch.float32 if tv.dtype == torch.bfloat16 else tv.dtype][1]
+    return _bits(tv.dtype)[1]
 
 
 def add_histogram(
@@ -118,6 +127,8 @@ def add_histogram(
     whose higher bits equal ``prefix`` (None: every entry); a bfloat16 ``tv`` and ``base``
     are widened to float32 first. On the CPU one compiled loop (``histogram.add_digits``), 20
     times faster than torch's abs, selection and bincount."""
+    if base is None and tv.dtype not in _BITS:  # half precision: its exact float32 widening
+        tv = tv.float()
     if tv.device.type == "cpu":
         from mergecli.methods import histogram  # numba, on first use
 
@@ -190,7 +201,7 @@ class LargestMagnitudes:
         self.done = False
 
     def passes(self, compute_dtype: torch.dtype) -> int:
-        return _BITS[compute_dtype][1] // _DIGIT
+        return _bits(compute_dtype)[1] // _DIGIT
 
     def wants_pass(self) -> bool:
         return not self.done
@@ -282,7 +293,7 @@ class TensorKthLargestMagnitude:
         self.done = False
 
     def passes(self, compute_dtype: torch.dtype) -> int:
-        return _BITS[compute_dtype][1] // _DIGIT
+        return _bits(compute_dtype)[1] // _DIGIT
 
     def wants_pass(self) -> bool:
         return not self.done

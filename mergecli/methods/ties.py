@@ -231,6 +231,7 @@ def ties_statistics(
         "weighted sum by their count). Densities that vary across tensors (gradients, filters) "
         "imply scope: tensor."
     ),
+    mergekit_compute="dtype",
 )
 def ties(inputs: TensorInputs, p: Params) -> Merged:
     """Once the thresholds are known TIES is elementwise: the engine streams a large tensor in
@@ -295,6 +296,7 @@ def ties_whole(inputs: TensorInputs, p: Params) -> Merged:
     elementwise=lambda p: p["conventions"] != "mergekit",
     mergekit="rescale keeps each task vector's L1 norm (whole tensor) instead of ÷ density; "
     "density ≥ 1 keeps everything; " + MERGEKIT_ELECTION,
+    mergekit_compute="dtype",
 )
 def dare_ties(inputs: TensorInputs, p: Params) -> Merged:
     if p["conventions"] == "mergekit":
