@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoTokenizer
 
+from scripts.testbed.branches import train_branches
 from tests.eval_zoo import examples, load_classifier
 from tests.helpers import load_state, run_cli, write_recipe
 
@@ -227,3 +228,31 @@ def test_gains_names_the_run_without_metadata(testbed: Path, tmp_path: Path) -> 
     assert len(result.stderr.strip().splitlines()) == 1
     result = run_cli("analyze", "gains", path, "--lr", "1e-3", "--batch-size", "8", "--json")
     assert result.exit_code == 2 and "no momentum" in result.stderr
+
+
+def test_branches_record_their_noise_scale_and_gains_reads_it(
+    testbed: Path, tmp_path: Path
+) -> None:
+    task = tasks_of(testbed)[0]
+    settings = [(4e-3, 32), (1e-3, 16)]  # S̃ = 1.25·10⁻³ and 6.25·10⁻⁴
+    paths = [train_branches(testbed, task, lr, b, tmp_path / "branches") for lr, b in settings]
+    ends = []
+    for (lr, b), path in zip(settings, paths, strict=True):
+        runs = [path.with_suffix("") / "runs" / branch for branch in ("a", "b")]
+        last = [max(r.iterdir(), key=lambda p: int(p.name[11:])) for r in runs]
+        for folder in [path.with_suffix("") / "shared", *last]:
+            args = json.loads((folder / "training_args.json").read_text())
+            assert (args["learning_rate"], args["per_device_train_batch_size"]) == (lr, b)
+        states = [load_state(c) for c in last]
+        assert any(not torch.equal(states[0][k], states[1][k]) for k in states[0])
+        ends.append(states)
+    result = run_cli("analyze", "gains", *paths, "--json")
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)["settings"]
+    assert [r["setting"] for r in rows] == [p.stem for p in reversed(paths)]  # sorted by S̃
+    for row, (lr, b), states in zip(rows, reversed(settings), reversed(ends), strict=True):
+        assert row["noise_scale"] == pytest.approx(lr / (b * (1 - 0.9)), rel=1e-12)
+        merged = scores(testbed, average(states), [task])[task][0]
+        experts = [scores(testbed, s, [task])[task][0] for s in states]
+        assert row["merged"]["score"] == pytest.approx(merged, abs=1e-6)
+        assert row["merge_gain"] == pytest.approx(merged - sum(experts) / 2, abs=1e-6)

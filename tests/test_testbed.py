@@ -8,11 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from scripts.testbed import build
 from scripts.testbed.data import TRANSFORMS, examples, load_digits, read_jsonl, split_indices
 from scripts.testbed.figures import BEGIN, END, flex_table, write_doc
+from scripts.testbed.train import train_expert
 
 pytestmark = pytest.mark.slow  # builds and trains the real testbed
 
@@ -138,3 +140,17 @@ def test_figure_tables_report_the_gain_and_replace_only_the_marked_section(tmp_p
     doc.write_text(f"intro\n{BEGIN}\nold\n{END}\noutro\n")
     write_doc(doc, "new")
     assert doc.read_text() == f"intro\n{BEGIN}\nnew\n{END}\noutro\n"
+
+
+def test_train_from_the_base_reproduces_the_expert(testbed: Path, tmp_path: Path) -> None:
+    """``python -m scripts.testbed train`` (TIME's train command) from the base is the build's
+    own fine-tuning: the same weights and training arguments as ``experts/<task>``."""
+    task = manifest(testbed)["tasks"][1]
+    out = train_expert(testbed, task, testbed / "base", tmp_path / "expert")
+    want, got = (load_file(f / "model.safetensors") for f in (testbed / "experts" / task, out))
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    args = (
+        json.loads((f / "training_args.json").read_text())
+        for f in (testbed / "experts" / task, out)
+    )
+    assert next(args) == next(args)

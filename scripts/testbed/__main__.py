@@ -10,6 +10,7 @@ import argparse
 import json
 from pathlib import Path
 
+from scripts.testbed.branches import train_branches
 from scripts.testbed.build import build
 from scripts.testbed.figures import PARTS, figures
 from scripts.testbed.train import train_expert
@@ -31,7 +32,16 @@ def main() -> None:
     train_cmd.add_argument("--task", required=True)
     train_cmd.add_argument("--init", type=Path, required=True, help="checkpoint to start from")
     train_cmd.add_argument("--output", type=Path, required=True)
+    branches_cmd = commands.add_parser("branches", help="two branches of a task at (η, B)")
+    branches_cmd.add_argument("testbed", type=Path)
+    branches_cmd.add_argument("--task", required=True)
+    branches_cmd.add_argument("--lr", type=float, required=True, help="learning rate η")
+    branches_cmd.add_argument("--batch-size", type=int, required=True, help="batch size B")
+    branches_cmd.add_argument("--output", type=Path, required=True, help="folder of settings")
     args = parser.parse_args()
+    if args.command == "branches":
+        print(train_branches(args.testbed, args.task, args.lr, args.batch_size, args.output))
+        return
     if args.command == "train":
         print(train_expert(args.testbed, args.task, args.init, args.output))
         return

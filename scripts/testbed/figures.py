@@ -263,7 +263,7 @@ def markdown(results: dict[str, Any]) -> str:
         ("durations", "Merged validation accuracy (%) against training duration", durations_table),
         (
             "tuned",
-            "Test accuracy (%) against training duration, λ chosen on validation at each",
+            "Test accuracy (%) against training duration, λ chosen on validation per duration",
             tuned_table,
         ),
     )

@@ -13,7 +13,7 @@ from transformers import BertForSequenceClassification
 
 from scripts.testbed.build import FULL, LEARNING_RATE, REDUCED, save
 from scripts.testbed.data import examples, load_digits, read_jsonl, split_indices
-from scripts.testbed.model import accuracy, encode, make_tokenizer, train
+from scripts.testbed.model import accuracy, encode, make_tokenizer, train, training_args
 
 
 def train_expert(testbed: Path, task: str, init: Path, output: Path) -> Path:
@@ -22,7 +22,8 @@ def train_expert(testbed: Path, task: str, init: Path, output: Path) -> Path:
     if task not in manifest["tasks"]:
         raise SystemExit(f"task '{task}' is not one of the testbed's: {manifest['tasks']}")
     scale = REDUCED if manifest["reduced"] else FULL
-    seed, index = manifest["seed"], manifest["tasks"].index(task)
+    seed = manifest["seed"]
+    run_seed = seed + 1 + manifest["tasks"].index(task)
     images, labels = load_digits()
     split = split_indices(len(labels), seed, scale.held_out)
     tokenizer = make_tokenizer()
@@ -41,13 +42,7 @@ def train_expert(testbed: Path, task: str, init: Path, output: Path) -> Path:
                 best = (score, step, {k: v.clone() for k, v in model.state_dict().items()})
 
         train(
-            model,
-            data,
-            scale.finetune_steps,
-            LEARNING_RATE,
-            seed + 1 + index,
-            scale.save_every,
-            checkpoint,
+            model, data, scale.finetune_steps, LEARNING_RATE, run_seed, scale.save_every, checkpoint
         )
     finally:
         torch.set_num_threads(threads)
@@ -55,5 +50,5 @@ def train_expert(testbed: Path, task: str, init: Path, output: Path) -> Path:
     model.load_state_dict(best[2])
     if output.exists():
         shutil.rmtree(output)
-    save(model, tokenizer, output)
+    save(model, tokenizer, output, training_args(scale.finetune_steps, LEARNING_RATE, run_seed))
     return output
