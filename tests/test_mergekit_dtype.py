@@ -91,6 +91,26 @@ def task_arithmetic(base: torch.Tensor, tvs: list[torch.Tensor], dt: torch.dtype
     return base.to(dt) + (x + y) * 0.9, torch.ones(base.shape, dtype=torch.bool)
 
 
+def ramplus_tl(
+    base: torch.Tensor, tvs: list[torch.Tensor], dt: torch.dtype, wide: torch.dtype
+) -> Any:
+    """RAM+ (r 0.1, α 0.2, ε 1e-5) with mergekit's promotions for ``wide`` float32: entry
+    counts and ρt in ``wide``, unique entries scaled in ``wide``, shared ones divided by their
+    count in ``dt``, the sum and θ0 + Σ in ``wide``, the result stored in ``dt``."""
+    tvs = [tv.to(dt) for tv in tvs]
+    active = [tv.abs() > 1e-5 for tv in tvs]
+    count = sum(a.long() for a in active)
+    total = torch.zeros(base.shape, dtype=wide)
+    for tv, a in zip(tvs, active, strict=True):
+        mine_alone, mine_shared = a & (count == 1), a & (count > 1)
+        n_shared, n_alone = (x.sum().to(wide) for x in (mine_shared, mine_alone))
+        scale = 1 + 0.1 * (n_shared / n_alone.clamp(min=1e-5)).clamp(0, 0.2)
+        alone = (tv * mine_alone).to(wide) * scale
+        shared = tv * mine_shared / count.clamp(min=1)
+        total = total + (alone + shared)
+    return (base.to(dt) + total).to(dt)
+
+
 CASES: dict[str, tuple[dict[str, Any], Formula]] = {
     "ties": ({"density": 0.3}, ties),
     "breadcrumbs": ({"density": 0.5, "gamma": 0.1, "normalize": True}, breadcrumbs),
@@ -154,3 +174,17 @@ def test_mergekit_top_k_keeps_exactly_k_among_tied_magnitudes() -> None:
     assert int((kept != 0).sum()) == 4
     assert kept[6] == 1.0 and kept[0] == 0.5 and kept[5] == 0
     assert bool(((kept == 0) | (kept == tv)).all())
+
+
+def test_mergekit_bf16_ramplus_tl_counts_in_float32(zoo: Path) -> None:
+    """RAM+ in bfloat16 equals mergekit's promotions bit for bit (ρt from float32 counts);
+    counting in bfloat16 (counts above 256 rounded) gives another model."""
+    merged = merge(zoo, "ramplus_tl", {})
+    states = {n: load_state(zoo / n) for n in ("base", "math", "code")}
+    rounded_counts_differ = False
+    for name, got in merged.items():
+        base = states["base"][name].to(BF16)
+        tvs = [states[n][name].to(BF16) - base for n in ("math", "code")]
+        assert torch.equal(got, ramplus_tl(base, tvs, BF16, torch.float32)), name
+        rounded_counts_differ |= not torch.equal(got, ramplus_tl(base, tvs, BF16, BF16))
+    assert rounded_counts_differ

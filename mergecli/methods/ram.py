@@ -47,7 +47,8 @@ def ram(inputs: TensorInputs, p: Params) -> Merged:
         EPSILON,
     ),
     convention="ρt is counted per tensor (the paper counts over the whole model), its "
-    "denominator clamped to ε (mergekit 0.1.5).",
+    "denominator clamped to ε (mergekit 0.1.5); in half precision ρt, the scaled unique "
+    "entries and the sum are float32, as mergekit's type promotion makes them.",
     ignored=IGNORED_WEIGHT,
     mergekit_compute="dtype",
 )
@@ -55,13 +56,14 @@ def ramplus_tl(inputs: TensorInputs, p: Params) -> Merged:
     tvs, counts, kept = contributions(inputs, p["epsilon"])
     active = tvs != 0
     unique, shared = counts == 1, counts > 1
-    n_shared = (active & shared).reshape(len(tvs), -1).sum(1).to(tvs.dtype)
-    n_unique = (active & unique).reshape(len(tvs), -1).sum(1).to(tvs.dtype)
+    wide = tvs.dtype if tvs.dtype.itemsize >= 4 else torch.float32  # counts never in half
+    n_shared = (active & shared).reshape(len(tvs), -1).sum(1).to(wide)
+    n_unique = (active & unique).reshape(len(tvs), -1).sum(1).to(wide)
     rho = n_shared / n_unique.clamp(min=p["epsilon"])
-    scale = 1 + p["r"] * rho.clamp(0, p["alpha"])
-    shape = (-1,) + (1,) * (tvs.dim() - 1)
-    merged = (tvs * unique * scale.reshape(shape)).sum(0) + (tvs * shared).sum(0) / counts.clamp(
-        min=1
-    )
+    scale = (1 + p["r"] * rho.clamp(0, p["alpha"])).reshape((-1,) + (1,) * (tvs.dim() - 1))
     assert inputs.base is not None
+    if wide != tvs.dtype:  # half precision (mergekit's compute): as mergekit 0.1.5 promotes
+        per_expert = (tvs * unique).to(wide) * scale + tvs * shared / counts.clamp(min=1)
+        return Merged(inputs.base + per_expert.sum(0), kept)
+    merged = (tvs * unique * scale).sum(0) + (tvs * shared).sum(0) / counts.clamp(min=1)
     return Merged(inputs.base + merged, kept)
