@@ -64,6 +64,6 @@ def ramplus_tl(inputs: TensorInputs, p: Params) -> Merged:
     assert inputs.base is not None
     if wide != tvs.dtype:  # half precision (mergekit's compute): as mergekit 0.1.5 promotes
         per_expert = (tvs * unique).to(wide) * scale + tvs * shared / counts.clamp(min=1)
-        return Merged(inputs.base + per_expert.sum(0), kept)
+        return Merged((inputs.base + per_expert.sum(0)).to(tvs.dtype), kept)  # one rounding
     merged = (tvs * unique * scale).sum(0) + (tvs * shared).sum(0) / counts.clamp(min=1)
     return Merged(inputs.base + merged, kept)
