@@ -27,9 +27,9 @@ from mergecli.sweep.run import sweep_grid
 from tests.helpers import ROOT, run_cli
 from tests.test_batch import recipes, write_batch
 
-# One Ray cluster per test run: every test of this module goes to the same xdist worker
-# (scripts/test.sh runs pytest with --dist loadgroup), so two clusters never share the cores.
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]
+# One Ray cluster per test run: scripts/test.sh runs the tests marked ray in one process of
+# their own, after the others, so the cluster never shares the cores with other test workers.
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
 SCORE = """import os, pathlib, signal, sys
 from safetensors.numpy import load_file
