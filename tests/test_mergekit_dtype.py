@@ -15,6 +15,7 @@ from mergecli.engine.merge import merge_state
 from mergecli.methods import mergekit
 from mergecli.recipe import recipe_from_dict
 from tests.helpers import load_state
+from tests.test_conventions import plan
 
 BF16 = torch.bfloat16
 WEIGHTS = (0.6, 0.4)
@@ -138,16 +139,6 @@ def test_mergekit_bf16_merge_equals_a_bfloat16_formula(zoo: Path, method: str) -
         decided, total = decided + int(ok.sum()), total + ok.numel()
     assert decided > 0.9 * total
     assert upcast_differs
-
-
-def plan(zoo: Path, method: str, **extra: Any) -> mergecli.MergePlan:
-    data = {
-        "merge_method": method,
-        "base_model": str(zoo / "base"),
-        "models": [{"model": str(zoo / n)} for n in ("math", "code")],
-        **extra,
-    }
-    return mergecli.plan_merge(recipe_from_dict(data))
 
 
 def test_compute_dtype_follows_mergekit_per_method(zoo: Path, zoo_bf16: Path) -> None:

@@ -110,11 +110,6 @@ def task_vector_terms(inputs: TensorInputs) -> list[tuple[torch.Tensor, torch.Te
     ]
 
 
-def compute_bits(tv: torch.Tensor) -> int:
-    """Bits of the float the task vector is computed in (float32 for bfloat16 as stored)."""
-    return _bits(tv.dtype)[1]
-
-
 def add_histogram(
     hist: torch.Tensor | None,
     tv: torch.Tensor,
@@ -215,7 +210,7 @@ class LargestMagnitudes:
     def observe(self, inputs: TensorInputs) -> None:
         for t, (tv, base) in enumerate(task_vector_terms(inputs)):
             if self.shift is None:
-                self.bits = compute_bits(tv)
+                self.bits = _bits(tv.dtype)[1]  # bfloat16 as stored: float32's
                 self.shift = self.bits - _DIGIT
             if self.targets is None:
                 self.counts[t] += tv.numel()
@@ -307,7 +302,7 @@ class TensorKthLargestMagnitude:
             self.hist = [None] * inputs.num_experts
         for t, (tv, base) in enumerate(task_vector_terms(inputs)):
             if self.shift is None:
-                self.bits = compute_bits(tv)
+                self.bits = _bits(tv.dtype)[1]  # bfloat16 as stored: float32's
                 self.shift = self.bits - _DIGIT
             self.count += tv.numel() if t == 0 else 0
             target = None if self.first else self.targets[inputs.name][t]
