@@ -88,7 +88,7 @@ def _anon():
 # numba and the compiled loops (report sums, magnitude histograms) are ~40 MB of code, once per
 # process: loaded before the measurement, which counts what the work holds
 import numpy
-from mergecli.engine.row_sums import row_sums
+from mergecli.methods.row_sums import row_sums
 from mergecli.methods.histogram import add_digits
 row_sums(numpy.ones(1, numpy.float32), numpy.ones(1, numpy.float32))
 add_digits(numpy.ones(1, numpy.int32), 16, -1, numpy.zeros(1 << 16, numpy.int64))

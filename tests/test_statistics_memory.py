@@ -34,7 +34,7 @@ def anon():
 plan = mergecli.plan_merge(recipe_from_dict(json.loads(sys.argv[1])))
 # numba and the report's compiled loop take a fixed ~40 MB: loaded first, not counted
 import numpy
-from mergecli.engine.row_sums import row_sums
+from mergecli.methods.row_sums import row_sums
 row_sums(numpy.ones(1, numpy.float32), numpy.ones(1, numpy.float32))
 before, peak, stop = anon(), [0], threading.Event()
 

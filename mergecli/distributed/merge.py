@@ -36,7 +36,12 @@ from mergecli.engine.store import Store
 from mergecli.engine.threads import compute_threads
 from mergecli.engine.writer import ShardWriter
 from mergecli.errors import MergeError
-from mergecli.methods.statistics import LargestMagnitudes, Statistic, StatValues
+from mergecli.methods.statistics import (
+    LargestMagnitudes,
+    Statistic,
+    StatValues,
+    lanes_total,
+)
 from mergecli.progress import Progress
 from mergecli.recipe import Recipe
 from mergecli.sources.checkpoint import INDEX_NAME
@@ -101,7 +106,7 @@ def _merge_shard(
     writer = ModelWriter(ShardWriter(folder, [shard], plan.output.metadata), folder, target)
     sums, store = ReportSums(), Store(writer, runner.timer)
     with compute_threads():
-        read = plan.read_plan(_tensors(plan, shard, merged_only=False))
+        read = plan.merge_reads(tensors=_tensors(plan, shard, merged_only=False))
         runner.run(read, [MergePass(plan, stats, runner.timer), sums, store])
     writer.shards.finish()
     per_tensor = {n: {**r, **store.extra.get(n, {})} for n, r in sums.per_tensor().items()}
@@ -117,11 +122,10 @@ def _reduce(statistic: Statistic, parts: list[Statistic]) -> None:
             statistic.bits, statistic.shift = part.bits, part.shift
         if statistic.targets is None:
             statistic.counts = [a + b for a, b in zip(statistic.counts, part.counts, strict=True)]
-        for key, hist in part.hist.items():
-            if key in statistic.hist:
-                statistic.hist[key] += hist
-            else:
-                statistic.hist[key] = hist.clone()
+        for key, hist in part.hist.items():  # lanes summed: workers may count in more or fewer
+            total = lanes_total(hist)
+            held = statistic.hist.get(key)
+            statistic.hist[key] = total.clone() if held is None else lanes_total(held) + total
 
 
 def distributed_statistics(

@@ -9,7 +9,7 @@ import torch
 
 from mergecli.engine.runner import Piece, WriteQueue
 from mergecli.methods import TaskMasks, TensorInputs
-from mergecli.methods.result import Kept
+from mergecli.methods.result import Kept, Merged, PieceSums
 
 BLOCK = 1 << 20
 """Entries per block of the torch path's float64 sums (bounds their scratch memory)."""
@@ -28,11 +28,11 @@ class ReportSums:
     def piece(self, piece: Piece, queue: WriteQueue) -> None:
         if piece.inputs is None:
             return
-        sums = self.figures.setdefault(piece.tensor.name, [])
+        figures = self.figures.setdefault(piece.tensor.name, [])
         merged = piece.merged
-        queue.submit(
-            _add_figures, self.piece_figures, sums, piece.inputs, merged.value, merged.kept
-        )
+        if merged.sums is None and piece.inputs.base is not None:
+            piece.inputs.widen()  # task vectors of inputs the method took as stored
+        queue.submit(_add_figures, self.piece_figures, figures, piece.inputs, merged)
 
     def per_tensor(self) -> dict[str, dict[str, Any]]:
         """Each merged tensor's report entry."""
@@ -40,13 +40,9 @@ class ReportSums:
 
 
 def _add_figures(
-    piece_figures: PieceFigures,
-    sums: list[dict[str, Any]],
-    inputs: TensorInputs,
-    merged: torch.Tensor | TaskMasks,
-    kept: Kept,
+    piece_figures: PieceFigures, figures: list[dict[str, Any]], inputs: TensorInputs, merged: Merged
 ) -> None:
-    sums.append(piece_figures(inputs, merged, kept))
+    figures.append(piece_figures(inputs, merged.value, merged.kept, merged.sums))
 
 
 class PieceFigures:
@@ -55,7 +51,7 @@ class PieceFigures:
     For each task vector τt of a piece and the merged delta δ: Σ τt², Σ δ², Σ τt·δ in float64,
     and the counts of entries where τt ≠ 0, where τt·δ ≠ 0 (both non-zero) and where τt·δ > 0
     (signs agree). On the CPU in float32/float64 one compiled loop (numba,
-    ``engine/row_sums.py``) reads each task vector and the delta once; its float64 sums are
+    ``methods/row_sums.py``) reads each task vector and the delta once; its float64 sums are
     reassociated into vector lanes, so they equal the sequential sums up to float64 rounding,
     and its counts are exact. Elsewhere (a GPU, bfloat16) the same sums are torch reductions
     over blocks with float64 scratch buffers reused from one piece to the next.
@@ -69,23 +65,32 @@ class PieceFigures:
         self._scratch: torch.Tensor | None = None
 
     def __call__(
-        self, inputs: TensorInputs, merged: torch.Tensor | TaskMasks, kept: Kept
+        self,
+        inputs: TensorInputs,
+        merged: torch.Tensor | TaskMasks,
+        kept: Kept,
+        given: PieceSums | None = None,
     ) -> dict[str, Any]:
         """Over one piece: squared norms of the task vectors and of the merged delta (an
         artifact's unified task vector) and their dot products, accumulated in float64; the
         entries where both are non-zero and where their signs also agree; the kept fractions
-        (counted where the method did not report them)."""
+        (counted where the method did not report them). ``given``: the sums a compiled merge
+        took of this piece."""
         size = (merged.unified if isinstance(merged, TaskMasks) else merged).numel()
         if inputs.base is None:
             return {"kept": list(kept), "size": size}
-        tvs = [tv.reshape(-1) for tv in inputs.task_vectors()]
-        delta = merged.unified if isinstance(merged, TaskMasks) else merged - inputs.base
-        delta = delta.reshape(-1)
-        m = len(tvs)
-        if delta.device.type == "cpu" and delta.dtype in COMPILED_DTYPES:
-            sums, counts = _compiled_sums(tvs, delta)
+        m = inputs.num_experts
+        if given is not None:
+            sums = [*given.tv_sq, given.delta_sq, *given.dot]
+            counts = [*given.nonzero, *given.both, *given.same]
         else:
-            sums, counts = self._torch_sums(tvs, delta, kept)
+            tvs = [tv.reshape(-1) for tv in inputs.task_vectors()]
+            delta = merged.unified if isinstance(merged, TaskMasks) else merged - inputs.base
+            delta = delta.reshape(-1)
+            if delta.device.type == "cpu" and delta.dtype in COMPILED_DTYPES:
+                sums, counts = _compiled_sums(tvs, delta)
+            else:
+                sums, counts = self._torch_sums(tvs, delta, kept)
         return {
             "size": size,
             "delta_sq": sums[m],
@@ -136,7 +141,7 @@ class PieceFigures:
 def _compiled_sums(tvs: list[torch.Tensor], delta: torch.Tensor) -> tuple[list[float], list[int]]:
     """[Σ τt²…, Σ δ², Σ τt·δ…] and [#τt≠0…, #τt·δ≠0…, #τt·δ>0…], one compiled loop per task
     vector (numba is imported, and the loop loaded from its cache, on first use)."""
-    from mergecli.engine.row_sums import row_sums
+    from mergecli.methods.row_sums import row_sums
 
     m = len(tvs)
     sums, counts = [0.0] * (2 * m + 1), [0] * (3 * m)

@@ -249,6 +249,7 @@ class LoraAdapter:
     merged_rows = False
     copied_rows = True
     reads_base = True
+    stores_result = False
 
     @property
     def nbytes(self) -> int:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import platform
 import resource
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,7 @@ from mergecli.engine.finite import check_finite
 from mergecli.engine.folder_run import folder_run
 from mergecli.engine.outputs import InMemory
 from mergecli.engine.plan import MergePlan, TensorPlan
-from mergecli.engine.runner import Pass, Piece, Runner, Timer, WriteQueue
+from mergecli.engine.runner import Pass, Piece, Runner, Timer, Unchecked, WriteQueue
 from mergecli.engine.store import Store
 from mergecli.engine.threads import compute_threads
 from mergecli.errors import MergeError, OutputError, ShapeError
@@ -51,7 +51,9 @@ class MergePass:
         if piece.inputs is None:
             return
         start = time.perf_counter()
-        piece.merged = merge_tensor(self.plan, piece.tensor, piece.inputs, self.stats)
+        piece.merged = merge_tensor(
+            self.plan, piece.tensor, piece.inputs, self.stats, piece.unchecked
+        )
         self.timer.compute += time.perf_counter() - start
 
 
@@ -73,7 +75,7 @@ def run_merge(
         writer = plan.output.open(folder, plan.target())
         sums, store = ReportSums(), Store(writer, runner.timer)
         passes: list[Pass] = [MergePass(plan, stats, runner.timer), sums, store]
-        runner.run(plan.read_plan(), passes, "merging")
+        runner.run(plan.merge_reads(), passes, "merging")
         per_tensor = {n: {**r, **store.extra.get(n, {})} for n, r in sums.per_tensor().items()}
         section, lines = writer.finish(per_tensor)
         report = build_report(
@@ -99,9 +101,11 @@ def write_merge_reports(
 
 
 def statistics(plan: MergePlan, runner: Runner) -> StatValues:
-    """The method's whole-model statistics, gathered over the merged tensors."""
+    """The method's whole-model statistics, gathered over the merged tensors (their pieces
+    checked for NaN/Inf as read unless the merge pass after them checks its inputs)."""
     merged = plan.read_plan([t for t in plan.tensors if t.merge])
-    return runner.statistics(merged, plan.statistics)
+    check = plan.merge_reads().check_reads
+    return runner.statistics(replace(merged, check_reads=check), plan.statistics)
 
 
 def merge_state(plan: MergePlan, progress: Progress | None = None) -> dict[str, torch.Tensor]:
@@ -117,29 +121,42 @@ def merge_state(plan: MergePlan, progress: Progress | None = None) -> dict[str, 
     stats = statistics(plan, runner)
     memory = InMemory()
     passes: list[Pass] = [MergePass(plan, stats, runner.timer), Store(memory, runner.timer)]
-    runner.run(plan.read_plan(output=memory), passes, "merging")
+    runner.run(plan.merge_reads(memory), passes, "merging")
     runner.progress.stop()
     return memory.state
 
 
 def merge_tensor(
-    plan: MergePlan, tensor: TensorPlan, inputs: TensorInputs, stats: StatValues
+    plan: MergePlan,
+    tensor: TensorPlan,
+    inputs: TensorInputs,
+    stats: StatValues,
+    unchecked: list[Unchecked] | None = None,
 ) -> Merged:
-    """The method's result for one tensor; an unexpected failure names the tensor."""
+    """The method's result for one tensor; an unexpected failure names the tensor. The
+    finite-value guard runs on the ``unchecked`` inputs, then on the result, unless the method
+    checked both as it computed (``Merged.checked``)."""
     inputs.stats = stats
+    mode = plan.recipe.on_nonfinite
     try:
         merged = as_merged(plan.method.fn(inputs, tensor.params), inputs.num_experts)
     except MergeError:
         raise
     except Exception as exc:
+        for piece in unchecked or []:  # a failure on NaN inputs says so
+            piece.check(tensor.name, mode, plan.warnings)
         raise ShapeError(
             f"{plan.method.name} failed on '{tensor.name}': {exc}", tensor=tensor.name
         ) from exc
+    if merged.checked:
+        return merged
+    for piece in unchecked or []:
+        piece.check(tensor.name, mode, plan.warnings)
     # the finite-value guard on what the method returned (every merge goes through here)
     value = merged.value
     values = value.unified if isinstance(value, TaskMasks) else value
     label = f"{plan.method.name} (merged)"
-    check_finite(values, tensor.name, label, None, plan.recipe.on_nonfinite, plan.warnings)
+    check_finite(values, tensor.name, label, None, mode, plan.warnings)
     return merged
 
 

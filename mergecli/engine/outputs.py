@@ -139,6 +139,9 @@ class MergeOutput(Output, RowPolicy, Protocol):
 
     reads_base: bool
     """Whether the base is read for every merged tensor (an adapter is a change of it)."""
+    stores_result: bool
+    """Whether the writer stores a merged piece as the method returns it, in the output dtype
+    (the merge then offers the method that dtype: ``TensorInputs.out_dtype``)."""
 
     @property
     def card(self) -> Card:
@@ -173,6 +176,7 @@ class ModelFolder:
     merged_rows = True
     copied_rows = True
     reads_base = False
+    stores_result = True
     card = MODEL_CARD
 
     @property
@@ -264,6 +268,7 @@ class InMemory(WholeModel):
     merged_rows = False
     copied_rows = False
     reads_base = False
+    stores_result = True
     nbytes = 0
     card = MODEL_CARD
 

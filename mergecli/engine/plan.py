@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -167,6 +167,27 @@ class MergePlan(InputPlan):
         """The reads of ``tensors`` (all of them by default) in the pieces ``output`` takes;
         ``with_base`` reads the base for every merged tensor (task vectors need it)."""
         return self.reading(tensors, self.uses_base or with_base, lambda t: self.pieces(t, output))
+
+    def merge_reads(
+        self, output: MergeOutput | None = None, tensors: list[TensorPlan] | None = None
+    ) -> ReadPlan:
+        """The merge pass's reads of ``tensors`` (all by default) into ``output`` (the plan's by
+        default). Where the method takes inputs as stored for every merged tensor (float32
+        compute on the CPU), bfloat16 inputs arrive as stored and the finite-value guard is
+        left to the merge (its compiled loop checks every entry as it reads). The output dtype
+        is offered to the method where the output stores its result as it is."""
+        output = output or self.output
+        stored = (
+            self.device.type == "cpu"
+            and self.compute_dtype == torch.float32
+            and all(self.method.takes_stored(t.params) for t in self.tensors if t.merge)
+        )
+        return replace(
+            self.read_plan(tensors, output=output),
+            keep_bfloat16=stored,
+            check_reads=not stored,
+            offer_out_dtype=output.stores_result,
+        )
 
     @property
     def passes(self) -> int:

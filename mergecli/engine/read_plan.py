@@ -86,7 +86,14 @@ class ReadPlan:
     """The finite-value guard on every piece read (``warn``: one warning per tensor)."""
     warnings: list[str] = field(default_factory=list)
     keep_bfloat16: bool = False
-    """Hand bfloat16 inputs on as stored (statistics that widen them in their own loop)."""
+    """Hand bfloat16 inputs on as stored (statistics and compiled merges that widen them in
+    their own loop)."""
+    check_reads: bool = True
+    """Run the finite-value guard on each merged piece as read; False: the pass that merges
+    it checks its inputs (``Piece.unchecked``), or the compiled merge that reads them does."""
+    offer_out_dtype: bool = False
+    """Tell the merge each tensor's output dtype (``TensorInputs.out_dtype``): its output
+    stores the method's result as it is, so a compiled merge may return it in that dtype."""
 
     @classmethod
     def copies(

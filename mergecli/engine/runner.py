@@ -12,12 +12,13 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 
-from mergecli.engine.finite import check_finite
+from mergecli.engine.finite import Mode, check_finite
 from mergecli.engine.read_plan import (
     LOOKAHEAD,
     READ_AHEAD_BYTES,
@@ -50,7 +51,8 @@ class Piece:
     """One piece of the stream: a tensor's rows (or the whole tensor) and its inputs.
 
     ``inputs`` holds a merged tensor's inputs; ``raw`` a copied tensor as stored. ``merged`` is
-    what the merge pass computed, for the passes after it.
+    what the merge pass computed, for the passes after it. ``unchecked``: the inputs as read,
+    with their source's label and file, when the finite-value guard is left to the merge.
     """
 
     tensor: TensorPlan
@@ -58,6 +60,20 @@ class Piece:
     inputs: TensorInputs | None = None
     raw: torch.Tensor | None = None
     merged: Any = None
+    unchecked: list[Unchecked] = field(default_factory=list)
+
+
+@dataclass
+class Unchecked:
+    """An input piece read without the finite-value guard, and where it came from."""
+
+    tensor: torch.Tensor
+    source: str
+    file: Path
+
+    def check(self, name: str, mode: Mode, warnings: list[str]) -> None:
+        """The finite-value guard on this input piece of tensor ``name``."""
+        check_finite(self.tensor, name, self.source, self.file, mode, warnings)
 
 
 class WriteQueue:
@@ -118,7 +134,8 @@ class Runner:
 
     def statistics(self, read: ReadPlan, statistics: list[Statistic]) -> StatValues:
         """Stream ``read`` once per pass until every statistic is final (each pass reads the
-        tensors that its statistics observe); their values."""
+        tensors that its statistics observe); their values. A ``read`` that does not check
+        its pieces leaves the finite-value guard to the merge pass after these."""
         passes = 0
         while any(s.wants_pass() for s in statistics):
             passes += 1
@@ -166,6 +183,14 @@ class Runner:
                 if not tensor.merge:
                     yield Piece(tensor, rows, raw=raw.pop())
                     continue
+                unchecked = (
+                    []
+                    if read.check_reads
+                    else [
+                        Unchecked(t, s.label, s.info(tensor.name).file)
+                        for t, s in zip(raw, read.sources(tensor), strict=True)
+                    ]
+                )
                 start = time.perf_counter()
                 moved = [
                     t.to(read.device, non_blocking=True).to(read.input_dtype(t.dtype)) for t in raw
@@ -188,10 +213,11 @@ class Runner:
                     generators=generators[tensor.name],
                     offset=0 if rows is None else rows[0] * math.prod(tensor.shape[1:]),
                     as_stored=read.keep_bfloat16,
+                    out_dtype=tensor.out_dtype if read.offer_out_dtype else None,
                 )
                 del moved, base, experts, deltas
-                yield Piece(tensor, rows, inputs=inputs)
-                del inputs  # before the next read: one piece held at a time
+                yield Piece(tensor, rows, inputs=inputs, unchecked=unchecked)
+                del inputs, unchecked  # before the next read: one piece held at a time
 
     def _read(self, read: ReadPlan, tensor: TensorPlan, rows: Rows) -> list[torch.Tensor]:
         """Read one piece from each source into private memory: in the compute dtype when
@@ -202,8 +228,9 @@ class Runner:
         out = []
         for source in read.sources(tensor):
             t = source.read(tensor.name, rows)
-            file = source.info(tensor.name).file
-            check_finite(t, tensor.name, source.label, file, read.on_nonfinite, read.warnings)
+            if read.check_reads or not tensor.merge:
+                file = source.info(tensor.name).file
+                check_finite(t, tensor.name, source.label, file, read.on_nonfinite, read.warnings)
             self.timer.bytes_read += t.nbytes
             if cuda:
                 out.append(t.pin_memory())

@@ -138,6 +138,7 @@ class TaskMaskArtifact:
     merged_rows = True
     copied_rows = True
     reads_base = False
+    stores_result = False
 
     @property
     def nbytes(self) -> int:

@@ -51,8 +51,9 @@ def add_difference_digits(
     bits = block.view(np.int32)
     for start in range(0, weight.shape[0], BLOCK):
         size = min(BLOCK, weight.shape[0] - start)
-        for i in range(size):
-            block[i] = weight[start + i] - base[start + i]
+        w, b = weight[start : start + size], base[start : start + size]
+        for i in range(size):  # slices indexed by the loop variable: vector lanes
+            block[i] = w[i] - b[i]
         add_digits(bits[:size], shift, prefix, hist)
 
 
@@ -62,15 +63,17 @@ def add_bfloat16_difference_digits(
 ) -> None:
     """``add_difference_digits`` of bfloat16 inputs (their bit patterns as uint16): each is
     widened to float32 exactly (its bits shifted up by 16) before the float32 subtraction."""
-    wide = np.empty((2, BLOCK), dtype=np.uint32)
-    values = wide.view(np.float32)
+    wide = np.empty(BLOCK, dtype=np.uint32)
+    low = np.empty(BLOCK, dtype=np.uint32)
+    x, y = wide.view(np.float32), low.view(np.float32)
     block = np.empty(BLOCK, dtype=np.float32)
     bits = block.view(np.int32)
     for start in range(0, weight.shape[0], BLOCK):
         size = min(BLOCK, weight.shape[0] - start)
+        w, b = weight[start : start + size], base[start : start + size]
+        for i in range(size):  # slices indexed by the loop variable: vector lanes
+            wide[i] = np.uint32(w[i]) << np.uint32(16)
+            low[i] = np.uint32(b[i]) << np.uint32(16)
         for i in range(size):
-            wide[0, i] = np.uint32(weight[start + i]) << np.uint32(16)
-            wide[1, i] = np.uint32(base[start + i]) << np.uint32(16)
-        for i in range(size):
-            block[i] = values[0, i] - values[1, i]
+            block[i] = x[i] - y[i]
         add_digits(bits[:size], shift, prefix, hist)

@@ -56,8 +56,13 @@ class TensorInputs:
     """The experts' indices in the recipe when these inputs hold a subset of them (FlexMerge's
     groups): seeds follow the recipe's index, not the position in the subset."""
     as_stored: bool = False
-    """bfloat16 tensors are handed on as stored for float32 compute (statistics passes that
-    widen them in their own loop), not rounded to a bfloat16 compute dtype."""
+    """bfloat16 tensors are handed on as stored for float32 compute (statistics passes and
+    compiled merges that widen them in their own loop, ``methods/stored.py``), not rounded to a
+    bfloat16 compute dtype. A method given such inputs calls ``widen()`` before torch passes."""
+    out_dtype: torch.dtype | None = None
+    """The dtype the output stores this piece in, when it takes the method's result as it is:
+    a compiled merge may then return the result in that dtype with the report's sums
+    (``Merged.sums``). None: the result is in the compute dtype."""
 
     @property
     def num_experts(self) -> int:
@@ -79,6 +84,20 @@ class TensorInputs:
                 self.expert_deltas[t] = weight - self.base
                 self.expert_weights[t] = None
         return [d for d in self.expert_deltas if d is not None]
+
+    def widen(self) -> None:
+        """Inputs handed on as stored (``as_stored``) converted to float32, the compute dtype,
+        for torch passes; nothing otherwise."""
+        if not self.as_stored:
+            return
+
+        def wide(x: torch.Tensor | None) -> torch.Tensor | None:
+            return x.float() if x is not None and x.dtype == torch.bfloat16 else x
+
+        self.base = wide(self.base)
+        self.expert_weights = [wide(x) for x in self.expert_weights]
+        self.expert_deltas = [wide(x) for x in self.expert_deltas]
+        self.as_stored = False
 
     def weights(self) -> list[torch.Tensor]:
         """θt for every expert (recomputed as θ0 + τt where only the task vector is held)."""
@@ -109,6 +128,7 @@ class TensorInputs:
             offset=self.offset + start * math.prod(self._shape()[1:]),
             expert_ids=self.expert_ids,
             as_stored=self.as_stored,
+            out_dtype=self.out_dtype,
         )
 
     def _shape(self) -> tuple[int, ...]:
@@ -119,11 +139,13 @@ class TensorInputs:
         """The CPU generator seeded by (recipe seed, expert index, tensor name), continued by
         every row chunk of the tensor."""
         if expert not in self.generators:
-            seed = self._key(expert)
+            seed = self.mask_key(expert)
             self.generators[expert] = torch.Generator(device="cpu").manual_seed(seed)
         return self.generators[expert]
 
-    def _key(self, expert: int) -> int:
+    def mask_key(self, expert: int) -> int:
+        """The key of an expert's random masks: the recipe seed, its index in the recipe and
+        the tensor name (``seed_for``)."""
         index = self.expert_ids[expert] if self.expert_ids is not None else expert
         return seed_for(self.seed, index, self.name)
 
@@ -135,7 +157,7 @@ class TensorInputs:
         from mergecli.methods.philox import keep_mask  # numba, imported on first use
 
         ref = self.base if self.base is not None else self.weights()[0]
-        return keep_mask(self._key(expert), self.offset, tuple(ref.shape), keep).to(ref.device)
+        return keep_mask(self.mask_key(expert), self.offset, tuple(ref.shape), keep).to(ref.device)
 
     def bernoulli_mask(self, expert: int, keep: float | torch.Tensor) -> torch.Tensor:
         """A keep-mask of ``conventions: mergekit`` (its masks are unchanged): float64 uniforms

@@ -29,17 +29,39 @@ def weighted_sum(
     tensors: list[torch.Tensor], weights: list[float], normalize: bool, name: str
 ) -> torch.Tensor:
     """Σ wt xt, divided by Σ wt when normalize (an error when that sum is 0)."""
+    total = normalizer(weights, normalize, name)
     out = torch.zeros_like(tensors[0])
     for x, w in zip(tensors, weights, strict=True):
         out.add_(x, alpha=w)
-    if normalize:
-        total = sum(weights)
-        if total == 0:
-            raise RecipeError(
-                f"{name}: the weights sum to 0, cannot normalize", key="parameters.weight"
-            )
+    if total is not None:
         out /= total
     return out
+
+
+def normalizer(weights: list[float], normalize: bool, name: str) -> float | None:
+    """Σ wt when normalize (an error when that sum is 0), else None."""
+    if not normalize:
+        return None
+    total = sum(weights)
+    if total == 0:
+        raise RecipeError(
+            f"{name}: the weights sum to 0, cannot normalize", key="parameters.weight"
+        )
+    return total
+
+
+def compiled_sum(
+    inputs: TensorInputs, p: Params, task_vectors: bool, lam: float = 1.0
+) -> Merged | None:
+    """``linear`` (θ) or ``task_arithmetic`` (``task_vectors``) by the compiled loop
+    (``sum_kernel``) where it applies; else None, the inputs widened for torch's passes."""
+    from mergecli.methods import sum_kernel  # numba, on first use
+
+    total = normalizer(p["weight"], p["normalize"], inputs.name)
+    fused = sum_kernel.weighted_sum(inputs, p["weight"], total, task_vectors, lam)
+    if fused is None:
+        inputs.widen()
+    return fused
 
 
 def linear_coefficients(p: Params) -> list[float] | None:
@@ -64,8 +86,12 @@ def task_arithmetic_coefficients(p: Params) -> list[float] | None:
     convention="A base model, if given, only supplies config, tokenizer and non-float tensors.",
     elementwise=True,
     coefficients=linear_coefficients,
+    stored_inputs=True,
 )
-def linear(inputs: TensorInputs, p: Params) -> torch.Tensor:
+def linear(inputs: TensorInputs, p: Params) -> torch.Tensor | Merged:
+    fused = compiled_sum(inputs, p, task_vectors=False)
+    if fused is not None:
+        return fused
     return weighted_sum(inputs.weights(), p["weight"], p["normalize"], inputs.name)
 
 
@@ -89,12 +115,14 @@ def greedy_soup(inputs: TensorInputs, p: Params) -> torch.Tensor:
     params=(WEIGHT, LAMBDA, Param("normalize", False, bool, "divide the sum by Σ wt")),
     elementwise=True,
     coefficients=task_arithmetic_coefficients,
+    stored_inputs=lambda p: p["conventions"] != "mergekit",
     ignored=INT8_MASK,
     mergekit=MERGEKIT_SUM,
     mergekit_compute="dtype",
 )
 def task_arithmetic(inputs: TensorInputs, p: Params) -> torch.Tensor | Merged:
     if p["conventions"] == "mergekit":
+        inputs.widen()
         return mergekit.combine(
             inputs,
             inputs.task_vectors(),
@@ -103,6 +131,9 @@ def task_arithmetic(inputs: TensorInputs, p: Params) -> torch.Tensor | Merged:
             normalize=p["normalize"],
             lam=p["lambda"],
         )
+    fused = compiled_sum(inputs, p, task_vectors=True, lam=p["lambda"])
+    if fused is not None:
+        return fused
     merged = weighted_sum(inputs.task_vectors(), p["weight"], p["normalize"], inputs.name)
     assert inputs.base is not None
     return merged.mul_(p["lambda"]).add_(inputs.base)

@@ -12,11 +12,12 @@ known-answer vectors of their Random123 library check this implementation.
 from __future__ import annotations
 
 import math
-from concurrent.futures import ThreadPoolExecutor
 
 import numba
 import numpy as np
 import torch
+
+from mergecli.methods.parallel import map_parts
 
 _M0, _M1 = np.uint64(0xD2511F53), np.uint64(0xCD9E8D57)
 _W0, _W1 = np.uint64(0x9E3779B9), np.uint64(0xBB67AE85)
@@ -62,6 +63,40 @@ def _keep(key: np.uint64, offset: int, p: np.ndarray, out: np.ndarray) -> None:
                 out[j] = u < (p[0] if single else p[j])
 
 
+@numba.njit(cache=True, nogil=True)
+def keep_lanes(key: np.uint64, offset: int, p: float, out: np.ndarray, words: np.ndarray) -> None:
+    """``_keep`` with one probability, its Philox blocks side by side (the ten rounds of each
+    block in registers, the blocks in vector lanes); ``words``: uint64 scratch of ≥ n + 8."""
+    keys = np.empty((2, 10), dtype=np.uint64)
+    k0, k1 = key & _LOW, key >> _32
+    for r in range(10):
+        keys[0, r], keys[1, r] = k0, k1
+        k0 = (k0 + _W0) & _LOW
+        k1 = (k1 + _W1) & _LOW
+    n = out.shape[0]
+    first = offset >> 2
+    blocks = ((offset + n + 3) >> 2) - first
+    for g in range(blocks):
+        block = np.uint64(first + g)
+        c0, c1, c2, c3 = block & _LOW, block >> _32, np.uint64(0), np.uint64(0)
+        for r in range(10):
+            p0 = _M0 * c0
+            p1 = _M1 * c2
+            c0, c1, c2, c3 = (
+                (p1 >> _32) ^ c1 ^ keys[0, r],
+                p1 & _LOW,
+                (p0 >> _32) ^ c3 ^ keys[1, r],
+                p0 & _LOW,
+            )
+        words[4 * g] = c0
+        words[4 * g + 1] = c1
+        words[4 * g + 2] = c2
+        words[4 * g + 3] = c3
+    drawn = words[offset & 3 : (offset & 3) + n]
+    for j in range(n):
+        out[j] = np.float64(drawn[j]) * _SCALE < p
+
+
 def keep_mask(
     key: int, offset: int, shape: tuple[int, ...], keep: float | torch.Tensor
 ) -> torch.Tensor:
@@ -78,16 +113,12 @@ def keep_mask(
         _keep(np.uint64(key), offset, p, out)
     else:
         bounds = [n * k // parts for k in range(parts + 1)]
-        with ThreadPoolExecutor(parts) as pool:
-            list(
-                pool.map(
-                    lambda a, b: _keep(
-                        np.uint64(key), offset + a, p if p.size == 1 else p[a:b], out[a:b]
-                    ),
-                    bounds[:-1],
-                    bounds[1:],
-                )
-            )
+
+        def part(k: int) -> None:
+            a, b = bounds[k], bounds[k + 1]
+            _keep(np.uint64(key), offset + a, p if p.size == 1 else p[a:b], out[a:b])
+
+        map_parts(part, parts)
     return torch.from_numpy(out).reshape(shape)
 
 

@@ -145,6 +145,10 @@ class MethodSpec:
     """Whether each merged entry depends only on the same entry of the inputs (and whole-model
     statistics), given a tensor's params: the engine may then merge that tensor in row chunks,
     with results equal to the whole tensor's bit for bit."""
+    stored_inputs: bool | Callable[[Params], bool] = False
+    """Whether, given a tensor's params, the method takes float32-compute inputs stored as
+    bfloat16 as they are (``TensorInputs.as_stored``): its compiled loop widens them, and every
+    torch path first calls ``inputs.widen()``."""
     selects_experts: bool = False
     """The method chooses which listed experts to merge by scoring candidate merges
     (greedy_soup): ``plan_merge`` refuses it, ``mergecli.evaluate.plan_with_selection`` and
@@ -170,6 +174,9 @@ class MethodSpec:
 
     def is_elementwise(self, params: Params) -> bool:
         return self.elementwise(params) if callable(self.elementwise) else self.elementwise
+
+    def takes_stored(self, params: Params) -> bool:
+        return self.stored_inputs(params) if callable(self.stored_inputs) else self.stored_inputs
 
     def param(self, name: str) -> Param | None:
         return next((p for p in self.params if p.name == name), None)

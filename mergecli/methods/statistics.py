@@ -31,6 +31,9 @@ def _bits(dtype: torch.dtype) -> tuple[torch.dtype, int]:
 _DIGIT = 16
 BINS = 1 << _DIGIT
 """Bins of one histogram of the magnitude statistics."""
+LANE_ENTRIES = 1 << 17
+"""Fewest entries per lane of a histogram pass: a piece's entries are counted by several
+compute threads, each into its own row of the histogram (``add_histogram``)."""
 
 
 T = TypeVar("T")
@@ -121,26 +124,36 @@ def add_histogram(
     bit patterns of ``abs(tv)`` (``abs(tv − base)`` when ``base`` is given)
     whose higher bits equal ``prefix`` (None: every entry); a bfloat16 ``tv`` and ``base``
     are widened to float32 first. On the CPU one compiled loop (``histogram.add_digits``), 20
-    times faster than torch's abs, selection and bincount."""
+    times faster than torch's abs, selection and bincount, run by the compute threads on parts
+    of the piece, each counting into its own row of ``hist`` (``lanes`` sums the rows)."""
     if base is None and tv.dtype not in _BITS:  # half precision: its exact float32 widening
         tv = tv.float()
     if tv.device.type == "cpu":
         from mergecli.methods import histogram  # numba, on first use
+        from mergecli.methods.parallel import map_parts
 
-        hist = torch.zeros(BINS, dtype=torch.int64) if hist is None else hist
+        if hist is None:
+            hist = torch.zeros((torch.get_num_threads(), BINS), dtype=torch.int64)
         digit = -1 if prefix is None else prefix
         if base is not None and tv.dtype == torch.bfloat16:
-            weight, minus = (
-                x.contiguous().view(torch.uint16).reshape(-1).numpy() for x in (tv, base)
-            )
-            histogram.add_bfloat16_difference_digits(weight, minus, shift, digit, hist.numpy())
-            return hist
-        if base is not None:
-            weight, minus = (x.contiguous().reshape(-1).numpy() for x in (tv, base))
-            histogram.add_difference_digits(weight, minus, shift, digit, hist.numpy())
-            return hist
-        patterns = tv.contiguous().view(_BITS[tv.dtype][0]).reshape(-1).numpy()
-        histogram.add_digits(patterns, shift, digit, hist.numpy())
+            arrays = [x.contiguous().view(torch.uint16).reshape(-1).numpy() for x in (tv, base)]
+            count: Callable[..., None] = histogram.add_bfloat16_difference_digits
+        elif base is not None:
+            arrays = [x.contiguous().reshape(-1).numpy() for x in (tv, base)]
+            count = histogram.add_difference_digits
+        else:
+            arrays = [tv.contiguous().view(_BITS[tv.dtype][0]).reshape(-1).numpy()]
+            count = histogram.add_digits
+        n = arrays[0].shape[0]
+        parts = max(1, min(hist.shape[0], n // LANE_ENTRIES))
+        bounds = [n * k // parts for k in range(parts + 1)]
+        rows = hist.numpy()
+
+        def part(k: int) -> None:
+            lo, hi = bounds[k], bounds[k + 1]
+            count(*(a[lo:hi] for a in arrays), shift, digit, rows[k])
+
+        map_parts(part, parts)
         return hist
     int_dtype = _BITS[tv.dtype][0]
     pattern = tv.abs().view(int_dtype).reshape(-1)
@@ -150,10 +163,16 @@ def add_histogram(
     return counts if hist is None else hist.add_(counts)
 
 
+def lanes_total(hist: torch.Tensor) -> torch.Tensor:
+    """One histogram: the sum of its lanes' rows (the CPU's), or itself."""
+    return hist.sum(0) if hist.dim() == 2 else hist
+
+
 def narrow(target: _Target, hist: torch.Tensor) -> None:
     """Extend ``target``'s prefix by the digit its rank falls on in ``hist`` (that digit's
-    histogram under the prefix) and make its rank relative to that digit."""
-    from_top = torch.cumsum(hist.flip(0), 0)
+    histogram under the prefix; rows of lanes are summed) and make its rank relative to that
+    digit."""
+    from_top = torch.cumsum(lanes_total(hist).flip(0), 0)
     index = int(torch.searchsorted(from_top, torch.tensor(target.rank)))
     target.rank -= int(from_top[index - 1]) if index > 0 else 0
     target.prefix = (target.prefix << _DIGIT) | (BINS - 1 - index)
@@ -174,9 +193,9 @@ class LargestMagnitudes:
 
     Non-negative IEEE floats order like their bit patterns, so each value is found digit by
     digit (16 bits a pass) from histograms of the bit patterns: two passes for float32, four for
-    float64. Memory is at most one 65,536-bin histogram per (expert, rank), whatever the model's
-    size. Each value equals ``torch.kthvalue`` on the concatenated task vector, since both see
-    the same float bit patterns.
+    float64. Memory is at most one 65,536-bin histogram per (expert, rank) and compute thread,
+    whatever the model's size. Each value equals ``torch.kthvalue`` on the concatenated task
+    vector, since both see the same float bit patterns.
     """
 
     def __init__(
@@ -267,9 +286,9 @@ class TensorKthLargestMagnitude:
     The same digit-by-digit selection as ``LargestMagnitudes`` (one 16-bit digit a pass), with
     a tensor's histograms summed over its pieces as they stream by (the pieces of one tensor
     come together) and narrowed when the next tensor starts, so a tensor merged in row chunks
-    is never held whole. Memory: one histogram per expert for the tensor being observed, and a
-    prefix and a rank per (tensor, expert) between passes. Each value equals ``kth_largest``
-    on the whole tensor.
+    is never held whole. Memory: one histogram per expert (a row per compute thread) for the
+    tensor observed, and a prefix and a rank per (tensor, expert) between passes. Each value
+    equals ``kth_largest`` on the whole tensor.
     """
 
     def __init__(self, handle: Handle[dict[str, list[float]]], densities: dict[str, list[float]]):

@@ -115,26 +115,61 @@ def elect_and_merge(
     return Merged(merged.value.mul_(p["lambda"]).add_(inputs.base), merged.kept)
 
 
+def kernel_merge(p: Params) -> tuple[bool, bool] | None:
+    """(count, mean): the election and disjoint merge ``ties_kernel`` runs for these params;
+    None where it does not (merge_func max, weights or λ not finite)."""
+    merge_func = "sum" if p["merge_func"] == "mean" and not p["normalize"] else p["merge_func"]
+    if merge_func == "max" or not all(math.isfinite(x) for x in [*p["weight"], p["lambda"]]):
+        return None
+    return p["sign"] == "count", merge_func == "mean"
+
+
+def compiled_ties(
+    inputs: TensorInputs, p: Params, dare: tuple[list[float], bool] | None = None
+) -> Merged | None:
+    """TIES (or, with ``dare`` = (densities, rescale), DARE-TIES) of the inputs as stored by
+    ``ties_kernel.stored_ties`` where it applies: thresholds known without the whole tensor
+    (model scope, or tensor scope streamed), the kernel's merge; else None, the inputs widened
+    for the torch passes."""
+    options = kernel_merge(p)
+    thresholds: list[float] | None = None
+    if dare is not None:
+        thresholds = [0.0] * inputs.num_experts
+    elif p["scope"] == "model":
+        thresholds = inputs.stats[THRESHOLDS]
+    else:
+        thresholds = (inputs.stats.get(TENSOR_THRESHOLDS) or {}).get(inputs.name)
+    fused = None
+    if options is not None and thresholds is not None:
+        from mergecli.methods.ties_kernel import stored_ties  # numba, on first use
+
+        below = (
+            [-math.inf] * inputs.num_experts
+            if dare is not None
+            else [shrink_below(k, torch.float32) for k in thresholds]
+        )
+        fused = stored_ties(inputs, below, p["weight"], p["lambda"], *options, dare)
+    if fused is None:
+        inputs.widen()
+    return fused
+
+
 def fused_merge(
     base: torch.Tensor, tvs: list[torch.Tensor], p: Params, below: list[float] | None
 ) -> Merged | None:
     """``elect_and_merge`` by ``ties_kernel`` where it applies (float32 on the CPU, mean or sum,
     finite weights and λ, finite entries); else None."""
-    merge_func = "sum" if p["merge_func"] == "mean" and not p["normalize"] else p["merge_func"]
-    numbers = [*p["weight"], p["lambda"]]
+    options = kernel_merge(p)
     if (
-        merge_func == "max"
+        options is None
         or base.device.type != "cpu"
         or any(x.dtype != torch.float32 or x.device != base.device for x in [base, *tvs])
-        or not all(math.isfinite(x) for x in numbers)
     ):
         return None
     from mergecli.methods.ties_kernel import fused_ties  # numba, on first use
 
     shrink = below if below is not None else [-math.inf] * len(tvs)
-    result = fused_ties(
-        tvs, shrink, p["weight"], p["lambda"], base, p["sign"] == "count", merge_func == "mean"
-    )
+    result = fused_ties(tvs, shrink, p["weight"], p["lambda"], base, *options)
     if result is None:
         return None
     out, counts = result
@@ -221,6 +256,7 @@ def ties_statistics(
     check=check_mergekit,
     ignored=MERGEKIT_IGNORED,
     elementwise=streams,
+    stored_inputs=lambda p: p["conventions"] != "mergekit" and not p["rescale"],
     mergekit="scope tensor keeps k = max(1, ⌊density·n⌋) entries (density ≥ 1: all); "
     + MERGEKIT_ELECTION,
     convention=(
@@ -239,7 +275,11 @@ def ties(inputs: TensorInputs, p: Params) -> Merged:
     (another caller, an output that takes whole tensors) is trimmed, elected and merged in row
     blocks, so its temporaries are those of one block."""
     if p["conventions"] == "mergekit" or p["rescale"]:
+        inputs.widen()
         return ties_whole(inputs, p)
+    fused = compiled_ties(inputs, p)
+    if fused is not None:
+        return fused
     thresholds = trim_thresholds(inputs, p)
     inputs.task_vectors()  # once, before the blocks view them
     assert inputs.base is not None
@@ -294,14 +334,19 @@ def ties_whole(inputs: TensorInputs, p: Params) -> Merged:
     ignored=MERGEKIT_IGNORED,
     convention=PHILOX_MASKS,
     elementwise=lambda p: p["conventions"] != "mergekit",
+    stored_inputs=lambda p: p["conventions"] != "mergekit",
     mergekit="rescale keeps each task vector's L1 norm (whole tensor) instead of ÷ density; "
     "density ≥ 1 keeps everything; " + MERGEKIT_ELECTION,
     mergekit_compute="dtype",
 )
 def dare_ties(inputs: TensorInputs, p: Params) -> Merged:
     if p["conventions"] == "mergekit":
+        inputs.widen()
         sparse, _ = mergekit.sparsified(inputs, p["density"], p["rescale"])
         return mergekit_combine(inputs, sparse, p)
+    fused = compiled_ties(inputs, p, (p["density"], p["rescale"]))
+    if fused is not None:
+        return fused
     dropped = [
         dare_drop(inputs, t, tv, p["density"][t], p["rescale"])[0]
         for t, tv in enumerate(inputs.task_vectors())
