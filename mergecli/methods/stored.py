@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numba
@@ -32,6 +32,7 @@ BLOCK = 2048
 """Entries per block of a kernel (its scratch rows stay in the first-level cache)."""
 PART_ENTRIES = 1 << 18
 """Entries per part of a piece: the unit of work of one compute thread."""
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 STORED = {torch.bfloat16: np.uint16, torch.float32: np.uint32}
 """Dtypes a kernel reads and writes, and the unsigned integers their bits are seen as."""
 
@@ -175,6 +176,12 @@ def run_parts(
         both=counted[m : 2 * m],
         same=counted[2 * m :],
     )
+
+
+def float32_numbers(numbers: Sequence[float]) -> bool:
+    """Whether every parameter is a finite float32 (the kernels compute with them as such;
+    torch's passes decide about the others)."""
+    return all(math.isfinite(x) and abs(x) <= FLOAT32_MAX for x in numbers)
 
 
 def part_count(n: int) -> int:

@@ -24,6 +24,7 @@ from mergecli.methods.stored import (
     BLOCK,
     Stored,
     add_block_sums,
+    float32_numbers,
     narrow,
     run_parts,
     stored,
@@ -109,7 +110,8 @@ def weighted_sum(
     """Σ wt θt (of τt = θt − θ0 then ·λ + θ0 when ``task_vectors``), ÷ ``total`` unless None,
     by the compiled loop, with the report's sums when ``task_vectors``; None where the loop does
     not apply or a value is not finite (the caller widens the inputs and runs torch's passes)."""
-    piece = stored(inputs, with_base=task_vectors)
+    numbers = [*weights, lam, *([total] if total is not None else [])]
+    piece = stored(inputs, with_base=task_vectors) if float32_numbers(numbers) else None
     if piece is None or not agrees_with_torch():
         return None
     return _run(piece, weights, total, task_vectors, lam)

@@ -28,6 +28,7 @@ from mergecli.methods.result import Merged
 from mergecli.methods.stored import (
     BLOCK,
     add_block_sums,
+    float32_numbers,
     narrow,
     part_count,
     run_parts,
@@ -247,7 +248,7 @@ def stored_ties(
     DARE-dropped when ``dare`` = (densities, rescale) is given; the result in the output
     dtype with the agreeing fractions and the report's sums, or None where the kernel does not
     apply or a value is not finite."""
-    piece = stored(inputs, with_base=True)
+    piece = stored(inputs, with_base=True) if float32_numbers([*weights, lam]) else None
     if piece is None or piece.base is None:
         return None
     xs, base, out = piece.experts, piece.base, piece.out_bits
