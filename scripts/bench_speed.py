@@ -60,6 +60,9 @@ class Command:
     walls: list[float] = field(default_factory=list)
     cpus: list[float] = field(default_factory=list)
     peaks: list[int] = field(default_factory=list)
+    merge_walls: list[float] = field(default_factory=list)
+    """mergecli's own wall time of the merge (``merge_report.json``: run.timing.wall_s), which
+    leaves out the process's start-up (imports) and the reports."""
 
     def run(self, env: dict[str, str]) -> None:
         shutil.rmtree(self.output, ignore_errors=True)
@@ -70,6 +73,9 @@ class Command:
         self.walls.append(run.seconds)
         self.cpus.append(run.cpu_seconds)
         self.peaks.append(run.peak_rss_bytes)
+        report = self.output / "merge_report.json"
+        if self.tool == "mergecli" and report.is_file():
+            self.merge_walls.append(json.loads(report.read_text())["run"]["timing"]["wall_s"])
 
     @property
     def wall(self) -> float:
@@ -82,6 +88,10 @@ class Command:
     @property
     def peak(self) -> int:
         return int(statistics.median(self.peaks))
+
+    @property
+    def merge_wall(self) -> float | None:
+        return statistics.median(self.merge_walls) if self.merge_walls else None
 
 
 def shape_for_size(size_mb: float, layers: int = 8) -> LlamaShape:
@@ -146,12 +156,19 @@ def commands(
     py = sys.executable
     cmds = [
         Command(
+            "start-up (python, import torch)",
+            "startup",
+            None,
+            [py, "-c", "import torch"],
+            out_dir / "startup",
+        ),
+        Command(
             "I/O floor",
             "floor",
             None,
             [py, "-m", "scripts.io_floor", str(out_dir / "floor"), str(base), *map(str, experts)],
             out_dir / "floor",
-        )
+        ),
     ]
     for method in methods:
         spec = recipe(method, base, experts)
@@ -264,6 +281,8 @@ def table(result: dict[str, Any]) -> str:
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
+        if r["tool"] == "startup":
+            continue
         ratio_floor = ratio_kit = ratio_mem = ""
         if r["tool"] == "mergecli":
             ratio_floor = f"{r['wall_s'] / floor['wall_s']:.2f}"
@@ -276,6 +295,26 @@ def table(result: dict[str, Any]) -> str:
             f"| {r['input_bytes'] / r['wall_s'] / 1e9:.2f} | {ratio_floor} | {ratio_kit} "
             f"| {ratio_mem} |"
         )
+    startup = next((r for r in rows if r["tool"] == "startup"), None)
+    if startup is not None:
+        work = floor["wall_s"] - startup["wall_s"]
+        lines += [
+            "",
+            "Where the time goes: the start-up every command pays (a Python process importing "
+            f"torch: {startup['wall_s']:.2f} s, {startup['cpu_s']:.1f} s CPU), the floor's own "
+            f"work ({work:.2f} s) and each merge's own wall time (its report's run.timing.wall_s, "
+            "which leaves out mergecli's start-up and reports):",
+            "",
+            "| command | wall s | merge s | rest of the process s | merge / floor's work |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for r in rows:
+            if r["tool"] == "mergecli" and r["merge_wall_s"] is not None:
+                merge = r["merge_wall_s"]
+                lines.append(
+                    f"| {r['label']} | {r['wall_s']:.2f} | {merge:.2f} | "
+                    f"{r['wall_s'] - merge:.2f} | {merge / work:.2f} |"
+                )
     m = result["machine"]
     size = result["models"]
     lines += [
@@ -370,6 +409,7 @@ def main() -> None:
                 "walls_s": c.walls,
                 "cpu_s": c.cpu,
                 "peak_rss_bytes": c.peak,
+                "merge_wall_s": c.merge_wall,
                 "input_bytes": model_bytes * (len(experts) + (c.method != "linear")),
             }
             for c in cmds

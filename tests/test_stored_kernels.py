@@ -104,28 +104,12 @@ def test_task_arithmetic_equals_torch_passes(
         want.add_(tv, alpha=w)
     want /= total
     want.mul_(lam).add_(b)
-    merged = sum_kernel.weighted_sum(stored_inputs(base, experts, out), weights, total, True, lam)
+    merged = sum_kernel.task_arithmetic_sum(stored_inputs(base, experts, out), weights, total, lam)
     assert isinstance(merged, Merged) and merged.checked
     assert isinstance(merged.value, torch.Tensor)
     assert same_bits(merged.value, want.to(out or torch.float32))
     assert merged.kept == [None] * 3
     assert_sums(merged.sums, dense_sums(tvs, want - b))
-
-
-@pytest.mark.parametrize("n", [7, 700_000])
-def test_linear_equals_torch_passes(n: int) -> None:
-    _, experts = weights_like(n, 1, torch.bfloat16)
-    weights = [0.5, 0.25, 0.25]
-    want = torch.zeros(n, 3)
-    for x, w in zip(wide(experts), weights, strict=True):
-        want.add_(x, alpha=w)
-    want /= 1.0
-    merged = sum_kernel.weighted_sum(
-        stored_inputs(None, experts, torch.bfloat16), weights, 1.0, False
-    )
-    assert merged is not None and merged.sums is None
-    assert isinstance(merged.value, torch.Tensor)
-    assert same_bits(merged.value, want.to(torch.bfloat16))
 
 
 def test_report_sums_do_not_depend_on_the_thread_count() -> None:
@@ -136,7 +120,7 @@ def test_report_sums_do_not_depend_on_the_thread_count() -> None:
         for threads in (1, 2, 3):
             torch.set_num_threads(threads)
             inputs = stored_inputs(base, experts, torch.bfloat16)
-            results.append(sum_kernel.weighted_sum(inputs, [1 / 3] * 3, None, True, 1.0))
+            results.append(sum_kernel.task_arithmetic_sum(inputs, [1 / 3] * 3, None, 1.0))
     finally:
         torch.set_num_threads(before)
     assert all(r is not None for r in results)
@@ -205,7 +189,7 @@ def test_non_finite_input_declines(bad: float, where: str) -> None:
     base, experts = weights_like(5000, 2, torch.bfloat16)
     (base if where == "base" else experts[1])[4321, 1] = bad
     inputs = stored_inputs(base, experts, torch.bfloat16)
-    assert sum_kernel.weighted_sum(inputs, [1.0] * 3, None, True, 1.0) is None
+    assert sum_kernel.task_arithmetic_sum(inputs, [1.0] * 3, None, 1.0) is None
     assert stored_ties(inputs, [0.0] * 3, [1.0] * 3, 1.0, count=False, mean=True) is None
 
 
@@ -215,9 +199,9 @@ def test_overflow_in_the_output_dtype_declines() -> None:
     base = torch.zeros(100)
     experts = [torch.full((100,), 3.3999e38), torch.zeros(100), torch.zeros(100)]
     inputs = stored_inputs(base, experts, torch.bfloat16)
-    assert sum_kernel.weighted_sum(inputs, [1.0] * 3, None, True, 1.0) is None
+    assert sum_kernel.task_arithmetic_sum(inputs, [1.0] * 3, None, 1.0) is None
     fine = stored_inputs(base, experts, torch.float32)
-    assert sum_kernel.weighted_sum(fine, [1.0] * 3, None, True, 1.0) is not None
+    assert sum_kernel.task_arithmetic_sum(fine, [1.0] * 3, None, 1.0) is not None
 
 
 def test_rounding_to_bfloat16_equals_torch() -> None:

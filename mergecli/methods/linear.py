@@ -50,20 +50,6 @@ def normalizer(weights: list[float], normalize: bool, name: str) -> float | None
     return total
 
 
-def compiled_sum(
-    inputs: TensorInputs, p: Params, task_vectors: bool, lam: float = 1.0
-) -> Merged | None:
-    """``linear`` (θ) or ``task_arithmetic`` (``task_vectors``) by the compiled loop
-    (``sum_kernel``) where it applies; else None, the inputs widened for torch's passes."""
-    from mergecli.methods import sum_kernel  # numba, on first use
-
-    total = normalizer(p["weight"], p["normalize"], inputs.name)
-    fused = sum_kernel.weighted_sum(inputs, p["weight"], total, task_vectors, lam)
-    if fused is None:
-        inputs.widen()
-    return fused
-
-
 def linear_coefficients(p: Params) -> list[float] | None:
     """θ − θ0 = Σ (wt / Σ w) τt when normalized, Σ wt τt when Σ wt = 1, else not a combination."""
     total = sum(p["weight"])
@@ -86,12 +72,8 @@ def task_arithmetic_coefficients(p: Params) -> list[float] | None:
     convention="A base model, if given, only supplies config, tokenizer and non-float tensors.",
     elementwise=True,
     coefficients=linear_coefficients,
-    stored_inputs=True,
 )
-def linear(inputs: TensorInputs, p: Params) -> torch.Tensor | Merged:
-    fused = compiled_sum(inputs, p, task_vectors=False)
-    if fused is not None:
-        return fused
+def linear(inputs: TensorInputs, p: Params) -> torch.Tensor:
     return weighted_sum(inputs.weights(), p["weight"], p["normalize"], inputs.name)
 
 
@@ -131,9 +113,13 @@ def task_arithmetic(inputs: TensorInputs, p: Params) -> torch.Tensor | Merged:
             normalize=p["normalize"],
             lam=p["lambda"],
         )
-    fused = compiled_sum(inputs, p, task_vectors=True, lam=p["lambda"])
+    from mergecli.methods.sum_kernel import task_arithmetic_sum  # numba, on first use
+
+    total = normalizer(p["weight"], p["normalize"], inputs.name)
+    fused = task_arithmetic_sum(inputs, p["weight"], total, p["lambda"])
     if fused is not None:
         return fused
+    inputs.widen()
     merged = weighted_sum(inputs.task_vectors(), p["weight"], p["normalize"], inputs.name)
     assert inputs.base is not None
     return merged.mul_(p["lambda"]).add_(inputs.base)

@@ -1,10 +1,14 @@
-"""The weighted sums of ``linear`` and ``task_arithmetic`` in one compiled pass (numba, no GIL).
+"""The weighted sum of ``task_arithmetic`` in one compiled pass (numba, no GIL).
 
 torch's ``out.add_(x, alpha=w)`` is a fused multiply-add (rounded once) on CPUs that have one;
 the loop uses LLVM's fma the same way, the rest are plain float32 operations in torch's order:
 τt = θt − θ0, Σ from +0, ÷ Σ w, ·λ, + θ0. Whether that matches torch on this CPU is checked
 once, on a sample, before the loop is used (``agrees_with_torch``); otherwise the torch passes
 run. Inputs are read as stored and the report's sums taken on the way (``methods/stored.py``).
+
+``linear`` keeps torch's passes: without a base it has no report sums, so it would load numba
+only for this loop, and numba's start-up (0.3–0.5 s a process) costs more than the loop saves
+on models of a few hundred megabytes (``docs/performance.md``).
 """
 
 from __future__ import annotations
@@ -43,11 +47,9 @@ def _fma(typingctx: Any, x: Any, w: Any, acc: Any) -> Any:
 def _sum(
     xs: tuple[np.ndarray, ...],
     base: np.ndarray,
-    subtract: bool,
     coefficients: np.ndarray,
     divide: bool,
     total: np.float32,
-    affine: bool,
     lam: np.float32,
     out: np.ndarray,
     lo: int,
@@ -55,9 +57,9 @@ def _sum(
     sums: np.ndarray,
     counts: np.ndarray,
 ) -> bool:
-    """out[lo:hi] = Σ wt xt (xt − θ0 when ``subtract``), ÷ ``total`` when ``divide``, then ·λ + θ0
-    when ``affine``; the report's sums of τt and δ when ``subtract``. False (out unfinished) when
-    an input, a task vector or a result (in out's dtype) is not finite."""
+    """out[lo:hi] = θ0 + λ Σ wt (θt − θ0) (the sum ÷ ``total`` when ``divide``) and the report's
+    sums of τt and δ; False (out unfinished) when an input, a task vector or a result (in out's
+    dtype) is not finite."""
     m = len(xs)
     zero = np.float32(0.0)
     tvs = np.empty((m, BLOCK), dtype=np.float32)
@@ -67,18 +69,16 @@ def _sum(
     finite = True
     for start in range(lo, hi, BLOCK):
         size = min(BLOCK, hi - start)
-        if subtract:
-            finite &= widen(base[start : start + size], b.view(np.uint32))
+        finite &= widen(base[start : start + size], b.view(np.uint32))
         for t in range(m):
             row = tvs[t]
             finite &= widen(xs[t][start : start + size], row.view(np.uint32))
-            if subtract:
-                special = np.uint32(0)
-                for i in range(size):
-                    tv = row[i] - b[i]  # inf − inf would be NaN: checked on τ
-                    special |= np.uint32(tv - tv != zero)
-                    row[i] = tv
-                finite &= special == 0
+            special = np.uint32(0)
+            for i in range(size):
+                tv = row[i] - b[i]  # inf − inf would be NaN: checked on τ
+                special |= np.uint32(tv - tv != zero)
+                row[i] = tv
+            finite &= special == 0
         result[:size] = zero
         for t in range(m):  # entry by entry in the inner loops: vector lanes
             row, c = tvs[t], coefficients[t]
@@ -87,59 +87,49 @@ def _sum(
         if divide:
             for i in range(size):
                 result[i] = result[i] / total
-        if affine:
-            for i in range(size):
-                result[i] = result[i] * lam + b[i]
+        for i in range(size):
+            result[i] = result[i] * lam + b[i]
         finite &= narrow(result.view(np.uint32), out[start : start + size])
         if not finite:
             return False
-        if subtract:
-            for i in range(size):
-                delta[i] = result[i] - b[i]
-            add_block_sums(tvs, delta, size, sums, counts)
+        for i in range(size):
+            delta[i] = result[i] - b[i]
+        add_block_sums(tvs, delta, size, sums, counts)
     return True
 
 
-def weighted_sum(
-    inputs: TensorInputs,
-    weights: list[float],
-    total: float | None,
-    task_vectors: bool,
-    lam: float = 1.0,
+def task_arithmetic_sum(
+    inputs: TensorInputs, weights: list[float], total: float | None, lam: float
 ) -> Merged | None:
-    """Σ wt θt (of τt = θt − θ0 then ·λ + θ0 when ``task_vectors``), ÷ ``total`` unless None,
-    by the compiled loop, with the report's sums when ``task_vectors``; None where the loop does
-    not apply or a value is not finite (the caller widens the inputs and runs torch's passes)."""
+    """θ0 + λ Σ wt τt (the sum ÷ ``total`` unless None) by the compiled loop, with the report's
+    sums; None where the loop does not apply or a value is not finite (the caller widens the
+    inputs and runs torch's passes)."""
     numbers = [*weights, lam, *([total] if total is not None else [])]
-    piece = stored(inputs, with_base=task_vectors) if float32_numbers(numbers) else None
+    piece = stored(inputs, with_base=True) if float32_numbers(numbers) else None
     if piece is None or not agrees_with_torch():
         return None
-    return _run(piece, weights, total, task_vectors, lam)
+    return _run(piece, weights, total, lam)
 
 
-def _run(
-    piece: Stored, weights: list[float], total: float | None, task_vectors: bool, lam: float
-) -> Merged | None:
-    """``weighted_sum`` over inputs a kernel takes."""
-    xs = piece.experts
-    base = piece.base if piece.base is not None else xs[0]
-    out = piece.out_bits
+def _run(piece: Stored, weights: list[float], total: float | None, lam: float) -> Merged | None:
+    """``task_arithmetic_sum`` over inputs a kernel takes."""
+    xs, base, out = piece.experts, piece.base, piece.out_bits
+    assert base is not None
     args = (
         np.array(weights, np.float32),
         total is not None,
         np.float32(total if total is not None else 1.0),
-        task_vectors,
         np.float32(lam),
     )
     m = len(xs)
 
     def part(k: int, lo: int, hi: int, sums: np.ndarray, counts: np.ndarray) -> bool:
-        return bool(_sum(xs, base, task_vectors, *args, out, lo, hi, sums, counts))
+        return bool(_sum(xs, base, *args, out, lo, hi, sums, counts))
 
     sums = run_parts(out.shape[0], m, part)
     if sums is None:
         return None
-    return Merged(piece.out, [None] * m, sums if task_vectors else None, checked=True)
+    return Merged(piece.out, [None] * m, sums, checked=True)
 
 
 @functools.cache
@@ -155,7 +145,7 @@ def agrees_with_torch() -> bool:
     want /= 0.37
     want.mul_(0.9).add_(base)
     piece = stored(TensorInputs("sample", base, list(xs), [None] * 3), with_base=True)
-    got = None if piece is None else _run(piece, weights, 0.37, True, 0.9)
+    got = None if piece is None else _run(piece, weights, 0.37, 0.9)
     return (
         piece is not None
         and got is not None
