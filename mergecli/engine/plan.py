@@ -172,13 +172,15 @@ class MergePlan(InputPlan):
         self, output: MergeOutput | None = None, tensors: list[TensorPlan] | None = None
     ) -> ReadPlan:
         """The merge pass's reads of ``tensors`` (all by default) into ``output`` (the plan's by
-        default). Where the method takes inputs as stored for every merged tensor (float32
-        compute on the CPU), bfloat16 inputs arrive as stored and the finite-value guard is
-        left to the merge (its compiled loop checks every entry as it reads). The output dtype
-        is offered to the method where the output stores its result as it is."""
+        default). Where the output stores the method's result as it is (a model), the method
+        is offered the output dtype; where it also takes inputs as stored for every merged
+        tensor (float32 compute on the CPU), bfloat16 inputs arrive as stored and the
+        finite-value guard is left to the merge (its compiled loop checks every entry as it
+        reads)."""
         output = output or self.output
         stored = (
-            self.device.type == "cpu"
+            output.stores_result
+            and self.device.type == "cpu"
             and self.compute_dtype == torch.float32
             and all(self.method.takes_stored(t.params) for t in self.tensors if t.merge)
         )
