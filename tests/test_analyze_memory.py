@@ -54,10 +54,11 @@ def test_exact_thresholds_with_the_memory_of_a_merge(tmp_path: Path) -> None:
     analysis = run_job("analyze", recipe, tmp_path / "unused")
 
     task_vector_bytes = EXPERTS * TENSORS * math.prod(SHAPE) * 4
-    # within two tensors' task vectors (6 MiB) of the merge: per piece the analysis holds the
-    # τt and its sums' temporaries, which the merge's compiled TIES pass does without
-    # (2–3.2 MiB above the merge measured); holding the model would cost 72 MiB
-    pieces = 2 * EXPERTS * math.prod(SHAPE) * 4
+    # within three tensors' task vectors (9 MiB) of the merge: per piece the analysis holds the
+    # τt and its sums' temporaries, which the merge's compiled TIES pass over the inputs as
+    # stored does without (the merge measured 5.6–6.1 MiB, the analysis 13.6–13.8 MiB: 7.7–8.2
+    # above); holding the model would cost 72 MiB
+    pieces = 3 * EXPERTS * math.prod(SHAPE) * 4
     assert analysis["peak"] <= merge["peak"] + pieces, (analysis, merge)
     assert analysis["peak"] < task_vector_bytes / 2  # a few tensors at a time, not the model
 
