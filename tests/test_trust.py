@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mergecli.engine.checks import model_warnings
+from mergecli.engine.finite import count_nonfinite
 from mergecli.engine.output import output_lock, stale_folders
 from mergecli.errors import NonFiniteError, OutputError
 from mergecli.jsonsafe import strict_json
@@ -514,3 +515,19 @@ def test_folder_run_leaves_the_old_output_on_error_and_replaces_it_on_success(
     assert run.output == target.resolve() and run.wall >= 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     assert [p.name for p in target.iterdir()] == ["new.txt"]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_count_nonfinite_exact_and_not_fooled_by_an_overflowing_sum(dtype: torch.dtype) -> None:
+    big = torch.finfo(dtype).max
+    finite = torch.full((4096,), big / 2, dtype=dtype)  # finite entries whose sum overflows
+    assert torch.isinf(finite.sum(dtype=torch.float64).to(dtype))
+    assert count_nonfinite(finite) == 0
+    x = torch.randn(10_000).to(dtype)
+    assert count_nonfinite(x) == 0
+    x[[3, 70, 9000]] = torch.tensor([float("nan"), float("inf"), float("-inf")]).to(dtype)
+    assert count_nonfinite(x) == 3
+    y = torch.randn(10_000).to(dtype)
+    y[[5, 6]] = torch.tensor([float("inf"), float("-inf")]).to(dtype)  # the sum is NaN
+    assert count_nonfinite(y) == 2
+    assert count_nonfinite(torch.arange(5)) == 0
