@@ -81,12 +81,51 @@ def narrow(src: np.ndarray, dst: np.ndarray) -> bool:
     return special == 0
 
 
+@numba.njit(cache=True, nogil=True, inline="always")
+def block_task_vectors(
+    xs: tuple[np.ndarray, ...],
+    base: np.ndarray,
+    start: int,
+    size: int,
+    b: np.ndarray,
+    tvs: np.ndarray,
+) -> bool:
+    """b = the ``size`` entries of the base from ``start`` widened to float32, tvs[t] = θt − θ0
+    over them; whether every input and task vector is finite (inf − inf would be NaN: checked
+    on τ)."""
+    zero = np.float32(0.0)
+    finite = widen(base[start : start + size], b.view(np.uint32))
+    for t in range(len(xs)):
+        row = tvs[t]
+        finite &= widen(xs[t][start : start + size], row.view(np.uint32))
+        special = np.uint32(0)
+        for i in range(size):
+            tv = row[i] - b[i]
+            special |= np.uint32(tv - tv != zero)
+            row[i] = tv
+        finite &= special == 0
+    return finite
+
+
 @numba.njit(cache=True, nogil=True)
-def add_block_sums(
-    tvs: np.ndarray, delta: np.ndarray, size: int, sums: np.ndarray, counts: np.ndarray
-) -> None:
-    """Add one block's report sums: sums = [Σ τt²…, Σ δ², Σ τt·δ…], counts = [#τt≠0…,
-    #τt·δ≠0…, #τt·δ>0…] over the first ``size`` entries of the rows of ``tvs`` and ``delta``."""
+def finish_block(
+    result: np.ndarray,
+    base: np.ndarray,
+    out: np.ndarray,
+    tvs: np.ndarray,
+    delta: np.ndarray,
+    sums: np.ndarray,
+    counts: np.ndarray,
+) -> bool:
+    """Round a block's float32 ``result`` into ``out`` (its slice of the output's bits) and
+    add its report sums, δ = result − ``base``: sums = [Σ τt²…, Σ δ², Σ τt·δ…], counts =
+    [#τt≠0…, #τt·δ≠0…, #τt·δ>0…] over the block's entries of the rows of ``tvs``. False,
+    with nothing added, where a value written is not finite."""
+    size = out.shape[0]
+    if not narrow(result.view(np.uint32), out):
+        return False
+    for i in range(size):
+        delta[i] = result[i] - base[i]
     m = tvs.shape[0]
     d = delta[:size]
     for t in range(m):
@@ -97,6 +136,7 @@ def add_block_sums(
         counts[m + t] += both
         counts[2 * m + t] += same
     sums[m] += row_sums(d, d)[0]
+    return True
 
 
 @dataclass

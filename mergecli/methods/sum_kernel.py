@@ -27,12 +27,11 @@ from mergecli.methods.result import Merged
 from mergecli.methods.stored import (
     BLOCK,
     Stored,
-    add_block_sums,
+    block_task_vectors,
+    finish_block,
     float32_numbers,
-    narrow,
     run_parts,
     stored,
-    widen,
 )
 
 
@@ -69,16 +68,7 @@ def _sum(
     finite = True
     for start in range(lo, hi, BLOCK):
         size = min(BLOCK, hi - start)
-        finite &= widen(base[start : start + size], b.view(np.uint32))
-        for t in range(m):
-            row = tvs[t]
-            finite &= widen(xs[t][start : start + size], row.view(np.uint32))
-            special = np.uint32(0)
-            for i in range(size):
-                tv = row[i] - b[i]  # inf − inf would be NaN: checked on τ
-                special |= np.uint32(tv - tv != zero)
-                row[i] = tv
-            finite &= special == 0
+        finite &= block_task_vectors(xs, base, start, size, b, tvs)
         result[:size] = zero
         for t in range(m):  # entry by entry in the inner loops: vector lanes
             row, c = tvs[t], coefficients[t]
@@ -89,12 +79,9 @@ def _sum(
                 result[i] = result[i] / total
         for i in range(size):
             result[i] = result[i] * lam + b[i]
-        finite &= narrow(result.view(np.uint32), out[start : start + size])
-        if not finite:
+        block = out[start : start + size]
+        if not (finite and finish_block(result, b, block, tvs, delta, sums, counts)):
             return False
-        for i in range(size):
-            delta[i] = result[i] - b[i]
-        add_block_sums(tvs, delta, size, sums, counts)
     return True
 
 

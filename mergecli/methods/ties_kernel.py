@@ -27,13 +27,12 @@ from mergecli.methods.philox import keep_lanes
 from mergecli.methods.result import Merged
 from mergecli.methods.stored import (
     BLOCK,
-    add_block_sums,
+    block_task_vectors,
+    finish_block,
     float32_numbers,
-    narrow,
     part_count,
     run_parts,
     stored,
-    widen,
 )
 
 PART_ENTRIES = 1 << 18
@@ -160,7 +159,6 @@ def _merge_stored(
     τt·m ÷ keep[t] with ``rescale``, m the Philox mask of key keys[t] at entry offset + j),
     kept[t] += agreeing entries, and the report's sums; False when an input, a task vector or
     a result (in out's dtype) is not finite."""
-    zero = np.float32(0.0)
     m = len(xs)
     tvs = np.empty((m, BLOCK), dtype=np.float32)
     trimmed = np.empty((m, BLOCK), dtype=np.float32)
@@ -174,18 +172,12 @@ def _merge_stored(
     finite = True
     for start in range(lo, hi, BLOCK):
         size = min(BLOCK, hi - start)
-        finite &= widen(base[start : start + size], b.view(np.uint32))
+        finite &= block_task_vectors(xs, base, start, size, b, tvs)
         for t in range(m):
             row, dropped = tvs[t], trimmed[t]
-            finite &= widen(xs[t][start : start + size], row.view(np.uint32))
-            special = np.uint32(0)
-            for i in range(size):
-                tv = row[i] - b[i]  # inf − inf would be NaN: checked on τ
-                special |= np.uint32(tv - tv != zero)
-                row[i] = tv
-                dropped[i] = tv
-            finite &= special == 0
-            if dare:
+            if not dare:
+                dropped[:size] = row[:size]
+            else:
                 keep_lanes(keys[t], offset + start, keep[t], mask[:size], words)
                 density = np.float32(keep[t])
                 for i in range(size):
@@ -195,12 +187,9 @@ def _merge_stored(
             return False
         _shrink_and_elect(trimmed, size, below, count, gamma)
         _disjoint(trimmed, size, gamma, weights, lam, mean, b, acc, norm, kept)
-        finite &= narrow(acc.view(np.uint32), out[start : start + size])
-        if not finite:
+        block = out[start : start + size]
+        if not finish_block(acc, b, block, tvs, delta, sums, counts):
             return False
-        for i in range(size):
-            delta[i] = acc[i] - b[i]
-        add_block_sums(tvs, delta, size, sums, counts)
     return True
 
 
