@@ -65,10 +65,10 @@ def _sum(
     b = np.empty(BLOCK, dtype=np.float32)
     result = np.empty(BLOCK, dtype=np.float32)
     delta = np.empty(BLOCK, dtype=np.float32)
-    finite = True
     for start in range(lo, hi, BLOCK):
         size = min(BLOCK, hi - start)
-        finite &= block_task_vectors(xs, base, start, size, b, tvs)
+        if not block_task_vectors(xs, base, start, size, b, tvs):
+            return False
         result[:size] = zero
         for t in range(m):  # entry by entry in the inner loops: vector lanes
             row, c = tvs[t], coefficients[t]
@@ -80,7 +80,7 @@ def _sum(
         for i in range(size):
             result[i] = result[i] * lam + b[i]
         block = out[start : start + size]
-        if not (finite and finish_block(result, b, block, tvs, delta, sums, counts)):
+        if not finish_block(result, b, block, tvs, delta, sums, counts):
             return False
     return True
 

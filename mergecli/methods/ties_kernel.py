@@ -169,10 +169,10 @@ def _merge_stored(
     delta = np.empty(BLOCK, dtype=np.float32)
     mask = np.empty(BLOCK, dtype=np.bool_)
     words = np.empty(BLOCK + 8, dtype=np.uint64)
-    finite = True
     for start in range(lo, hi, BLOCK):
         size = min(BLOCK, hi - start)
-        finite &= block_task_vectors(xs, base, start, size, b, tvs)
+        if not block_task_vectors(xs, base, start, size, b, tvs):
+            return False
         for t in range(m):
             row, dropped = tvs[t], trimmed[t]
             if not dare:
@@ -183,8 +183,6 @@ def _merge_stored(
                 for i in range(size):
                     v = row[i] * np.float32(mask[i])
                     dropped[i] = v / density if rescale else v
-        if not finite:
-            return False
         _shrink_and_elect(trimmed, size, below, count, gamma)
         _disjoint(trimmed, size, gamma, weights, lam, mean, b, acc, norm, kept)
         block = out[start : start + size]
